@@ -1,0 +1,230 @@
+"""Digits for the spurious-correlation experiments: procedural grey digits, an MNIST-format IDX reader,
+and the LfF colouring protocol (Nam et al. 2020, "Learning from Failure").
+
+Shapes: N = images, H = W = 28, C = 3 colour channels. Grey images are float32 in [0, 1], (N, 28, 28).
+
+- `render_digits(labels, seed)`   procedural handwritten-looking digits: stroke templates (polylines and
+  arcs) -> smooth random warp -> random affine (rotation, shear, scale, shift) -> stroke of random width
+  -> pixel noise. Deterministic from the seed, any number of samples, numpy only.
+- `read_idx(path)` / `load_idx_dataset(dir)`   MNIST/Fashion-MNIST/KMNIST files (optionally .gz).
+- `colour_biased(grey, y, ratio, rng)`  train split: fraction 1-rho of each class gets its own colour,
+  exactly round(rho * n_y) samples get one of the other 9 colours (spread evenly over them).
+- `colour_uniform(grey, y, rng)`  validation/test: every (class, colour) cell equally often.
+"""
+import gzip
+import os
+
+import numpy as np
+
+H = W = 28
+
+# ----------------------------------------------------------------------------------------------------------
+# Procedural digits. Templates live in a unit box, x to the right, y downwards.
+
+def _arc(cx, cy, rx, ry, deg0, deg1, n=14):
+    """Points on an ellipse arc; angle 90 deg points down (image coordinates), 270 deg points up."""
+    t = np.deg2rad(np.linspace(deg0, deg1, n))
+    return np.stack([cx + rx * np.cos(t), cy + ry * np.sin(t)], 1)
+
+
+def _line(*pts):
+    return np.array(pts, dtype=np.float64)
+
+
+# each digit: a list of strokes, each stroke an (P, 2) polyline of control points in [0, 1]^2
+TEMPLATES = {
+    0: [_arc(0.5, 0.5, 0.27, 0.39, 0, 360, 20)],
+    1: [_line((0.38, 0.24), (0.52, 0.1), (0.52, 0.9))],
+    2: [np.concatenate([_arc(0.5, 0.33, 0.23, 0.22, 190, 395), _line((0.24, 0.9), (0.8, 0.9))])],
+    3: [_arc(0.48, 0.3, 0.22, 0.19, 205, 450), _arc(0.48, 0.68, 0.25, 0.21, 270, 515)],
+    4: [_line((0.6, 0.1), (0.2, 0.64), (0.82, 0.64)), _line((0.62, 0.35), (0.62, 0.9))],
+    5: [np.concatenate([_line((0.76, 0.1), (0.33, 0.1), (0.3, 0.47)), _arc(0.5, 0.66, 0.25, 0.22, 225, 510)])],
+    6: [np.concatenate([_line((0.7, 0.1), (0.42, 0.35), (0.29, 0.62)), _arc(0.5, 0.68, 0.21, 0.2, 180, 540, 18)])],
+    7: [_line((0.2, 0.12), (0.8, 0.12), (0.42, 0.9))],
+    8: [_arc(0.5, 0.3, 0.18, 0.19, 0, 360, 16), _arc(0.5, 0.7, 0.23, 0.2, 0, 360, 16)],
+    9: [_arc(0.5, 0.32, 0.2, 0.19, 0, 360, 16), _line((0.7, 0.32), (0.6, 0.9))],
+}
+
+
+def _segments(digit):
+    """All segments of a template as (S, 2, 2): segment s runs from [s, 0] to [s, 1]."""
+    segs = [np.stack([s[:-1], s[1:]], 1) for s in TEMPLATES[digit]]
+    return np.concatenate(segs, 0)
+
+
+def _render_class(digit, n, rng, chunk=256):
+    """n images of one digit, (n, 28, 28) float32."""
+    seg = _segments(digit)                                     # (S, 2, 2)
+    S = seg.shape[0]
+    p = seg.reshape(1, S * 2, 2).repeat(n, 0)                  # (n, 2S, 2) segment endpoints
+    # smooth random warp: two random sinusoids per axis -> every image is a different "hand"
+    for _ in range(2):
+        f = rng.normal(0, 2.0, size=(n, 2, 2))                 # (n, axis_out, axis_in) spatial frequencies
+        ph = rng.uniform(0, 2 * np.pi, size=(n, 1, 2))
+        amp = rng.uniform(0.0, 0.05, size=(n, 1, 2))
+        p = p + amp * np.sin(2 * np.pi * np.einsum("npi,noi->npo", p, f) + ph)
+    # random affine around the box centre: rotation, shear, anisotropic scale, then placement on 28x28
+    rot = np.deg2rad(rng.uniform(-15, 15, n))
+    shear = rng.uniform(-0.3, 0.3, n)
+    sx, sy = rng.uniform(0.75, 1.05, n), rng.uniform(0.8, 1.05, n)
+    c, s = np.cos(rot), np.sin(rot)
+    A = np.stack([np.stack([c, -s], 1), np.stack([s, c], 1)], 1)           # (n, 2, 2) rotation
+    Sh = np.zeros((n, 2, 2)); Sh[:, 0, 0] = 1; Sh[:, 1, 1] = 1; Sh[:, 0, 1] = shear
+    Sc = np.zeros((n, 2, 2)); Sc[:, 0, 0] = sx; Sc[:, 1, 1] = sy
+    M = A @ Sh @ Sc * 20.0                                                  # unit box -> ~20 px digit
+    shift = 13.5 + rng.uniform(-2, 2, size=(n, 1, 2))
+    p = np.einsum("nij,npj->npi", M, p - 0.5) + shift                     # (n, 2S, 2) in pixels
+    p = p.reshape(n, S, 2, 2).astype(np.float32)
+    width = rng.uniform(1.0, 2.6, n).astype(np.float32)                    # stroke width in pixels
+    yy, xx = np.mgrid[0:H, 0:W].astype(np.float32)
+    pix = np.stack([xx.ravel(), yy.ravel()], 1)                            # (784, 2) pixel centres
+    out = np.empty((n, H * W), np.float32)
+    for i in range(0, n, chunk):
+        a, b = p[i:i + chunk, :, 0], p[i:i + chunk, :, 1]                  # (c, S, 2) segment ends
+        ab = b - a
+        ap = pix[None, :, None, :] - a[:, None]                            # (c, 784, S, 2)
+        t = np.clip((ap * ab[:, None]).sum(-1) / np.maximum((ab * ab).sum(-1), 1e-6)[:, None], 0, 1)
+        d = np.linalg.norm(ap - t[..., None] * ab[:, None], axis=-1).min(-1)   # (c, 784) distance to stroke
+        # anti-aliased stroke: 1 inside half the width, linear fall-off over one pixel
+        out[i:i + chunk] = np.clip(width[i:i + chunk, None] / 2 + 0.5 - d, 0, 1)
+    contrast = rng.uniform(0.6, 1.0, size=(n, 1)).astype(np.float32)
+    noise = rng.normal(0, 0.15, size=out.shape).astype(np.float32)
+    out = np.clip(out * contrast + noise * (out > 0), 0, 1)                # noise on the stroke only
+    return out.reshape(n, H, W)
+
+
+def render_digits(labels, seed):
+    """Grey digits for the given labels, (N, 28, 28) float32 in [0, 1]; deterministic from `seed`."""
+    labels = np.asarray(labels)
+    out = np.zeros((len(labels), H, W), np.float32)
+    for k in range(10):
+        idx = np.nonzero(labels == k)[0]
+        if len(idx):  # one generator per (seed, class) so a class's images don't depend on other classes
+            out[idx] = _render_class(k, len(idx), np.random.default_rng([seed, k]))
+    return out
+
+
+def procedural_split(n, seed):
+    """n balanced, shuffled labels and their images."""
+    rng = np.random.default_rng([seed, 10])
+    y = rng.permutation(np.arange(n) % 10).astype(np.int64)
+    return render_digits(y, seed), y
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MNIST-format IDX files: big-endian magic (0, 0, dtype, ndim), ndim uint32 sizes, then raw uint8 data.
+
+IDX_FILES = {"train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+             "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte"}
+
+
+class IDXError(ValueError):
+    """A missing, truncated or malformed IDX file (reported as a one-line error by the scripts)."""
+
+
+def read_idx(path):
+    """Read one uint8 IDX file (plain or .gz) into a numpy array. Never unpickles anything."""
+    opener = gzip.open if str(path).endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise IDXError(f"cannot read {path}: {e}") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise IDXError(f"{path}: not an IDX file (bad magic number)")
+    if raw[2] != 0x08:
+        raise IDXError(f"{path}: only unsigned-byte IDX data is supported (type code 0x{raw[2]:02x})")
+    ndim = raw[3]
+    if ndim not in (1, 3) or len(raw) < 4 + 4 * ndim:
+        raise IDXError(f"{path}: expected 1 or 3 dimensions, header says {ndim}")
+    dims = tuple(int(v) for v in np.frombuffer(raw, ">u4", count=ndim, offset=4))
+    size = int(np.prod(dims))
+    if len(raw) != 4 + 4 * ndim + size:
+        raise IDXError(f"{path}: header promises {dims} = {size} bytes, file holds {len(raw) - 4 - 4 * ndim}")
+    return np.frombuffer(raw, np.uint8, count=size, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _find(data_dir, name):
+    for cand in (name, name + ".gz", name.replace("-idx", ".idx"), name.replace("-idx", ".idx") + ".gz"):
+        p = os.path.join(data_dir, cand)
+        if os.path.isfile(p):
+            return p
+    raise IDXError(f"--data-dir {data_dir}: missing {name} (or {name}.gz)")
+
+
+def load_idx_dataset(data_dir):
+    """(train_x, train_y, test_x, test_y) from an MNIST-format folder; images float32 in [0, 1] (N, 28, 28)."""
+    if not os.path.isdir(data_dir):
+        raise IDXError(f"--data-dir {data_dir}: not a directory")
+    arrs = {k: read_idx(_find(data_dir, v)) for k, v in IDX_FILES.items()}
+    for split in ("train", "test"):
+        x, y = arrs[split + "_x"], arrs[split + "_y"]
+        if x.ndim != 3 or x.shape[1:] != (H, W):
+            raise IDXError(f"--data-dir {data_dir}: {split} images must be N x 28 x 28, got {x.shape}")
+        if y.ndim != 1:
+            raise IDXError(f"--data-dir {data_dir}: {split} labels must be 1-D, got {y.shape}")
+        if len(x) != len(y):
+            raise IDXError(f"--data-dir {data_dir}: {split} has {len(x)} images but {len(y)} labels")
+        if len(y) and y.max() > 9:
+            raise IDXError(f"--data-dir {data_dir}: {split} labels must be 0..9, found {int(y.max())}")
+    f = lambda x: x.astype(np.float32) / 255.0
+    return f(arrs["train_x"]), arrs["train_y"].astype(np.int64), f(arrs["test_x"]), arrs["test_y"].astype(np.int64)
+
+
+def write_idx(path, arr):
+    """Write a uint8 array as an IDX file (plain, or gzip when the name ends in .gz). Used by the tests."""
+    arr = np.ascontiguousarray(arr, dtype=np.uint8)
+    raw = bytes([0, 0, 0x08, arr.ndim]) + np.array(arr.shape, ">u4").tobytes() + arr.tobytes()
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(raw)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Colouring (LfF protocol): grey digit x class colour, small per-image colour jitter, background stays black.
+
+COLOURS = np.array([  # 10 well-separated RGB colours, one per class (attribute a = colour index)
+    [0.90, 0.10, 0.10], [0.10, 0.75, 0.10], [0.15, 0.30, 0.95], [0.95, 0.85, 0.10], [0.85, 0.15, 0.85],
+    [0.10, 0.85, 0.85], [0.98, 0.55, 0.10], [0.55, 0.25, 0.05], [0.55, 0.55, 0.95], [0.95, 0.95, 0.95],
+], np.float32)
+
+
+def apply_colour(grey, attr, rng, jitter=0.03):
+    """(N, 28, 28) grey, (N,) colour ids -> (N, 3, 28, 28) float32; colour + N(0, jitter) per image."""
+    col = COLOURS[attr] + rng.normal(0, jitter, size=(len(attr), 3)).astype(np.float32)
+    col = np.clip(col, 0, 1)
+    return grey[:, None] * col[:, :, None, None]                           # (N, 3, H, W)
+
+
+def biased_attributes(y, ratio, rng):
+    """Colour ids for a biased split: in class k exactly round(ratio/100 * n_k) samples are bias-conflicting,
+    their colours cycling evenly through the 9 other colours (in a random order); the rest get colour k."""
+    y = np.asarray(y)
+    attr = y.copy()
+    for k in range(10):
+        idx = np.nonzero(y == k)[0]
+        n_conf = int(round(ratio / 100.0 * len(idx)))
+        conf = rng.choice(idx, size=n_conf, replace=False)
+        others = rng.permutation([c for c in range(10) if c != k])
+        attr[conf] = others[np.arange(n_conf) % 9]
+    return attr
+
+
+def uniform_attributes(y, rng):
+    """Colour ids for an unbiased split: inside every class the 10 colours occur equally often (+-1)."""
+    y = np.asarray(y)
+    attr = np.empty_like(y)
+    for k in range(10):
+        idx = np.nonzero(y == k)[0]
+        attr[idx] = rng.permutation(np.arange(len(idx)) % 10)
+    return attr
+
+
+def colour_biased(grey, y, ratio, rng):
+    attr = biased_attributes(y, ratio, rng)
+    return apply_colour(grey, attr, rng), attr
+
+
+def colour_uniform(grey, y, rng):
+    attr = uniform_attributes(y, rng)
+    return apply_colour(grey, attr, rng), attr
