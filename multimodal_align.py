@@ -80,6 +80,7 @@ class Config:
     device: str = "auto"
     dtype: str = "float32"
     compile: bool = False
+    cost_only: bool = False
     out: str = os.path.join("out", "multimodal_align")
 
 
@@ -96,6 +97,7 @@ HELP = dict(
     seeds="comma-separated seeds for the bridge runs (the frozen backbones use seed 0)",
     knn_k="k of the mutual k-NN alignment score", device="auto | cpu | cuda | mps",
     dtype="float32 | bfloat16 (autocast, opt-in)", compile="torch.compile the LM blocks (opt-in)",
+    cost_only="measure prefill FLOPs (formula and counted) and wall time per l, then stop (no bridge training)",
     out="output folder: results.json, cached backbones, checkpoints",
 )
 
@@ -309,7 +311,7 @@ class Bridge(nn.Module):
         img = self.proj(feats_BMC)
         h = deep_insert_blocks(self.lm.blocks, self.lm.emb(ids_BT), img, insert_layer)
         M = img.shape[1]
-        h_text = torch.cat([h[:, :1], h[:, 1 + M:]], 1) if insert_layer < len(self.lm.blocks) else h
+        h_text = torch.cat([h[:, :1], h[:, 1 + M:]], 1)                      # drop the image positions
         return self.lm.head(self.lm.norm(h_text))
 
     def masked_reference(self, feats_BMC, ids_BT, insert_layer):
@@ -483,13 +485,14 @@ def pretrain_clip(world, vocab, cfg, device):
     va = world["val"]
     vcaps = pad([encode(vocab, c, bos=False) for c in va["captions"]], vocab["<pad>"])
     hits = n = 0
+    c = min(100, len(vcaps))
     with torch.no_grad():
-        for i in range(0, len(vcaps) - 99, 100):
-            zi = F.normalize(vit(torch.from_numpy(va["images"][i:i + 100]).to(device))[-1].mean(1), dim=-1)
-            zt = F.normalize(txt(vcaps[i:i + 100].to(device), vocab["<pad>"]), dim=-1)
+        for i in range(0, len(vcaps) - c + 1, c):
+            zi = F.normalize(vit(torch.from_numpy(va["images"][i:i + c]).to(device))[-1].mean(1), dim=-1)
+            zt = F.normalize(txt(vcaps[i:i + c].to(device), vocab["<pad>"]), dim=-1)
             pred = (zi @ zt.T).argmax(1).cpu()
             hits += sum(va["captions"][i + int(p)] == va["captions"][i + j] for j, p in enumerate(pred))
-            n += 100
+            n += c
     return vit, hits / max(n, 1)
 
 
@@ -568,6 +571,9 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device):
     """Stage 1 (projector only, captioning) then stage 2 (projector + LM, QA and captions), inserting at l."""
     torch.manual_seed(seed)
     model = Bridge(copy.deepcopy(lm0), cfg).to(device)
+    if cfg.compile:   # in place: parameter names (and checkpoints) keep no _orig_mod. prefix
+        for blk in model.lm.blocks:
+            blk.compile()
     tr = world["train"]
     caps = [encode(vocab, "caption: " + c, eos=True)[: cfg.max_len] for c in tr["captions"]]
     qas = qa_items(tr, vocab)
@@ -647,9 +653,9 @@ def caption_token_acc(model, feats, ds, vocab, l, device, bs=256):
 
 
 @torch.no_grad()
-def prefill_ms(lm, img_BMD, ids_BT, layers, rounds=7):
-    """Median wall time (ms) of the block-stack prefill at each l, measured in interleaved rounds so
-    that a slow spell of the machine hits every l alike."""
+def prefill_ms(lm, img_BMD, ids_BT, layers, rounds=15):
+    """Wall time (ms) of the block-stack prefill at each l: the best of `rounds` interleaved rounds, so
+    that a busy spell of the machine hits every l alike and the minimum shows the undisturbed time."""
     def once(l):
         t = time.perf_counter()
         deep_insert_blocks(lm.blocks, lm.emb(ids_BT), img_BMD, l)
@@ -662,7 +668,7 @@ def prefill_ms(lm, img_BMD, ids_BT, layers, rounds=7):
     for _ in range(rounds):
         for l in layers:
             ts[l].append(once(l))
-    return {l: float(np.median(v) * 1e3) for l, v in ts.items()}
+    return {l: float(np.min(v) * 1e3) for l, v in ts.items()}
 
 
 @torch.no_grad()
@@ -779,6 +785,7 @@ def hash_str(s):
 
 
 ZERO_RETRAIN_SCENES = 256   # test scenes for the zero-retrain curve (N evaluations of the l = 0 model)
+PREFILL_BATCH = 256         # prompts in the prefill timing batch (larger = less timer noise)
 
 
 def run(cfg):
@@ -796,7 +803,7 @@ def run(cfg):
 
     # FLOPs and prefill time on a batch of test QA prompts (right-padded to one length)
     te = world["test"]
-    prompts = [p for _, p, _, _ in qa_items(te, vocab)[:64]]
+    prompts = [p for _, p, _, _ in qa_items(te, vocab)[:PREFILL_BATCH]]
     ids = pad(prompts, vocab["<pad>"]).to(device)
     T, M, N, D = ids.shape[1], cfg.image_tokens, cfg.n_layer, cfg.d_model
     img = torch.randn(len(prompts), M, D, device=device)
@@ -813,6 +820,12 @@ def run(cfg):
 
     runs = []
     os.makedirs(cfg.out, exist_ok=True)
+    if cfg.cost_only:
+        for l, c in cost.items():
+            print(f"l={l}: FLOPs saved {c['saving_analytic'] * 100:.1f}% (formula) / {c['saving_counted'] * 100:.1f}% "
+                  f"(counted); prefill {c['prefill_ms']:.2f} ms, wall saved {c['saving_wall'] * 100:.1f}%")
+        write_results(cfg, quality, align, cost, runs)
+        return runs
     for seed in seeds:
         for l in layers:
             model, timing = train_bridge(lm, feats, world, vocab, cfg, l, seed, device)
@@ -832,6 +845,14 @@ def run(cfg):
             torch.save({k: v for k, v in model.state_dict().items()}, os.path.join(cfg.out, f"bridge_l{l}_seed{seed}.pt"))
             write_results(cfg, quality, align, cost, runs)
     report(cfg, quality, align, cost, runs, layers)
+    # what the last bridge says about three test images (greedy, KV cache: layers < l cache text only)
+    te_caps = [encode(vocab, "caption:") for _ in range(3)]
+    gen = model.generate(feats["test"][:3].to(device), torch.tensor(te_caps, device=device), l, max_new=24)
+    inv = {i: w for w, i in vocab.items()}
+    for i, row in enumerate(gen.tolist()):
+        words = [inv[t] for t in row]
+        said = " ".join(words[: words.index("<eos>")] if "<eos>" in words else words)
+        print(f"  image {i}: true '{world['test']['captions'][i]}'\n           said '{said}'  (l={l})")
     return runs
 
 
