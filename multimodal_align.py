@@ -919,7 +919,7 @@ def main(argv=None):
     try:
         return run(cfg)
     except BadInput as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"multimodal_align.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

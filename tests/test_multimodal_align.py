@@ -130,3 +130,16 @@ def test_qa_batch_targets_the_answer_after_the_prompt():
         assert inp[j, len(p) - 1] == 5 and tgt[j, len(p) - 1] == a      # at "answer:", predict the answer
         assert inp[j, len(p)] == a and tgt[j, len(p)] == 2               # then <eos>
         assert (tgt[j, : len(p) - 1] == 0).all() and (tgt[j, len(p) + 1:] == 0).all()
+
+
+def test_data_dir_smoke(tmp_path):
+    from data.shapes import generate, save_dir
+    ds = generate(40, "train", seed=2, size=16)
+    save_dir(ds, tmp_path / "data", splits=["train"] * 28 + ["val"] * 6 + ["test"] * 6)
+    out = tmp_path / "out"
+    mma.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--clip-steps", "1", "--lm-steps", "1",
+              "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "8", "--d-model", "32", "--n-layer", "4",
+              "--n-head", "2", "--vit-dim", "16", "--vit-layers", "2", "--image-tokens", "4", "--knn-k", "2",
+              "--insert-layer", "1", "--device", "cpu", "--out", str(out)])
+    res = json.loads((out / "results.json").read_text())
+    assert res["alignment"]["n"] == 6 and res["runs"][0]["holdout_acc"] is None
