@@ -320,7 +320,7 @@ class Bridge(nn.Module):
         positions are overwritten with the projected tokens. Must equal forward() on text positions."""
         img = self.proj(feats_BMC)
         e = self.lm.emb(ids_BT)
-        B, M, T = img.shape[0], img.shape[1], ids_BT.shape[1]
+        M, T = img.shape[1], ids_BT.shape[1]
         h = splice(e, torch.zeros_like(img))
         L = M + T
         is_img = torch.zeros(L, dtype=torch.bool)
