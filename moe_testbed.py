@@ -8,6 +8,8 @@ that routes each token by its known domain label -- the upper bound on specializ
     python moe_testbed.py --experts 8            # token-choice top-2, aux loss at global scope (~5 min CPU)
     python moe_testbed.py --sweep                # every router / scope, same seed, data and steps
     python moe_testbed.py --bench                # MoE vs dense step time, side by side in one process
+    torchrun --nproc_per_node 2 moe_testbed.py   # data parallel (gloo on CPU, NCCL on GPUs), same global batch
+    python moe_testbed.py --preset gpu           # a larger model and batch, bf16 + compile, for one GPU
 
 Other pieces: Switch/GShard aux loss (Fedus et al. 2101.03961, Lepikhin et al. 2006.16668), global-batch
 balancing (Qiu et al., Qwen, 2501.11873), aux-loss-free bias balancing (Wang et al. 2408.15664,
@@ -32,7 +34,9 @@ from dataclasses import asdict, dataclass, fields
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
@@ -84,6 +88,16 @@ class Config:
     stop_at: int = 0
     out: str = os.path.join("out", "moe_testbed")
     resume: bool = False
+    train_bytes: int = 300_000
+    preset: str = "cpu"
+
+
+# --preset: defaults for one kind of machine; flags given on the command line still win
+PRESETS = {
+    "cpu": {},                                            # the Config defaults above: minutes on a 2-core CPU
+    "gpu": dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, lr=1e-3,
+                warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True),
+}
 
 
 HELP = {
@@ -95,7 +109,7 @@ HELP = {
     "n_head": "attention heads",
     "expert_hidden": "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)",
     "seq_len": "bytes per training sequence",
-    "batch_size": "sequences per optimizer step (one forward pass)",
+    "batch_size": "sequences per optimizer step, over all data-parallel processes (each takes batch-size/world)",
     "steps": "optimizer steps",
     "lr": "peak AdamW learning rate (linear warmup, cosine decay to 10%%)",
     "warmup": "warmup steps",
@@ -128,6 +142,8 @@ HELP = {
     "stop_at": "stop after this step as if interrupted (checkpoint only, no results); for testing --resume",
     "out": "output folder: results.json and one subfolder per run with its checkpoint",
     "resume": "continue each run from its checkpoint in --out (finished runs are reused)",
+    "train_bytes": "procedural data: training bytes per domain",
+    "preset": "cpu (the defaults) | gpu (d 512, 8 blocks, 64x512 batch, bf16, compile, fused AdamW; needs CUDA)",
 }
 
 SWEEP = [  # name, overrides
@@ -148,12 +164,14 @@ class BadInput(ValueError):
     """A user error: reported as one line, exit status 2."""
 
 
-def validate(cfg):
+def validate(cfg, world=1):
+    """Every check that can fail, before any process group exists: all ranks see the same flags and
+    WORLD_SIZE, so they all fail alike and exit without waiting for each other."""
     def need(ok, msg):
         if not ok:
             raise BadInput(msg)
     for f in ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len", "batch_size",
-              "steps", "micro_batch", "eval_seqs", "log_every", "ckpt_every"):
+              "steps", "micro_batch", "eval_seqs", "log_every", "ckpt_every", "train_bytes"):
         need(getattr(cfg, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
     need(min(cfg.warmup, cfg.stop_at, cfg.threads) >= 0, "--warmup, --stop-at and --threads must be >= 0")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
@@ -163,18 +181,24 @@ def validate(cfg):
     need(cfg.router in ("reference", "topk", "expert_choice", "hash"), f"unknown --router {cfg.router!r}")
     need(cfg.balance in ("none", "aux", "aux_free"), f"unknown --balance {cfg.balance!r}")
     need(cfg.balance_scope in ("sequence", "micro", "global"), f"unknown --balance-scope {cfg.balance_scope!r}")
-    need(cfg.balance_scope != "micro" or cfg.batch_size % cfg.micro_batch == 0,
-         f"--batch-size {cfg.batch_size} must be a multiple of --micro-batch {cfg.micro_batch}")
+    need(world >= 1 and cfg.batch_size % world == 0,
+         f"--batch-size {cfg.batch_size} must be divisible by the number of processes (WORLD_SIZE={world})")
+    b = cfg.batch_size // max(world, 1)                    # sequences per process; micro-batches stay in one
+    need(cfg.balance_scope != "micro" or b % cfg.micro_batch == 0,
+         f"--batch-size {cfg.batch_size}" + (f" / {world} processes" if world > 1 else "")
+         + f" must be a multiple of --micro-batch {cfg.micro_batch}")
     need(min(cfg.aux_coef, cfg.z_coef, cfg.bias_rate, cfg.capacity_factor) >= 0,
          "--aux-coef, --z-coef, --bias-rate and --capacity-factor must be >= 0")
     need(cfg.capacity_factor == 0 or cfg.router != "expert_choice",
          "--capacity-factor does not apply to expert_choice (every expert takes exactly T*K/E tokens)")
-    need(cfg.router != "expert_choice" or cfg.batch_size * cfg.seq_len * cfg.top_k >= cfg.experts,
-         "expert_choice needs batch-size*seq-len*top-k >= experts")
+    need(cfg.router != "expert_choice" or b * cfg.seq_len * cfg.top_k >= cfg.experts,
+         "expert_choice needs batch-size/world*seq-len*top-k >= experts")
     need(cfg.dtype in ("float32", "bfloat16"), f"unknown --dtype {cfg.dtype!r}")
     need(cfg.impl in ("grouped", "loop"), f"unknown --impl {cfg.impl!r}")
     need(0.0 <= cfg.overlap <= 1.0, f"--overlap must be in [0, 1], got {cfg.overlap}")
     need(not (cfg.sweep and (cfg.dense or cfg.bench)), "--sweep cannot be combined with --dense or --bench")
+    need(world == 1 or not cfg.bench, "--bench times two models in one process: run it without torchrun")
+    need(cfg.preset in PRESETS, f"unknown --preset {cfg.preset!r}")
     moe_layer_ids(cfg)
     seed_list(cfg)
 
@@ -216,14 +240,54 @@ def pick_device(name):
 
 
 # ----------------------------------------------------------------------------------------------------
+# Data parallelism: torchrun starts one process per CPU slot or GPU; every rank runs this whole file
+# ----------------------------------------------------------------------------------------------------
+
+def rank_world():
+    """(rank, world size); before init_process_group, what torchrun put in the environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def say(msg):
+    if rank_world()[0] == 0:                               # rank 0 speaks (and writes files) for all
+        tqdm.write(msg)
+
+
+def setup_distributed(device, world):
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT):
+    gloo on CPU, NCCL on CUDA with one GPU per process. Returns this rank's device."""
+    if world == 1:
+        return device
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise BadInput(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
+    backend = {"cpu": "gloo", "cuda": "nccl"}.get(device)
+    if backend is None:
+        raise BadInput(f"data parallelism runs on cpu (gloo) or cuda (nccl), not on {device}")
+    if not (dist.is_available() and getattr(dist, f"is_{backend}_available")()):
+        raise BadInput(f"torch.distributed backend {backend} is not available in this torch build")
+    if device == "cuda":
+        local, n_gpu = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= n_gpu:
+            raise BadInput(f"LOCAL_RANK {local} but {n_gpu} GPU(s): at most one process per GPU")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    return device
+
+
+# ----------------------------------------------------------------------------------------------------
 # Data (generators and readers live in data/domains.py)
 # ----------------------------------------------------------------------------------------------------
 
 def load_domains(cfg):
-    if cfg.data_dir:
-        doms = text_domains(cfg.data_dir, cache_dir=os.path.join(cfg.out, "data_cache"))
-    else:
-        doms = synthetic_domains(seed=0, overlap=cfg.overlap)   # the languages are fixed; --seed varies training
+    if cfg.data_dir:                                       # only rank 0 writes the cache; the others re-read the text
+        cache = os.path.join(cfg.out, "data_cache") if rank_world()[0] == 0 else None
+        doms = text_domains(cfg.data_dir, cache_dir=cache)
+    else:                                                  # the languages are fixed; --seed varies training
+        doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
     check_lengths(doms, cfg.seq_len)
     return doms
 
@@ -286,8 +350,12 @@ class DenseFFN(nn.Module):
 
 
 def all_ranks_sum(t):
-    """Sum over data-parallel ranks. One process: identity. The ONE place a cross-rank
-    torch.distributed.all_reduce(SUM) of the (no-grad) expert counts goes when data parallelism lands."""
+    """Sum of a no-grad tensor over the data-parallel ranks (identity in one process). The ONE place
+    ranks exchange numbers besides DDP's gradient averaging: global-scope expert counts, aux-free bias
+    votes, logged losses."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
 
 
@@ -296,10 +364,11 @@ def aux_loss(probs_BSE, idx_BSK, group_size, coef, reduce=None):
         L = coef * E * mean_g sum_i f_gi * P_gi
         f_gi = fraction of the top-k slots in group g given to expert i   (counts, no gradient)
         P_gi = mean router probability of expert i over the tokens of g
-    group_size 1 = sequence scope, m = micro-batch scope, B = global scope. Gradient scale does not depend
-    on the scope: d L / d p_ti = coef*E*f_gi / (tokens in g * groups) = coef*E*f_gi / T for every split.
-    `reduce` sums the counts over ranks (global scope only): P stays local and data parallelism averages
-    the ranks' gradients, so each token's gradient is again coef*E*f_i / T_all -- the same scale."""
+    group_size 1 = sequence scope, m = micro-batch scope, B (this rank's batch) = global scope. Gradient scale
+    does not depend on the scope: d L / d p_ti = coef*E*f_gi / (tokens in g * groups) = coef*E*f_gi / T.
+    `reduce` sums the counts over the W ranks (global scope only): f is the share over all T_all tokens, P stays
+    local, and DDP averages the ranks' gradients, so each token's gradient is coef*E*f_i / (T*W) = coef*E*f_i /
+    T_all -- the same scale; the mean of the ranks' losses is the one-process loss on all T_all tokens."""
     B, S, E = probs_BSE.shape
     G = B // group_size
     counts_GE = F.one_hot(idx_BSK.reshape(G, -1), E).sum(1).float()
@@ -313,9 +382,12 @@ def aux_loss(probs_BSE, idx_BSK, group_size, coef, reduce=None):
 @torch.no_grad()
 def update_bias(bias_E, counts_GE, rate):
     """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i), load measured over each
-    group of the scope (one group = global) and the signs averaged over groups."""
+    group of the scope (one group = global, its counts already summed over ranks) and the signs averaged over
+    the groups of every rank, so the bias stays the same on all ranks and equal to the one-process update."""
     load_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
-    bias_E += rate * torch.sign(load_GE.mean(-1, keepdim=True) - load_GE).mean(0)
+    votes_E = torch.sign(load_GE.mean(-1, keepdim=True) - load_GE).sum(0)
+    tot = all_ranks_sum(torch.cat([votes_E, votes_E.new_tensor([len(load_GE)])]))   # [sum of votes, groups]
+    bias_E += rate * tot[:-1] / tot[-1]
 
 
 def expert_choice_ffn(x_TD, probs_TE, C, w_in_EDH, w_out_EHD):
@@ -344,13 +416,14 @@ class MoEFFN(nn.Module):
         g = torch.Generator().manual_seed(1234)                            # hash: fixed byte -> K distinct experts
         self.register_buffer("hash_VK", torch.stack([torch.randperm(E, generator=g)[:cfg.top_k] for _ in range(256)]))
         self.register_buffer("groups_LG", reference_groups(n_domains, E))
-        self.group_size = {"sequence": 1, "micro": cfg.micro_batch, "global": cfg.batch_size}[cfg.balance_scope]
+        self.group_size = {"sequence": 1, "micro": cfg.micro_batch}.get(cfg.balance_scope)   # global: the batch
 
     def forward(self, x_BSD, ctx):
         cfg, E, K = self.cfg, self.E, self.K
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
         T = B * S
+        gs = self.group_size or B                   # global scope: every sequence this rank holds, one group
         zero = x_TD.new_zeros((), dtype=torch.float32)
         aux = z = zero
         counts_GE = None
@@ -377,10 +450,10 @@ class MoEFFN(nn.Module):
             if cfg.norm_topk:
                 gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
             if cfg.balance == "aux" and self.training:
-                aux, counts_GE = aux_loss(probs_TE.view(B, S, E), idx_TK.view(B, S, K), self.group_size,
+                aux, counts_GE = aux_loss(probs_TE.view(B, S, E), idx_TK.view(B, S, K), gs,
                                           cfg.aux_coef, all_ranks_sum if cfg.balance_scope == "global" else None)
             elif cfg.balance == "aux_free" and self.training:
-                counts_GE = F.one_hot(idx_TK.view(B // self.group_size, -1), E).sum(1).float()
+                counts_GE = F.one_hot(idx_TK.view(B // gs, -1), E).sum(1).float()
                 if cfg.balance_scope == "global":
                     counts_GE = all_ranks_sum(counts_GE)
         if cfg.router == "expert_choice":
@@ -529,7 +602,7 @@ def routing_metrics(assign_LE, top1_LE, n_drop, n_slots, groups_LG):
     agr, perm = agreement(assign_LE, groups_LG)
     return dict(utilization=utilization(f_E), dead_experts=dead_experts(f_E), purity=purity(top1_LE),
                 agreement=agr, nmi=nmi(top1_LE), dropped_frac=n_drop / max(n_slots, 1),
-                routing_matrix=(assign_LE / assign_LE.sum(1, keepdims=True)).round(4).tolist(),
+                routing_matrix=(assign_LE / np.maximum(assign_LE.sum(1, keepdims=True), 1e-12)).round(4).tolist(),
                 expert_order=np.argsort(perm).tolist())
 
 
@@ -557,27 +630,52 @@ def lr_at(cfg, step):
 
 
 def autocast(cfg, device):
-    return torch.autocast(device, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
-def train_step(model, opt, cfg, doms, step, device):
-    x, y, dom = train_batch(doms, cfg.batch_size, cfg.seq_len, cfg.seed, step)
-    x, y, dom = (torch.from_numpy(np.ascontiguousarray(a)).to(device) for a in (x, y, dom))
-    for g in opt.param_groups:
-        g["lr"] = lr_at(cfg, step)
+def make_optimizer(model, cfg, device):
+    fused = torch.device(device).type == "cuda"           # one kernel for all parameters (CUDA only)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+
+
+def step_loss(model, cfg, doms, step, device):
+    """Forward this rank's share of step `step`'s batch. Every rank draws the same global batch (a function
+    of seed and step) and keeps its own contiguous rows, so W ranks see exactly what one process sees.
+    `model` may be DDP-wrapped. Returns (ce + aux + z, ce, aux, layer_stats, dom_B)."""
+    rank, world = rank_world()
+    b = cfg.batch_size // world
+    x, y, dom = (torch.from_numpy(np.ascontiguousarray(a[rank * b:(rank + 1) * b])).to(device)
+                 for a in train_batch(doms, cfg.batch_size, cfg.seq_len, cfg.seed, step))
     with autocast(cfg, device):
         logits, layer_stats = model(x, dom)
     ce = F.cross_entropy(logits.float().view(-1, 256), y.reshape(-1))
     aux = sum((st["aux"] for st in layer_stats), ce.new_zeros(()))
     z = sum((st["z"] for st in layer_stats), ce.new_zeros(()))
+    return ce + aux + z, ce, aux, layer_stats, dom
+
+
+def wrap_ddp(model, cfg):
+    """DistributedDataParallel over the ranks (the plain model in one process). The aux-free bias buffer is
+    already equal on all ranks (update_bias averages every rank's votes); the hash router leaves the router
+    weight without a gradient, which DDP must be told."""
+    return model if rank_world()[1] == 1 else DDP(model, find_unused_parameters=cfg.router == "hash")
+
+
+def train_step(model, opt, cfg, doms, step, device):
+    """One optimizer step; returns the ce and aux losses averaged over ranks (for the log)."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, step)
+    loss, ce, aux, layer_stats, dom = step_loss(model, cfg, doms, step, device)
     opt.zero_grad(set_to_none=True)
-    (ce + aux + z).backward()
+    loss.backward()                                        # DDP: gradients averaged over ranks here
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
+    raw = getattr(model, "module", model)                  # under DDP the Model sits in .module
     if cfg.balance == "aux_free" and cfg.router == "topk":
-        for st, ffn in zip(layer_stats, [b.ffn for b in model.blocks if isinstance(b.ffn, MoEFFN)]):
+        for st, ffn in zip(layer_stats, [b.ffn for b in raw.blocks if isinstance(b.ffn, MoEFFN)]):
             update_bias(ffn.bias_E, st["counts_GE"], cfg.bias_rate)
-    return ce.item(), aux.item(), layer_stats, dom.repeat_interleave(cfg.seq_len).cpu()
+    ce_aux = all_ranks_sum(torch.stack([ce.detach(), aux.detach()])) / rank_world()[1]
+    return ce_aux[0].item(), ce_aux[1].item(), layer_stats, dom.repeat_interleave(cfg.seq_len).cpu()
 
 
 def state_dict_clean(model):
@@ -592,71 +690,80 @@ def save_ckpt(path, model, opt, step, train_s, cfg):
 
 
 # these may differ between an interrupted run and its resumption; everything else must match
-RESUME_FREE = {"threads", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds", "device", "compile", "impl"}
+RESUME_FREE = {"threads", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds", "device", "compile", "impl",
+               "preset"}
 
 
 def run_one(cfg, doms, name, device):
-    """Train (or resume) one configuration, evaluate it, return its results dict (None if --stop-at)."""
+    """Train (or resume) one configuration, evaluate it, return its results dict (None if --stop-at).
+    Under torchrun every rank trains; rank 0 alone logs, checkpoints, evaluates and writes (others return {})."""
+    rank, world = rank_world()
     run_dir = os.path.join(cfg.out, f"{name}-s{cfg.seed}")
-    os.makedirs(run_dir, exist_ok=True)
+    if rank == 0:
+        os.makedirs(run_dir, exist_ok=True)
     ckpt_path, res_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "result.json")
     if cfg.resume and os.path.exists(res_path) and not cfg.stop_at:
         with open(res_path) as f:
             res = json.load(f)
         if res.get("config_key") == config_key(cfg):
-            tqdm.write(f"[{name} seed {cfg.seed}] finished earlier: reusing {res_path}")
+            say(f"[{name} seed {cfg.seed}] finished earlier: reusing {res_path}")
             return res
-    torch.manual_seed(cfg.seed)
+    torch.manual_seed(cfg.seed)                            # same initial weights on every rank
     model = Model(cfg, len(doms.names)).to(device)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    opt = make_optimizer(model, cfg, device)
     start, train_s = 0, 0.0
-    if cfg.resume and os.path.exists(ckpt_path):
+    if cfg.resume and os.path.exists(ckpt_path):           # every rank loads the same checkpoint
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        diff = [k for k in asdict(cfg) if k not in RESUME_FREE and ck["config"].get(k) != getattr(cfg, k)]
+        old = {**asdict(Config()), **ck["config"]}           # fields added since then: their defaults
+        diff = [k for k in asdict(cfg) if k not in RESUME_FREE and old[k] != getattr(cfg, k)]
         if diff:
             raise BadInput(f"--resume: checkpoint {ckpt_path} was made with different settings: {', '.join(diff)}")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"])
+        torch.set_rng_state(ck["rng"].cpu())
         start, train_s = ck["step"], ck["train_s"]
-        tqdm.write(f"[{name} seed {cfg.seed}] resuming at step {start}")
+        say(f"[{name} seed {cfg.seed}] resuming at step {start}")
     if cfg.compile:
         for blk in model.blocks:
             blk.attn = torch.compile(blk.attn)
     model.train()
+    net = wrap_ddp(model, cfg)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     n_moe = sum(isinstance(b.ffn, MoEFFN) for b in model.blocks)
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, leave=False, dynamic_ncols=True)
+    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, leave=False, dynamic_ncols=True,
+               disable=rank != 0)
     t_log = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
-        ce, aux, layer_stats, dom_T = train_step(model, opt, cfg, doms, step, device)
+        ce, aux, layer_stats, dom_T = train_step(net, opt, cfg, doms, step, device)
         train_s += time.perf_counter() - t0
         bar.set_postfix(bpb=f"{ce / math.log(2):.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
             line = f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}"
-            if n_moe:
+            if n_moe:                                      # routing of rank 0's share of the batch
                 acc = accumulate({}, layer_stats, dom_T, len(doms.names), cfg.experts)
                 groups = reference_groups(len(doms.names), cfg.experts).numpy()
                 m = [routing_metrics(a["assign"], a["top1"], a["drop"], a["slots"], groups) for a in acc.values()]
                 line += (f" | batch U {np.mean([r['utilization'] for r in m]):.3f}"
                          f" purity {np.mean([r['purity'] for r in m]):.3f}")
             tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t_log, 1e-9)
-            tqdm.write(line + f" | {tok_s:,.0f} tok/s")
-        if (step + 1) % cfg.ckpt_every == 0 or step + 1 == end:
+            say(line + f" | {tok_s:,.0f} tok/s")
+        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
             save_ckpt(ckpt_path, model, opt, step + 1, train_s, cfg)
     bar.close()
     if cfg.stop_at and end < cfg.steps:
-        tqdm.write(f"[{name}] stopped at step {end} (--stop-at); continue with --resume")
+        say(f"[{name}] stopped at step {end} (--stop-at); continue with --resume")
         return None
-    res = evaluate(model, cfg, doms, device)
+    if rank != 0:
+        return {}
+    res = evaluate(model, cfg, doms, device)                # the plain Model: no collectives in here
     router = "dense" if cfg.dense else cfg.router
     balance = cfg.balance if router == "topk" else "none"
     res = dict(name=name, router=router, balance=balance,
                scope=cfg.balance_scope if balance != "none" else None,
                capacity_factor=cfg.capacity_factor, seed=cfg.seed, **res,
                tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(train_s, 1e-9),
-               train_s=round(train_s, 1), config_key=config_key(cfg))
+               train_s=round(train_s, 1), world_size=world, config_key=config_key(cfg))
     with open(res_path + ".tmp", "w") as f:
         json.dump(res, f)
     os.replace(res_path + ".tmp", res_path)
@@ -678,8 +785,9 @@ def evaluate(model, cfg, doms, device):
     L, E = len(doms.names), cfg.experts
     vx, vy, vdom = val_windows(doms, cfg.seq_len, cfg.eval_seqs)
     nll_L, n_L, acc = np.zeros(L), np.zeros(L), {}
-    for i in range(0, len(vx), cfg.batch_size):           # same batch size as training (matters for EC/capacity)
-        x, y, dom = (torch.from_numpy(a[i:i + cfg.batch_size]).to(device) for a in (vx, vy, vdom))
+    bs = cfg.batch_size // rank_world()[1]                 # the batch one forward saw in training (EC/capacity)
+    for i in range(0, len(vx), bs):
+        x, y, dom = (torch.from_numpy(a[i:i + bs]).to(device) for a in (vx, vy, vdom))
         with autocast(cfg, device):
             logits, layer_stats = model(x, dom)
         nll_BS = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1), reduction="none").view(y.shape)
@@ -773,47 +881,62 @@ def bench(cfg, doms, device, n=20, warm=3):
 # ----------------------------------------------------------------------------------------------------
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message):                                # one line, exit 2 (argparse prints usage too)
-        print(f"{self.prog}: error: {message}", file=sys.stderr)
-        sys.exit(2)
+    def error(self, message):                                # one line from rank 0, exit 2 (not argparse's usage)
+        raise BadInput(message)
 
 
 def parse_args(argv):
+    """Flags -> Config: Config defaults, then the --preset's values, then the flags actually given."""
     p = _Parser(prog="moe_testbed.py", description=__doc__.split("\n")[0])
+    preset_keys = {k for v in PRESETS.values() for k in v}
     for f in fields(Config):
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or f.type == "bool":
-            p.add_argument(flag, action="store_true", help=HELP[f.name])
+        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=HELP[f.name])
+        if f.type is bool or f.type == "bool":             # --compile / --no-compile: a preset's switch can be undone
+            act = argparse.BooleanOptionalAction if f.name in preset_keys else "store_true"
+            p.add_argument(flag, action=act, **kw)
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(flag, type=typ, default=f.default, help=HELP[f.name] + " (default: %(default)s)")
-    return Config(**vars(p.parse_args(argv)))
+            p.add_argument(flag, type=typ, **{**kw, "help": kw["help"] + f" (default: {f.default})"})
+    given = vars(p.parse_args(argv))
+    return Config(**{**PRESETS.get(given.get("preset"), {}), **given})
 
 
 def main(argv=None):
     try:
         cfg = parse_args(argv)
-        validate(cfg)
+        world = int(os.environ.get("WORLD_SIZE", "1"))     # set by torchrun
+        validate(cfg, world)
         device = pick_device(cfg.device)
+        if cfg.preset == "gpu" and device != "cuda":
+            raise BadInput(f"--preset gpu is sized for a CUDA GPU, but the device is {device}; "
+                           "use the default --preset cpu")
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         doms = load_domains(cfg)
+        device = setup_distributed(device, world)          # after every check that can fail alike on all ranks
         return _main(cfg, doms, device)
     except (BadInput, DataError) as e:
-        print(f"moe_testbed.py: error: {e}", file=sys.stderr)
+        if rank_world()[0] == 0:
+            print(f"moe_testbed.py: error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:                                               # also on Ctrl-C: leave no process group behind
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _main(cfg, doms, device):
     t0 = time.time()
-    print(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: {', '.join(doms.names)} | "
-          f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes")
-    os.makedirs(cfg.out, exist_ok=True)
+    rank, world = rank_world()
+    dp = f" | {world} processes ({dist.get_backend()}), {cfg.batch_size // world} sequences each" if world > 1 else ""
+    say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: {', '.join(doms.names)} | "
+        f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes" + dp)
+    if rank == 0:
+        os.makedirs(cfg.out, exist_ok=True)
     if cfg.bench:
         b = bench(cfg, doms, device)
-        print(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} ms"
-              f" -> ratio {b['ratio']:.2f} (median of {b['steps_timed']} interleaved steps; params total "
-              f"{b['moe_params']:,} vs {b['dense_params']:,})")
+        say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} ms"
+            f" -> ratio {b['ratio']:.2f} (median of {b['steps_timed']} interleaved steps; params total "
+            f"{b['moe_params']:,} vs {b['dense_params']:,})")
         _write_results(cfg, dict(config=asdict(cfg), bench=b))
         return b
     if cfg.sweep:
@@ -825,22 +948,26 @@ def _main(cfg, doms, device):
         for name, c in plan:
             c = Config(**{**asdict(c), "seed": s})
             if c.router == "expert_choice":
-                tqdm.write(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
+                say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
             res = run_one(c, doms, name, device)
             if res is None:
                 return None
+            if not res:                                     # ranks > 0: rank 0 evaluates and reports
+                continue
             runs.append(res)
             if res["per_layer"]:
                 for lay in res["per_layer"]:
-                    tqdm.write(f"[{name} seed {s}] layer {lay['layer']}: share of routing slots (%)\n"
-                               + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
-            tqdm.write(table([res]).split("\n", 2)[2] + f"  ({res['train_s']:.0f} s)")
-    print(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, "
-          f"wall {time.time() - t0:.0f} s on {device}")
-    print(table(runs))
+                    say(f"[{name} seed {s}] layer {lay['layer']}: share of routing slots (%)\n"
+                        + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
+            say(table([res]).split("\n", 2)[2] + f"  ({res['train_s']:.0f} s)")
+    if rank != 0:
+        return None
+    say(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, "
+        f"wall {time.time() - t0:.0f} s on {device}" + (f" x {world} processes" if world > 1 else ""))
+    say(table(runs))
     if len(runs) == 1 and runs[0]["per_domain_bpb"]:
-        print("val bpb per domain: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[0]["per_domain_bpb"].items()))
-    _write_results(cfg, dict(config=asdict(cfg), runs=runs))
+        say("val bpb per domain: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[0]["per_domain_bpb"].items()))
+    _write_results(cfg, dict(config=asdict(cfg), world_size=world, runs=runs))
     return runs
 
 
@@ -854,12 +981,12 @@ def run_name(cfg):
     return name + (f"-cf{cfg.capacity_factor:g}" if cfg.capacity_factor else "")
 
 
-def _write_results(cfg, obj):
+def _write_results(cfg, obj):                                 # rank 0 only (its callers see to that)
     path = os.path.join(cfg.out, "results.json")
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)
-    print(f"wrote {path}")
+    say(f"wrote {path}")
 
 
 if __name__ == "__main__":
