@@ -732,24 +732,29 @@ def validate(cfg):
             raise BadInput(f"--{f.replace('_', '-')} must be >= 0, got {getattr(cfg, f)}")
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
+    for d, h in ((cfg.d_model, cfg.n_head), (cfg.vit_dim, cfg.n_head)):
+        if d % h or (d // h) % 2:
+            raise BadInput(f"width {d} must be a multiple of 2*--n-head ({2 * cfg.n_head})")
+    seeds = validate_image_and_run(cfg)
+    layers = [cfg.insert_layer] if cfg.insert_layer >= 0 else sorted({0, cfg.n_layer // 4, cfg.n_layer // 2})
+    return seeds, layers
+
+
+def validate_image_and_run(cfg):
+    """Checks shared by the multimodal paper files (image, dtype, data, seeds) -> the list of seeds."""
     if cfg.image_size % cfg.patch:
         raise BadInput(f"--image-size {cfg.image_size} must be a multiple of --patch {cfg.patch}")
     m = int(round(math.sqrt(cfg.image_tokens)))
     if m * m != cfg.image_tokens or m > cfg.image_size // cfg.patch:
         raise BadInput(f"--image-tokens must be a square number <= the patch grid ({(cfg.image_size // cfg.patch) ** 2})")
-    for d, h in ((cfg.d_model, cfg.n_head), (cfg.vit_dim, cfg.n_head)):
-        if d % h or (d // h) % 2:
-            raise BadInput(f"width {d} must be a multiple of 2*--n-head ({2 * cfg.n_head})")
     if cfg.dtype not in ("float32", "bfloat16"):
         raise BadInput(f"--dtype: expected float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
         raise BadInput(f"--data-dir {cfg.data_dir}: no such directory")
     try:
-        seeds = [int(s) for s in cfg.seeds.split(",")]
+        return [int(s) for s in cfg.seeds.split(",")]
     except ValueError:
         raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
-    layers = [cfg.insert_layer] if cfg.insert_layer >= 0 else sorted({0, cfg.n_layer // 4, cfg.n_layer // 2})
-    return seeds, layers
 
 
 def backbones(world, vocab, cfg, device):
@@ -902,25 +907,27 @@ def report(cfg, quality, align, cost, runs, layers):
     print(f"results: {os.path.join(cfg.out, 'results.json')}")
 
 
-def parse_args(argv):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+def cli(argv, config_cls, helps, doc, run_fn, prog):
+    """One --flag per Config field (help from HELP), then run_fn(cfg); a BadInput is one line on stderr and
+    exit status 2. Shared by the multimodal paper files."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    for k, v in asdict(Config()).items():
+    for k, v in asdict(config_cls()).items():
         flag = "--" + k.replace("_", "-")
         if isinstance(v, bool):
-            ap.add_argument(flag, action="store_true", help=HELP[k])
+            ap.add_argument(flag, action="store_true", help=helps[k])
         else:
-            ap.add_argument(flag, type=type(v), default=v, help=HELP[k])
-    return Config(**vars(ap.parse_args(argv)))
+            ap.add_argument(flag, type=type(v), default=v, help=helps[k])
+    cfg = config_cls(**vars(ap.parse_args(argv)))
+    try:
+        return run_fn(cfg)
+    except BadInput as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 def main(argv=None):
-    cfg = parse_args(argv)
-    try:
-        return run(cfg)
-    except BadInput as e:
-        print(f"multimodal_align.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py")
 
 
 if __name__ == "__main__":
