@@ -468,7 +468,12 @@ class MoEFFN(nn.Module):
             n_drop, n_slots = int((~chosen).sum()), T                          # dropped = tokens with no expert
         else:
             impl = "capacity" if cfg.capacity_factor > 0 else cfg.impl
-            y_TD, dropped_TK = moe_ffn(x_TD, idx_TK, gates_TK, self.w_in_EDH, self.w_out_EHD, impl=impl,
+            x_in, w_in, w_out = x_TD, self.w_in_EDH, self.w_out_EHD
+            dev = x_TD.device.type
+            if torch.is_autocast_enabled(dev):    # a custom op is not on autocast's list: cast as for a matmul,
+                dt = torch.get_autocast_dtype(dev)  # so the grouped GEMM gets bf16 (its fast path) not fp32
+                x_in, w_in, w_out = x_TD.to(dt), w_in.to(dt), w_out.to(dt)
+            y_TD, dropped_TK = moe_ffn(x_in, idx_TK, gates_TK, w_in, w_out, impl=impl,
                                        capacity_factor=cfg.capacity_factor, compile=cfg.compile)
             assign_TE = F.one_hot(idx_TK, E).sum(1).float()                    # selections (before any drop)
             top1_T = idx_TK[:, 0]

@@ -187,6 +187,24 @@ def test_topk_output_uses_raw_probabilities_as_gates():
     assert torch.equal(st["top1_T"], probs.argmax(-1)) and st["assign_TE"].sum(1).eq(2).all()
 
 
+def test_bf16_autocast_hands_the_dispatch_bf16(monkeypatch):
+    """Under autocast the expert GEMMs must run in bf16 (the grouped kernel's fast path), as a Linear would;
+    the custom op is not on autocast's list, so MoEFFN casts. Output close to the fp32 layer."""
+    cfg = _cfg(router="topk", balance="none")
+    moe = mt.MoEFFN(cfg, 8)
+    x = torch.randn(2, 8, 16)
+    ctx = dict(tok_BS=torch.zeros(2, 8, dtype=torch.long), dom_B=torch.zeros(2, dtype=torch.long))
+    seen = []
+    real = mt.moe_ffn
+    monkeypatch.setattr(mt, "moe_ffn", lambda x_TD, i, g, w_in, w_out, **k: seen.append(
+        (x_TD.dtype, w_in.dtype, w_out.dtype)) or real(x_TD, i, g, w_in, w_out, **k))
+    y32, _ = moe(x, ctx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y16, _ = moe(x, ctx)
+    assert seen == [(torch.float32,) * 3, (torch.bfloat16,) * 3]
+    torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
+
+
 @pytest.mark.parametrize("E,expect", [(8, list(range(8))), (16, [0, 2, 4, 6, 8, 10, 12, 14]),
                                       (4, [0, 0, 1, 1, 2, 2, 3, 3])])
 def test_reference_router_assignment(E, expect):
