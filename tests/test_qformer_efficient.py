@@ -360,9 +360,11 @@ def test_main_reads_a_data_dir(tmp_path):
     (dict(variants="B1,Q9"), "unknown 'Q9'"),
     (dict(queries=0), "--queries must be at least 1"),
     (dict(qformer_init="bert"), "--qformer-init"),
-    (dict(data_dir="/nonexistent/qf"), "no such directory"),
+    (dict(data_dir="MISSING"), "no such directory"),
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, bad, msg):
+    if bad.get("data_dir") == "MISSING":
+        bad = dict(data_dir=tmp_path / "no-such-dir")
     with pytest.raises(SystemExit) as e:
         qfe.main(tiny_argv(tmp_path, **bad))
     assert e.value.code == 2
