@@ -878,7 +878,8 @@ def summarise(runs, cfg):
         if "P" in rs and "B2" in rs:
             p, b2 = rs["P"], rs["B2"]
             key = "fwd_bwd_ms" if "fwd_bwd_ms" in p and "fwd_bwd_ms" in b2 else "step_ms"
-            s["P_step_over_B2_step"], s["step_ratio_from"] = p[key] / b2[key], key
+            s["P_step_over_B2_step"] = p[key] / b2[key] if p[key] and b2[key] else None   # None: a 1-step run
+            s["step_ratio_from"] = key
             s["P_samples_over_B2_samples"] = (p["samples_to_target"] / b2["samples_to_target"]
                                               if p["samples_to_target"] and b2["samples_to_target"] else None)
         if "P" in rs and "B1" in rs:
@@ -949,7 +950,7 @@ def run(cfg):
             models[v] = model
             r.update(final_eval(model, feats, world, refs, cfg, device))
             print(f"  {v} seed {seed}: VQA EM {r['vqa_em']:.3f}, hold-out {fmt(r['holdout_em'])}, BLEU-4 {r['bleu4']:.3f}, "
-                  f"CIDEr {r['cider']:.2f}, {r['step_ms']:.0f} ms/step, {r['mem_mib']:.0f} MiB, "
+                  f"CIDEr {r['cider']:.2f}, {fmt(r['step_ms'], '.0f')} ms/step, {r['mem_mib']:.0f} MiB, "
                   f"stage 2 {r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'")
             runs.append(r)
             torch.save(model.state_dict(), os.path.join(cfg.out, f"bridge_{v}_seed{seed}.pt"))
@@ -1001,7 +1002,7 @@ def report(runs, summary, variants, world):
     for seed, s in summary.items():
         parts = [f"seed {seed}: target val EM {s['target_em']:.3f} (from {s['target_from']})"]
         if "P_step_over_B2_step" in s:
-            parts.append(f"P step / B2 step {s['P_step_over_B2_step']:.2f} ({s['step_ratio_from']}; target <= 0.7)")
+            parts.append(f"P step / B2 step {fmt(s['P_step_over_B2_step'], '.2f')} ({s['step_ratio_from']}; target <= 0.7)")
             parts.append(f"P samples / B2 samples to target {fmt(s['P_samples_over_B2_samples'], '.2f')} (target <= 0.5)")
         if "P_compute_to_B1_final_over_B1_total" in s:
             parts.append(f"P seconds to B1's final / B1's total {fmt(s['P_compute_to_B1_final_over_B1_total'], '.2f')} "

@@ -348,6 +348,11 @@ def test_main_smoke_all_variants(tmp_path):
     assert runs2[0]["bleu4"] == p["bleu4"]
 
 
+def test_main_one_step_run(tmp_path):
+    runs, summary = qfe.main(tiny_argv(tmp_path, variants="B2,P", steps=1))   # no step-time median exists
+    assert [r["step_ms"] for r in runs] == [None, None] and runs[1]["fwd_bwd_ms"] > 0
+
+
 def test_main_reads_a_data_dir(tmp_path):
     ds = generate(120, "train", seed=3, size=16)
     splits = ["train"] * 90 + ["val"] * 15 + ["test"] * 15
