@@ -278,6 +278,19 @@ def setup_distributed(device, world):
     return device
 
 
+def shutdown_distributed(clean):
+    """Leave the process group together. Ranks > 0 finish first (rank 0 alone evaluates, checkpoints and writes);
+    one that destroyed the group and exited while rank 0 still used it made torch 2.11's gloo abort a rank
+    ("terminate called without an active exception"). So on a clean exit every rank meets at a barrier first.
+    After an error that only some ranks saw, no barrier (the others may never arrive): destroy and exit, and
+    torchrun stops the remaining ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
 # ----------------------------------------------------------------------------------------------------
 # Data (generators and readers live in data/domains.py)
 # ----------------------------------------------------------------------------------------------------
@@ -907,6 +920,7 @@ def parse_args(argv):
 
 
 def main(argv=None):
+    clean = False                                          # True once every rank is known to exit the same way
     try:
         cfg = parse_args(argv)
         world = int(os.environ.get("WORLD_SIZE", "1"))     # set by torchrun
@@ -919,14 +933,16 @@ def main(argv=None):
             torch.set_num_threads(cfg.threads)
         doms = load_domains(cfg)
         device = setup_distributed(device, world)          # after every check that can fail alike on all ranks
-        return _main(cfg, doms, device)
-    except (BadInput, DataError) as e:
+        out = _main(cfg, doms, device)
+        clean = True
+        return out
+    except (BadInput, DataError) as e:                     # raised alike on every rank (checks, --resume mismatch)
+        clean = True
         if rank_world()[0] == 0:
             print(f"moe_testbed.py: error: {e}", file=sys.stderr)
         sys.exit(2)
     finally:                                               # also on Ctrl-C: leave no process group behind
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed(clean)
 
 
 def _main(cfg, doms, device):

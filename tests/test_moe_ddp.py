@@ -254,3 +254,41 @@ def test_gpu_preset_without_cuda_is_one_line_error(tmp_path, capsys):
 
 if __name__ == "__main__":                                 # a rank started by _launch
     _worker(sys.argv[1])
+
+
+SLOW_RANK0 = '''
+import os, sys, time
+sys.path.insert(0, {root!r})
+import moe_testbed as mt
+log = open(os.path.join({events!r}, "rank" + os.environ["RANK"]), "a")
+def event(name):
+    log.write(f"{{name}} {{time.time()}}\\n"); log.flush()
+save, destroy = mt.save_ckpt, mt.dist.destroy_process_group
+def slow_save(*a, **k):                                    # only rank 0 saves: hold it back while rank 1 finishes
+    time.sleep(2); save(*a, **k); event("saved")
+def logged_destroy(*a, **k):
+    event("destroy"); return destroy(*a, **k)
+mt.save_ckpt, mt.dist.destroy_process_group = slow_save, logged_destroy
+mt.main(sys.argv[1:])
+event("exit")
+'''
+
+
+@pytest.mark.parametrize("stop", [["--stop-at", "2"], []])
+def test_torchrun_slow_rank0_every_rank_leaves_together(tmp_path, stop):
+    """The shutdown race (issue 17): rank 0 checkpoints slowly while rank 1 has nothing left to do. No rank may
+    destroy the process group before rank 0's last checkpoint is written, and every rank exits 0."""
+    events = tmp_path / "events"
+    events.mkdir()
+    script = tmp_path / "slow_rank0.py"
+    script.write_text(SLOW_RANK0.format(root=ROOT, events=str(events)))
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        str(script)] + CLI + ["--out", str(tmp_path / "o")] + stop, cwd=ROOT, env=ENV, text=True,
+                       capture_output=True, timeout=180)
+    assert p.returncode == 0, p.stderr[-3000:]
+    ev = {r: [ln.split() for ln in (events / f"rank{r}").read_text().splitlines()] for r in (0, 1)}
+    assert [name for name, _ in ev[1]] == ["destroy", "exit"]            # rank 1 saves nothing, exits cleanly
+    assert [name for name, _ in ev[0]][-2:] == ["destroy", "exit"]
+    last_save = max(float(t) for name, t in ev[0] if name == "saved")
+    first_destroy = min(float(t) for r in (0, 1) for name, t in ev[r] if name == "destroy")
+    assert first_destroy > last_save, "a rank tore the process group down while rank 0 was still saving"
