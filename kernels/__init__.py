@@ -13,7 +13,7 @@ The gates are used as given (the router decides whether to renormalise them over
 Implementations (`impl=`):
     "loop"      one small matmul pair per expert: torch.where + gather + index_add_. Easy to read, the
                 reference for speed and the oracle of kernels.bench. Data-dependent shapes: no single graph.
-    "grouped"   sort the A = T*K assignments by expert, gather the rows, run ONE grouped GEMM per layer
+    "grouped"   sort the A = T*K assignments by expert, gather the rows, run ONE grouped GEMM per weight
                 over int32 offsets (offsets are values, not shapes), undo the sort with the inverse
                 permutation and sum each token's K slots with its gates. Every shape depends only on
                 (T, K, D, H, E): torch.compile(fullgraph=True) builds one graph for any routing.
@@ -23,12 +23,13 @@ Implementations (`impl=`):
                 Also compiles as one graph.
 Only "capacity" ever drops; for the others `dropped_TK` is all False.
 
-What a GPU training step needs from "grouped" and "capacity" (and how it is tested on a CPU):
+What a GPU training step needs from "grouped" (and how tests/test_kernels.py checks it on a CPU):
   * no host syncs: expert ids are checked on the device (torch._assert_async); the synchronous check
     with a readable ValueError runs only with debug=True. Group ends come from searchsorted on the sorted
-    ids, never from .tolist() / bincount. (tests: no aten op that reads a tensor on the host runs.)
+    ids, never from .tolist() / bincount. (Tested: no aten op that reads a tensor on the host runs, and
+    moe_testbed's whole MoE layer compiles with fullgraph=True.) "capacity" has no host reads either.
   * deterministic: the combine is a gather by the inverse permutation and a sum over the K slots, and the
-    dispatch gradient a sum over the K copies of a token -- no index_add / atomics. Bit-for-bit repeatable.
+    dispatch gradient a gather back and a sum over a token's K copies -- no index_add / atomics.
   * grouped forward AND backward: both gradient GEMMs are grouped GEMMs too (dX = dY @ W^T per group,
     dW = X^T @ dY per group, the latter a 2D x 2D grouped GEMM); no per-expert Python loop.
 
