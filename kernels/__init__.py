@@ -115,8 +115,8 @@ def _(a_AD, b_EDH, offs_E):
 @torch.library.custom_op("moe_kernels::grouped_wgrad", mutates_args=())
 def _grouped_wgrad(a_AD: torch.Tensor, g_AH: torch.Tensor, offs_E: torch.Tensor,
                    num_groups: int) -> torch.Tensor:
-    # 2D x 2D grouped GEMM: the shared dim A is split into groups. a^T is a view (no copy); measured on
-    # the CPU as fast as (bf16) or faster than (fp32) the per-group loop, see docs/kernels.md.
+    # 2D x 2D grouped GEMM: the shared dim A is split into groups. a^T is a view (no copy); on the CPU it
+    # measured no slower than the per-group loop in bf16 and faster in fp32.
     if _native_ok(a_AD.t(), g_AH):
         return torch._grouped_mm(a_AD.t(), g_AH, offs=offs_E)
     return _grouped_wgrad_loop(a_AD, g_AH, offs_E, num_groups)
@@ -185,9 +185,9 @@ def _(x_ND, rows_A):
 
 
 def _index_rows(x_ND, rows_A):
-    """x[rows] by index_select (~5x faster than x[rows] on CPU). On CPU it is kept opaque to Inductor,
-    whose generated gather loops ran at about half the speed there (docs/kernels.md); on GPUs Inductor may
-    fuse it."""
+    """x[rows] by index_select (faster than x[rows] on CPU). On CPU it is kept opaque to Inductor, whose
+    generated gather loops made the compiled step slower than the eager one (docs/kernels.md); on a GPU
+    Inductor may fuse it."""
     if x_ND.device.type == "cpu":
         return _index_rows_op(x_ND, rows_A)
     return x_ND.index_select(0, rows_A)
