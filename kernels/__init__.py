@@ -79,7 +79,7 @@ def _native_ok(*mats):
 
 
 def _grouped_mm_loop(a_AD, b_EDH, offs_E):
-    """The fallback and oracle: one matmul per group. offs_E[g] = end row of group g (a host read)."""
+    """The fallback: one matmul per group. offs_E[g] = end row of group g (read on the host)."""
     out_AH = a_AD.new_zeros(a_AD.shape[0], b_EDH.shape[-1])
     start = 0
     for g, end in enumerate(offs_E.tolist()):
@@ -145,7 +145,8 @@ _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm
 
 def grouped_mm(a_AD, b_EDH, offs_E):
     """(A, D) x (E, D, H) -> (A, H): rows offs_E[g-1]:offs_E[g] of `a` multiply b[g] (offs_E int32, ends).
-    Differentiable in a and b. The route (see the module docstring) depends on dtype and device only."""
+    Differentiable in a and b. The route (see the module docstring) depends on dtype and device only.
+    Route 1 keeps torch's rule that the backward rejects a zero-stride gradient (that of y.sum())."""
     if a_AD.dtype == torch.float32 and a_AD.device.type in FP32_VIA_BF16:             # route 2
         a16, b16 = a_AD.to(torch.bfloat16), b_EDH.to(torch.bfloat16)
         if _native_ok(a16, b16):

@@ -5,8 +5,9 @@
     python -m kernels.bench --device cuda --json out/bench.json
 
 The dense reference does the same FLOPs as the MoE layer with perfect balance and no routing at all:
-x (E, T*K/E, D) -> bmm w_in -> gelu -> bmm w_out. No dispatch can beat it, so
-frac_of_dense = dense_ms / impl_ms is "how much of the achievable throughput this dispatch keeps".
+x (E, T*K/E, D) -> bmm w_in -> gelu -> bmm w_out. In principle no dispatch beats it, so
+frac_of_dense = dense_ms / impl_ms is "how much of the achievable throughput this dispatch keeps" (on a
+2-core CPU the per-expert matmuls of the loop sometimes run faster than the bmm: see docs/kernels.md).
 speedup_vs_loop = loop_eager_ms / impl_ms, same shape, dtype and pass.
 Routing is random top-k (distinct experts per token, softmax gates), so loads are nearly balanced;
 "capacity" runs with capacity_factor 1.25 and so drops a few assignments.
