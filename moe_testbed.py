@@ -478,7 +478,7 @@ class MoEFFN(nn.Module):
             chosen = assign_TE.sum(1) > 0
             # top-1 = the chosen expert with the largest probability; an unchosen token: its argmax
             top1_T = torch.where(chosen, (probs_TE * assign_TE).argmax(1), probs_TE.argmax(1))
-            n_drop, n_slots = int((~chosen).sum()), T                          # dropped = tokens with no expert
+            n_drop, n_slots = (~chosen).sum(), T            # dropped = tokens with no expert (a tensor: no sync)
         else:
             impl = "capacity" if cfg.capacity_factor > 0 else cfg.impl
             x_in, w_in, w_out = x_TD, self.w_in_EDH, self.w_out_EHD
@@ -490,7 +490,7 @@ class MoEFFN(nn.Module):
                                        capacity_factor=cfg.capacity_factor, compile=cfg.compile)
             assign_TE = F.one_hot(idx_TK, E).sum(1).float()                    # selections (before any drop)
             top1_T = idx_TK[:, 0]
-            n_drop, n_slots = int(dropped_TK.sum()), dropped_TK.numel()
+            n_drop, n_slots = dropped_TK.sum(), dropped_TK.numel()          # read on the host only when logged
         stats = dict(aux=aux, z=z, counts_GE=counts_GE, assign_TE=assign_TE.detach(), top1_T=top1_T.detach(),
                      n_drop=n_drop, n_slots=n_slots)
         return y_TD.view(B, S, D), stats
@@ -631,7 +631,7 @@ def accumulate(acc, layer_stats, dom_T, L, E):
         a["assign"] += torch.zeros(L, E).index_add_(0, dom_T, st["assign_TE"].float().cpu()).numpy()
         a["top1"] += torch.zeros(L, E).index_put_((dom_T, st["top1_T"].cpu()), torch.ones(len(dom_T)),
                                                   accumulate=True).numpy()
-        a["drop"] += st["n_drop"]
+        a["drop"] += int(st["n_drop"])
         a["slots"] += st["n_slots"]
     return acc
 
