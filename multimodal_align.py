@@ -41,8 +41,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import vision
-from data.common import (BadInput, Block, RMSNorm, batches, cli, encode, pad, pick_device, train_loop,
-                         validate_image_and_run)
+from data.common import (BadInput, Block, RMSNorm, batches, cli, encode, heatmap, keep_previous, mean_std, pad,
+                         pick_device, train_loop, validate_image_and_run)
 from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, all_texts, baselines,
                          binding_controlled, build_vocab, generate, load_dir)
 
@@ -64,7 +64,7 @@ class Config:
     d_model: int = 64
     n_layer: int = 8
     n_head: int = 4
-    lm_steps: int = 1500
+    lm_steps: int = 1000
     # the bridge
     stage1_steps: int = 100
     stage2_steps: int = 400
@@ -587,17 +587,6 @@ def run(cfg):
 # Output
 # ----------------------------------------------------------------------------------------------------
 
-def keep_previous(out):
-    """Reruns never silently replace results: an earlier results.json and its checkpoints move to previous_<k>/."""
-    old = [f for f in os.listdir(out) if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))]
-    if old:
-        k = 1 + sum(d.startswith("previous_") for d in os.listdir(out))
-        os.makedirs(os.path.join(out, f"previous_{k}"))
-        for f in old:
-            os.replace(os.path.join(out, f), os.path.join(out, f"previous_{k}", f))
-        print(f"earlier results moved to {os.path.join(out, f'previous_{k}')}")
-
-
 def write_results(cfg, res):
     path = os.path.join(cfg.out, "results.json")
     with open(path + ".tmp", "w") as f:
@@ -605,29 +594,10 @@ def write_results(cfg, res):
     os.replace(path + ".tmp", path)
 
 
-def mean_std(xs):
-    """'mean ± sample std (ddof=1)' over seeds; '-' when there is nothing."""
-    xs = [x for x in xs if x is not None]
-    if not xs:
-        return "-"
-    return f"{np.mean(xs):.3f}" + (f" ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else "")
-
-
 def print_baselines(b):
     for name in ("blind_prior", "bag_oracle"):
         if b[name] is not None:
             print(f"baseline {name:11s}: " + ", ".join(f"{t} {v:.3f}" for t, v in b[name].items()))
-
-
-def heatmap(mat, rows, cols, title):
-    """A terminal heat map: one shade character per cell, values printed to the right."""
-    shades = " .:-=+*#%@"
-    lo, hi = float(np.min(mat)), float(np.max(mat))
-    lines = [title, "      " + "".join(f"{c:>3s}" for c in cols)]
-    for r, row in zip(rows, mat):
-        cells = "".join(f"  {shades[min(9, int((v - lo) / (hi - lo + 1e-12) * 9.999))]}" for v in row)
-        lines.append(f"{r:>5s} {cells}   " + " ".join(f"{v:.3f}" for v in row))
-    return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
 
 
 def report(cfg, res, layers):

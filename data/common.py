@@ -1,6 +1,7 @@
 """Plumbing shared by the multimodal paper files (multimodal_align.py, qformer_efficient.py): the
 transformer block, tokenising and padding, index batches, the AdamW loop, device choice, the CLI.
-Nothing here is paper-specific; each piece is used by both files, so it lives in one place."""
+Nothing here is paper-specific; each piece is used by both files (or is meant for both), so it lives in
+one place."""
 
 import argparse
 import math
@@ -161,6 +162,36 @@ def validate_image_and_run(cfg):
         raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
 
 
+def keep_previous(out):
+    """Reruns never silently replace results: an earlier results.json and its checkpoints move to previous_<k>/."""
+    old = [f for f in os.listdir(out) if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))]
+    if old:
+        k = 1 + sum(d.startswith("previous_") for d in os.listdir(out))
+        os.makedirs(os.path.join(out, f"previous_{k}"))
+        for f in old:
+            os.replace(os.path.join(out, f), os.path.join(out, f"previous_{k}", f))
+        print(f"earlier results moved to {os.path.join(out, f'previous_{k}')}")
+
+
+def mean_std(xs):
+    """'mean ± sample std (ddof=1)' over seeds; '-' when there is nothing."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):.3f}" + (f" ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else "")
+
+
+def heatmap(mat, rows, cols, title):
+    """A terminal heat map: one shade character per cell, values printed to the right."""
+    shades = " .:-=+*#%@"
+    lo, hi = float(np.min(mat)), float(np.max(mat))
+    lines = [title, "      " + "".join(f"{c:>3s}" for c in cols)]
+    for r, row in zip(rows, mat):
+        cells = "".join(f"  {shades[min(9, int((v - lo) / (hi - lo + 1e-12) * 9.999))]}" for v in row)
+        lines.append(f"{r:>5s} {cells}   " + " ".join(f"{v:.3f}" for v in row))
+    return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
+
+
 def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, quick=None):
     """One --flag per Config field (help from `helps`), then run_fn(cfg); a BadInput is one line on stderr and
     exit status 2. groups: {title: [field, ...]} for --help sections. quick: the defaults that a `quick`
@@ -168,7 +199,10 @@ def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, qu
     ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = asdict(config_cls())
-    where = {k: ap.add_argument_group(title) for title, ks in (groups or {}).items() for k in ks}
+    where = {}
+    for title, ks in (groups or {}).items():
+        g = ap.add_argument_group(title)
+        where.update({k: g for k in ks})
     for k, v in defaults.items():
         g, flag = where.get(k, ap), "--" + k.replace("_", "-")
         if isinstance(v, bool):

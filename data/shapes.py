@@ -9,7 +9,7 @@ cell. The five shapes differ by at least 24 of 64 pixels at the small size (68 a
 shape is visible at both sizes. World v1 (32 px, 6 px shapes, cells that straddle patches, "exist" that
 a colour-only reader answers) is in data/shapes_v1.py.
 
-Caption: "a large red square at the top and a small blue x at the left ..." (objects in random order;
+Caption: "large red square top and small blue x left ..." (size colour shape cell, objects in random order;
 rng=None lists them in cell order, the one fixed template of the alignment set). Questions, one per
 type per scene, one-word answers, each type's answers balanced by construction:
     colour    "what colour is the <shape> ?"          the colour OF a shape (asked when that shape is unique)
@@ -112,11 +112,10 @@ def render(objects, size, rng):
 def caption(objects, rng=None):
     """Objects in random order (rng) or in cell order (rng=None: the fixed template)."""
     order = rng.permutation(len(objects)) if rng is not None else np.argsort([o[3] for o in objects])
-    return " and ".join(f"a {objects[i][2]} {objects[i][1]} {objects[i][0]} at the {CELLS[objects[i][3]]}"
-                        for i in order)
+    return " and ".join(f"{objects[i][2]} {objects[i][1]} {objects[i][0]} {CELLS[objects[i][3]]}" for i in order)
 
 
-CAPTION_RE = re.compile(r"a (\w+) (\w+) (\w+) at the ([\w-]+)")
+CAPTION_RE = re.compile(r"(\w+) (\w+) (\w+) ([\w-]+)(?: and |$)")
 
 
 def parse_caption(text):
