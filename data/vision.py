@@ -3,7 +3,7 @@ shapes world (data/shapes.py) and cached on disk, the stand-in for a checkpoint 
 Both paper files load it from here; neither imports the other.
 
 Why this objective. The v1 encoder (CLIP, mean-pooled last layer) could not bind: a mean over patches
-forgets which patch held what, so captions with swapped colours scored alike (minimal pairs: binding
+forgets which patch held what, so captions with swapped colours scored alike (issue 11: binding
 0.53, cell 0.54). Here every 3x3 cell of the image has its own token (the mean of its 2x2 patches) and
 three linear heads read, from that token alone, the colour, shape and size of the object in the cell
 (or "empty"):
