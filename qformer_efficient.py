@@ -52,9 +52,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.shapes import caption as shapes_caption
-from multimodal_align import (BadInput, RMSNorm, autocast, batches, cli, encode, hash_str, load_world, pad, pick_device,
-                              ViT, pretrain_clip, train_loop, validate_image_and_run, vit_tokens)
+from data.common import (BadInput, RMSNorm, autocast, batches, cli, encode, hash_str, pad, pick_device, train_loop,
+                         validate_image_and_run)
+from data.shapes_v1 import ViT, load_world, pretrain_clip, vit_tokens
+from data.shapes_v1 import caption as shapes_caption
 
 # ----------------------------------------------------------------------------------------------------
 # Config

@@ -1,19 +1,30 @@
-"""The shapes world: procedural image-text data for the multimodal papers (multimodal_align.py,
-qformer_efficient.py), deterministic from a seed, plus a plain on-disk format for real data.
+"""The shapes world, v2: procedural image-text data for the multimodal papers, built so that answering
+needs *binding* (which colour goes with which shape, and where), deterministic from a seed; plus the
+data-only baselines every model row is compared with, and a plain on-disk format for real data.
 
-A scene is a small RGB image (32x32 by default) on a lightly textured background with 1-3 objects.
-Each object has a shape, a colour, a size and a cell of a 3x3 grid (no two objects share a cell, so
-they never overlap). Every scene comes with
-  - a caption: templated, with synonyms and the objects in random order;
-  - questions with one-word answers, of five types:
-        colour    "what colour is the <shape> ?"          (asked only when that shape is unique)
-        shape     "what shape is the <colour> thing ?"   (asked only when that colour is unique)
-        position  "where is the <colour> <shape> ?"      -> one of nine cell names, e.g. top-left
-        count     "how many objects are there ?"         -> one | two | three
-        exist     "is there a <colour> <shape> ?"        -> yes | no (half of them no)
-Compositional hold-out: a few colour-shape pairs (HOLDOUT_PAIRS) never appear in the train/val/test
-splits; the separate "holdout" split has at least one of them in every scene. A model that has learnt
-"red" and "triangle" separately should still answer about a red triangle.
+Geometry (default 48x48 px): a 3x3 grid of 16 px cells, so an 8 px ViT patch grid (6x6) puts exactly
+2x2 patches in each cell. A scene holds 2-4 objects in distinct cells; each has a shape, a colour and a
+size: large = cell - 2 px (14 px), small = half a cell (8 px), placed with a little jitter inside its
+cell. The five shapes differ by at least 24 of 64 pixels at the small size (68 at the large one), so
+shape is visible at both sizes. World v1 (32 px, 6 px shapes, cells that straddle patches, "exist" that
+a colour-only reader answers) is in data/shapes_v1.py.
+
+Caption: "large red square top and small blue x left ..." (size colour shape cell, objects in random order;
+rng=None lists them in cell order, the one fixed template of the alignment set). Questions, one per
+type per scene, one-word answers, each type's answers balanced by construction:
+    colour    "what colour is the <shape> ?"          the colour OF a shape (asked when that shape is unique)
+    shape     "what shape is at the <cell> ?"          the shape AT a cell
+    position  "where is the <colour> <shape> ?"        the cell OF a coloured shape (a unique pair)
+    count     "how many objects are there ?"           two | three | four
+    exist     "is there a <colour> <shape> ?"          yes | no; 3/4 of the "no"s are swapped bindings
+                                                       (both words in the scene, never on one object)
+BINDING_TYPES are the four that a bag of words cannot answer. Compositional hold-out: HOLDOUT_PAIRS
+never appear as objects in train/val/test; every "holdout" scene has at least one.
+
+Baselines from the data alone (`baselines`): the blind prior (majority answer to the question string,
+no scene) and the bag-of-attributes oracle (majority answer given the question, the set of colours
+present and the object count, estimated on 20,000 fresh scenes): it knows what a bag of words knows,
+not the binding. A model row means something only above both.
 
 On disk (`load_dir`): DIR/images.npy (N, H, W, 3) uint8 and DIR/annotations.jsonl, one JSON object
 per line and per image, in image order:
@@ -25,23 +36,26 @@ Text is lower-cased and split on white space; the vocabulary is built from the d
 import functools
 import json
 import os
+import re
+from collections import Counter
 
 import numpy as np
 
-SHAPES = ("circle", "square", "triangle", "diamond", "cross")
+SHAPES = ("square", "triangle", "cross", "ring", "x")
 COLOURS = {  # name: RGB
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
-    "purple": (150, 60, 200), "cyan": (40, 210, 220), "orange": (245, 140, 30), "white": (240, 240, 240),
+    "purple": (150, 60, 200), "white": (240, 240, 240),
 }
 SIZES = ("small", "large")
 CELLS = ("top-left", "top", "top-right", "left", "center", "right", "bottom-left", "bottom", "bottom-right")
-COUNT_WORDS = ("zero", "one", "two", "three")
-HOLDOUT_PAIRS = (("red", "triangle"), ("blue", "circle"), ("green", "diamond"), ("yellow", "square"),
-                 ("purple", "cross"))
-SYNONYMS = {"square": ("square", "box"), "circle": ("circle", "disc"), "small": ("small", "little"),
-            "large": ("large", "big")}
+COUNT_WORDS = ("zero", "one", "two", "three", "four")
+N_OBJECTS = (2, 3, 4)
+HOLDOUT_PAIRS = (("red", "triangle"), ("blue", "ring"), ("green", "x"), ("yellow", "square"), ("purple", "cross"))
 QUESTION_TYPES = ("colour", "shape", "position", "count", "exist")
+BINDING_TYPES = ("colour", "shape", "position", "exist")
+SPLITS = ("train", "val", "test", "holdout")
 SPECIALS = ("<pad>", "<bos>", "<eos>", "<unk>")
+SWAP_NO = 0.75        # share of "no" exist questions that are swapped bindings (when the scene has one)
 
 
 class ShapesDataError(ValueError):
@@ -55,15 +69,21 @@ class ShapesDataError(ValueError):
 @functools.lru_cache(maxsize=None)
 def _masks(px):
     """Boolean (px, px) stencils, one per shape."""
-    r = (np.arange(px) + 0.5) / px * 2 - 1                       # cell coordinates in [-1, 1]
+    r = (np.arange(px) + 0.5) / px * 2 - 1                       # pixel centres in [-1, 1]
     y, x = np.meshgrid(r, r, indexing="ij")
+    rr = x ** 2 + y ** 2
     return {
-        "circle": x ** 2 + y ** 2 <= 0.9,
-        "square": (np.abs(x) <= 0.8) & (np.abs(y) <= 0.8),
-        "triangle": (y <= 0.85) & (y >= -0.85) & (np.abs(x) <= (y + 0.85) / 1.7 * 0.95),
-        "diamond": np.abs(x) + np.abs(y) <= 0.95,
-        "cross": ((np.abs(x) <= 0.3) | (np.abs(y) <= 0.3)) & (np.abs(x) <= 0.9) & (np.abs(y) <= 0.9),
+        "square": (np.abs(x) <= 0.9) & (np.abs(y) <= 0.9),
+        "triangle": np.abs(x) <= (y + 1) / 2,
+        "cross": (np.abs(x) <= 0.3) | (np.abs(y) <= 0.3),
+        "ring": (rr <= 1.1) & (rr >= 0.3),
+        "x": np.abs(np.abs(x) - np.abs(y)) <= 0.35,
     }
+
+
+def object_px(size, sz):
+    cell = size // 3
+    return cell - 2 if sz == "large" else max(4, cell // 2)
 
 
 def render(objects, size, rng):
@@ -71,17 +91,17 @@ def render(objects, size, rng):
     cell = size // 3
     # lightly textured background: a dark random tint, a soft gradient and pixel noise
     tint = rng.uniform(10, 45, size=3)
-    grad = np.linspace(0, 1, size)[:, None] * rng.uniform(-12, 12) + np.linspace(0, 1, size)[None] * rng.uniform(-12, 12)
+    ramp = np.linspace(0, 1, size)
+    grad = ramp[:, None] * rng.uniform(-12, 12) + ramp[None] * rng.uniform(-12, 12)
     img = tint[None, None] + grad[..., None] + rng.normal(0, 4, size=(size, size, 3))
     for shape, colour, sz, c in objects:
-        px = cell - 1 if sz == "large" else max(3, (cell * 3) // 5)
-        m = _masks(px)[shape]
+        px = object_px(size, sz)
         row, col = divmod(c, 3)
-        slack = cell - px
+        slack = cell - px                                           # jitter inside the cell only
         y0 = row * cell + rng.integers(0, slack + 1)
         x0 = col * cell + rng.integers(0, slack + 1)
         rgb = np.clip(np.array(COLOURS[colour]) + rng.normal(0, 8, size=3), 0, 255)
-        img[y0:y0 + px, x0:x0 + px][m] = rgb
+        img[y0:y0 + px, x0:x0 + px][_masks(px)[shape]] = rgb
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
@@ -89,73 +109,171 @@ def render(objects, size, rng):
 # Scenes, captions, questions
 # ----------------------------------------------------------------------------------------------------
 
-def _word(w, rng):
-    alts = SYNONYMS.get(w)
-    return alts[rng.integers(len(alts))] if alts else w
+def caption(objects, rng=None):
+    """Objects in random order (rng) or in cell order (rng=None: the fixed template)."""
+    order = rng.permutation(len(objects)) if rng is not None else np.argsort([o[3] for o in objects])
+    return " and ".join(f"{objects[i][2]} {objects[i][1]} {objects[i][0]} {CELLS[objects[i][3]]}" for i in order)
 
 
-def caption(objects, rng):
-    parts = []
-    for i in rng.permutation(len(objects)):
-        shape, colour, sz, c = objects[i]
-        parts.append(f"a {_word(sz, rng)} {colour} {_word(shape, rng)} at the {CELLS[c]}")
-    opener = ("there is", "the image shows", "we see", "a picture of")[rng.integers(4)]
-    return f"{opener} " + " and ".join(parts)
+CAPTION_RE = re.compile(r"(\w+) (\w+) (\w+) ([\w-]+)(?: and |$)")
 
 
-def questions(objects, rng):
-    """All askable questions for a scene, as dicts {q, a, type}."""
+def parse_caption(text):
+    """Caption -> sorted list of (shape, colour, size, cell index); the inverse of caption()."""
+    return sorted((shape, colour, sz, CELLS.index(cell)) for sz, colour, shape, cell in CAPTION_RE.findall(text))
+
+
+def questions(objects, rng, ask_held=False):
+    """One question per type (colour and position only when the scene allows), as dicts {q, a, type}.
+    ask_held=False: no question names a hold-out pair (else the answer to "is there a red triangle ?"
+    would be a constant "no" outside the hold-out split, which a blind reader learns)."""
     shapes = [o[0] for o in objects]
-    colours = [o[1] for o in objects]
+    pairs = [(o[1], o[0]) for o in objects]
     qa = []
-    for shape, colour, sz, c in objects:
-        if shapes.count(shape) == 1:
-            qa.append(dict(q=f"what colour is the {_word(shape, rng)} ?", a=colour, type="colour"))
-        if colours.count(colour) == 1:
-            qa.append(dict(q=f"what shape is the {colour} thing ?", a=shape, type="shape"))
-        qa.append(dict(q=f"where is the {colour} {_word(shape, rng)} ?", a=CELLS[c], type="position"))
+    unique_shape = [o for o in objects if shapes.count(o[0]) == 1]
+    if unique_shape:
+        shape, colour = unique_shape[rng.integers(len(unique_shape))][:2]
+        qa.append(dict(q=f"what colour is the {shape} ?", a=colour, type="colour"))
+    shape, _, _, c = objects[rng.integers(len(objects))]
+    qa.append(dict(q=f"what shape is at the {CELLS[c]} ?", a=shape, type="shape"))
+    unique_pair = [o for o in objects if pairs.count((o[1], o[0])) == 1]
+    if unique_pair:
+        shape, colour, _, c = unique_pair[rng.integers(len(unique_pair))]
+        qa.append(dict(q=f"where is the {colour} {shape} ?", a=CELLS[c], type="position"))
     qa.append(dict(q="how many objects are there ?", a=COUNT_WORDS[len(objects)], type="count"))
-    present = set(zip(colours, shapes))
-    shape, colour = objects[rng.integers(len(objects))][:2]
-    qa.append(dict(q=f"is there a {colour} {_word(shape, rng)} ?", a="yes", type="exist"))
-    while True:  # a "no" question about an absent pair (any pair, so the hold-out pairs are asked about too)
-        pair = (list(COLOURS)[rng.integers(len(COLOURS))], SHAPES[rng.integers(len(SHAPES))])
-        if pair not in present:
-            qa.append(dict(q=f"is there a {pair[0]} {_word(pair[1], rng)} ?", a="no", type="exist"))
-            break
+    if rng.random() < 0.5:
+        colour, shape = pairs[rng.integers(len(pairs))]
+        qa.append(dict(q=f"is there a {colour} {shape} ?", a="yes", type="exist"))
+    else:
+        banned = set() if ask_held else set(HOLDOUT_PAIRS)
+        swaps = sorted({(c, s) for c, _ in pairs for _, s in pairs} - set(pairs) - banned)
+        if swaps and rng.random() < SWAP_NO:            # both words present, never on one object
+            colour, shape = swaps[rng.integers(len(swaps))]
+        else:                                           # any other absent pair
+            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in pairs and (c, s) not in banned]
+            colour, shape = absent[rng.integers(len(absent))]
+        qa.append(dict(q=f"is there a {colour} {shape} ?", a="no", type="exist"))
     return qa
 
 
-def _sample_objects(rng, holdout):
-    """1-3 objects in distinct cells. holdout=False: no hold-out pair; True: at least one."""
+def sample_objects(rng, holdout):
+    """2-4 objects in distinct cells. holdout=False: no hold-out pair; True: at least one."""
     held = set(HOLDOUT_PAIRS)
+    n = N_OBJECTS[rng.integers(len(N_OBJECTS))]          # drawn once, so the count answers stay balanced
     while True:
-        n = rng.integers(1, 4)
         cells = rng.choice(9, size=n, replace=False)
         objs = [(SHAPES[rng.integers(len(SHAPES))], list(COLOURS)[rng.integers(len(COLOURS))],
                  SIZES[rng.integers(2)], int(c)) for c in cells]
-        has_held = any((o[1], o[0]) in held for o in objs)
-        if has_held == holdout:
+        if any((o[1], o[0]) in held for o in objs) == holdout:
             return objs
 
 
-def generate(n, split="train", seed=0, size=32):
+def generate(n, split="train", seed=0, size=48, images=True):
     """n scenes of one split ('train', 'val', 'test' or 'holdout'), deterministic from (seed, split).
-    Returns dict(images (n, size, size, 3) uint8, captions [str], qa [[{q, a, type}]], objects [[tuple]])."""
-    if split not in ("train", "val", "test", "holdout"):
-        raise ValueError(f"split: expected train, val, test or holdout, got {split!r}")
+    Returns dict(images (n, size, size, 3) uint8, captions [str], qa [[{q, a, type}]], objects [[tuple]]).
+    images=False skips rendering (baselines need only the objects); captions and questions are the same."""
+    if split not in SPLITS:
+        raise ValueError(f"split: expected one of {', '.join(SPLITS)}, got {split!r}")
     if size < 12:
         raise ValueError(f"size: expected at least 12 pixels, got {size}")
-    rng = np.random.default_rng([seed, ("train", "val", "test", "holdout").index(split)])
-    images = np.empty((n, size, size, 3), np.uint8)
+    rng = np.random.default_rng([seed, SPLITS.index(split)])
+    img_rng = np.random.default_rng([seed, SPLITS.index(split), 1])   # rendering does not shift the scenes
+    ims = np.empty((n if images else 0, size, size, 3), np.uint8)
     caps, qas, objs = [], [], []
     for i in range(n):
-        o = _sample_objects(rng, holdout=(split == "holdout"))
-        images[i] = render(o, size, rng)
+        o = sample_objects(rng, holdout=(split == "holdout"))
+        if images:
+            ims[i] = render(o, size, img_rng)
         caps.append(caption(o, rng))
-        qas.append(questions(o, rng))
+        qas.append(questions(o, rng, ask_held=(split == "holdout")))
         objs.append(o)
-    return dict(images=images, captions=caps, qa=qas, objects=objs)
+    return dict(images=ims, captions=caps, qa=qas, objects=objs)
+
+
+def binding_controlled(n_groups, per_group=8, seed=0, size=48):
+    """The alignment set: groups of scenes that share one word multiset (3 objects, 3 distinct colours and
+    shapes, the same sizes and the same 3 cells) but differ in which colour goes with which shape and which
+    object sits where; captions in the fixed template (cell order). -> dataset dict plus 'group' ids."""
+    rng = np.random.default_rng([seed, 99])
+    ims, caps, objs, group = [], [], [], []
+    for g in range(n_groups):
+        colours = rng.choice(list(COLOURS), 3, replace=False)
+        shapes = rng.choice(SHAPES, 3, replace=False)
+        sizes = [SIZES[rng.integers(2)] for _ in range(3)]
+        cells = sorted(int(c) for c in rng.choice(9, 3, replace=False))
+        seen = set()
+        while len(seen) < per_group:                    # 6 bindings x 6 cell orders = 36 distinct scenes
+            key = (tuple(rng.permutation(3)), tuple(rng.permutation(3)))
+            if key in seen:
+                continue
+            seen.add(key)
+            sp, cp = key
+            o = [(str(shapes[sp[k]]), str(colours[k]), sizes[k], cells[cp[k]]) for k in range(3)]
+            ims.append(render(o, size, rng))
+            caps.append(caption(o))
+            objs.append(o)
+            group.append(g)
+    return dict(images=np.stack(ims), captions=caps, qa=[[] for _ in caps], objects=objs, group=group)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Baselines from the data alone
+# ----------------------------------------------------------------------------------------------------
+
+def bag_key(objects):
+    """What a bag-of-attributes reader knows: the set of colours present and the number of objects."""
+    return tuple(sorted({o[1] for o in objects})), len(objects)
+
+
+def _majority(counter):
+    return max(sorted(counter), key=lambda a: counter[a])          # ties: alphabetical, deterministic
+
+
+def fit_baselines(ref):
+    """Majority-answer tables from a reference set: per question string (blind prior) and per
+    (question, bag) (bag-of-attributes oracle)."""
+    blind, bag = {}, {}
+    for objs, qa in zip(ref["objects"] or [None] * len(ref["qa"]), ref["qa"]):
+        k = None if objs is None else bag_key(objs)
+        for d in qa:
+            blind.setdefault(d["q"], Counter())[d["a"]] += 1
+            bag.setdefault((d["q"], k), Counter())[d["a"]] += 1
+    return ({q: _majority(c) for q, c in blind.items()}, {q: _majority(c) for q, c in bag.items()})
+
+
+def baseline_accuracy(tables, ds):
+    """-> {'blind_prior': {type: acc, 'overall': acc}, 'bag_oracle': {...} or None (no objects)}.
+    An unseen question (or bag) falls back to the blind answer, then to the type's majority."""
+    blind, bag = tables
+    by_type = {}
+    for qa in ds["qa"]:
+        for d in qa:
+            by_type.setdefault(d["type"], Counter())[d["a"]] += 1
+    hits = {"blind_prior": {}, "bag_oracle": {}}
+    objects = ds.get("objects")
+    for i, qa in enumerate(ds["qa"]):
+        for d in qa:
+            guess = blind.get(d["q"], _majority(by_type[d["type"]]))
+            hits["blind_prior"].setdefault(d["type"], []).append(guess == d["a"])
+            if objects is not None:
+                g2 = bag.get((d["q"], bag_key(objects[i])), guess)
+                hits["bag_oracle"].setdefault(d["type"], []).append(g2 == d["a"])
+    out = {}
+    for name, h in hits.items():
+        if not h:
+            out[name] = None
+            continue
+        out[name] = {t: float(np.mean(v)) for t, v in h.items()}
+        out[name]["overall"] = float(np.mean([x for v in h.values() for x in v]))
+    return out
+
+
+def baselines(test, seed=0, n_ref=20_000, ref=None):
+    """The two data-only baselines on `test`, their tables fitted on n_ref fresh train-split scenes (no
+    rendering; a seed the model's training data does not use), or on `ref` (e.g. a --data-dir train split)."""
+    if ref is None:
+        ref = generate(n_ref, "train", seed=seed + 1000, images=False)
+    return baseline_accuracy(fit_baselines(ref), test)
 
 
 # ----------------------------------------------------------------------------------------------------

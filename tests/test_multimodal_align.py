@@ -1,14 +1,21 @@
-"""DeepInsert: the efficient splice against a masked reference, the KV cache, FLOPs, alignment metrics."""
+"""DeepInsert on world v2: the splice against a masked reference, the KV cache, FLOPs, alignment metrics,
+the shared vision encoder (cache, minimal pairs), the gates (computed, never asserted), smoke runs, bad input."""
 
 import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
 import multimodal_align as mma
+from data import shapes, vision
 
 TINY = dict(d_model=32, n_layer=4, n_head=2, vit_dim=16, vit_layers=2, image_tokens=4, image_size=16, patch=4)
+SMOKE = ["--n-train", "80", "--n-eval", "20", "--image-size", "24", "--vit-dim", "16", "--vit-layers", "1",
+         "--vit-steps", "2", "--d-model", "16", "--n-layer", "4", "--n-head", "2", "--lm-steps", "2",
+         "--stage1-steps", "1", "--stage2-steps", "2", "--batch-size", "8", "--align-groups", "3", "--knn-k", "3",
+         "--prefill-batch", "4", "--device", "cpu"]
 
 
 def tiny_bridge(seed=0, V=30):
@@ -88,34 +95,140 @@ def test_mutual_knn_identical_and_independent():
     assert mma.linear_cka(a, b) < 0.1
 
 
-def test_smoke_main_writes_results(tmp_path):
-    out = tmp_path / "out"
-    args = ["--n-train", "64", "--n-eval", "24", "--clip-steps", "2", "--lm-steps", "2", "--stage1-steps", "1",
-            "--stage2-steps", "2", "--batch-size", "8", "--d-model", "32", "--n-layer", "4", "--n-head", "2",
-            "--vit-dim", "16", "--vit-layers", "2", "--image-tokens", "4", "--knn-k", "3", "--device", "cpu",
-            "--out", str(out)]
-    runs = mma.main(args)
-    res = json.loads((out / "results.json").read_text())
-    assert [r["insert_layer"] for r in res["runs"]] == [0, 1, 2]
-    assert len(res["alignment"]["knn_trained"]) == 2 and len(res["alignment"]["knn_trained"][0]) == 4
+
+def test_minimal_pairs_change_one_attribute():
+    rng = np.random.default_rng(0)
+    objs = [("square", "red", "large", 0), ("x", "blue", "small", 4), ("ring", "green", "large", 8)]
+    for kind in vision.MINIMAL_PAIR_KINDS:
+        alt = vision.minimal_pair(objs, kind, rng)
+        diff = [(a, b) for a, b in zip(objs, alt) if a != b]
+        if kind == "binding":   # two objects swap colours; shapes, sizes and cells stay
+            assert len(diff) == 2 and sorted(o[1] for o in alt) == sorted(o[1] for o in objs)
+        else:
+            (a, b), = diff
+            field = {"shape": 0, "colour": 1, "size": 2, "cell": 3}[kind]
+            assert [i for i in range(4) if a[i] != b[i]] == [field]
+    assert vision.minimal_pair([("x", "red", "large", 0), ("x", "blue", "small", 1)], "binding", rng) is None
+
+
+def test_minimal_pair_accuracy_is_computed_not_assumed():
+    objs = [o for o in shapes.generate(60, "val", seed=1, images=False)["objects"]]
+    truth = lambda i, o: -len(set(o) ^ set(objs[i]))                   # a perfect scorer
+    assert all(v == 1.0 for v in vision.minimal_pair_accuracy(truth, objs).values())
+    assert all(v == 0.5 for v in vision.minimal_pair_accuracy(lambda i, o: 0.0, objs).values())
+    # the caption score of a perfect set of cell log-probabilities prefers the true caption
+    t = vision.cell_targets(objs)
+    logp = {a: torch.nn.functional.one_hot(t[a], 1 + len(vision.CLASSES[a])).float().clamp(1e-4).log()
+            for a in vision.ATTRS}
+    acc = vision.minimal_pair_accuracy(lambda i, o: vision.caption_score(logp, i, o), objs)
+    assert all(v == 1.0 for v in acc.values())
+
+
+def test_encoder_cache_is_reused(tmp_path, monkeypatch):
+    vc = vision.VisionConfig(image_size=24, dim=16, layers=1, heads=2, n_train=64, n_heldout=30, steps=3,
+                             batch_size=16)
+    vit, heads, rep = vision.load_or_pretrain(vc, str(tmp_path), torch.device("cpu"), log=lambda s: None)
+    assert rep["trained"] and os.path.exists(rep["path"])
+    assert set(rep["minimal_pairs"]) == set(vision.MINIMAL_PAIR_KINDS)                # computed, not gated
+    assert all(0 <= v <= 1 for v in list(rep["minimal_pairs"].values()) + list(rep["cell_probe"].values()))
+
+    def no_training(*a, **k):
+        raise AssertionError("the second load must not train")
+    monkeypatch.setattr(vision, "pretrain", no_training)
+    vit2, _, rep2 = vision.load_or_pretrain(vc, str(tmp_path), torch.device("cpu"), log=lambda s: None)
+    assert not rep2["trained"] and rep2["minimal_pairs"] == rep["minimal_pairs"]
+    for a, b in zip(vit.state_dict().values(), vit2.state_dict().values()):
+        assert torch.equal(a, b)
+    img = shapes.generate(2, "test", size=24)["images"]
+    assert vision.tokens(vit2, img, 3, torch.device("cpu")).shape == (2, 9, 16)
+
+
+def test_text_ceiling_is_computed_per_type():
+    world = {"test": shapes.generate(20, "test", seed=0, images=False)}
+    vocab = shapes.build_vocab(shapes.all_texts(world["test"]) + ["question: answer: caption: context:"])
+    cfg = mma.Config(**TINY)
+    torch.manual_seed(0)
+    got = mma.text_ceiling(mma.LM(len(vocab), cfg).eval(), world["test"], vocab, torch.device("cpu"))
+    assert set(got) == set(shapes.QUESTION_TYPES) and all(0 <= v <= 1 for v in got.values())
+
+
+def test_lm_corpus_packs_questions_after_one_context():
+    ds = shapes.generate(3, "train", seed=0, images=False)
+    texts = mma.lm_texts(ds, np.random.default_rng(0), per_context=3)
+    ctx = [t for t in texts if t.startswith("context:")]
+    assert sum(t.count("question:") for t in ctx) == sum(len(q) for q in ds["qa"])
+    assert all(1 <= t.count("question:") <= 3 for t in ctx)
+    vocab = shapes.build_vocab(texts)
+    ids = torch.tensor([mma.encode(vocab, ctx[0])])
+    m = mma.answer_mask(ids, vocab)
+    assert m.sum() == ctx[0].count("answer:")
+
+
+def test_quick_smoke_run_then_cached_rerun(tmp_path, monkeypatch, capsys):
+    args = ["--quick"] + SMOKE + ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    first = mma.main(args)
+    printed = capsys.readouterr().out
+    for section in ("baseline blind_prior", "baseline bag_oracle", "minimal pairs", "text ceiling", "mutual k-NN",
+                    "zero-retrain", "rises with LM depth"):
+        assert section in printed
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert set(res["gates"]["vision_minimal_pairs"]) == {"colour", "shape", "size", "cell", "binding"}
+    assert set(res["gates"]["lm_text_ceiling"]) == set(shapes.QUESTION_TYPES)
+    for b in ("blind_prior", "bag_oracle"):
+        assert set(shapes.QUESTION_TYPES) <= set(res["baselines"][b])
+    assert [r["insert_layer"] for r in res["runs"]] == [0, 1, 2, 3, None]
+    for key in ("seed", "overall", "binding_score", "per_type", "holdout", "flops_saved_formula",
+                "flops_saved_counted", "prefill_ms"):
+        assert key in res["runs"][0]
+    assert res["runs"][2]["flops_saved_counted"] > res["runs"][1]["flops_saved_counted"] > 0
+    assert len(res["alignment"]["knn_trained"]) == 2 and len(res["alignment"]["knn_trained"][0]) == 5
     assert "zero_retrain" in res["runs"][0]
-    assert res["cost"]["2"]["flops_counted"] < res["cost"]["0"]["flops_counted"]
-    assert any(f.startswith("backbones_") for f in os.listdir(out))
-    # second run reuses the cached backbones and gives the same numbers (CPU, same seed)
-    again = mma.main(args)
-    assert [r["qa_acc"] for r in again] == [r["qa_acc"] for r in runs]
+    # the rerun trains no backbone, keeps the earlier results, and gives the same numbers (CPU, same seed)
+    monkeypatch.setattr(vision, "pretrain", lambda *a, **k: pytest.fail("vision retrained"))
+    monkeypatch.setattr(mma, "pretrain_lm", lambda *a, **k: pytest.fail("LM retrained"))
+    again = mma.main(args + ["--insert-layer", "0"])
+    assert again["runs"][0]["overall"] == first["runs"][0]["overall"]
+    assert again["runs"][0]["per_type"] == first["runs"][0]["per_type"]
+    assert (tmp_path / "out" / "previous_1" / "results.json").exists()
 
 
-@pytest.mark.parametrize("args,word", [
-    (["--insert-layer", "8"], "insert-layer"),
-    (["--insert-layer", "-2"], "insert-layer"),
-    (["--image-tokens", "5"], "image-tokens"),
-    (["--seeds", "a,b"], "seeds"),
-    (["--data-dir", "no/such/dir"], "data-dir"),
+def write_dir(path, n=40, size=24, splits=None, drop_qa=False):
+    ds = shapes.generate(n, "train", seed=2, size=size)
+    if drop_qa:
+        ds["qa"] = [[] for _ in ds["qa"]]
+    shapes.save_dir(ds, path, splits=splits or ["train"] * (n - 8) + ["val"] * 4 + ["test"] * 4)
+    return str(path)
+
+
+def test_data_dir_smoke(tmp_path):
+    d = write_dir(tmp_path / "data")
+    res = mma.main(SMOKE + ["--data-dir", d, "--insert-layer", "1", "--out", str(tmp_path / "out"),
+                            "--cache-dir", str(tmp_path / "cache")])
+    assert res["runs"][0]["holdout"] is None and res["baselines"]["bag_oracle"] is None
+    assert 0 <= res["runs"][0]["overall"] <= 1
+
+
+@pytest.mark.parametrize("make,word", [
+    (lambda p: ["--insert-layer", "8"], "insert-layer"),
+    (lambda p: ["--image-tokens", "5"], "image-tokens"),
+    (lambda p: ["--seeds", "a,b"], "seeds"),
+    (lambda p: ["--lr", "0"], "--lr"),
+    (lambda p: ["--lr=-1e-3"], "--lr"),
+    (lambda p: ["--image-size", "50"], "image-size"),
+    (lambda p: ["--data-dir", str(p / "no-such-dir")], "data-dir"),
+    (lambda p: ["--out", str(p / "afile" / "out")], "--out"),
+    (lambda p: ["--data-dir", write_dir(p / "d1", drop_qa=True)], "no questions"),
+    (lambda p: ["--data-dir", write_dir(p / "d2", splits=["train"] * 36 + ["dev"] * 4)], "unknown split"),
+    (lambda p: ["--data-dir", write_dir(p / "d3", size=30)], "multiple of --patch"),
+    (lambda p: ["--device", "mps"] if not torch.backends.mps.is_available() else ["--lr", "0"], "--"),
+    (lambda p: ["--device", "cuda"] if not torch.cuda.is_available() else ["--lr", "0"], "--"),
 ])
-def test_bad_input_exits_2(args, word, capsys):
-    with pytest.raises(SystemExit) as e:
-        mma.main(args + ["--out", "unused"])
+def test_bad_input_exits_2_before_training(make, word, tmp_path, capsys, monkeypatch):
+    (tmp_path / "afile").write_text("a file, not a folder")
+    monkeypatch.setattr(mma, "train_bridge", lambda *a, **k: pytest.fail("trained on bad input"))
+    monkeypatch.setattr(vision, "pretrain", lambda *a, **k: pytest.fail("trained on bad input"))
+    with pytest.raises(SystemExit) as e:   # the last --out wins
+        mma.main(SMOKE + ["--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")] + make(tmp_path))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert word in err and len(err.splitlines()) == 1
@@ -132,14 +245,3 @@ def test_qa_batch_targets_the_answer_after_the_prompt():
         assert (tgt[j, : len(p) - 1] == 0).all() and (tgt[j, len(p) + 1:] == 0).all()
 
 
-def test_data_dir_smoke(tmp_path):
-    from data.shapes import generate, save_dir
-    ds = generate(40, "train", seed=2, size=16)
-    save_dir(ds, tmp_path / "data", splits=["train"] * 28 + ["val"] * 6 + ["test"] * 6)
-    out = tmp_path / "out"
-    mma.main(["--data-dir", str(tmp_path / "data"), "--image-size", "16", "--clip-steps", "1", "--lm-steps", "1",
-              "--stage1-steps", "1", "--stage2-steps", "1", "--batch-size", "8", "--d-model", "32", "--n-layer", "4",
-              "--n-head", "2", "--vit-dim", "16", "--vit-layers", "2", "--image-tokens", "4", "--knn-k", "2",
-              "--insert-layer", "1", "--device", "cpu", "--out", str(out)])
-    res = json.loads((out / "results.json").read_text())
-    assert res["alignment"]["n"] == 6 and res["runs"][0]["holdout_acc"] is None

@@ -1,68 +1,125 @@
-"""The shapes world: captions and answers agree with the scenes; the on-disk format and its errors."""
+"""The shapes world v2: captions and answers agree with the scenes (swapped-binding "no"s included), the
+geometry lines up with the patch grid, the data-only baselines against brute force; the on-disk format;
+world v1 (data/shapes_v1.py, kept for qformer_efficient.py) still agrees with its scenes."""
 
+import itertools
 import json
 import re
+from collections import Counter
 
 import numpy as np
 import pytest
 
-from data import shapes
-from data.shapes import CELLS, COLOURS, HOLDOUT_PAIRS, ShapesDataError, generate, load_dir, save_dir
+from data import shapes, shapes_v1
+from data.shapes import (CELLS, COLOURS, HOLDOUT_PAIRS, SHAPES, ShapesDataError, generate, load_dir, parse_caption,
+                         save_dir)
 
-CANON = {"box": "square", "disc": "circle", "little": "small", "big": "large"}
 
-
-def parse_caption(cap):
-    """Caption -> set of (shape, colour, size, cell name)."""
-    objs = set()
-    for size, colour, shape, cell in re.findall(r"a (\w+) (\w+) (\w+) at the ([\w-]+)", cap):
-        objs.add((CANON.get(shape, shape), colour, CANON.get(size, size), cell))
-    return objs
+def answer_from_scene(objs, q, t):
+    """What the scene says, read off the objects (independent of the generator's code paths)."""
+    w = q.split()
+    if t == "colour":                                     # what colour is the <shape> ?
+        return [c for s, c, _, _ in objs if s == w[-2]]
+    if t == "shape":                                      # what shape is at the <cell> ?
+        return [s for s, _, _, k in objs if CELLS[k] == w[-2]]
+    if t == "position":                                   # where is the <colour> <shape> ?
+        return [CELLS[k] for s, c, _, k in objs if (c, s) == (w[-3], w[-2])]
+    if t == "count":
+        return [shapes.COUNT_WORDS[len(objs)]]
+    return ["yes" if (w[-3], w[-2]) in {(c, s) for s, c, _, _ in objs} else "no"]
 
 
 def test_captions_and_answers_agree_with_scenes():
-    ds = generate(300, "train", seed=3)
+    ds = generate(400, "train", seed=3, images=False)
+    swapped = no = 0
     for objs, cap, qa in zip(ds["objects"], ds["captions"], ds["qa"]):
-        assert parse_caption(cap) == {(s, c, z, CELLS[k]) for s, c, z, k in objs}
-        present = {(c, s) for s, c, _, _ in objs}
+        assert parse_caption(cap) == sorted(objs)
         for d in qa:
-            q, a, t = d["q"], d["a"], d["type"]
-            words = [CANON.get(w, w) for w in q.split()]
-            if t == "colour":
-                shape = words[-2]
-                assert [c for s, c, _, _ in objs if s == shape] == [a]
-            elif t == "shape":
-                colour = words[-3]
-                assert [s for s, c, _, _ in objs if c == colour] == [a]
-            elif t == "position":
-                colour, shape = words[-3], words[-2]
-                assert a in [CELLS[k] for s, c, _, k in objs if (c, s) == (colour, shape)]
-            elif t == "count":
-                assert a == shapes.COUNT_WORDS[len(objs)]
-            else:
-                colour, shape = words[-3], words[-2]
-                assert a == ("yes" if (colour, shape) in present else "no")
+            assert answer_from_scene(objs, d["q"], d["type"]) == [d["a"]], (objs, d)
+            if d["type"] == "exist" and d["a"] == "no":
+                colour, shape = d["q"].split()[-3:-1]
+                no += 1
+                swapped += colour in {c for _, c, _, _ in objs} and shape in {s for s, _, _, _ in objs}
+        assert {d["type"] for d in qa} >= {"shape", "count", "exist"}
+    assert no > 100 and swapped / no >= 0.5                 # at least half the "no"s are swapped bindings
 
 
-def test_objects_are_in_distinct_cells_and_coloured_in_the_image():
-    ds = generate(50, "val", seed=0)
-    cell = 32 // 3
+def test_answers_are_balanced_within_each_type():
+    ds = generate(3000, "test", seed=0, images=False)
+    for t in shapes.QUESTION_TYPES:
+        n = Counter(d["a"] for qa in ds["qa"] for d in qa if d["type"] == t)
+        assert max(n.values()) / min(n.values()) < 1.35, (t, n)
+
+
+def test_objects_line_up_with_the_patch_grid_and_are_drawn():
+    ds = generate(60, "val", seed=0)
     for img, objs in zip(ds["images"], ds["objects"]):
-        assert len({k for *_, k in objs}) == len(objs)
+        assert len({k for *_, k in objs}) == len(objs) and 2 <= len(objs) <= 4
+        colour_map = np.zeros((48, 48), bool)
         for s, c, z, k in objs:
             r, col = divmod(k, 3)
-            patch = img[r * cell:(r + 1) * cell, col * cell:(col + 1) * cell].reshape(-1, 3).astype(int)
-            dist = np.abs(patch - np.array(COLOURS[c])).sum(1)
-            assert (dist < 60).sum() >= 4                                 # the object is drawn in its colour
+            cell = img[r * 16:(r + 1) * 16, col * 16:(col + 1) * 16].reshape(-1, 3).astype(int)
+            near = (np.abs(cell - np.array(COLOURS[c])).sum(1) < 60).sum()
+            assert near >= (20 if z == "small" else 60)        # drawn in its colour, at its size, in its cell
+            colour_map[r * 16:(r + 1) * 16, col * 16:(col + 1) * 16] = True
+        far = (np.abs(img.reshape(-1, 3)[~colour_map.flatten()].astype(int)[:, None] -
+                      np.array(list(COLOURS.values()))[None]).sum(-1) < 60).sum()
+        assert far == 0                                         # nothing outside the objects' cells
+
+
+def test_shapes_differ_by_many_pixels_at_every_size():
+    for px in (shapes.object_px(48, "small"), shapes.object_px(48, "large")):
+        m = shapes._masks(px)
+        assert min((m[a] ^ m[b]).sum() for a, b in itertools.combinations(SHAPES, 2)) >= 0.3 * px * px          # 24 of 64, 68 of 196
 
 
 def test_holdout_pairs_only_in_holdout_split():
     held = set(HOLDOUT_PAIRS)
     for split in ("train", "val", "test"):
-        ds = generate(200, split, seed=1)
+        ds = generate(200, split, seed=1, images=False)
         assert not any((c, s) in held for objs in ds["objects"] for s, c, _, _ in objs)
-    ds = generate(100, "holdout", seed=1)
+        assert not any(tuple(d["q"].split()[-3:-1]) in held for qa in ds["qa"] for d in qa if d["type"] == "exist")
+    ds = generate(100, "holdout", seed=1, images=False)
     assert all(any((c, s) in held for s, c, _, _ in objs) for objs in ds["objects"])
+
+
+def test_baselines_against_brute_force():
+    ref, test = generate(300, "train", seed=4, images=False), generate(40, "test", seed=4, images=False)
+    got = shapes.baselines(test, ref=ref)
+    # brute force: for every test question, scan the whole reference set for the same question (blind) or the
+    # same question with the same colour set and object count (bag), and take the most frequent answer
+    for name, same in (("blind_prior", lambda o1, o2: True),
+                       ("bag_oracle", lambda o1, o2: ({x[1] for x in o1}, len(o1)) == ({x[1] for x in o2}, len(o2)))):
+        hits = {}
+        for objs, qa in zip(test["objects"], test["qa"]):
+            for d in qa:
+                votes = Counter(r["a"] for ro, rqa in zip(ref["objects"], ref["qa"]) for r in rqa
+                                if r["q"] == d["q"] and same(objs, ro))
+                if not votes:                                # unseen: the blind answer, then the type majority
+                    votes = Counter(r["a"] for rqa in ref["qa"] for r in rqa if r["q"] == d["q"]) or Counter(
+                        x["a"] for tqa in test["qa"] for x in tqa if x["type"] == d["type"])
+                best = max(votes.values())
+                hits.setdefault(d["type"], []).append(min(a for a, v in votes.items() if v == best) == d["a"])
+        for t, h in hits.items():
+            assert got[name][t] == pytest.approx(np.mean(h))
+    assert got["bag_oracle"]["count"] == 1.0 and got["blind_prior"]["count"] < 0.6
+
+
+def test_binding_controlled_groups_share_words_but_not_scenes():
+    ds = shapes.binding_controlled(5, per_group=8, seed=0)
+    for g in range(5):
+        caps = [c for c, k in zip(ds["captions"], ds["group"]) if k == g]
+        assert len(caps) == 8 and len(set(caps)) == 8
+        assert len({tuple(sorted(c.split())) for c in caps}) == 1
+
+
+def test_world_v1_still_agrees_with_its_scenes():
+    ds = shapes_v1.generate(100, "train", seed=3)
+    canon = {"box": "square", "disc": "circle", "little": "small", "big": "large"}
+    for objs, cap in zip(ds["objects"], ds["captions"]):
+        got = {tuple(canon.get(w, w) for w in m) for m in re.findall(r"a (\w+) (\w+) (\w+) at the ([\w-]+)", cap)}
+        assert got == {(z, c, s, shapes_v1.CELLS[k]) for s, c, z, k in objs}
+    assert ds["images"].shape == (100, 32, 32, 3)
 
 
 def test_deterministic_from_seed():

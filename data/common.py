@@ -1,0 +1,221 @@
+"""Plumbing shared by the multimodal paper files (multimodal_align.py, qformer_efficient.py): the
+transformer block, tokenising and padding, index batches, the AdamW loop, device choice, the CLI.
+Nothing here is paper-specific; each piece is used by both files (or is meant for both), so it lives in
+one place."""
+
+import argparse
+import math
+import os
+import sys
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+
+class BadInput(ValueError):
+    """A user error: one line on stderr, exit status 2."""
+
+
+def encode(vocab, text, bos=True, eos=False):
+    ids = [vocab.get(w, vocab["<unk>"]) for w in text.split()]
+    return ([vocab["<bos>"]] if bos else []) + ids + ([vocab["<eos>"]] if eos else [])
+
+
+def pad(seqs, value):
+    n = max(len(s) for s in seqs)
+    return torch.tensor([s + [value] * (n - len(s)) for s in seqs])
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight
+
+
+def rope(x_BhLd, pos_L):
+    """Rotary embedding at explicit positions pos_L: image tokens keep positions 1..M even when they
+    enter late, and text keeps M+1.. even while it runs alone."""
+    hd = x_BhLd.shape[-1]
+    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=x_BhLd.device).float() / hd))
+    ang = pos_L.float()[:, None] * inv[None]                                   # (L, hd/2)
+    x1, x2 = x_BhLd.float().chunk(2, -1)
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1).to(x_BhLd.dtype)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; causal with RoPE (LM) or bidirectional without (ViT, text encoder).
+    FFN width 4D. Per layer and sequence length L: QKV 6LD^2, attention 4L^2D + out-proj 2LD^2, FFN 16LD^2."""
+
+    def __init__(self, dim, n_head, causal):
+        super().__init__()
+        self.nh, self.causal = n_head, causal
+        self.ln1, self.ln2 = RMSNorm(dim), RMSNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+
+    def attn_qkv(self, x_BLD, pos_L):
+        B, L, D = x_BLD.shape
+        q, k, v = self.qkv(self.ln1(x_BLD)).view(B, L, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)
+        if self.causal:
+            q, k = rope(q, pos_L), rope(k, pos_L)
+        return q, k, v                                                          # (B, h, L, hd) each
+
+    def finish(self, x_BLD, y_BhLd):
+        B, L, D = x_BLD.shape
+        x = x_BLD + self.proj(y_BhLd.transpose(1, 2).reshape(B, L, D))
+        return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+
+    def forward(self, x_BLD, pos_L=None, mask_LL=None, cache=None):
+        """cache: None, or a dict that receives this call's (k, v) and, if it holds some, is attended to
+        first (decoding). mask_LL: boolean 'may attend' (overrides causal; used by the masked reference)."""
+        q, k, v = self.attn_qkv(x_BLD, pos_L)
+        if cache is not None and "k" in cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        if mask_LL is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL)
+        else:  # decoding one token with a cache: it may see everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and q.shape[2] == k.shape[2])
+        return self.finish(x_BLD, y)
+
+
+def autocast(cfg, device):
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+
+def train_loop(params, loss_fn, steps, cfg, desc, device):
+    """AdamW with linear warm-up (5%) and cosine decay; loss_fn(step) -> scalar loss."""
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+    warm = max(1, steps // 20)
+    bar = tqdm(range(steps), desc=desc, leave=False, disable=steps < 20, dynamic_ncols=True)
+    for step in bar:
+        lr = cfg.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        with autocast(cfg, device):
+            loss = loss_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+    return loss.item()
+
+
+def batches(n, bs, seed):
+    """Deterministic stream of index batches over n items."""
+    g = np.random.default_rng(seed)
+    while True:
+        perm = g.permutation(n)
+        for i in range(0, n - bs + 1, bs):
+            yield perm[i:i + bs]
+
+
+def pick_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise BadInput("--device cuda: CUDA is not available on this machine")
+    mps = getattr(torch.backends, "mps", None)
+    if name == "mps" and not (mps is not None and mps.is_available()):
+        raise BadInput("--device mps: MPS is not available on this machine")
+    if name not in ("cpu", "cuda", "mps"):
+        raise BadInput(f"--device: expected auto, cpu, cuda or mps, got {name!r}")
+    return torch.device(name)
+
+
+def hash_str(s):
+    """A stable (process-independent) string hash for cache file names."""
+    h = 1469598103934665603
+    for ch in s.encode():
+        h = ((h ^ ch) * 1099511628211) % (1 << 64)
+    return h
+
+
+def validate_image_and_run(cfg):
+    """Checks shared by the multimodal paper files (image, dtype, data, seeds) -> the list of seeds."""
+    if cfg.image_size % cfg.patch:
+        raise BadInput(f"--image-size {cfg.image_size} must be a multiple of --patch {cfg.patch}")
+    m = int(round(math.sqrt(cfg.image_tokens)))
+    if m * m != cfg.image_tokens or m > cfg.image_size // cfg.patch:
+        raise BadInput(f"--image-tokens must be a square number <= the patch grid ({(cfg.image_size // cfg.patch) ** 2})")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise BadInput(f"--dtype: expected float32 or bfloat16, got {cfg.dtype!r}")
+    if cfg.data_dir and not os.path.isdir(cfg.data_dir):
+        raise BadInput(f"--data-dir {cfg.data_dir}: no such directory")
+    try:
+        return [int(s) for s in cfg.seeds.split(",")]
+    except ValueError:
+        raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
+
+
+def keep_previous(out):
+    """Reruns never silently replace results: an earlier results.json and its checkpoints move to previous_<k>/."""
+    old = [f for f in os.listdir(out) if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))]
+    if old:
+        k = 1 + sum(d.startswith("previous_") for d in os.listdir(out))
+        os.makedirs(os.path.join(out, f"previous_{k}"))
+        for f in old:
+            os.replace(os.path.join(out, f), os.path.join(out, f"previous_{k}", f))
+        print(f"earlier results moved to {os.path.join(out, f'previous_{k}')}")
+
+
+def mean_std(xs):
+    """'mean ± sample std (ddof=1)' over seeds; '-' when there is nothing."""
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return "-"
+    return f"{np.mean(xs):.3f}" + (f" ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else "")
+
+
+def heatmap(mat, rows, cols, title):
+    """A terminal heat map: one shade character per cell, values printed to the right."""
+    shades = " .:-=+*#%@"
+    lo, hi = float(np.min(mat)), float(np.max(mat))
+    lines = [title, "      " + "".join(f"{c:>3s}" for c in cols)]
+    for r, row in zip(rows, mat):
+        cells = "".join(f"  {shades[min(9, int((v - lo) / (hi - lo + 1e-12) * 9.999))]}" for v in row)
+        lines.append(f"{r:>5s} {cells}   " + " ".join(f"{v:.3f}" for v in row))
+    return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
+
+
+def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, quick=None):
+    """One --flag per Config field (help from `helps`), then run_fn(cfg); a BadInput is one line on stderr and
+    exit status 2. groups: {title: [field, ...]} for --help sections. quick: the defaults that a `quick`
+    field (a bool in the Config) switches to; flags given explicitly still win. Shared by the paper files."""
+    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    defaults = asdict(config_cls())
+    where = {}
+    for title, ks in (groups or {}).items():
+        g = ap.add_argument_group(title)
+        where.update({k: g for k in ks})
+    for k, v in defaults.items():
+        g, flag = where.get(k, ap), "--" + k.replace("_", "-")
+        if isinstance(v, bool):
+            g.add_argument(flag, action="store_true", help=helps[k])
+        else:
+            g.add_argument(flag, type=type(v), default=v, help=f"{helps[k]} (default: {v})")
+    args = ap.parse_args(argv)
+    if quick and getattr(args, "quick", False):
+        ap.set_defaults(**quick)
+        args = ap.parse_args(argv)
+    cfg = config_cls(**vars(args))
+    try:
+        return run_fn(cfg)
+    except BadInput as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        sys.exit(2)
