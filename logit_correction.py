@@ -505,7 +505,8 @@ def count_table(runs, out_dir=None):
         cells = [np.mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m] or [np.nan]) for m in ms]
         lc = [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
         pr = f"{np.mean([h['precision'] for h in lc]):5.1f}/{np.mean([h['recall'] for h in lc]):5.1f}" if lc else "-"
-        lines.append(f"{rho:5g} {rs[0]['n_conflicting']:6d} " + " ".join(f"{c:10.2f}" for c in cells) + f" {pr:>11s}")
+        lines.append(f"{rho:5g} {rs[0]['n_conflicting']:6d} " + " ".join(f"{c:10.2f}" if c == c else f"{'-':>10s}"
+                                                                   for c in cells) + f" {pr:>11s}")
     try:                                                   # a plot only where matplotlib is installed
         import matplotlib
         matplotlib.use("Agg")
