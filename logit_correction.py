@@ -176,7 +176,7 @@ def group_mixup(x_i, x_j, delta_i, delta_j, lam_B):
 
 
 def lff_weights(S, idx, y, ce_b, ce_d):
-    """LfF's per-sample weight w = l_b / (l_b + l_d) (Nam et al. Eq. 3): l_b, l_d are per-sample EMAs of the biased
+    """LfF's relative difficulty score w = l_b / (l_b + l_d) (Nam et al.): l_b, l_d are per-sample EMAs of the biased
     and main nets' CE (first visit: the loss itself), each divided by its class maximum over the training set.
     w is near 1 where the biased net fails and the main one does not: the bias-conflicting images."""
     for mem, ce in ((S.ema_b, ce_b), (S.ema_d, ce_d)):
