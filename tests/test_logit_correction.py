@@ -335,3 +335,42 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
     err = capsys.readouterr().err.strip()
     assert err.startswith("logit_correction.py: error:") and "\n" not in err and "Traceback" not in err
     assert not (out / "results.json").exists()                           # nothing that looks like a result
+
+
+def test_count_table_and_plot_with_a_stub_matplotlib(tmp_path, monkeypatch):
+    """The accuracy-vs-number-of-conflicting-images table; the plot path runs against a stand-in matplotlib
+    (matplotlib itself is optional and not installed in CI)."""
+    import types
+    calls = []
+
+    class Ax:
+        def plot(self, xs, ys, *a, **k):
+            calls.append((k.get("label"), list(xs), list(ys)))
+
+        def set(self, **k):
+            pass
+
+        def legend(self):
+            pass
+
+    class Fig:
+        def tight_layout(self):
+            pass
+
+        def savefig(self, path, **k):
+            Path(path).write_text("png")
+
+    mpl = types.ModuleType("matplotlib")
+    mpl.use = lambda backend: None
+    plt = types.ModuleType("matplotlib.pyplot")
+    plt.subplots = lambda **k: (Fig(), Ax())
+    mpl.pyplot = plt
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    runs = [{"method": m, "ratio": r, "seed": s, "n_conflicting": n, "unbiased_acc_best_val": acc + s,
+             "history": [{"precision": 100.0, "recall": 80.0}]}
+            for m, acc in (("erm", 50.0), ("lc", 70.0)) for r, n in ((0.5, 280), (1.0, 550)) for s in (1, 2)]
+    text = lc.count_table(runs, str(tmp_path))
+    assert "  0.5    280      51.50      71.50 100.0/ 80.0" in text               # mean over the two seeds
+    assert (tmp_path / "acc_vs_conflicting.png").read_text() == "png"
+    assert calls == [("erm", [280, 550], [51.5, 51.5]), ("lc", [280, 550], [71.5, 71.5])]
