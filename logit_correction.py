@@ -25,7 +25,8 @@ Protocol, and where each choice comes from:
   GCE       q = 0.7 (LfF, LC); LfF's per-sample loss EMA 0.7 (LfF train.py)
   prior     bias-corrected moving average, momentum 0.995 (LC's default ema_alpha)
   GroupDRO  eta = 0.01 (Sagawa et al.'s robust step size) on group-balanced batches
-Run:  python logit_correction.py             # ERM vs LC at rho = 1 %, one seed (minutes on a CPU)
+Run:  python logit_correction.py --quick     # a smoke run in about a minute
+      python logit_correction.py             # ERM vs LC at rho = 1 %, one seed (minutes on a CPU)
       python logit_correction.py --sweep     # erm,lff,lc_nomix,lc,groupdro x rho 0.5/1/2/5 x 3 seeds + ceiling
       python logit_correction.py --explain   # LC as automatic group re-weighting, in numbers
 """
@@ -69,6 +70,7 @@ class Config:
     methods: str = arg("erm,lc", "comma list of " + ", ".join(METHODS))
     ratios: str = arg("1", "comma list of bias-conflicting percentages rho in (0, 100)")
     seeds: str = arg("1", "comma list of integer seeds (one run per method x ratio x seed)")
+    quick: bool = arg(False, "a smoke run in about a minute: 5k / 1k / 2k procedural images, 3 epochs")
     sweep: bool = arg(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
                       % tuple(SWEEP.values()))
     data_dir: str = arg("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural", "data")
@@ -100,7 +102,7 @@ class Config:
 
 
 # fields that do not change a run's numbers: runs that differ only in these are the same run
-NOT_PROTOCOL = {"methods", "ratios", "seeds", "sweep", "explain", "margins", "report", "device", "threads",
+NOT_PROTOCOL = {"methods", "ratios", "seeds", "quick", "sweep", "explain", "margins", "report", "device", "threads",
                 "log_every", "out"}
 
 
@@ -583,6 +585,8 @@ def parse_config(argv):
     for k in SWEEP:                                        # --sweep changes the grid's defaults only
         if args[k] is None:
             args[k] = SWEEP[k] if args["sweep"] else Config.__dataclass_fields__[k].default
+    if args["quick"]:                                      # sizes and epochs of a smoke run (recorded as such)
+        args.update(n_train=5000, n_val=1000, n_test=2000, epochs=3)
     cfg = Config(**args)
     methods = parse_list(cfg.methods, str, "methods")
     bad = [m for m in methods if m not in METHODS]

@@ -267,6 +267,14 @@ def test_smoke_main_all_methods_and_determinism(tmp_path, capsys):
     assert strip(res["runs"]) == strip(res2["runs"])
 
 
+def test_quick_sets_smoke_sizes_and_keeps_the_default_protocol_key():
+    quick, *_ = lc.parse_config(["--quick"])
+    assert (quick.n_train, quick.n_val, quick.n_test, quick.epochs) == (5000, 1000, 2000, 3)
+    full, *_ = lc.parse_config([])
+    assert lc.protocol_of(full, "procedural")[1] == "c31462e7"          # the key of the measured sweep (docs)
+    assert lc.protocol_of(quick, "procedural")[1] != "c31462e7"
+
+
 def test_rerun_adds_to_results_and_skips_finished_runs(tmp_path, capsys):
     out = ["--out", str(tmp_path)]
     first = lc.main(TINY + ["--methods", "erm", "--ratios", "5"] + out)["runs"]
