@@ -8,30 +8,38 @@ The story: a digit's colour predicts its label for all but a fraction rho of the
 classifier (ERM) learns the colour and fails on a test set where colours are random. LC trains a second,
 deliberately biased network whose prediction stands in for the unknown colour ("pseudo-attribute" a_x),
 estimates the group prior Delta[y, a] = P(y, a), and trains the main network on corrected logits
-f(x) + ln Delta[:, a_x]: rare (y, a) groups then need a large margin, which is the group-balanced optimum.
+f(x) + ln Delta[:, a_x]: a rare (y, a) group then needs a large margin, which is the group-balanced optimum.
 Group MixUp mixes each sample with a same-class minority sample to make the rare groups less rare.
 
-Legend (shapes):  B = batch, C = 10 classes (= 10 colours / attributes), D = 3*28*28 = 2352 input dims,
-                  N = training set size, G = C*C groups (y, a).
-Methods (--methods):
-  erm         plain cross-entropy
-  groupdro    online GroupDRO over the 100 (y, a) groups -- an ORACLE: it reads the true colour labels
-  lff         Learning from Failure: GCE-biased net + relative-difficulty reweighting of the main net's CE
-  lc          logit correction + Group MixUp (the paper's method)
-  lc_nomix    logit correction on clean inputs (ablation)
-  mixup_only  Group MixUp with plain CE (ablation)
-
-Run:  python logit_correction.py                 # ERM vs LC at rho = 1%, one seed, a few minutes on a CPU
-      python logit_correction.py --sweep         # erm, lff, lc_nomix, lc x rho 0.5/1/2/5 x seeds 1,2,3
-      python logit_correction.py --data-dir DIR  # MNIST-format IDX files instead of procedural digits
+Legend (shapes): B = batch, C = 10 classes (= 10 colours / attributes), N = training images, G = C*C groups (y, a).
+Methods (--methods): erm | groupdro (ORACLE: reads the true colour) | lff | lc (LC + Group MixUp, the paper's)
+  | lc_nomix (LC alone) | mixup_only (Group MixUp, plain CE). --sweep adds ERM at rho = 90 % (colour independent
+  of the digit) as the ceiling row.
+Protocol, and where each choice comes from:
+  data      55k train / 5k val / 10k test: Colored MNIST's sizes (MNIST's 60k train minus a 5k validation split)
+  colours   LfF's Colored MNIST: 10 mean colours, N(0, 0.005^2) jitter per image (see data/digits.py)
+  model     LfF's MLP (module/mlp.py): 3 hidden layers of 100, ReLU
+  optimiser Adam, batch 256, lr 1e-2 as in DisEnt's and LC's Colored MNIST runs; the biased net has its own Adam at
+            lr/10 (LC learner.py: optimizer_b at args.lr*0.1); LfF keeps one lr for both nets (LfF, DisEnt code)
+  schedule  lr x0.5 every 4 of 20 epochs: DisEnt's x0.5 every 10k of 50k steps, on 20 instead of ~230 epochs (CPU)
+  GCE       q = 0.7 (LfF, LC); LfF's per-sample loss EMA 0.7 (LfF train.py)
+  prior     bias-corrected moving average, momentum 0.995 (LC's default ema_alpha)
+  GroupDRO  eta = 0.01 (Sagawa et al.'s robust step size) on group-balanced batches
+Run:  python logit_correction.py --quick     # a smoke run in about a minute
+      python logit_correction.py             # ERM vs LC at rho = 1 %, one seed (minutes on a CPU)
+      python logit_correction.py --sweep     # erm,lff,lc_nomix,lc,groupdro x rho 0.5/1/2/5 x 3 seeds + ceiling
+      python logit_correction.py --explain   # LC as automatic group re-weighting, in numbers
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -41,61 +49,10 @@ from tqdm import tqdm
 
 from data import digits
 
-# ----------------------------------------------------------------------------------------------------------
-# Config: every default in one block, turned into argparse flags below.
-
-@dataclass
-class Config:
-    methods: str = "erm,lc"        # comma list, see the legend
-    ratios: str = "1"              # bias-conflicting percentages rho in the training split
-    seeds: str = "1"
-    sweep: bool = False            # methods erm,lff,lc_nomix,lc x ratios 0.5,1,2,5 x seeds 1,2,3
-    data_dir: str = ""             # MNIST-format IDX folder; empty = procedural digits
-    n_train: int = 10000           # procedural sizes (IDX data: all of train minus n_val, all of t10k)
-    n_val: int = 2000
-    n_test: int = 10000
-    data_seed: int = 0             # the grey digits and the val/test colours; fixed across runs
-    epochs: int = 20
-    batch_size: int = 256
-    lr: float = 1e-3               # Adam; the paper lists 1e-2 or 1e-3 for Colored MNIST
-    q: float = 0.7                 # GCE exponent
-    lambda_b: float = 1.0          # weight of the biased net's GCE loss
-    prior_momentum: float = 0.99   # moving average of the per-batch P(y, a) estimate
-    prior_eps: float = 1e-4        # floor for ln Delta (the official code's log(1e-4) for unseen cells)
-    mix_ramp: int = 5              # epochs over which the minority weight of Group MixUp ramps up
-    mix_pool: str = "batch"        # where Group MixUp finds minority partners: batch (official code) | global
-    lff_ema: float = 0.7           # LfF's per-sample loss EMA
-    dro_eta: float = 0.01          # GroupDRO step size for the group weights
-    margins: bool = False          # print the majority/minority margin table (paper Fig. 4)
-    report: str = ""               # reprint the tables of an existing results.json, train nothing
-    device: str = "auto"
-    threads: int = 0               # torch CPU threads; 0 = torch's default
-    log_every: int = 5             # epochs between log lines
-    out: str = "out/logit_correction"
-
-
-HELP = {
-    "methods": "comma list of erm, groupdro, lff, lc, lc_nomix, mixup_only",
-    "ratios": "comma list of bias-conflicting percentages rho in (0, 100)",
-    "seeds": "comma list of integer seeds (one run per method x ratio x seed)",
-    "sweep": "grid erm,lff,lc_nomix,lc x 0.5,1,2,5 x seeds 1,2,3 (flags given explicitly still win)",
-    "data_dir": "folder with MNIST-format IDX files (train-images-idx3-ubyte, ... optionally .gz)",
-    "n_train": "procedural training images", "n_val": "validation images (IDX data: held out of train)",
-    "n_test": "procedural test images", "data_seed": "seed of the grey digits and of the val/test colours",
-    "epochs": "training epochs per run", "batch_size": "minibatch size", "lr": "Adam learning rate",
-    "q": "GCE exponent q", "lambda_b": "weight of the biased net's GCE loss",
-    "prior_momentum": "moving-average momentum of the group prior Delta",
-    "prior_eps": "floor of Delta before the log", "mix_ramp": "Group MixUp ramp-up epochs",
-    "mix_pool": "Group MixUp partners from the batch's pseudo-minority (official code) or the whole training set",
-    "lff_ema": "LfF per-sample loss EMA", "dro_eta": "GroupDRO group-weight step size",
-    "margins": "also print majority/minority margins per method (paper Fig. 4)",
-    "report": "path of a results.json: print its tables (with --margins: the margin table too), train nothing",
-    "device": "auto (cuda, then mps, else cpu), cpu, cuda, mps", "threads": "torch CPU threads, 0 = default",
-    "log_every": "epochs between log lines", "out": "output folder for results.json and checkpoints",
-}
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
-SWEEP = {"methods": "erm,lff,lc_nomix,lc", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
+SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
+CEILING = 90.0                                         # rho = 90 %: every colour equally likely in every class
 
 # Unbiased test accuracy (%) on Colored MNIST: the LC paper's Table 1, and DeNetDM's independent 5-seed re-run.
 PAPER = {"erm": (35.19, 52.09, 65.86, 82.17), "lff": (52.50, 61.89, 71.03, 80.57),
@@ -104,12 +61,364 @@ DENETDM = {"erm": (35.34, 50.34, 62.29, 77.63), "lff": (63.39, 74.01, 80.48, 85.
 PAPER_RATIOS = (0.5, 1.0, 2.0, 5.0)
 
 
+def arg(default, help, group="run", choices=None):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclass
+class Config:
+    methods: str = arg("erm,lc", "comma list of " + ", ".join(METHODS))
+    ratios: str = arg("1", "comma list of bias-conflicting percentages rho in (0, 100)")
+    seeds: str = arg("1", "comma list of integer seeds (one run per method x ratio x seed)")
+    quick: bool = arg(False, "a smoke run in about a minute: 5k / 1k / 2k procedural images, 3 epochs")
+    sweep: bool = arg(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
+                      % tuple(SWEEP.values()))
+    data_dir: str = arg("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural", "data")
+    n_train: int = arg(55000, "procedural training images", "data")
+    n_val: int = arg(5000, "validation images (IDX data: held out of the 60k training images)", "data")
+    n_test: int = arg(10000, "procedural test images", "data")
+    data_seed: int = arg(0, "seed of the grey digits and of the val/test colours", "data")
+    epochs: int = arg(20, "training epochs per run", "optimisation")
+    batch_size: int = arg(256, "minibatch size", "optimisation")
+    lr: float = arg(1e-2, "Adam learning rate of the main network", "optimisation")
+    lr_b: float = arg(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
+    decay_every: int = arg(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
+    q: float = arg(0.7, "GCE exponent q in (0, 1]", "method")
+    prior_momentum: float = arg(0.995, "momentum of the bias-corrected moving average of Delta", "method")
+    prior_eps: float = arg(1e-4, "floor of Delta before the log", "method")
+    mix_ramp: int = arg(2, "epochs over which Group MixUp's minority weight ramps up", "method")
+    mix_pool: str = arg("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
+                   ("batch", "global"))
+    lff_ema: float = arg(0.7, "LfF's per-sample loss EMA", "method")
+    dro_eta: float = arg(0.01, "GroupDRO step size for the group weights", "method")
+    explain: bool = arg(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
+                        "ln Delta, corrected logits and gradient size", "output")
+    margins: bool = arg(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
+    report: str = arg("", "path of a results.json: print its tables, train nothing", "output")
+    device: str = arg("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
+    threads: int = arg(0, "torch CPU threads, 0 = torch's default", "output")
+    log_every: int = arg(5, "epochs between log lines (0 = none)", "output")
+    out: str = arg("out/logit_correction", "folder for results.json, checkpoints, the digit cache", "output")
+
+
+# fields that do not change a run's numbers: runs that differ only in these are the same run
+NOT_PROTOCOL = {"methods", "ratios", "seeds", "quick", "sweep", "explain", "margins", "report", "device", "threads",
+                "log_every", "out"}
+
+
 class UsageError(Exception):
     """Bad input: printed as one line, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: grey digits once per invocation; the training split is coloured per (ratio, seed), val/test once.
+# Model: LfF's Colored MNIST MLP, 2352 -> 100 -> 100 -> 100 -> 10, ReLU (~256k parameters). No torch.compile
+# or bf16 autocast: the network is tiny and fp32 keeps CPU runs bit-reproducible.
+
+def mlp(C=10):
+    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                         nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, C))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The paper's pieces. Losses return per-sample values (B,).
+
+def gce_loss(logits_BC, y_B, q=0.7):
+    """Generalized cross-entropy (Zhang & Sabuncu 2018): GCE = (1 - p_y^q) / q. Its gradient is p_y^q * grad CE:
+    confidently-classified (easy, here: colour-aligned) samples dominate, which makes the net *biased*."""
+    p_y = F.softmax(logits_BC, 1).gather(1, y_B[:, None]).squeeze(1)     # (B,)
+    return (1 - p_y.clamp_min(1e-12) ** q) / q
+
+
+def corrected_logits(logits_BC, delta_BC, eps=1e-4):
+    """f(x) + ln Delta[:, a_x]: delta_BC[b] is the prior column Delta[:, a_b] (mixed, for Group MixUp)."""
+    return logits_BC + torch.log(delta_BC.clamp_min(eps))
+
+
+def lc_loss(logits_BC, y_B, delta_BC, eps=1e-4):
+    """L_LC = CE(f(x) + ln Delta[:, a_x], y). Train with corrected logits, *predict with raw logits*:
+    argmax_y f_y(x) is then the group-balanced rule argmax_y [p(y|x) / P(y, a_x)] (paper Sec. 3).
+    Delta[y, a] may be P(y, a) or P(y | a): they differ by ln P(a), the same for every y, which softmax ignores."""
+    return F.cross_entropy(corrected_logits(logits_BC, delta_BC, eps), y_B, reduction="none")
+
+
+def update_prior(num_CC, den, y_B, a_B, beta):
+    """Group prior Delta = num / den, a bias-corrected moving average of the batch counts of (y, a_x):
+        num <- beta num + counts_B(y, a),   den <- beta den + B.
+    With equal batches this is Adam's m_t / (1 - beta^t); a partial batch counts by its size; and from step 1
+    on Delta is a frequency (v1 started from a uniform Delta with momentum 0.99 and reached its final rare-cell
+    margins only around epoch 17). Returns (num, den)."""
+    C = num_CC.shape[0]
+    counts = torch.bincount(y_B * C + a_B, minlength=C * C).view(C, C).float()
+    return beta * num_CC + counts, beta * den + len(y_B)
+
+
+def minority_pools(y_N, a_N, C=10):
+    """Per class k, the indices whose pseudo-attribute is not k (the pseudo-minority of class k)."""
+    return [((y_N == k) & (a_N != k)).nonzero().squeeze(1) for k in range(C)]
+
+
+def pick_partners(y_B, idx_B, pools, gen, fallback="self"):
+    """Group MixUp partners: for each sample of class k a uniformly random member of pools[k]. A class with no
+    minority sample pairs each sample with itself (fallback="self", a no-op mix) or with a random same-class
+    sample of the batch (fallback="class", plain within-class MixUp, as the official code does)."""
+    part = idx_B.clone()
+    for k, pool in enumerate(pools):
+        rows = (y_B == k).nonzero().squeeze(1)
+        if len(rows) and len(pool):
+            part[rows] = pool[torch.randint(len(pool), (len(rows),), generator=gen).to(pool.device)]
+        elif len(rows) and fallback == "class":
+            part[rows] = idx_B[rows][torch.randperm(len(rows), generator=gen).to(rows.device)]
+    return part
+
+
+def group_mixup(x_i, x_j, delta_i, delta_j, lam_B):
+    """x' = lam x_i + (1 - lam) x_j and Delta' = lam Delta_i + (1 - lam) Delta_j with the SAME lam per sample."""
+    lx = lam_B.view(-1, *([1] * (x_i.dim() - 1)))
+    return lx * x_i + (1 - lx) * x_j, lam_B[:, None] * delta_i + (1 - lam_B[:, None]) * delta_j
+
+
+def lff_weights(S, idx, y, ce_b, ce_d):
+    """LfF's relative difficulty score w = l_b / (l_b + l_d) (Nam et al.): l_b, l_d are per-sample EMAs of the biased
+    and main nets' CE (first visit: the loss itself), each divided by its class maximum over the training set.
+    w is near 1 where the biased net fails and the main one does not: the bias-conflicting images."""
+    for mem, ce in ((S.ema_b, ce_b), (S.ema_d, ce_d)):
+        mem[idx] = torch.where(S.seen[idx], S.cfg.lff_ema * mem[idx] + (1 - S.cfg.lff_ema) * ce, ce)
+    S.seen[idx] = True
+    cmax = lambda mem: torch.zeros(10, device=mem.device).scatter_reduce(0, S.y_N, mem, "amax")[y].clamp_min(1e-8)
+    lb, ld = S.ema_b[idx] / cmax(S.ema_b), S.ema_d[idx] / cmax(S.ema_d)
+    return lb / (lb + ld + 1e-8)
+
+
+def dro_update(q_G, loss_G, present_G, eta):
+    """Online GroupDRO (Sagawa et al. Alg. 1): q_g <- q_g exp(eta * loss_g) for groups in the batch, renormalised."""
+    q_G = q_G * torch.exp(eta * loss_G * present_G)
+    return q_G / q_G.sum()
+
+
+def balanced_order(g_N, n, gen):
+    """n training indices drawn group-balanced: a group uniformly among the non-empty ones, then an image
+    uniformly inside it (with replacement). Every non-empty group is then 1 / #groups of every epoch."""
+    order = torch.argsort(g_N, stable=True)
+    groups, counts = torch.unique_consecutive(g_N[order], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    gi = torch.randint(len(groups), (n,), generator=gen)
+    offs = (torch.rand(n, generator=gen) * counts[gi]).long().clamp_max(counts[gi] - 1)
+    return order[starts[gi] + offs]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One loss function per method; S holds the run's state (networks, optimisers, per-sample memories).
+
+def biased_step(S, x, y, idx):
+    """One GCE step of the biased net on its own optimiser; returns its detached logits and a_x = argmax f_b(x)."""
+    logit_b = S.net_b(x)                                   # (B, C)
+    S.opt_b.zero_grad(set_to_none=True)
+    gce_loss(logit_b, y, S.cfg.q).mean().backward()
+    S.opt_b.step()
+    a = S.a_mem[idx] = logit_b.detach().argmax(1)
+    return logit_b.detach(), a
+
+
+def loss_erm(S, x, y, idx):
+    return F.cross_entropy(S.net(x), y)
+
+
+def loss_groupdro(S, x, y, idx):
+    ce = F.cross_entropy(S.net(x), y, reduction="none")
+    g = y * 10 + S.a_N[idx]                                # ORACLE: the true colour
+    n_G = torch.bincount(g, minlength=100).float()
+    loss_G = torch.bincount(g, weights=ce.detach(), minlength=100) / n_G.clamp_min(1)   # group means (0 if absent)
+    S.q_G = dro_update(S.q_G, loss_G, n_G > 0, S.cfg.dro_eta)
+    return (S.q_G[g] / n_G[g] * ce).sum()                 # = sum_g q_g * mean_{i in g} ce_i, differentiable
+
+
+def loss_lff(S, x, y, idx):
+    logit_b, _ = biased_step(S, x, y, idx)
+    ce_d = F.cross_entropy(S.net(x), y, reduction="none")
+    w = lff_weights(S, idx, y, F.cross_entropy(logit_b, y, reduction="none"), ce_d.detach())
+    return (w * ce_d).mean()
+
+
+def loss_lc(S, x, y, idx, mix=True, correct=True):
+    _, a = biased_step(S, x, y, idx)                       # pseudo-attributes a_x (B,)
+    S.num, S.den = update_prior(S.num, S.den, y, a, S.cfg.prior_momentum)
+    delta = S.num / S.den                                  # (C, C) Delta[y, a] ~ P(y, a)
+    d_B = delta[:, a].T                                    # (B, C) Delta[:, a_x] per sample
+    if mix:                                                # Group MixUp: the debiased net sees mixed inputs only
+        if S.cfg.mix_pool == "batch":
+            j = pick_partners(y, idx, [idx[m] for m in minority_pools(y, a)], S.gen, fallback="class")
+        else:
+            j = pick_partners(y, idx, S.pools, S.gen)
+        w_min = (0.5 + 0.5 * torch.rand(len(y), generator=S.gen)).to(x.device) * S.ramp
+        x, d_B = group_mixup(x, S.x_N[j], d_B, delta[:, S.a_mem[j]].T, 1 - w_min)
+    if not correct:
+        d_B = torch.ones_like(d_B)                         # ln 1 = 0: plain cross-entropy
+    return lc_loss(S.net(x), y, d_B, S.cfg.prior_eps).mean()
+
+
+LOSSES = {"erm": loss_erm, "groupdro": loss_groupdro, "lff": loss_lff, "lc": loss_lc,
+          "lc_nomix": partial(loss_lc, mix=False), "mixup_only": partial(loss_lc, correct=False)}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Evaluation and the mechanism in numbers.
+
+@torch.no_grad()
+def predict(net, x, bs=4096):
+    return torch.cat([net(x[i:i + bs]) for i in range(0, len(x), bs)])
+
+
+@torch.no_grad()
+def evaluate(net, x, y, a, C=10):
+    """Accuracies in %: unbiased = mean over the non-empty (y, a) groups (group-balanced accuracy),
+    aligned (a == y), conflicting (a != y), worst group."""
+    correct = (predict(net, x).argmax(1) == y).float()
+    g = y * C + a
+    n_g = torch.bincount(g, minlength=C * C).float()
+    acc_g = torch.bincount(g, weights=correct, minlength=C * C) / n_g.clamp_min(1)
+    seen, al = n_g > 0, a == y
+    return {"unbiased": 100 * acc_g[seen].mean().item(), "aligned": 100 * correct[al].mean().item(),
+            "conflicting": 100 * correct[~al].mean().item(), "worst_group": 100 * acc_g[seen].min().item()}
+
+
+def margins(logits_BC, y_B):
+    """Classification margin f_y(x) - max_{y' != y} f_y'(x), (B,)."""
+    f_y = logits_BC.gather(1, y_B[:, None]).squeeze(1)
+    return f_y - logits_BC.scatter(1, y_B[:, None], float("-inf")).amax(1)
+
+
+@torch.no_grad()
+def margin_stats(net, x, y, a):
+    """Mean margin on bias-aligned (majority) and bias-conflicting (minority) samples, by TRUE attribute."""
+    m = margins(predict(net, x), y)
+    maj, mino = m[a == y].mean().item(), m[a != y].mean().item()
+    return {"majority": maj, "minority": mino, "ratio": mino / maj if maj != 0 else float("nan")}
+
+
+def pseudo_quality(a_hat_N, y_N, a_N):
+    """How well the biased net finds the conflicting images: flagged = (a_hat != y), truth = (a != y)."""
+    flag, true = a_hat_N != y_N, a_N != y_N
+    hit = (flag & true).sum().item()
+    return {"precision": 100 * hit / max(flag.sum().item(), 1), "recall": 100 * hit / max(true.sum().item(), 1),
+            "colour_acc": 100 * (a_hat_N == a_N).float().mean().item()}
+
+
+@torch.no_grad()
+def explain(S):
+    """LC as automatic group re-weighting: for one aligned and one (detected) conflicting training image, the raw
+    logits f(x), ln Delta[:, a_x], the corrected logits, and |dL/df| = |softmax - onehot| under CE and under LC."""
+    y, a_t, a_h = S.y_N, S.a_N, S.a_mem
+    first = lambda m: int(m.nonzero()[0, 0])
+    detected = (a_t != y) & (a_h == a_t)                   # a conflicting image whose colour the biased net found
+    i_al, i_co = first((a_t == y) & (a_h == y)), first(detected if detected.any() else a_t != y)
+    delta = S.num / S.den
+    rows, out = [], {}
+    for name, i in (("aligned", i_al), ("conflicting", i_co)):
+        f = S.net(S.x_N[i:i + 1])[0]
+        ld = torch.log((delta[:, a_h[i]]).clamp_min(S.cfg.prior_eps))
+        onehot = F.one_hot(y[i], 10).float()
+        g_ce, g_lc = (F.softmax(f, 0) - onehot).norm().item(), (F.softmax(f + ld, 0) - onehot).norm().item()
+        out[name] = {"index": i, "label": int(y[i]), "colour": int(a_t[i]), "pseudo": int(a_h[i]),
+                     "logits": f.tolist(), "log_delta": ld.tolist(), "grad_ce": g_ce, "grad_lc": g_lc}
+        rows.append((f, ld))
+    A, Co = out["aligned"], out["conflicting"]
+    lines = [f"--explain after epoch 1: aligned image {A['index']} (digit {A['label']}, colour {A['colour']}, a_x "
+             f"{A['pseudo']}) | conflicting image {Co['index']} (digit {Co['label']}, colour {Co['colour']}, a_x "
+             f"{Co['pseudo']})", "class | " + " ".join(f"{h:>7s}" for h in ("f(x)", "ln D", "f+ln D") * 2)]
+    lines += [f"{k:5d} | " + " ".join(f"{v:7.2f}" for f, ld in rows for v in (f[k], ld[k], f[k] + ld[k]))
+              for k in range(10)]
+    lines.append(f"|dL/df|  CE: aligned {A['grad_ce']:.3f}, conflicting {Co['grad_ce']:.3f}   LC: aligned "
+                 f"{A['grad_lc']:.3f}, conflicting {Co['grad_lc']:.3f}  (conflicting/aligned: CE "
+                 f"{Co['grad_ce'] / max(A['grad_ce'], 1e-12):.1f}x, LC {Co['grad_lc'] / max(A['grad_lc'], 1e-12):.1f}x)")
+    tqdm.write("\n".join(lines))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Training: one run = one method, one ratio, one seed.
+
+def cpu_state(net):
+    """A CPU copy of the weights, without torch.compile's `_orig_mod.` prefix."""
+    return {k.removeprefix("_orig_mod."): w.detach().cpu().clone() for k, w in net.state_dict().items()}
+
+
+def new_state(method, train, cfg, device, seed):
+    torch.manual_seed(seed)
+    x_N, y_N, a_N = train
+    S = SimpleNamespace(cfg=cfg, x_N=x_N, y_N=y_N, a_N=a_N, gen=torch.Generator().manual_seed(seed), ramp=0.0,
+                        pools=None, net=mlp().to(device), net_b=None, opt_b=None)
+    S.opt = torch.optim.Adam(S.net.parameters(), lr=cfg.lr)
+    opts = [S.opt]
+    if method in TWO_NETS:
+        S.net_b = mlp().to(device)
+        lr_b = cfg.lr_b or (cfg.lr if method == "lff" else cfg.lr / 10)
+        S.opt_b = torch.optim.Adam(S.net_b.parameters(), lr=lr_b)
+        opts.append(S.opt_b)
+    S.scheds = [torch.optim.lr_scheduler.StepLR(o, cfg.decay_every or cfg.epochs + 1, 0.5) for o in opts]
+    N = len(y_N)
+    S.a_mem = y_N.clone()                                  # latest pseudo-attribute per image
+    S.num, S.den = torch.zeros(10, 10, device=device), 0.0     # group prior Delta = num / den
+    S.ema_b, S.ema_d = torch.zeros(N, device=device), torch.zeros(N, device=device)
+    S.seen = torch.zeros(N, dtype=torch.bool, device=device)
+    S.q_G = torch.full((100,), 0.01, device=device)       # GroupDRO weights
+    return S
+
+
+def train_run(method, ratio, seed, train, evalsets, cfg, device, tag=""):
+    S = new_state(method, train, cfg, device, seed)
+    N, B = len(S.y_N), cfg.batch_size
+    best, hist, t0, explained = {"val": -1.0}, [], time.time(), None
+    bar = tqdm(range(cfg.epochs), desc=f"{tag}{method} rho={ratio:g}% seed={seed}", leave=False, disable=None)
+    for ep in bar:
+        S.net.train()
+        S.ramp = min(1.0, ep / max(cfg.mix_ramp, 1))        # Group MixUp: no mixing in epoch 1
+        if cfg.mix_pool == "global":
+            S.pools = minority_pools(S.y_N, S.a_mem)
+        if method == "groupdro":
+            order = balanced_order((S.y_N * 10 + S.a_N).cpu(), math.ceil(N / B) * B, S.gen)
+        else:
+            order = torch.randperm(N, generator=S.gen)
+        tot = 0.0
+        for s in range(0, len(order), B):
+            idx = order[s:s + B].to(device)
+            loss = LOSSES[method](S, S.x_N[idx], S.y_N[idx], idx)
+            S.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            S.opt.step()
+            tot += float(loss.detach()) * len(idx) / len(order)
+        for sch in S.scheds:
+            sch.step()
+        S.net.eval()
+        if cfg.explain and ep == 0 and method in ("lc", "lc_nomix"):
+            explained = explain(S)
+        v = evaluate(S.net, *evalsets["val"])
+        improved, is_last = v["unbiased"] > best["val"], ep + 1 == cfg.epochs
+        t = evaluate(S.net, *evalsets["test"]) if improved or is_last else None   # read only when reported
+        h = {"epoch": ep + 1, "loss": tot, "val_unbiased": v["unbiased"]}
+        if S.net_b is not None:
+            h.update(pseudo_quality(S.a_mem, S.y_N, S.a_N))
+        hist.append(h)
+        if improved:                                       # model selection on the unbiased VALIDATION split
+            best = {"val": v["unbiased"], "epoch": ep + 1, "test": t, "state": cpu_state(S.net)}
+        bar.set_postfix(loss=f"{tot:.3f}", val=f"{v['unbiased']:.1f}")
+        if cfg.log_every and ((ep + 1) % cfg.log_every == 0 or is_last):
+            pq = f" | a_x prec {h['precision']:5.1f} rec {h['recall']:5.1f}" if "precision" in h else ""
+            tqdm.write(f"{tag}{method:10s} rho={ratio:<4g} seed={seed} ep {ep + 1:3d}/{cfg.epochs} loss {tot:.3f} "
+                       f"val {v['unbiased']:5.1f} (best {best['val']:.1f} @ {best['epoch']}){pq}")
+    bar.close()
+    bt = best["test"]
+    rec = {"method": method, "ratio": ratio, "seed": seed, "n_conflicting": int((S.a_N != S.y_N).sum()),
+           "unbiased_acc_last": t["unbiased"], "unbiased_acc_best_val": bt["unbiased"],
+           "aligned_acc": bt["aligned"], "conflicting_acc": bt["conflicting"], "worst_group_acc": bt["worst_group"],
+           "aligned_acc_last": t["aligned"], "conflicting_acc_last": t["conflicting"],
+           "worst_group_acc_last": t["worst_group"], "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
+           "epochs": cfg.epochs, "wall_s": time.time() - t0, "history": hist, "explain": explained,
+           "margins_train": margin_stats(S.net, *train), "margins_test": margin_stats(S.net, *evalsets["test"])}
+    return rec, {"last": cpu_state(S.net), "best_val": best["state"]}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data: grey digits once per invocation (cached), coloured per (ratio, seed); val/test coloured once.
 
 def load_grey(cfg):
     """dict of numpy arrays: train/val/test grey images (N, 28, 28) and labels (N,)."""
@@ -123,256 +432,33 @@ def load_grey(cfg):
         perm = np.random.default_rng(cfg.data_seed).permutation(len(tx))
         tr, va = perm[cfg.n_val:], perm[:cfg.n_val]
         return dict(train_x=tx[tr], train_y=ty[tr], val_x=tx[va], val_y=ty[va], test_x=sx, test_y=sy)
-    d = {}
+    d, cache = {}, os.path.join(cfg.out, "cache")
     for i, (split, n) in enumerate((("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test))):
-        d[split + "_x"], d[split + "_y"] = digits.procedural_split(n, cfg.data_seed * 1000 + i)
+        d[split + "_x"], d[split + "_y"] = digits.procedural_split_cached(n, cfg.data_seed * 1000 + i, cache)
     return d
 
 
 def colour_eval_splits(grey, cfg, device):
-    """Unbiased validation and test sets: every (class, colour) cell equally often. Fixed by data_seed."""
     out = {}
     for i, split in enumerate(("val", "test")):
-        rng = np.random.default_rng([cfg.data_seed, 100 + i])
-        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], rng)
+        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], np.random.default_rng([cfg.data_seed, 100 + i]))
         out[split] = [torch.from_numpy(v).to(device) for v in (x, grey[split + "_y"], a)]   # x (n, 3, 28, 28)
     return out
 
 
 def colour_train(grey, ratio, seed, device):
     """Biased training split for one (ratio, seed): x (N, 3, 28, 28), y (N,), true colour a (N,)."""
-    rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
-    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
+    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, np.random.default_rng([seed, int(round(ratio * 1000)), 7]))
     return [torch.from_numpy(v).to(device) for v in (x, grey["train_y"], a)]
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Model: the MLP of LfF and LC for Colored MNIST, 784*3 -> 100 -> 100 -> 16 -> 10, ReLU (~250k parameters).
-# No torch.compile or bf16 autocast: the network is tiny and fp32 keeps CPU runs bit-reproducible; checkpoints
-# still strip a `_orig_mod.` prefix in case a reader compiles it.
-
-def mlp(C=10):
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                         nn.Linear(100, 16), nn.ReLU(), nn.Linear(16, C))
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Losses. Each returns per-sample values (B,); the training loop takes means.
-
-def gce_loss(logits_BC, y_B, q=0.7):
-    """Generalized cross-entropy (Zhang & Sabuncu 2018): GCE = (1 - p_y^q) / q.
-    Its gradient is p_y^q * grad CE: confidently-classified (easy, here: colour-aligned) samples dominate,
-    which is what makes the auxiliary network *biased*. (LfF's code writes CE * q * p_y^q with p detached:
-    the same gradient times q.)"""
-    p_y = F.softmax(logits_BC, 1).gather(1, y_B[:, None]).squeeze(1)     # (B,)
-    return (1 - p_y.clamp_min(1e-12) ** q) / q
-
-
-def corrected_logits(logits_BC, delta_BC, eps=1e-4):
-    """f(x) + ln Delta[:, a_x]: delta_BC[b] is the prior column Delta[:, a_b] (mixed, for Group MixUp)."""
-    return logits_BC + torch.log(delta_BC.clamp_min(eps))
-
-
-def lc_loss(logits_BC, y_B, delta_BC, eps=1e-4):
-    """L_LC = CE(f(x) + ln Delta[:, a_x], y). Train with corrected logits, *predict with raw logits*:
-    argmax_y f_y(x) is then the group-balanced rule argmax_y [p(y|x) / P(y, a_x)] (paper Sec. 3)."""
-    return F.cross_entropy(corrected_logits(logits_BC, delta_BC, eps), y_B, reduction="none")
-
-
-# Group prior. Two estimators exist: the paper's moving average of per-batch estimates of P(y, a), and the
-# official code's per-sample EMA matrix C[y, a] filled with the biased net's probability of the true label
-# and sharpened by a temperature. We implement the PAPER's: it is the one the paper's derivation uses, it needs
-# no per-sample memory and no extra temperature, and every entry is a plain frequency a reader can check
-# (Delta sums to 1; with a uniform Delta the LC loss is exactly CE).
-def update_prior(delta_CC, y_B, a_B, momentum):
-    """Delta <- m * Delta + (1 - m) * P_batch(y, a), P_batch = counts of (y, pseudo-attribute a) / B."""
-    C = delta_CC.shape[0]
-    p_batch = torch.bincount(y_B * C + a_B, minlength=C * C).view(C, C).float() / len(y_B)
-    return momentum * delta_CC + (1 - momentum) * p_batch
-
-
-def minority_pools(y_N, a_mem_N, C=10):
-    """Per class k, the indices whose pseudo-attribute is not k (the pseudo-minority of class k).
-    --mix-pool global: over the whole training set, rebuilt once per epoch from the latest pseudo-attributes.
-    --mix-pool batch (the official code's choice): over the current batch only (pass the batch's y, a, idx)."""
-    return [((y_N == k) & (a_mem_N != k)).nonzero().squeeze(1) for k in range(C)]
-
-
-def pick_partners(y_B, idx_B, pools, gen, fallback="self"):
-    """Group MixUp partners: for each sample of class k a uniformly random minority sample of class k from
-    pools[k]. A class with no minority sample pairs each sample with itself (fallback="self", a no-op mix) or
-    with a random same-class sample of the batch (fallback="class", plain within-class MixUp, as the official
-    code does). Returns training-set indices (B,)."""
-    part = idx_B.clone()
-    for k, pool in enumerate(pools):
-        rows = (y_B == k).nonzero().squeeze(1)
-        if len(rows) and len(pool):
-            pick = torch.randint(len(pool), (len(rows),), generator=gen).to(pool.device)
-            part[rows] = pool[pick]
-        elif len(rows) and fallback == "class":
-            part[rows] = idx_B[rows][torch.randperm(len(rows), generator=gen).to(rows.device)]
-    return part
-
-
-def group_mixup(x_i, x_j, delta_i, delta_j, lam_B):
-    """x' = lam x_i + (1 - lam) x_j and Delta' = lam Delta_i + (1 - lam) Delta_j with the SAME lam per sample."""
-    lx = lam_B.view(-1, *([1] * (x_i.dim() - 1)))
-    return lx * x_i + (1 - lx) * x_j, lam_B[:, None] * delta_i + (1 - lam_B[:, None]) * delta_j
-
-
-def margins(logits_BC, y_B):
-    """Classification margin f_y(x) - max_{y' != y} f_y'(x), (B,)."""
-    f_y = logits_BC.gather(1, y_B[:, None]).squeeze(1)
-    other = logits_BC.scatter(1, y_B[:, None], float("-inf")).amax(1)
-    return f_y - other
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Evaluation.
-
-@torch.no_grad()
-def predict(net, x, bs=2048):
-    return torch.cat([net(x[i:i + bs]) for i in range(0, len(x), bs)])
-
-
-@torch.no_grad()
-def evaluate(net, x, y, a, C=10):
-    """Accuracies in %: unbiased = mean over the non-empty (y, a) groups (group-balanced accuracy),
-    aligned (a == y), conflicting (a != y), worst group."""
-    correct = (predict(net, x).argmax(1) == y).float()
-    g = y * C + a
-    n_g = torch.bincount(g, minlength=C * C).float()
-    acc_g = torch.bincount(g, weights=correct, minlength=C * C) / n_g.clamp_min(1)
-    seen = n_g > 0
-    al = a == y
-    return {"unbiased": 100 * acc_g[seen].mean().item(), "aligned": 100 * correct[al].mean().item(),
-            "conflicting": 100 * correct[~al].mean().item(), "worst_group": 100 * acc_g[seen].min().item()}
-
-
-@torch.no_grad()
-def margin_stats(net, x, y, a):
-    """Mean margin on bias-aligned (majority) and bias-conflicting (minority) samples, by TRUE attribute."""
-    m = margins(predict(net, x), y)
-    maj, mino = m[a == y].mean().item(), m[a != y].mean().item()
-    return {"majority": maj, "minority": mino, "ratio": mino / maj if maj != 0 else float("nan")}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Training: one run = one method, one ratio, one seed.
-
-def cpu_state(net):
-    """A CPU copy of the weights, without torch.compile's `_orig_mod.` prefix."""
-    return {k.removeprefix("_orig_mod."): w.detach().cpu().clone() for k, w in net.state_dict().items()}
-
-
-def train_run(method, ratio, seed, train, evalsets, cfg, device, tag=""):
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)              # batch order, MixUp partners and lambdas (CPU)
-    x_N, y_N, a_true_N = train                             # x_N (N, 3, 28, 28); a_true only for groupdro/eval
-    N, C = len(y_N), 10
-    net = mlp(C).to(device)
-    net_b = mlp(C).to(device) if method in TWO_NETS else None
-    params = list(net.parameters()) + (list(net_b.parameters()) if net_b is not None else [])
-    opt = torch.optim.Adam(params, lr=cfg.lr)
-    delta_CC = torch.full((C, C), 1.0 / (C * C), device=device)   # uniform start: LC begins as plain CE
-    a_mem_N = y_N.clone()                                  # last pseudo-attribute per sample (all "majority")
-    ema_b, ema_d = torch.zeros(N, device=device), torch.zeros(N, device=device)   # LfF loss EMAs
-    seen_N = torch.zeros(N, dtype=torch.bool, device=device)
-    q_G = torch.full((C * C,), 1.0 / (C * C), device=device)      # GroupDRO group weights
-    steps = math.ceil(N / cfg.batch_size)
-    best = {"val": -1.0}
-    hist = []
-    t0 = time.time()
-    bar = tqdm(range(cfg.epochs), desc=f"{tag}{method:10s} rho={ratio:g}% seed={seed}", leave=False,
-               dynamic_ncols=True, disable=None)
-    for ep in bar:
-        net.train()
-        if net_b is not None:
-            net_b.train()
-        perm = torch.randperm(N, generator=gen).to(device)
-        ramp = min(1.0, ep / max(cfg.mix_ramp, 1))          # Group MixUp: no mixing in epoch 1, full after mix_ramp
-        mixing = method in ("lc", "mixup_only")
-        pools = minority_pools(y_N, a_mem_N, C) if mixing and cfg.mix_pool == "global" else None
-        tot = 0.0
-        for s in range(steps):
-            idx = perm[s * cfg.batch_size:(s + 1) * cfg.batch_size]
-            x, y = x_N[idx], y_N[idx]                      # (B, 3, 28, 28), (B,)
-            loss_b = 0.0
-            if net_b is not None:
-                logit_b = net_b(x)                         # (B, C) biased net on the clean batch
-                loss_b = cfg.lambda_b * gce_loss(logit_b, y, cfg.q).mean()
-                a_hat = logit_b.detach().argmax(1)         # pseudo-attribute a_x
-                a_mem_N[idx] = a_hat
-            if method == "erm":
-                loss = F.cross_entropy(net(x), y)
-            elif method == "groupdro":
-                ce = F.cross_entropy(net(x), y, reduction="none")
-                g = y * C + a_true_N[idx]                  # ORACLE group labels
-                n_g = torch.bincount(g, minlength=C * C).float()
-                loss_g = torch.bincount(g, weights=ce.detach(), minlength=C * C) / n_g.clamp_min(1)
-                # q_g <- q_g exp(eta * loss_g) for groups in the batch; loss = sum_g q_g * mean_{i in g} ce_i
-                q_G = q_G * torch.exp(cfg.dro_eta * loss_g * (n_g > 0))
-                q_G = q_G / q_G.sum()
-                loss = (q_G[g] / n_g[g] * ce).sum()
-            elif method == "lff":
-                ce_d = F.cross_entropy(net(x), y, reduction="none")
-                ce_b = F.cross_entropy(logit_b.detach(), y, reduction="none")
-                # per-sample EMA of both losses (first visit: the loss itself), normalised by the class maximum
-                ema_b[idx] = torch.where(seen_N[idx], cfg.lff_ema * ema_b[idx] + (1 - cfg.lff_ema) * ce_b, ce_b)
-                ema_d[idx] = torch.where(seen_N[idx], cfg.lff_ema * ema_d[idx] + (1 - cfg.lff_ema) * ce_d.detach(), ce_d.detach())
-                seen_N[idx] = True
-                mx_b = torch.zeros(C, device=device).scatter_reduce(0, y_N, ema_b, "amax")
-                mx_d = torch.zeros(C, device=device).scatter_reduce(0, y_N, ema_d, "amax")
-                lb, ld = ema_b[idx] / mx_b[y].clamp_min(1e-8), ema_d[idx] / mx_d[y].clamp_min(1e-8)
-                w = lb / (lb + ld + 1e-8)                  # relative difficulty: high where the biased net fails
-                loss = (ce_d * w).mean()
-            else:                                          # lc, lc_nomix, mixup_only
-                delta_CC = update_prior(delta_CC, y, a_hat, cfg.prior_momentum)
-                d_i = delta_CC[:, a_hat].T                 # (B, C): Delta[:, a_x] for every sample
-                if method == "lc_nomix":
-                    loss = lc_loss(net(x), y, d_i, cfg.prior_eps).mean()
-                else:
-                    if cfg.mix_pool == "batch":            # partners from this batch's pseudo-minority
-                        pools_b = [idx[m] for m in minority_pools(y, a_hat, C)]
-                        j = pick_partners(y, idx, pools_b, gen, fallback="class")
-                    else:                                  # partners from the whole training set
-                        j = pick_partners(y, idx, pools, gen)
-                    w_min = (0.5 + 0.5 * torch.rand(len(y), generator=gen)).to(device) * ramp
-                    lam = 1 - w_min                        # weight of the sample itself; minority gets w_min
-                    x_mix, d_mix = group_mixup(x, x_N[j], d_i, delta_CC[:, a_mem_N[j]].T, lam)
-                    if method == "lc":
-                        loss = lc_loss(net(x_mix), y, d_mix, cfg.prior_eps).mean()
-                    else:
-                        loss = F.cross_entropy(net(x_mix), y)
-            opt.zero_grad(set_to_none=True)
-            (loss + loss_b).backward()                     # one backward through both networks
-            opt.step()
-            tot += float(loss.detach())
-        net.eval()
-        v = evaluate(net, *evalsets["val"])
-        improved, is_last = v["unbiased"] > best["val"], ep + 1 == cfg.epochs
-        # the test set is only *read* at the epochs we report: the best-on-validation one and the last one
-        t = evaluate(net, *evalsets["test"]) if improved or is_last else None
-        hist.append({"epoch": ep + 1, "loss": tot / steps, "val_unbiased": v["unbiased"]})
-        if improved:                                       # model selection on the unbiased VALIDATION split
-            best = {"val": v["unbiased"], "epoch": ep + 1, "test": t,
-                    "state": cpu_state(net)}
-        bar.set_postfix(loss=f"{tot / steps:.3f}", val=f"{v['unbiased']:.1f}")
-        if cfg.log_every and ((ep + 1) % cfg.log_every == 0 or is_last):
-            tqdm.write(f"{tag}{method:10s} rho={ratio:<4g} seed={seed} ep {ep + 1:3d}/{cfg.epochs} loss {tot / steps:.3f} "
-                       f"val {v['unbiased']:5.1f} (best val {best['val']:.1f} @ ep {best['epoch']})")
-    bar.close()
-    last = t
-    rec = {"method": method, "ratio": ratio, "seed": seed,
-           "unbiased_acc_last": last["unbiased"], "unbiased_acc_best_val": best["test"]["unbiased"],
-           "aligned_acc": best["test"]["aligned"], "conflicting_acc": best["test"]["conflicting"],
-           "worst_group_acc": best["test"]["worst_group"],
-           "aligned_acc_last": last["aligned"], "conflicting_acc_last": last["conflicting"],
-           "worst_group_acc_last": last["worst_group"], "best_val_epoch": best["epoch"],
-           "val_acc_best": best["val"], "epochs": cfg.epochs, "wall_s": time.time() - t0,
-           "margins_train": margin_stats(net, *train), "margins_test": margin_stats(net, *evalsets["test"]),
-           "history": hist}
-    return rec, {"last": cpu_state(net), "best_val": best["state"]}
+def check_ratios(y, ratios):
+    """Refuse a rho so small that some class would get no bias-conflicting image at all."""
+    n_min = int(np.bincount(y, minlength=10).min())
+    for r in ratios:
+        if round(r / 100 * n_min) == 0:
+            raise UsageError(f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
+                             f"no bias-conflicting image; use rho >= {100 * 0.5 / n_min:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -380,49 +466,76 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag=""):
 
 def mean_std(v):
     v = np.asarray(v, dtype=float)
-    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)
+    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)       # sample std over seeds
+
+
+def grouped(runs):
+    g = {}
+    for r in runs:
+        g.setdefault((r["method"], r["ratio"]), []).append(r)
+    return sorted(g.items(), key=lambda kv: (kv[0][0] != "erm" or kv[0][1] != CEILING, kv[0][1], METHODS.index(kv[0][0])))
 
 
 def paper_value(table, method, ratio):
-    if method in table and ratio in PAPER_RATIOS:
-        return f"{table[method][PAPER_RATIOS.index(ratio)]:.2f}"
-    return "-"
+    return f"{table[method][PAPER_RATIOS.index(ratio)]:.2f}" if method in table and ratio in PAPER_RATIOS else "-"
 
 
 def summary_table(runs):
     keys = [("unbiased_acc_best_val", "unbiased (best val)"), ("unbiased_acc_last", "unbiased (last)"),
             ("aligned_acc", "aligned"), ("conflicting_acc", "conflicting"), ("worst_group_acc", "worst group")]
     head = f"{'method':10s} {'rho%':>4s} {'n':>2s} " + " ".join(f"{h:>19s}" for _, h in keys) + f" {'paper':>6s} {'DeNetDM':>7s}"
-    lines = ["test accuracy %, mean ± std over seeds; aligned/conflicting/worst group at the best-val epoch;",
-             "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST, unbiased acc)", head,
-             "-" * len(head)]
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["method"], r["ratio"]), []).append(r)
-    order = {m: i for i, m in enumerate(METHODS)}
-    for (m, rho), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], order[kv[0][0]])):
-        cells = []
-        for k, _ in keys:
-            mu, sd = mean_std([r[k] for r in rs])
-            cells.append(f"{mu:12.2f} ± {sd:4.1f}")
+    lines = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at the best-val epoch;",
+             "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST); rho 90 = ceiling",
+             head, "-" * len(head)]
+    for (m, rho), rs in grouped(runs):
+        cells = ["{:12.2f} ± {:4.1f}".format(*mean_std([r[k] for r in rs])) for k, _ in keys]
         lines.append(f"{m:10s} {rho:4g} {len(rs):2d} " + " ".join(cells) +
                      f" {paper_value(PAPER, m, rho):>6s} {paper_value(DENETDM, m, rho):>7s}")
     return "\n".join(lines)
 
 
+def count_table(runs, out_dir=None):
+    """Unbiased accuracy against the NUMBER of conflicting training images (a re-weighting method tracks it),
+    and the biased net's last-epoch precision / recall at flagging them (LC's pseudo-attributes)."""
+    ms = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    rhos = sorted({r["ratio"] for r in runs})
+    lines = ["unbiased test acc % (best val, mean over seeds) by number of conflicting training images;",
+             "a_x P/R = the LC biased net's precision / recall at flagging them (last epoch)",
+             f"{'rho%':>5s} {'n_conf':>6s} " + " ".join(f"{m:>10s}" for m in ms) + f" {'a_x P/R':>11s}"]
+    for rho in rhos:
+        rs = [r for r in runs if r["ratio"] == rho]
+        cells = [np.mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m] or [np.nan]) for m in ms]
+        lc = [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
+        pr = f"{np.mean([h['precision'] for h in lc]):5.1f}/{np.mean([h['recall'] for h in lc]):5.1f}" if lc else "-"
+        lines.append(f"{rho:5g} {rs[0]['n_conflicting']:6d} " + " ".join(f"{c:10.2f}" if c == c else f"{'-':>10s}"
+                                                                   for c in cells) + f" {pr:>11s}")
+    try:                                                   # a plot only where matplotlib is installed
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "\n".join(lines)
+    if out_dir:
+        fig, ax = plt.subplots(figsize=(5, 3.5))
+        for m in ms:
+            pts = [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs if r["method"] == m and r["ratio"] < 50]
+            ns = sorted({n for n, _ in pts})
+            ax.plot(ns, [np.mean([a for n2, a in pts if n2 == n]) for n in ns], "o-", label=m)
+        ax.set(xscale="log", xlabel="conflicting training images", ylabel="unbiased test acc %")
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, "acc_vs_conflicting.png"), dpi=120)
+        lines.append(f"(plot: {os.path.join(out_dir, 'acc_vs_conflicting.png')})")
+    return "\n".join(lines)
+
+
 def margin_table(runs):
-    lines = ["mean margin f_y - max_{y'!=y} f_y' of the last-epoch model, by TRUE group (paper Fig. 4);",
-             "ratio = minority / majority (LC should push it up)",
-             f"{'method':10s} {'rho%':>4s} " + " ".join(f"{s + ' ' + g:>9s}" for s in ("train", "test") for g in ("maj", "min"))
-             .replace("train min", "train min  ratio").replace("test min", "test min  ratio")]
-    groups = {}
-    for r in runs:
-        groups.setdefault((r["method"], r["ratio"]), []).append(r)
-    for (m, rho), rs in sorted(groups.items(), key=lambda kv: (kv[0][1], METHODS.index(kv[0][0]))):
-        c = [np.mean([r[s][k] for r in rs]) for s in ("margins_train", "margins_test")
-             for k in ("majority", "minority", "ratio")]
-        lines.append(f"{m:10s} {rho:4g} " + " ".join(f"{v:9.2f}" if i % 3 != 2 else f"{v:6.2f}"
-                                                     for i, v in enumerate(c)))
+    lines = ["mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group (paper Fig. 4); ratio = min/maj",
+             f"{'method':10s} {'rho%':>4s} " + " ".join(f"{s:>9s}" for s in ("train maj", "train min", "ratio",
+                                                                               "test maj", "test min", "ratio"))]
+    for (m, rho), rs in grouped(runs):
+        c = [np.mean([r[s][k] for r in rs]) for s in ("margins_train", "margins_test") for k in ("majority", "minority", "ratio")]
+        lines.append(f"{m:10s} {rho:4g} " + " ".join(f"{v:9.2f}" for v in c))
     return "\n".join(lines)
 
 
@@ -434,7 +547,7 @@ def write_json_atomic(path, obj):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main
+# main: parsing, checks, the grid (skipping finished runs), plumbing.
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):                              # one-line errors, exit 2 (see main)
@@ -452,17 +565,28 @@ def parse_list(s, typ, name):
 
 
 def parse_config(argv):
-    p = Parser(description="Logit Correction (ICLR 2023) vs ERM/LfF/GroupDRO on coloured digits.")
-    for k, v in asdict(Config()).items():
-        flag = "--" + k.replace("_", "-")
-        if isinstance(v, bool):
-            p.add_argument(flag, action="store_true", help=HELP[k])
+    p = Parser(description="Logit Correction (ICLR 2023) vs ERM / LfF / GroupDRO on coloured digits.",
+               formatter_class=argparse.RawDescriptionHelpFormatter,
+               epilog="examples:\n  python logit_correction.py\n  python logit_correction.py --sweep --out out/lc_sweep\n"
+                      "  python logit_correction.py --methods lc --ratios 0.5 --explain\n"
+                      "  python logit_correction.py --data-dir path/to/MNIST --ratios 1\n"
+                      "  python logit_correction.py --report out/lc_sweep/results.json --margins")
+    groups = {}
+    for f in Config.__dataclass_fields__.values():
+        g = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        if f.type is bool or isinstance(f.default, bool):
+            g.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(v), default=None if k in SWEEP else v, help=f"{HELP[k]} (default {v})")
+            shown = f.default if f.default != "" else "-"
+            g.add_argument(flag, type=type(f.default), default=None if f.name in SWEEP else f.default,
+                           choices=f.metadata["choices"], help=f"{f.metadata['help']} (default {shown})")
     args = vars(p.parse_args(argv))
     for k in SWEEP:                                        # --sweep changes the grid's defaults only
         if args[k] is None:
-            args[k] = SWEEP[k] if args["sweep"] else getattr(Config, k)
+            args[k] = SWEEP[k] if args["sweep"] else Config.__dataclass_fields__[k].default
+    if args["quick"]:                                      # sizes and epochs of a smoke run (recorded as such)
+        args.update(n_train=5000, n_val=1000, n_test=2000, epochs=3)
     cfg = Config(**args)
     methods = parse_list(cfg.methods, str, "methods")
     bad = [m for m in methods if m not in METHODS]
@@ -476,74 +600,100 @@ def parse_config(argv):
     for k in ("epochs", "batch_size", "n_train", "n_val", "n_test"):
         if getattr(cfg, k) < 1:
             raise UsageError(f"--{k.replace('_', '-')} must be >= 1")
-    if cfg.mix_pool not in ("batch", "global"):
-        raise UsageError(f"--mix-pool: {cfg.mix_pool!r} is not batch or global")
-    if cfg.device not in ("auto", "cpu", "cuda", "mps"):
-        raise UsageError(f"--device: unknown device {cfg.device!r}")
+    checks = [(0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"), (cfg.lr > 0, f"--lr {cfg.lr:g} must be > 0"),
+              (cfg.lr_b >= 0, f"--lr-b {cfg.lr_b:g} must be >= 0"), (cfg.decay_every >= 0, "--decay-every must be >= 0"),
+              (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"), (cfg.prior_eps > 0, "--prior-eps must be > 0"),
+              (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"), (cfg.dro_eta >= 0, "--dro-eta must be >= 0")]
+    for ok, msg in checks:
+        if not ok:
+            raise UsageError(msg)
     return cfg, methods, ratios, seeds
 
 
 def pick_device(name):
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        raise UsageError(f"--device {name}: not available on this machine")
     return torch.device(name)
+
+
+def protocol_of(cfg, dataset):
+    """The settings that change a run's numbers, and a short hash of them (runs are keyed by it)."""
+    p = {k: v for k, v in asdict(cfg).items() if k not in NOT_PROTOCOL}
+    p["dataset"] = dataset
+    return p, hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]
+
+
+def load_results(path):
+    if not os.path.exists(path):
+        return {"runs": []}
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        assert isinstance(res["runs"], list)
+        return res
+    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
+        raise UsageError(f"{path} exists but is not a readable results.json ({e}); move it away") from None
 
 
 def run(cfg, methods, ratios, seeds):
     device = pick_device(cfg.device)
+    try:
+        os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
+    except OSError as e:
+        raise UsageError(f"--out {cfg.out}: cannot create it ({e.strerror})") from None
+    path = os.path.join(cfg.out, "results.json")
+    res = load_results(path)                               # earlier runs are kept, never replaced
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    grey = load_grey(cfg)                                  # raises UsageError on a bad --data-dir: nothing written yet
+    grey = load_grey(cfg)                                  # raises UsageError on a bad --data-dir
+    check_ratios(grey["train_y"], ratios)
     dataset = f"idx:{os.path.basename(os.path.normpath(cfg.data_dir))}" if cfg.data_dir else "procedural"
+    protocol, key = protocol_of(cfg, dataset)
     print(f"data: {dataset}, train {len(grey['train_y'])} / val {len(grey['val_y'])} / test {len(grey['test_y'])} "
-          f"images ({time.time() - t0:.1f} s); device {device}, {torch.get_num_threads()} threads")
+          f"images ({time.time() - t0:.1f} s); device {device}, {torch.get_num_threads()} threads; protocol {key}")
     evalsets = colour_eval_splits(grey, cfg, device)
-    os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
-    path = os.path.join(cfg.out, "results.json")
-    if os.path.exists(path):
-        os.remove(path)                                    # a stale file from an earlier invocation is not a result
-    config = {**asdict(cfg), "methods": methods, "ratios": ratios, "seeds": seeds, "dataset": dataset,
-              "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    res = {"config": config, "runs": [], "complete": False}
-    grid = [(rho, s, m) for rho in ratios for s in seeds for m in methods]
+    grid = [(rho, s, m) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else []) for m in methods
+            if rho != CEILING or m == "erm"]              # seed-major: an interrupted sweep has whole seeds
+    done = {(r["method"], r["ratio"], r["seed"]) for r in res["runs"] if r.get("protocol") == key}
+    res["protocols"] = {**res.get("protocols", {}), key: protocol}
+    train = None
     for i, (rho, s, m) in enumerate(grid):
-        if i == 0 or grid[i - 1][:2] != (rho, s):
-            train = colour_train(grey, rho, s, device)     # same coloured data for every method of (rho, seed)
-        rec, states = train_run(m, rho, s, train, evalsets, cfg, device, tag=f"[{i + 1}/{len(grid)}] ")
-        rec["dataset"] = dataset
-        print(f"[{i + 1}/{len(grid)}] {m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} "
-              f"(best val, ep {rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), conflicting "
-              f"{rec['conflicting_acc']:.2f}, worst group {rec['worst_group_acc']:.2f}  [{rec['wall_s']:.0f} s]")
-        torch.save(states, os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}.pt"))
+        tag = f"[{i + 1}/{len(grid)}] "
+        if (m, rho, s) in done:
+            print(f"{tag}{m} rho={rho:g} seed={s}: finished earlier with protocol {key}, kept")
+            continue
+        if train is None or train[0] != (rho, s):          # same coloured data for every method of (rho, seed)
+            train = ((rho, s), colour_train(grey, rho, s, device))
+        rec, states = train_run(m, rho, s, train[1], evalsets, cfg, device, tag=tag)
+        rec.update(dataset=dataset, protocol=key)
+        print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} (best val, ep "
+              f"{rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), conflicting {rec['conflicting_acc']:.2f}"
+              f"  [{rec['wall_s']:.0f} s]")
+        torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s}, **states},
+                   os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
         res["runs"].append(rec)
-        res["complete"] = i + 1 == len(grid)
-        res["wall_s"] = time.time() - t0
         write_json_atomic(path, res)                       # after every run: an interrupt keeps finished runs
-    print()
-    print(summary_table(res["runs"]))
+    mine = [r for r in res["runs"] if r.get("protocol") == key and (r["method"], r["ratio"], r["seed"]) in
+            {(m, rho, s) for rho, s, m in grid}]
+    print("\n" + summary_table(mine) + "\n\n" + count_table(mine, cfg.out))
     if cfg.margins:
-        print()
-        print(margin_table(res["runs"]))
-    print(f"\nwrote {path} ({len(res['runs'])} runs, {time.time() - t0:.0f} s)")
-    return res
+        print("\n" + margin_table(mine))
+    print(f"\n{path}: {len(res['runs'])} runs in all ({time.time() - t0:.0f} s)")
+    return {**res, "runs": mine}
 
 
 def report(cfg):
-    try:
-        with open(cfg.report) as f:
-            res = json.load(f)
-        runs = res["runs"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UsageError(f"--report {cfg.report}: not a readable results.json ({e})") from None
-    print(summary_table(runs))
-    if cfg.margins:
-        print()
-        print(margin_table(runs))
+    res = load_results(cfg.report) if os.path.exists(cfg.report) else None
+    if res is None:
+        raise UsageError(f"--report {cfg.report}: no such file")
+    for key in sorted({r.get("protocol") for r in res["runs"]}, key=str):
+        runs = [r for r in res["runs"] if r.get("protocol") == key]
+        print(f"protocol {key}: {json.dumps(res.get('protocols', {}).get(key, {}), sort_keys=True)}\n")
+        print(summary_table(runs) + "\n\n" + count_table(runs) + ("\n\n" + margin_table(runs) if cfg.margins else "") + "\n")
     return res
 
 

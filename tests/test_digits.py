@@ -107,3 +107,40 @@ def test_idx_errors(tmp_path):
     bad.unlink()
     with pytest.raises(digits.IDXError, match="missing train-labels"):
         digits.load_idx_dataset(str(tmp_path))
+
+
+def test_palette_is_well_separated_and_jitter_is_lffs():
+    c = digits.COLOURS
+    assert c.shape == (10, 3) and len({tuple(v) for v in c.round(3)}) == 10
+    d = np.sqrt(((c[:, None] - c[None]) ** 2).sum(-1))
+    assert d[~np.eye(10, dtype=bool)].min() > 0.4                       # v1's closest pair (orange/brown) was 0.37
+    # colour direction matters, not brightness (strokes have random contrast): normalised colours stay apart too
+    u = c / np.linalg.norm(c, axis=1, keepdims=True)
+    angle = np.degrees(np.arccos(np.clip(u @ u.T, -1, 1)))
+    assert angle[~np.eye(10, dtype=bool)].min() > 20
+    assert digits.JITTER == 0.005                                        # LfF's Colored MNIST severity
+    x = digits.apply_colour(np.ones((2000, 28, 28), np.float32), np.ones(2000, int), np.random.default_rng(0))
+    assert x[:, 1, 0, 0].std() == pytest.approx(0.005, rel=0.1)        # orange's green channel, 0.6 +- 0.005
+    assert abs(x[:, 1, 0, 0].mean() - digits.COLOURS[1, 1]) < 0.001
+
+
+def test_idx_parent_folder_layouts(tmp_path):
+    write_mnist_dir_nested = tmp_path / "MNIST" / "raw"
+    write_mnist_dir_nested.mkdir(parents=True)
+    (tmp_path / "MNIST" / "processed").mkdir()
+    write_mnist_dir(write_mnist_dir_nested, gz=True)
+    assert digits.find_idx_dir(str(tmp_path)) == str(write_mnist_dir_nested)
+    tx, ty, sx, sy = digits.load_idx_dataset(str(tmp_path))               # two levels up still finds raw/
+    assert tx.shape == (60, 28, 28) and sy.shape == (30,)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(digits.IDXError, match="missing train-images"):
+        digits.load_idx_dataset(str(empty))
+
+
+def test_cached_procedural_split_is_identical_on_reload(tmp_path):
+    x1, y1 = digits.procedural_split_cached(40, 5, str(tmp_path))
+    x2, y2 = digits.procedural_split_cached(40, 5, str(tmp_path))
+    xr, yr = digits.procedural_split(40, 5)
+    assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and np.array_equal(y1, yr)
+    assert x1.dtype == np.float32 and np.abs(x1 - xr).max() <= 0.5 / 255 + 1e-6     # uint8 quantisation only

@@ -4,6 +4,7 @@ import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -68,13 +69,100 @@ def test_margins_against_loop():
 def test_update_prior_against_counting_loop():
     torch.manual_seed(0)
     y, a = torch.randint(0, 10, (64,)), torch.randint(0, 10, (64,))
-    prior = torch.full((10, 10), 0.01)
     slow = np.zeros((10, 10))
     for yi, ai in zip(y.tolist(), a.tolist()):
-        slow[yi, ai] += 1 / 64
-    new = lc.update_prior(prior, y, a, momentum=0.9)
-    assert np.allclose(new.numpy(), 0.9 * 0.01 + 0.1 * slow, atol=1e-7)
-    assert new.sum().item() == pytest.approx(1.0, abs=1e-6)              # stays a distribution
+        slow[yi, ai] += 1
+    num0, den0 = torch.full((10, 10), 0.3), 30.0
+    num, den = lc.update_prior(num0, den0, y, a, 0.9)
+    assert np.allclose(num.numpy(), 0.9 * 0.3 + slow, atol=1e-6) and den == pytest.approx(0.9 * 30 + 64)
+    num, den = lc.update_prior(torch.zeros(10, 10), 0.0, y, a, 0.9)         # first step: the batch frequencies
+    assert np.allclose((num / den).numpy(), slow / 64, atol=1e-7)
+    # a partial batch counts by its size: 64 then 16 samples = the frequencies of all 80 when beta = 1
+    y2, a2 = torch.randint(0, 10, (16,)), torch.randint(0, 10, (16,))
+    num, den = lc.update_prior(num, den, y2, a2, 1.0)
+    both = np.zeros((10, 10))
+    np.add.at(both, (torch.cat([y, y2]).numpy(), torch.cat([a, a2]).numpy()), 1)
+    assert np.allclose((num / den).numpy(), both / 80, atol=1e-7)
+
+
+def test_prior_reaches_true_group_frequencies_within_one_epoch():
+    """Perfect pseudo-attributes, one epoch of shuffled batches: Delta = the true P(y, a), rare cells included.
+    The v1 estimator (uniform start, no bias correction) is still far off after the same epoch."""
+    g = torch.Generator().manual_seed(0)
+    N, B, beta = 20000, 256, 0.995
+    y = torch.arange(N) % 10
+    a = y.clone()
+    conf = torch.randperm(N, generator=g)[:N // 50]                      # rho = 2 %
+    a[conf] = (y[conf] + 1 + torch.randint(0, 9, (len(conf),), generator=g)) % 10
+    true = torch.bincount(y * 10 + a, minlength=100).view(10, 10).float() / N
+    num, den, v1 = torch.zeros(10, 10), 0.0, torch.full((10, 10), 0.01)
+    perm = torch.randperm(N, generator=g)
+    for s in range(0, N, B):
+        i = perm[s:s + B]
+        num, den = lc.update_prior(num, den, y[i], a[i], beta)
+        p_b = torch.bincount(y[i] * 10 + a[i], minlength=100).view(10, 10).float() / len(i)
+        v1 = 0.99 * v1 + 0.01 * p_b
+    delta = num / den
+    assert delta.sum().item() == pytest.approx(1.0, abs=1e-5)
+    diag = torch.eye(10, dtype=torch.bool)
+    assert torch.allclose(delta[diag], true[diag], rtol=0.01)                 # aligned cells within 1 %
+    assert (delta[~diag] - true[~diag]).abs().max() < 1e-4                    # rare cells (true 2.2e-4 each)
+    # the margin LC asks of the rare cells, ln Delta[y, a] / Delta[a, a], within 0.1 of the truth on average
+    lr = lambda d: torch.log(d[~diag].clamp_min(1e-4)).mean() - torch.log(d[diag]).mean()
+    assert abs(lr(delta) - lr(true)) < 0.1
+    assert abs(lr(v1) - lr(true)) > 2.0                                       # v1: nowhere near after one epoch
+
+
+# ---------------------------------------------------------------------------------------------- LfF, GroupDRO, sampler
+
+def test_lff_weights_by_hand():
+    """4 images, classes (0, 0, 1, 1); EMA 0.5. First visit: the EMA is the loss itself; weights use class maxima."""
+    S = SimpleNamespace(cfg=SimpleNamespace(lff_ema=0.5), y_N=torch.tensor([0, 0, 1, 1]),
+                        ema_b=torch.zeros(4), ema_d=torch.zeros(4), seen=torch.zeros(4, dtype=torch.bool))
+    idx, y = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
+    w = lc.lff_weights(S, idx, y, torch.tensor([2.0, 1.0, 4.0]), torch.tensor([1.0, 1.0, 2.0]))
+    # class 0: max l_b = 2, max l_d = 1 -> image 0: (1, 1) -> 1/2; image 1: (0.5, 1) -> 1/3; class 1: (1, 1) -> 1/2
+    assert w.tolist() == pytest.approx([0.5, 1 / 3, 0.5], abs=1e-6)
+    assert S.seen.tolist() == [True, True, True, False]
+    # second visit of image 1 (and first of image 3): EMA_b(1) = 0.5 * 1 + 0.5 * 3 = 2, EMA_d(1) = 0.5 * 1 + 0.5 * 0 = 0.5
+    w = lc.lff_weights(S, torch.tensor([1, 3]), torch.tensor([0, 1]), torch.tensor([3.0, 1.0]), torch.tensor([0.0, 8.0]))
+    # class 0 maxima now: l_b max(2, 2) = 2, l_d max(1, 0.5) = 1 -> image 1: (1, 0.5) -> 2/3
+    # class 1 maxima: l_b max(4, 1) = 4, l_d max(2, 8) = 8 -> image 3: (0.25, 1) -> 0.2
+    assert w.tolist() == pytest.approx([2 / 3, 0.2], abs=1e-6)
+    assert S.ema_b.tolist() == pytest.approx([2.0, 2.0, 4.0, 1.0]) and S.ema_d.tolist() == pytest.approx([1.0, 0.5, 2.0, 8.0])
+
+
+def test_groupdro_update_and_loss_by_hand():
+    q = torch.full((4,), 0.25)
+    loss = torch.tensor([1.0, 2.0, 0.0, 3.0])
+    new = lc.dro_update(q, loss, torch.tensor([True, True, False, True]), eta=0.5)
+    e = [math.exp(0.5), math.exp(1.0), 1.0, math.exp(1.5)]                 # group 2 absent: its factor is 1
+    assert new.tolist() == pytest.approx([v / sum(e) for v in e], abs=1e-6)
+    # the training loss: sum_g q_g * (mean CE of group g in the batch), gradients through the CE only
+    torch.manual_seed(0)
+    net = lc.mlp()
+    S = SimpleNamespace(net=net, a_N=torch.tensor([0, 0, 5, 1]), q_G=torch.full((100,), 0.01),
+                        cfg=SimpleNamespace(dro_eta=0.1))
+    x, y = torch.randn(4, 3, 28, 28), torch.tensor([0, 0, 0, 1])
+    got = lc.loss_groupdro(S, x, y, torch.arange(4))
+    ce = F.cross_entropy(net(x), y, reduction="none").detach()
+    gl = {0: (ce[0] + ce[1]) / 2, 5: ce[2], 11: ce[3]}                     # groups y * 10 + a
+    w = {g: 0.01 * math.exp(0.1 * v.item()) for g, v in gl.items()}
+    Z = sum(w.values()) + 0.01 * 97
+    assert got.item() == pytest.approx(sum(w[g] / Z * gl[g].item() for g in gl), rel=1e-5)
+    assert S.q_G.sum().item() == pytest.approx(1.0, abs=1e-6) and S.q_G[5].item() == pytest.approx(w[5] / Z, rel=1e-5)
+
+
+def test_balanced_order_group_frequencies():
+    g = torch.cat([torch.zeros(5000), torch.full((40,), 7), torch.full((1,), 42), torch.full((200,), 99)]).long()
+    g = g[torch.randperm(len(g), generator=torch.Generator().manual_seed(1))]
+    idx = lc.balanced_order(g, 40000, torch.Generator().manual_seed(0))
+    freq = torch.bincount(g[idx], minlength=100).float() / len(idx)
+    assert set(torch.nonzero(freq).squeeze(1).tolist()) == {0, 7, 42, 99}     # never an empty group
+    assert freq[[0, 7, 42, 99]].tolist() == pytest.approx([0.25] * 4, abs=0.01)  # 1/4 each, whatever its size
+    inside = torch.bincount(idx[g[idx] == 7], minlength=len(g))[g == 7]     # uniform within a group too
+    assert inside.min() > 0.5 * inside.float().mean()
+    assert (g[lc.balanced_order(g, 10, torch.Generator().manual_seed(3))] >= 0).all()
 
 
 # ---------------------------------------------------------------------------------------------- Group MixUp
@@ -153,50 +241,89 @@ def test_evaluate_against_slow_oracle():
 
 # ---------------------------------------------------------------------------------------------- main()
 
-REQUIRED = {"method", "ratio", "seed", "dataset", "unbiased_acc_last", "unbiased_acc_best_val", "aligned_acc",
-            "conflicting_acc", "worst_group_acc", "epochs"}
+REQUIRED = {"method", "ratio", "seed", "dataset", "protocol", "n_conflicting", "unbiased_acc_last",
+            "unbiased_acc_best_val", "aligned_acc", "conflicting_acc", "worst_group_acc", "epochs", "history"}
 
 
-def test_smoke_main_all_methods_and_determinism(tmp_path):
-    args = TINY + ["--methods", ",".join(lc.METHODS), "--ratios", "5", "--seeds", "3", "--margins"]
+def test_smoke_main_all_methods_and_determinism(tmp_path, capsys):
+    args = TINY + ["--methods", ",".join(lc.METHODS), "--ratios", "5", "--seeds", "3", "--margins", "--explain"]
     res = lc.main(args + ["--out", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert saved["complete"] is True and len(saved["runs"]) == len(lc.METHODS)
-    assert {r["method"] for r in saved["runs"]} == set(lc.METHODS)
+    assert len(saved["runs"]) == len(lc.METHODS) and {r["method"] for r in saved["runs"]} == set(lc.METHODS)
     for r in saved["runs"]:
         assert REQUIRED <= set(r) and r["dataset"] == "procedural" and r["epochs"] == 2
+        assert r["n_conflicting"] == 10 * round(0.05 * 30)                # 30 images per class, rho = 5 %
         assert 0 <= r["unbiased_acc_best_val"] <= 100 and 0 <= r["worst_group_acc"] <= r["unbiased_acc_best_val"]
-    ck = torch.load(tmp_path / "a" / "ckpt" / "lc_r5_s3.pt", weights_only=True)
-    net = lc.mlp()
-    net.load_state_dict(ck["best_val"])
-    assert not any(k.startswith("_orig_mod.") for k in ck["last"])
-    # same seed, same numbers (CPU)
-    res2 = lc.main(args + ["--out", str(tmp_path / "b")])
+        if r["method"] in lc.TWO_NETS:                     # the mechanism, every epoch
+            assert {"precision", "recall", "colour_acc"} <= set(r["history"][0])
+    ex = next(r for r in saved["runs"] if r["method"] == "lc")["explain"]
+    assert ex["aligned"]["label"] == ex["aligned"]["colour"] and ex["conflicting"]["label"] != ex["conflicting"]["colour"]
+    assert "|dL/df|" in capsys.readouterr().out
+    ck = torch.load(tmp_path / "a" / "ckpt" / f"lc_r5_s3_{saved['runs'][0]['protocol']}.pt", weights_only=True)
+    assert ck["config"]["method"] == "lc" and ck["config"]["epochs"] == 2 and ck["config"]["lr"] == 1e-2
+    lc.mlp().load_state_dict(ck["best_val"])
+    res2 = lc.main(args + ["--out", str(tmp_path / "b")])     # same seed, same numbers (CPU)
     strip = lambda rs: [{k: v for k, v in r.items() if k != "wall_s"} for r in rs]
     assert strip(res["runs"]) == strip(res2["runs"])
 
 
-def test_smoke_main_on_idx_folder(tmp_path):
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 260), ("t10k", 80)):
-        digits.write_idx(tmp_path / f"{split}-images-idx3-ubyte.gz", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        digits.write_idx(tmp_path / f"{split}-labels-idx1-ubyte.gz", rng.integers(0, 10, n, dtype=np.uint8))
-    res = lc.main(TINY + ["--epochs", "2", "--methods", "erm,lc", "--mix-pool", "global", "--data-dir", str(tmp_path),
+def test_quick_sets_smoke_sizes_and_keeps_the_default_protocol_key():
+    quick, *_ = lc.parse_config(["--quick"])
+    assert (quick.n_train, quick.n_val, quick.n_test, quick.epochs) == (5000, 1000, 2000, 3)
+    full, *_ = lc.parse_config([])
+    assert lc.protocol_of(full, "procedural")[1] == "c31462e7"          # the key of the measured sweep (docs)
+    assert lc.protocol_of(quick, "procedural")[1] != "c31462e7"
+
+
+def test_rerun_adds_to_results_and_skips_finished_runs(tmp_path, capsys):
+    out = ["--out", str(tmp_path)]
+    first = lc.main(TINY + ["--methods", "erm", "--ratios", "5"] + out)["runs"]
+    res = lc.main(TINY + ["--methods", "erm,lc_nomix", "--ratios", "5,10"] + out)
+    assert "finished earlier" in capsys.readouterr().out
+    saved = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert sorted((r["method"], r["ratio"]) for r in saved) == [("erm", 5.0), ("erm", 10.0), ("lc_nomix", 5.0),
+                                                                ("lc_nomix", 10.0)]
+    assert saved[0] == first[0] and len(res["runs"]) == 4
+    lc.main(TINY + ["--methods", "erm", "--ratios", "5", "--lr", "0.003"] + out)    # another protocol: a new run
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert len(saved["runs"]) == 5 and len(saved["protocols"]) == 2
+    capsys.readouterr()
+    lc.main(["--report", str(tmp_path / "results.json")])
+    assert capsys.readouterr().out.count("protocol ") == 2
+
+
+def write_idx_folder(d, gz):
+    d.mkdir(parents=True)
+    rng, s = np.random.default_rng(0), ".gz" if gz else ""
+    for split, n in (("train", 300), ("t10k", 80)):
+        digits.write_idx(d / f"{split}-images-idx3-ubyte{s}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        digits.write_idx(d / f"{split}-labels-idx1-ubyte{s}", (np.arange(n) % 10).astype(np.uint8))
+
+
+@pytest.mark.parametrize("layout", ["plain", "gz", "parent"])
+def test_smoke_main_on_idx_folder(tmp_path, layout):
+    """--data-dir: the IDX files themselves (plain or .gz), or a parent folder (torchvision's MNIST/raw/)."""
+    write_idx_folder(tmp_path / "MNIST" / "raw" if layout == "parent" else tmp_path / "mnist", gz=layout == "gz")
+    data = tmp_path if layout == "parent" else tmp_path / "mnist"
+    res = lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--mix-pool", "global", "--data-dir", str(data),
                           "--out", str(tmp_path / "o")])
-    assert [r["dataset"] for r in res["runs"]] == [f"idx:{tmp_path.name}"] * 2
+    assert [r["dataset"] for r in res["runs"]] == [f"idx:{data.name}"] * 2
+    assert res["runs"][0]["n_conflicting"] >= 10                        # ~20 per class in 200 images, 5 % -> >= 1
 
 
 @pytest.mark.parametrize("bad", [["--ratios", "0"], ["--ratios", "100"], ["--ratios", "1,-2"], ["--ratios", "abc"],
                                  ["--methods", "erm,jtt"], ["--epochs", "x"], ["--mix-pool", "all"],
-                                 ["--data-dir", "MISSING"],
-                                 ["--data-dir", "CORRUPT"], ["--data-dir", "MISMATCH"]])
+                                 ["--q", "0"], ["--q", "1.5"], ["--lr", "0"], ["--lr", "-1e-3"], ["--lr-b", "-1"],
+                                 ["--ratios", "1"],                    # 30 images per class: no conflicting image
+                                 ["--device", "cuda"], ["--device", "mps"], ["--device", "tpu"], ["--out", "FILE"],
+                                 ["--data-dir", "MISSING"], ["--data-dir", "CORRUPT"], ["--data-dir", "MISMATCH"]])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
+    if bad[0] == "--device" and bad[1] == "cuda" and torch.cuda.is_available():
+        pytest.skip("CUDA is present")
+    if bad[:2] == ["--device", "mps"] and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        pytest.skip("MPS is present")
     d = tmp_path / "mnist"
-    d.mkdir()
-    rng = np.random.default_rng(0)
-    for split, n in (("train", 50), ("t10k", 20)):
-        digits.write_idx(d / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        digits.write_idx(d / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, n, dtype=np.uint8))
+    write_idx_folder(d, gz=False)
     if bad[-1] == "MISSING":
         (d / "t10k-labels-idx1-ubyte").unlink()
     if bad[-1] == "CORRUPT":
@@ -207,9 +334,51 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
     if bad[0] == "--data-dir":
         bad = ["--data-dir", str(d)]
     out = tmp_path / "out"
+    if bad[-1] == "FILE":                                  # --out below a plain file cannot be created
+        (tmp_path / "f").write_text("x")
+        bad, out = [], tmp_path / "f" / "sub"
     with pytest.raises(SystemExit) as e:
-        lc.main(TINY + bad + ["--out", str(out)])
+        lc.main(TINY + ["--ratios", "5"] + bad + ["--out", str(out)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("logit_correction.py: error:") and "\n" not in err and "Traceback" not in err
     assert not (out / "results.json").exists()                           # nothing that looks like a result
+
+
+def test_count_table_and_plot_with_a_stub_matplotlib(tmp_path, monkeypatch):
+    """The accuracy-vs-number-of-conflicting-images table; the plot path runs against a stand-in matplotlib
+    (matplotlib itself is optional and not installed in CI)."""
+    import types
+    calls = []
+
+    class Ax:
+        def plot(self, xs, ys, *a, **k):
+            calls.append((k.get("label"), list(xs), list(ys)))
+
+        def set(self, **k):
+            pass
+
+        def legend(self):
+            pass
+
+    class Fig:
+        def tight_layout(self):
+            pass
+
+        def savefig(self, path, **k):
+            Path(path).write_text("png")
+
+    mpl = types.ModuleType("matplotlib")
+    mpl.use = lambda backend: None
+    plt = types.ModuleType("matplotlib.pyplot")
+    plt.subplots = lambda **k: (Fig(), Ax())
+    mpl.pyplot = plt
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    runs = [{"method": m, "ratio": r, "seed": s, "n_conflicting": n, "unbiased_acc_best_val": acc + s,
+             "history": [{"precision": 100.0, "recall": 80.0}]}
+            for m, acc in (("erm", 50.0), ("lc", 70.0)) for r, n in ((0.5, 280), (1.0, 550)) for s in (1, 2)]
+    text = lc.count_table(runs, str(tmp_path))
+    assert "  0.5    280      51.50      71.50 100.0/ 80.0" in text               # mean over the two seeds
+    assert (tmp_path / "acc_vs_conflicting.png").read_text() == "png"
+    assert calls == [("erm", [280, 550], [51.5, 51.5]), ("lc", [280, 550], [71.5, 71.5])]
