@@ -246,57 +246,64 @@ class MoEFFN(nn.Module):
         self.register_buffer("spill_LJ", spill_LJ)
 
     def forward(self, x_BSD, ctx):
-        cfg, E, K = self.cfg, self.E, self.K
+        cfg, E = self.cfg, self.E
         B, S, D = x_BSD.shape
-        T = B * S
-        x_TD = x_BSD.reshape(T, D)
-        step = ctx.get("step") or StepRouting(T * rank_world()[1], all_ranks_sum)
-        dev = x_TD.device.type
+        x_TD = x_BSD.reshape(B * S, D)
+        step = ctx.get("step") or StepRouting(B * S * rank_world()[1], all_ranks_sum)   # default: this forward
         logits_TE = self.router_logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         z = cfg.z_coef * torch.logsumexp(logits_TE, -1).pow(2).mean()         # ST-MoE z-loss
         ent_sum = torch.special.entr(probs_TE.detach()).sum() / math.log(E)   # router entropy, [0, 1] per token
         if cfg.router == "expert_choice":
             return self.expert_choice(x_TD, probs_TE, z, ent_sum, B, S)
-        if cfg.router == "topk":
-            idx_TK, gates_TK = route_topk(probs_TE, self.bias_E, K)
-        elif cfg.router == "reference":
-            idx_TK, gates_TK = route_reference(probs_TE, ctx["dom_B"].repeat_interleave(S), self.home_LG,
-                                               self.spill_LJ, K, cfg.reference_gate == "uniform")
-        else:                                              # hash: the router weight is not used
-            idx_TK, gates_TK = route_hash(ctx["tok_BS"].reshape(-1), self.hash_VK)
+        idx_TK, gates_TK = self.route(probs_TE, ctx, S)
+        if cfg.router == "hash":                           # the router weight is not used
             z, ent_sum = z.detach() * 0, None
-        if cfg.norm_topk and cfg.router != "hash":
-            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
         # balancing groups of this forward: one per sequence, or one for the micro-batch (micro and global)
-        G = B if cfg.balance_scope == "sequence" else 1
-        counts_GE = F.one_hot(idx_TK.reshape(G, -1), E).sum(1).float()      # selections per group
+        counts_GE = F.one_hot(idx_TK.reshape(B if cfg.balance_scope == "sequence" else 1, -1), E).sum(1).float()
         aux = z.new_zeros(())
         if cfg.router == "topk" and cfg.balance == "aux" and self.training and torch.is_grad_enabled():
-            if cfg.balance_scope == "global":
-                aux = aux_loss(probs_TE, step.global_counts(self.layer_id, counts_GE), cfg.aux_coef)
-            else:
-                aux = aux_loss(probs_TE, counts_GE, cfg.aux_coef)
-        keep_TK = torch.ones_like(idx_TK, dtype=torch.bool)
-        if cfg.capacity_factor > 0:                        # dropping: a zero gate (no gradient through it)
-            if cfg.capacity_scope == "sequence":
-                keep_TK = capacity_keep(idx_TK, E, math.ceil(cfg.capacity_factor * S * K / E), B)
-            elif cfg.capacity_scope == "micro":
-                keep_TK = capacity_keep(idx_TK, E, math.ceil(cfg.capacity_factor * T * K / E), 1)
-            else:
-                C = math.ceil(cfg.capacity_factor * step.step_tokens * K / E)
-                sel_E = F.one_hot(idx_TK.reshape(-1), E).sum(0)
-                keep_TK = capacity_keep(idx_TK, E, C, 1, step.capacity_offset(self.layer_id, sel_E))
-            gates_TK = gates_TK * keep_TK.to(gates_TK.dtype)
-        x_in, w_in, w_out = x_TD, self.w_in_EDH, self.w_out_EHD
-        if torch.is_autocast_enabled(dev):    # a custom op is not on autocast's list: cast as for a matmul,
-            dt = torch.get_autocast_dtype(dev)  # so the grouped GEMM gets bf16 (its fast path), not fp32
-            x_in, w_in, w_out = x_TD.to(dt), w_in.to(dt), w_out.to(dt)
-        y_TD, _ = moe_ffn(x_in, idx_TK, gates_TK, w_in, w_out, impl=cfg.impl, compile=cfg.compile)
+            scope_GE = step.global_counts(self.layer_id, counts_GE) if cfg.balance_scope == "global" else counts_GE
+            aux = aux_loss(probs_TE, scope_GE, cfg.aux_coef)
+        keep_TK = self.capacity(idx_TK, B, S, step)
+        y_TD = self.dispatch(x_TD, idx_TK, gates_TK * keep_TK.to(gates_TK.dtype))   # dropped: gate 0, no gradient
         stats = dict(layer=self.layer_id, aux=aux, z=z, counts_GE=counts_GE, ent_sum=ent_sum,
                      assign_TE=F.one_hot(idx_TK, E).sum(1).float(), top1_T=idx_TK[:, 0],
                      n_drop=(~keep_TK).sum(), n_slots=idx_TK.numel())
         return y_TD.view(B, S, D), stats
+
+    def route(self, probs_TE, ctx, S):
+        cfg = self.cfg
+        if cfg.router == "topk":
+            idx_TK, gates_TK = route_topk(probs_TE, self.bias_E, self.K)
+        elif cfg.router == "reference":
+            idx_TK, gates_TK = route_reference(probs_TE, ctx["dom_B"].repeat_interleave(S), self.home_LG,
+                                               self.spill_LJ, self.K, cfg.reference_gate == "uniform")
+        else:
+            return route_hash(ctx["tok_BS"].reshape(-1), self.hash_VK)
+        if cfg.norm_topk:                                  # Mixtral/DeepSeek form: gates sum to 1 over the k
+            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+        return idx_TK, gates_TK
+
+    def capacity(self, idx_TK, B, S, step):
+        """Which assignments fit: all when dropless; else C = ceil(cf * tokens_in_scope * K / E) per expert."""
+        cf, E, K = self.cfg.capacity_factor, self.E, self.K
+        if cf == 0:
+            return torch.ones_like(idx_TK, dtype=torch.bool)
+        if self.cfg.capacity_scope == "sequence":
+            return capacity_keep(idx_TK, E, math.ceil(cf * S * K / E), B)
+        if self.cfg.capacity_scope == "micro":
+            return capacity_keep(idx_TK, E, math.ceil(cf * B * S * K / E), 1)
+        offset_E = step.capacity_offset(self.layer_id, F.one_hot(idx_TK.reshape(-1), E).sum(0))
+        return capacity_keep(idx_TK, E, math.ceil(cf * step.step_tokens * K / E), 1, offset_E)
+
+    def dispatch(self, x_TD, idx_TK, gates_TK):
+        x_in, w_in, w_out = x_TD, self.w_in_EDH, self.w_out_EHD
+        dev = x_TD.device.type
+        if torch.is_autocast_enabled(dev):    # a custom op is not on autocast's list: cast as for a matmul,
+            dt = torch.get_autocast_dtype(dev)  # so the grouped GEMM gets bf16 (its fast path), not fp32
+            x_in, w_in, w_out = x_TD.to(dt), w_in.to(dt), w_out.to(dt)
+        return moe_ffn(x_in, idx_TK, gates_TK, w_in, w_out, impl=self.cfg.impl, compile=self.cfg.compile)[0]
 
     def router_logits(self, x_TD):
         """W h_t in fp32 even under bf16 autocast: top-k choices and the softmax are sensitive to rounding."""

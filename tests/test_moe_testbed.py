@@ -453,14 +453,30 @@ def test_smoke_other_routers(tmp_path, router):
 def test_sweep_jobs_two_equals_jobs_one(tmp_path):
     """--jobs 2 (spawned worker processes) gives the numbers --jobs 1 gives, run for run."""
     data = str(_data_dir(tmp_path))
-    args = TINY + ["--steps", "3", "--sweep", "balance", "--data-dir", data]
+    args = TINY + ["--steps", "3", "--sweep", "balance", "--batch-size", "4", "--data-dir", data]
     one = mt.main(args + ["--out", str(tmp_path / "j1")])
     two = mt.main(args + ["--out", str(tmp_path / "j2"), "--jobs", "2"])
-    assert [r["name"] for r in one] == ["balance-1", "balance-2", "balance-4", "balance-8"]
-    assert [r["balance_tokens"] for r in one] == [16, 32, 64, 128] and [r["accum"] for r in one] == [1, 4, 2, 1]
+    assert [r["name"] for r in one] == ["balance-1", "balance-2", "balance-4"]
+    assert [r["balance_tokens"] for r in one] == [16, 32, 64] and [r["accum"] for r in one] == [1, 2, 1]
     for a, b in zip(one, two):
         for k in ("name", "val_bpb", "per_domain_bpb", "routing_matrix", "purity", "utilization", "history"):
             assert a[k] == b[k], (a["name"], k)
+
+
+def test_plots_when_matplotlib_is_importable(tmp_path, monkeypatch):
+    """matplotlib is optional (not installed here): a stand-in module checks the plotting code runs."""
+    from unittest import mock
+    plt = mock.MagicMock()
+    plt.subplots.side_effect = lambda rows=1, cols=1, **k: (mock.MagicMock(), [mock.MagicMock() for _ in range(cols)]
+                                                            if cols > 1 else mock.MagicMock())
+    mpl = mock.MagicMock(pyplot=plt)
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    hist = [dict(step=s, layer=1, purity=0.5, utilization=0.9, maxvio=0.2) for s in (1, 2)]
+    runs = [dict(name=f"b{n}", seed=s, router="topk", balance="aux", balance_tokens=n, purity=0.4, nmi=0.3,
+                 utilization=0.9, history=hist) for n in (1, 2, 4) for s in (0, 1)]
+    paths = mt.plots(runs, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["history.png", "balance.png"] and plt.close.call_count == 2
 
 
 def test_resume_equals_uninterrupted_and_determinism(tmp_path):
