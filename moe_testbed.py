@@ -708,7 +708,7 @@ def run_one(cfg, doms, name, device, quiet=False):
                 line += f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity {r['purity']:.3f}"
             tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t_log, 1e-9)
             bar.set_postfix(bpb=f"{ce / math.log(2):.3f}")
-            say(line + f" | {tok_s:,.0f} tok/s", quiet)
+            say(line + f" | {tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
             save_ckpt(ckpt_path, model, opt, step + 1, train_s, cfg, history)
     bar.close()
@@ -1004,6 +1004,19 @@ def train_flops_per_token(cfg):
     D, S = cfg.d_model, cfg.seq_len
     per_layer = 4 * D * D + 2 * D * cfg.top_k * cfg.expert_hidden
     return 6 * (cfg.n_layer * per_layer + 256 * D) + cfg.n_layer * 6 * S * D
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, nominal (vendor sheets)
+
+
+def flops_note(cfg, device, tok_s):
+    """On CUDA: model TFLOP/s (train_flops_per_token x tokens/s) and MFU against the GPU's nominal bf16 peak."""
+    if torch.device(device).type != "cuda":
+        return ""
+    tflops = train_flops_per_token(cfg) * tok_s / 1e12
+    name = torch.cuda.get_device_name(torch.device(device))
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return f" | {tflops:.1f} model TFLOP/s" + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "")
 
 
 # ----------------------------------------------------------------------------------------------------
