@@ -11,27 +11,40 @@ and the layer computes, for every token t,               y_t = sum_k gates[t,k] 
 The gates are used as given (the router decides whether to renormalise them over the top-k).
 
 Implementations (`impl=`):
-    "loop"      one small matmul pair per expert: torch.where + gather + index_add_. Easy to read,
-                the reference for speed. Data-dependent shapes, so it does not compile into one graph.
-    "grouped"   sort the A = T*K assignments by expert, gather the rows, run ONE grouped GEMM over
-                int32 offsets (the offsets are values, not shapes), scale by the gate, scatter back.
-                Every shape depends only on (T, K, D, H, E), so torch.compile(fullgraph=True) builds one
-                graph that is reused for any routing pattern (no recompiles).
+    "loop"      one small matmul pair per expert: torch.where + gather + index_add_. Easy to read, the
+                reference for speed and the oracle of kernels.bench. Data-dependent shapes: no single graph.
+    "grouped"   sort the A = T*K assignments by expert, gather the rows, run ONE grouped GEMM per weight
+                over int32 offsets (offsets are values, not shapes), undo the sort with the inverse
+                permutation and sum each token's K slots with its gates. Every shape depends only on
+                (T, K, D, H, E): torch.compile(fullgraph=True) builds one graph for any routing.
     "capacity"  a fixed [E, C, D] buffer per expert, C = ceil(capacity_factor * T*K / E), two bmm's.
                 Assignments past C are DROPPED (the token keeps only its residual path for that slot).
                 Priority is token order: assignment (t, k) is the (t*K + k)-th in line for its expert.
                 Also compiles as one graph.
 Only "capacity" ever drops; for the others `dropped_TK` is all False.
 
-Compilation is lazy and optional: `compile=True` compiles the chosen impl on its first call (one graph,
-`fullgraph=True`); `compile=False` always runs eagerly.
+What a GPU training step needs from "grouped" (and how tests/test_kernels.py checks it on a CPU):
+  * no host syncs: expert ids are checked on the device (torch._assert_async); the synchronous check
+    with a readable ValueError runs only with debug=True. Group ends come from searchsorted on the sorted
+    ids, never from .tolist() / bincount. (Tested: no aten op that reads a tensor on the host runs, and
+    moe_testbed's whole MoE layer compiles with fullgraph=True.) "capacity" has no host reads either.
+  * deterministic: the combine is a gather by the inverse permutation and a sum over the K slots, and the
+    dispatch gradient a gather back and a sum over a token's K copies -- no index_add / atomics.
+  * grouped forward AND backward: both gradient GEMMs are grouped GEMMs too (dX = dY @ W^T per group,
+    dW = X^T @ dY per group, the latter a 2D x 2D grouped GEMM); no per-expert Python loop.
 
-The grouped GEMM is wrapped in a small custom op (`moe_kernels::grouped_mm`) because torch's own
-`_grouped_mm` has gaps we must paper over on both torch versions this repo supports: on CPU it wants
-16-byte-aligned rows and no float64, and its compile-time (meta) check accepts bf16 only, while the
-GPU image runs an older torch. Inside the op we call `torch._grouped_mm` when it takes the inputs and
-fall back to a per-group loop otherwise; to torch.compile the op is an opaque call with a known output
-shape, so the graph stays whole either way.
+The grouped GEMM `grouped_mm(a, b, offs)` picks one of three routes, by dtype and device only (static
+under torch.compile):
+  1. torch._grouped_mm itself, with its own autograd (all three GEMMs grouped, visible to Inductor),
+     when it takes the operands: bf16 or fp32 on CPU with 16-byte-aligned rows (fp32 eagerly only:
+     its compile-time check accepts bf16 alone), bf16 on CUDA sm90+ (Hopper, Blackwell).
+  2. fp32 on CUDA: cast the operands to bf16 and run route 1 (the kernel accumulates in fp32; the
+     result is cast back). This is autocast's precision for the expert GEMMs, not exact fp32; torch's
+     CUDA kernel has no fp32 fast path, and the alternative was a per-expert loop with a host sync.
+     `FP32_VIA_BF16` lists the device types that take this route; tests add "cpu" to run it here.
+  3. otherwise a custom op (`moe_kernels::grouped_mm`, opaque to torch.compile, so the graph stays
+     whole): torch._grouped_mm inside when the operands allow it (fp32 on CPU under compile), else a
+     per-group loop -- the always-correct fallback for float64, odd widths and older GPUs.
 """
 
 import math
@@ -39,35 +52,34 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["moe_ffn", "IMPLS", "grouped_mm"]
+__all__ = ["moe_ffn", "IMPLS", "grouped_mm", "capacity"]
 
 IMPLS = ("loop", "grouped", "capacity")
+FP32_VIA_BF16 = ("cuda",)    # device types whose fp32 expert GEMMs run as bf16 grouped GEMMs (route 2)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The grouped GEMM: out[rows of group g] = a[rows of group g] @ b[g], groups delimited by int32 ends.
 # ----------------------------------------------------------------------------------------------------
 
-def _native_grouped_mm_ok(*mats):
-    """Would torch._grouped_mm accept these operands? Checked from dtype, device and strides, not tried."""
+def _native_ok(*mats):
+    """Would torch._grouped_mm take these operands, and run fast? Decided from dtype, device and strides."""
     a = mats[0]
-    if not hasattr(torch, "_grouped_mm"):
-        return False
-    if a.dtype not in (torch.bfloat16, torch.float16, torch.float32) or any(m.dtype != a.dtype for m in mats):
+    if not hasattr(torch, "_grouped_mm") or any(m.dtype != a.dtype or m.device != a.device for m in mats):
         return False
     if a.device.type == "cuda":
-        # the CUDA kernels (Hopper and newer) take bf16 on every torch version we support
-        if a.dtype != torch.bfloat16 or torch.cuda.get_device_capability(a.device) < (9, 0):
+        # torch's grouped kernels are Hopper+ and bf16; elsewhere torch loops over the groups itself
+        if a.dtype != torch.bfloat16 or torch.cuda.get_device_properties(a.device).major < 9:
             return False
-    elif a.device.type != "cpu":
+    elif a.device.type != "cpu" or a.dtype not in (torch.bfloat16, torch.float32):
         return False
     # every stride but the unit one must be a multiple of 16 bytes (row- or column-major operands)
     return all(m.stride(-1) == 1 or m.stride(-2) == 1 for m in mats) and all(
         (st * m.element_size()) % 16 == 0 for m in mats for st in m.stride()[-2:] if st != 1)
 
 
-def _grouped_mm_eager(a_AD, b_EDH, offs_E):
-    """Slow-but-always-correct path: one matmul per group. offs_E[g] = end row of group g."""
+def _grouped_mm_loop(a_AD, b_EDH, offs_E):
+    """The fallback: one matmul per group. offs_E[g] = end row of group g (read on the host)."""
     out_AH = a_AD.new_zeros(a_AD.shape[0], b_EDH.shape[-1])
     start = 0
     for g, end in enumerate(offs_E.tolist()):
@@ -77,8 +89,8 @@ def _grouped_mm_eager(a_AD, b_EDH, offs_E):
     return out_AH
 
 
-def _grouped_wgrad_eager(a_AD, g_AH, offs_E, num_groups):
-    """dW[g] = a[rows of g]^T @ g[rows of g]  ->  (E, D, H)."""
+def _grouped_wgrad_loop(a_AD, g_AH, offs_E, num_groups):
+    """dW[g] = a[rows of g]^T @ g[rows of g]  ->  (E, D, H); the fallback of _grouped_wgrad."""
     out_EDH = a_AD.new_zeros(num_groups, a_AD.shape[1], g_AH.shape[1])
     start = 0
     for g, end in enumerate(offs_E.tolist()):
@@ -89,28 +101,28 @@ def _grouped_wgrad_eager(a_AD, g_AH, offs_E, num_groups):
 
 
 @torch.library.custom_op("moe_kernels::grouped_mm", mutates_args=())
-def grouped_mm(a_AD: torch.Tensor, b_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
-    """(A, D) x (E, D, H) -> (A, H): rows offs_E[g-1]:offs_E[g] of `a` multiply b[g]."""
-    if _native_grouped_mm_ok(a_AD, b_EDH):
+def _grouped_mm_op(a_AD: torch.Tensor, b_EDH: torch.Tensor, offs_E: torch.Tensor) -> torch.Tensor:
+    if _native_ok(a_AD, b_EDH):
         return torch._grouped_mm(a_AD, b_EDH, offs=offs_E)   # b may be a transposed view
-    return _grouped_mm_eager(a_AD, b_EDH, offs_E)
+    return _grouped_mm_loop(a_AD, b_EDH, offs_E)
 
 
-@grouped_mm.register_fake
+@_grouped_mm_op.register_fake
 def _(a_AD, b_EDH, offs_E):
     return a_AD.new_empty(a_AD.shape[0], b_EDH.shape[-1])
 
 
-@torch.library.custom_op("moe_kernels::grouped_mm_wgrad", mutates_args=())
-def _grouped_mm_wgrad(a_AD: torch.Tensor, g_AH: torch.Tensor, offs_E: torch.Tensor,
-                      num_groups: int) -> torch.Tensor:
-    # A per-group loop over transposed *views*: BLAS reads a^T in place. (The native 2D x 2D
-    # grouped_mm wants a^T materialised, an (A, D) copy per call that cost more than it saved on CPU.
-    # On CUDA this loop means E small GEMMs and one host sync; unmeasured there so far.)
-    return _grouped_wgrad_eager(a_AD, g_AH, offs_E, num_groups)
+@torch.library.custom_op("moe_kernels::grouped_wgrad", mutates_args=())
+def _grouped_wgrad(a_AD: torch.Tensor, g_AH: torch.Tensor, offs_E: torch.Tensor,
+                   num_groups: int) -> torch.Tensor:
+    # 2D x 2D grouped GEMM: the shared dim A is split into groups. a^T is a view (no copy); on the CPU it
+    # measured no slower than the per-group loop in bf16 and faster in fp32.
+    if _native_ok(a_AD.t(), g_AH):
+        return torch._grouped_mm(a_AD.t(), g_AH, offs=offs_E)
+    return _grouped_wgrad_loop(a_AD, g_AH, offs_E, num_groups)
 
 
-@_grouped_mm_wgrad.register_fake
+@_grouped_wgrad.register_fake
 def _(a_AD, g_AH, offs_E, num_groups):
     return a_AD.new_empty(num_groups, a_AD.shape[1], g_AH.shape[1])
 
@@ -122,12 +134,26 @@ def _grouped_mm_setup(ctx, inputs, output):
 
 def _grouped_mm_backward(ctx, grad_AH):
     a_AD, b_EDH, offs_E = ctx.saved_tensors
-    grad_a = grouped_mm(grad_AH, b_EDH.transpose(1, 2), offs_E)                # dA = dY @ B^T per group
-    grad_b = _grouped_mm_wgrad(a_AD, grad_AH, offs_E, b_EDH.shape[0])          # dB = A^T @ dY per group
+    grad_AH = grad_AH.contiguous()                     # torch._grouped_mm rejects zero-stride gradients
+    grad_a = _grouped_mm_op(grad_AH, b_EDH.transpose(1, 2), offs_E)          # dA = dY @ B^T per group
+    grad_b = _grouped_wgrad(a_AD, grad_AH, offs_E, b_EDH.shape[0])           # dB = A^T @ dY per group
     return grad_a, grad_b, None
 
 
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup)
+
+
+def grouped_mm(a_AD, b_EDH, offs_E):
+    """(A, D) x (E, D, H) -> (A, H): rows offs_E[g-1]:offs_E[g] of `a` multiply b[g] (offs_E int32, ends).
+    Differentiable in a and b. The route (see the module docstring) depends on dtype and device only.
+    Route 1 keeps torch's rule that the backward rejects a zero-stride gradient (that of y.sum())."""
+    if a_AD.dtype == torch.float32 and a_AD.device.type in FP32_VIA_BF16:             # route 2
+        a16, b16 = a_AD.to(torch.bfloat16), b_EDH.to(torch.bfloat16)
+        if _native_ok(a16, b16):
+            return torch._grouped_mm(a16, b16, offs=offs_E).to(torch.float32)
+    if _native_ok(a_AD, b_EDH) and (a_AD.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
+        return torch._grouped_mm(a_AD, b_EDH, offs=offs_E)                             # route 1
+    return _grouped_mm_op(a_AD, b_EDH, offs_E)                                          # route 3
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -149,19 +175,60 @@ def _moe_loop(x_TD, idx_TK, gates_TK, w_in_EDH, w_out_EHD, capacity_factor):
     return y_TD, torch.zeros_like(idx_TK, dtype=torch.bool)
 
 
+@torch.library.custom_op("moe_kernels::index_rows", mutates_args=())
+def _index_rows_op(x_ND: torch.Tensor, rows_A: torch.Tensor) -> torch.Tensor:
+    return x_ND.index_select(0, rows_A)
+
+
+@_index_rows_op.register_fake
+def _(x_ND, rows_A):
+    return x_ND.new_empty(rows_A.shape[0], x_ND.shape[1])
+
+
+def _index_rows(x_ND, rows_A):
+    """x[rows] by index_select (faster than x[rows] on CPU). On CPU it is kept opaque to Inductor, whose
+    generated gather loops made the compiled step slower than the eager one (docs/kernels.md); on a GPU
+    Inductor may fuse it."""
+    if x_ND.device.type == "cpu":
+        return _index_rows_op(x_ND, rows_A)
+    return x_ND.index_select(0, rows_A)
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[r] = x[rows[r]], where every row of x is read by exactly K rows of out (K = 1: a permutation).
+    inv lists, for each (row i of x, copy k) in order i*K + k, the out row that read it. The gradient is
+    then a gather by inv and a sum over each row's K copies in slot order -- where autograd's own would
+    be an accumulating scatter (atomic adds on CUDA)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, rows_A, inv_A, K):
+        ctx.save_for_backward(inv_A)
+        ctx.K = K
+        return _index_rows(x_ND, rows_A)
+
+    @staticmethod
+    def backward(ctx, grad_AD):
+        (inv_A,) = ctx.saved_tensors
+        grad_AD = _index_rows(grad_AD.contiguous(), inv_A)             # back to order i*K + k
+        if ctx.K > 1:
+            grad_AD = grad_AD.view(-1, ctx.K, grad_AD.shape[-1]).sum(1)  # a row's K copies, k = 0..K-1
+        return grad_AD, None, None, None
+
+
 def _moe_grouped(x_TD, idx_TK, gates_TK, w_in_EDH, w_out_EHD, capacity_factor):
     T, K = idx_TK.shape
-    E = w_in_EDH.shape[0]
-    idx_A = idx_TK.reshape(-1)                                  # assignment a = t*K + k
-    order_A = torch.argsort(idx_A, stable=True)                  # assignments grouped by expert
-    tok_A = order_A // K                                         # token of each sorted assignment
-    # tokens per expert without .tolist(): a one-hot sum keeps every shape static
-    counts_E = F.one_hot(idx_A, E).sum(0)
-    offs_E = torch.cumsum(counts_E, 0).to(torch.int32)           # end row of each expert's group
-    h_AH = F.gelu(grouped_mm(x_TD[tok_A], w_in_EDH, offs_E))
+    E, D, _ = w_in_EDH.shape
+    idx_A = idx_TK.reshape(-1)                                   # assignment a = t*K + k
+    order_A = torch.argsort(idx_A, stable=True)                   # sorted row r holds assignment order_A[r]
+    inv_A = torch.empty_like(order_A).scatter_(0, order_A, torch.arange(T * K, device=idx_A.device))
+    # end row of expert e's group = number of assignments with id <= e (no counts read on the host)
+    experts_E = torch.arange(E, device=idx_A.device, dtype=idx_A.dtype)
+    offs_E = torch.searchsorted(idx_A[order_A], experts_E, right=True, out_int32=True)
+    x_AD = _GatherRows.apply(x_TD, order_A // K, inv_A, K)        # token rows, sorted by expert
+    h_AH = F.gelu(grouped_mm(x_AD, w_in_EDH, offs_E))
     out_AD = grouped_mm(h_AH, w_out_EHD, offs_E)
-    out_AD = out_AD * gates_TK.reshape(-1)[order_A, None]
-    y_TD = torch.zeros_like(x_TD).index_add(0, tok_A, out_AD)
+    out_TKD = _GatherRows.apply(out_AD, inv_A, order_A, 1).view(T, K, D)   # back to (token, slot) order
+    y_TD = (gates_TK.unsqueeze(-1) * out_TKD).sum(1)              # y_t = sum_k g_tk E_{idx_tk}(x_t)
     return y_TD, torch.zeros_like(idx_TK, dtype=torch.bool)
 
 
@@ -170,24 +237,30 @@ def capacity(num_tokens, top_k, num_experts, capacity_factor):
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
+def _slots(x_TD, K):
+    """(T, D) -> (T*K, D): row t*K + k is token t. Its gradient sums a token's K copies (no atomics)."""
+    T, D = x_TD.shape
+    return x_TD.unsqueeze(1).expand(T, K, D).reshape(T * K, D)
+
+
 def _moe_capacity(x_TD, idx_TK, gates_TK, w_in_EDH, w_out_EHD, capacity_factor):
     T, K = idx_TK.shape
     E, D, H = w_in_EDH.shape
     C = capacity(T, K, E, capacity_factor)
     idx_A = idx_TK.reshape(-1)
-    onehot_AE = F.one_hot(idx_A, E)
+    # one-hot by comparison: F.one_hot reads the ids' min and max on the host (on CPU)
+    onehot_AE = (idx_A.unsqueeze(1) == torch.arange(E, device=idx_A.device)).long()
     # position of each assignment in its expert's queue, in token order (t*K + k)
     pos_A = ((torch.cumsum(onehot_AE, 0) - 1) * onehot_AE).sum(1)
     keep_A = pos_A < C
     # flat slot in an (E*C + 1)-row buffer; the extra last row is a bin for dropped assignments
     slot_A = torch.where(keep_A, idx_A * C + pos_A, torch.full_like(idx_A, E * C))
-    tok_A = torch.arange(T * K, device=x_TD.device) // K
-    buf_SD = x_TD.new_zeros(E * C + 1, D).index_copy(0, slot_A, x_TD[tok_A])   # bin row: garbage
+    buf_SD = x_TD.new_zeros(E * C + 1, D).index_copy(0, slot_A, _slots(x_TD, K))   # bin row: garbage
     buf_ECD = buf_SD[: E * C].view(E, C, D)
     out_ECD = torch.bmm(F.gelu(torch.bmm(buf_ECD, w_in_EDH)), w_out_EHD)
     out_SD = torch.cat([out_ECD.reshape(E * C, D), out_ECD.new_zeros(1, D)])
-    w_A = gates_TK.reshape(-1) * keep_A.to(gates_TK.dtype)                      # dropped -> weight 0
-    y_TD = torch.zeros_like(x_TD).index_add(0, tok_A, out_SD[slot_A] * w_A[:, None])
+    w_A = gates_TK.reshape(-1) * keep_A.to(gates_TK.dtype)                          # dropped -> weight 0
+    y_TD = (out_SD[slot_A] * w_A[:, None]).view(T, K, D).sum(1)
     return y_TD, ~keep_A.view(T, K)
 
 
@@ -205,7 +278,8 @@ def _compiled(impl):
 # Public entry point
 # ----------------------------------------------------------------------------------------------------
 
-def _check_inputs(x_TD, idx_TK, gates_TK, w_in_EDH, w_out_EHD, impl, capacity_factor):
+def _check_inputs(x_TD, idx_TK, gates_TK, w_in_EDH, w_out_EHD, impl, capacity_factor, debug):
+    """Types and shapes (free: no tensor is read). Expert ids: on the device, or on the host with debug."""
     def need(cond, msg):
         if not cond:
             raise ValueError(msg)
@@ -231,22 +305,28 @@ def _check_inputs(x_TD, idx_TK, gates_TK, w_in_EDH, w_out_EHD, impl, capacity_fa
          f"gates_TK: expected shape {(T, K)} like expert_idx_TK, got {tuple(gates_TK.shape)}")
     if impl == "capacity":
         need(capacity_factor > 0, f"capacity_factor: impl='capacity' needs a value > 0, got {capacity_factor}")
-    # a value check needs a device sync, and is data-dependent: skip it while being traced
-    if idx_TK.numel() and not torch.compiler.is_compiling():
+    if idx_TK.numel() == 0:
+        return
+    if debug and not torch.compiler.is_compiling():   # reads two numbers on the host: a device sync
         lo, hi = int(idx_TK.min()), int(idx_TK.max())
         need(lo >= 0 and hi < E, f"expert_idx_TK: ids must be in [0, {E}), got values in [{lo}, {hi}]")
+    else:                                             # on the device: a CUDA assert fires later, no sync
+        torch._assert_async(((idx_TK >= 0) & (idx_TK < E)).all(),
+                            f"expert_idx_TK: ids must be in [0, {E}) (debug=True names the bad values)")
 
 
 def moe_ffn(x_TD, expert_idx_TK, gates_TK, w_in, w_out, impl="grouped", capacity_factor=0.0,
-            compile=False):
+            compile=False, debug=False):
     """Top-k MoE FFN with GELU experts.
 
     x_TD (T, D) float; expert_idx_TK (T, K) int in [0, E); gates_TK (T, K) float (cast to x's dtype);
     w_in (E, D, H); w_out (E, H, D). Returns (y_TD (T, D), dropped_TK (T, K) bool).
     impl: "loop" | "grouped" | "capacity"; capacity_factor (>0) only for "capacity".
     compile: torch.compile the implementation (lazily, once per impl; one graph, no recompiles when
-    only the routing changes).
+    only the routing changes). The function can also be traced as part of a larger compiled module.
+    debug: check the expert ids on the host (a device sync) and raise ValueError; without it an
+    out-of-range id trips an on-device assert (RuntimeError; on CUDA, asynchronously).
     """
-    _check_inputs(x_TD, expert_idx_TK, gates_TK, w_in, w_out, impl, capacity_factor)
+    _check_inputs(x_TD, expert_idx_TK, gates_TK, w_in, w_out, impl, capacity_factor, debug)
     fn = _compiled(impl) if compile and impl != "loop" else _IMPL_FNS[impl]
     return fn(x_TD, expert_idx_TK.long(), gates_TK.to(x_TD.dtype), w_in, w_out, float(capacity_factor))

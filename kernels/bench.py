@@ -5,22 +5,33 @@
     python -m kernels.bench --device cuda --json out/bench.json
 
 The dense reference does the same FLOPs as the MoE layer with perfect balance and no routing at all:
-x (E, T*K/E, D) -> bmm w_in -> gelu -> bmm w_out. No dispatch can beat it, so
-frac_of_dense = dense_ms / impl_ms is "how much of the achievable throughput this dispatch keeps".
+x (E, T*K/E, D) -> bmm w_in -> gelu -> bmm w_out. In principle no dispatch beats it, so
+frac_of_dense = dense_ms / impl_ms is "how much of the achievable throughput this dispatch keeps" (on a
+2-core CPU the per-expert matmuls of the loop sometimes run faster than the bmm: see docs/kernels.md).
 speedup_vs_loop = loop_eager_ms / impl_ms, same shape, dtype and pass.
 Routing is random top-k (distinct experts per token, softmax gates), so loads are nearly balanced;
 "capacity" runs with capacity_factor 1.25 and so drops a few assignments.
+
+Checked before timed: every implementation's output and its gradients for x, gates, w_in and w_out (with a
+random upstream gradient) are compared at the benchmark shape with the eager loop run in fp32 on the same
+values (for "capacity": the loop with the slots it should drop removed, and the drop mask itself). An
+implementation whose relative error ||got - want|| / ||want|| exceeds the dtype's tolerance gets no time:
+its row says "refused", its JSON ms is null, and the exit status is 1.
+
+GPU (H200-sized) shapes, bf16: python -m kernels.bench --device cuda --shapes gpu,gpu_e64 --dtypes bf16
 """
 
 import argparse
 import json
 import os
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import kernels
 from kernels import moe_ffn
 
 # name: (T, D, H, E, K)
@@ -28,9 +39,12 @@ SHAPES = {
     "a": (2048, 128, 512, 8, 2),
     "b": (8192, 256, 1024, 8, 2),
     "c": (2048, 128, 128, 64, 8),
-    "gpu": (65536, 1024, 4096, 8, 2),   # only with --device cuda
+    "gpu": (65536, 1024, 4096, 8, 2),        # with --device cuda
+    "gpu_e64": (65536, 1024, 4096, 64, 8),   # with --device cuda
 }
 CAPACITY_FACTOR = 1.25
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}   # relative error allowed against the fp32 loop
+GRAD_NAMES = ("y", "dx", "dgates", "dw_in", "dw_out")
 
 
 def _sync(device):
@@ -38,19 +52,24 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def time_ms(fn, device, min_runs=5, min_seconds=1.0, warmup=2):
-    """Median wall time of fn() in ms, after warm-up."""
-    for _ in range(warmup):
-        fn()
+def time_interleaved(fns, device, min_runs=5, min_seconds=1.0, warmup=2, max_runs=50):
+    """Median wall time in ms of each fn, timed in rounds that call every fn once (so a machine shared
+    with other jobs slows all of them alike), after warm-up; at least min_runs rounds and about
+    min_seconds per fn."""
+    for f in fns:
+        for _ in range(warmup):
+            f()
     _sync(device)
-    times = []
+    times = [[] for _ in fns]
     start = time.perf_counter()
-    while len(times) < min_runs or (time.perf_counter() - start < min_seconds and len(times) < 50):
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    while len(times[0]) < min_runs or (time.perf_counter() - start < min_seconds * len(fns)
+                                       and len(times[0]) < max_runs):
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            _sync(device)
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return [statistics.median(ts) for ts in times]
 
 
 def make_inputs(T, D, H, E, K, dtype, device, seed=0):
@@ -77,10 +96,55 @@ def step_fns(forward, params, grad_y):
     return fwd, fwd_bwd
 
 
+def expected_drops(idx_TK, E, C):
+    """Which assignments "capacity" must drop: an expert keeps its first C in token order (t*K + k)."""
+    idx_A = idx_TK.reshape(-1)
+    order_A = torch.argsort(idx_A, stable=True)
+    sorted_A = idx_A[order_A]
+    pos_sorted = torch.arange(len(idx_A), device=idx_A.device) - torch.searchsorted(sorted_A, sorted_A)
+    pos_A = torch.empty_like(pos_sorted).scatter_(0, order_A, pos_sorted)   # place in its expert's queue
+    return (pos_A >= C).view(idx_TK.shape)
+
+
+def value_and_grads(fn, inputs, grad_y):
+    """[y, dx, dgates, dw_in, dw_out] of fn(x, idx, gates, w_in, w_out) -> (y, dropped), and dropped."""
+    x, idx, gates, w_in, w_out = inputs
+    leaves = [t.detach().clone().requires_grad_() for t in (x, gates, w_in, w_out)]
+    y, dropped = fn(leaves[0], idx, leaves[1], leaves[2], leaves[3])
+    grads = torch.autograd.grad(y, leaves, grad_y, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(leaves, grads)]
+    return [y.detach()] + list(grads), dropped
+
+
+def check_impl(impl, compiled, inputs, grad_y):
+    """Compare one implementation with the fp32 eager loop at this shape. Returns (ok, message)."""
+    x, idx, gates, w_in, w_out = inputs
+    dtype = x.dtype
+    got, dropped = value_and_grads(lambda *a: moe_ffn(*a, impl=impl, capacity_factor=CAPACITY_FACTOR,
+                                                      compile=compiled), inputs, grad_y)
+    keep = torch.ones_like(idx, dtype=torch.bool)
+    if impl == "capacity":
+        T, K = idx.shape
+        E = w_in.shape[0]
+        want_dropped = expected_drops(idx, E, kernels.capacity(T, K, E, CAPACITY_FACTOR))
+        if not torch.equal(dropped, want_dropped):
+            return False, f"dropped {int(dropped.sum())} assignments, expected {int(want_dropped.sum())}"
+        keep = ~want_dropped
+    # the oracle: kernels' per-expert loop in fp32, called directly (not through moe_ffn's impl table)
+    ref_inputs = [t.float() if t.is_floating_point() else t for t in inputs]
+    ref_inputs[2] = ref_inputs[2] * keep                                    # a dropped slot weighs 0
+    want, _ = value_and_grads(lambda *a: kernels._moe_loop(*a, 0.0), ref_inputs, grad_y.float())
+    want[2] = want[2] * keep                                                # ...and gets no gate gradient
+    worst = max((float((g.float() - w).norm() / w.norm().clamp_min(1e-30)), n)
+                for n, g, w in zip(GRAD_NAMES, got, want))
+    ok = worst[0] <= TOL[dtype]
+    return ok, f"worst relative error {worst[0]:.1e} ({worst[1]}), tolerance {TOL[dtype]:.0e}"
+
+
 def bench_shape(name, dtype, device, impls, compiled_modes, log):
     T, D, H, E, K = SHAPES[name]
     x, idx, gates, w_in, w_out, grad_y = make_inputs(T, D, H, E, K, dtype, device)
-    params = (x, gates, w_in, w_out)
+    params, inputs = (x, gates, w_in, w_out), (x, idx, gates, w_in, w_out)
     shape = f"T{T}_D{D}_H{H}_E{E}_K{K}"
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
 
@@ -101,21 +165,32 @@ def bench_shape(name, dtype, device, impls, compiled_modes, log):
                                capacity_factor=CAPACITY_FACTOR, compile=compiled)[0]
             cases.append((impl, compiled, run, params, grad_y))
 
-    rows = []
+    checked = []
     for impl, compiled, fn, ps, gy in cases:
         t0 = time.perf_counter()
-        fwd, fwd_bwd = step_fns(fn, ps, gy)
-        for pass_name, f in (("fwd", fwd), ("fwd+bwd", fwd_bwd)):
-            ms = time_ms(f, device)
-            rows.append(dict(shape=shape, impl=impl, compiled=compiled, dtype=dt, **{"pass": pass_name}, ms=ms))
-        log(f"  {shape} {dt} {impl:8s} {'compiled' if compiled else 'eager':8s} done in {time.perf_counter() - t0:.1f}s")
+        ok, msg = (True, "reference") if impl == "dense" else check_impl(impl, compiled, inputs, gy)
+        verdict = "agrees with the loop" if ok else "REFUSED (no time): disagrees with the loop"
+        log(f"  {shape} {dt} {impl:8s} {'compiled' if compiled else 'eager':8s} {verdict}; {msg} "
+            f"[{time.perf_counter() - t0:.1f}s]")
+        checked.append(((impl, compiled), step_fns(fn, ps, gy) if ok else None))
+
+    rows = []
+    for p, pass_name in enumerate(("fwd", "fwd+bwd")):
+        timed = [(key, fns[p]) for key, fns in checked if fns is not None]
+        t0 = time.perf_counter()
+        ms = dict(zip([key for key, _ in timed], time_interleaved([f for _, f in timed], device)))
+        log(f"  {shape} {dt} {pass_name}: {len(timed)} cases timed, interleaved "
+            f"[{time.perf_counter() - t0:.1f}s]")
+        for key, _ in checked:
+            rows.append(dict(shape=shape, impl=key[0], compiled=key[1], dtype=dt, **{"pass": pass_name},
+                             ms=ms.get(key)))
 
     for r in rows:
         same = [q for q in rows if q["pass"] == r["pass"]]
-        loop_ms = next((q["ms"] for q in same if q["impl"] == "loop" and not q["compiled"]), float("nan"))
+        loop_ms = next((q["ms"] for q in same if q["impl"] == "loop" and not q["compiled"]), None)
         dense_ms = next(q["ms"] for q in same if q["impl"] == "dense")
-        r["speedup_vs_loop"] = loop_ms / r["ms"]
-        r["frac_of_dense"] = dense_ms / r["ms"]
+        r["speedup_vs_loop"] = None if r["ms"] is None else (loop_ms or float("nan")) / r["ms"]
+        r["frac_of_dense"] = None if r["ms"] is None else dense_ms / r["ms"]
     return rows
 
 
@@ -124,17 +199,24 @@ def print_table(rows):
     print(head)
     print("-" * len(head))
     for r in rows:
+        cells = ("  refused: disagrees with the loop" if r["ms"] is None else
+                 f"{r['ms']:9.2f} {r['speedup_vs_loop']:7.2f}x {r['frac_of_dense']:9.2f}")
         print(f"{r['shape']:24s} {r['dtype']:5s} {r['pass']:8s} {r['impl']:9s} "
-              f"{'compiled' if r['compiled'] else 'eager':9s} {r['ms']:9.2f} {r['speedup_vs_loop']:7.2f}x "
-              f"{r['frac_of_dense']:9.2f}")
+              f"{'compiled' if r['compiled'] else 'eager':9s} {cells}")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):                       # bad input: one line on stderr, exit status 2
+        self.exit(2, f"kernels.bench: error: {message}\n")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape (a), fp32 only: under a minute on CPU")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--shapes", default=None,
-                    help=f"comma-separated shape names from {sorted(SHAPES)} (default: a,b,c on CPU; a,b,c,gpu on CUDA)")
+                    help=f"comma-separated shape names from {sorted(SHAPES)} "
+                         "(default: a,b,c on CPU; a,b,c,gpu,gpu_e64 on CUDA)")
     ap.add_argument("--dtypes", default=None, help="comma-separated fp32,bf16 (default both; fp32 with --quick)")
     ap.add_argument("--impls", default="loop,grouped,capacity", help="which dispatch implementations to time")
     ap.add_argument("--no-compile", action="store_true", help="eager only (skip torch.compile)")
@@ -147,7 +229,7 @@ def main(argv=None):
         ap.error("--device cuda: CUDA is not available on this machine")
     if args.threads:
         torch.set_num_threads(args.threads)
-    default_shapes = "a" if args.quick else ("a,b,c,gpu" if device.type == "cuda" else "a,b,c")
+    default_shapes = "a" if args.quick else ("a,b,c,gpu,gpu_e64" if device.type == "cuda" else "a,b,c")
     shapes = (args.shapes or default_shapes).split(",")
     dtype_names = (args.dtypes or ("fp32" if args.quick else "fp32,bf16")).split(",")
     impls = args.impls.split(",")
@@ -176,6 +258,11 @@ def main(argv=None):
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
         print(f"wrote {args.json}")
+    refused = sorted({f"{r['impl']} {'compiled' if r['compiled'] else 'eager'} {r['dtype']} {r['shape']}"
+                      for r in rows if r["ms"] is None})
+    if refused:
+        print(f"refused to time {len(refused)} case(s) that disagree with the loop: {'; '.join(refused)}")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,18 @@
-"""kernels.moe_ffn against a per-(token, slot) oracle: outputs and all four gradients."""
+"""kernels.moe_ffn against a per-(token, slot) oracle: outputs and all four gradients. Also: the native
+grouped GEMM in fp32 and bf16 (forward and both gradients, eager and compiled), the fp32-as-bf16 route of
+CUDA forced on the CPU, no host reads or atomics in "grouped", bit-for-bit repeatability, the whole MoE layer
+of moe_testbed.py compiled with fullgraph=True, and kernels.bench refusing to time a wrong implementation."""
 
+import json
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import kernels
+import kernels.bench as bench
 from kernels import moe_ffn
 
 
@@ -53,9 +59,47 @@ def value_and_grads(fn, x, idx, gates, w_in, w_out, grad_y, **kw):
     return [y.detach()] + list(grads), dropped
 
 
+NAMES = ("y", "dx", "dgates", "dw_in", "dw_out")
+
+
 def assert_matches(got, want, atol, rtol):
-    for name, a, b in zip(("y", "dx", "dgates", "dw_in", "dw_out"), got, want):
+    for name, a, b in zip(NAMES, got, want):
         torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+
+
+def assert_rel_close(got, want, tol):
+    """Norm-wise relative error ||got - want|| / ||want|| <= tol for the output and every gradient."""
+    for name, a, b in zip(NAMES, got, want):
+        err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+        assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
+
+
+def as_double(args):
+    return [a.double() if a.is_floating_point() else a for a in args]
+
+
+class OpLog(TorchDispatchMode):
+    """Records every aten op (with its arguments' dtypes) that runs, forward and backward."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        self.ops.append((str(func.overloadpacket), func, args, kwargs))
+        return func(*args, **kwargs)
+
+    def names(self):
+        return [n for n, *_ in self.ops]
+
+
+def no_loop(monkeypatch):
+    """Make the per-group fallback of the grouped GEMM fail loudly if anything reaches it."""
+    def boom(*a, **k):
+        raise AssertionError("the per-group loop ran")
+    monkeypatch.setattr(kernels, "_grouped_mm_loop", boom)
+    monkeypatch.setattr(kernels, "_grouped_wgrad_loop", boom)
 
 
 # float64 goes through the always-correct per-group path of the grouped GEMM; D = 12 is not a power of two
@@ -80,21 +124,71 @@ def test_grouped_float32(D, H):
     assert_matches(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_native_grouped_mm_is_used_when_it_applies(monkeypatch):
-    if not hasattr(torch, "_grouped_mm"):
-        pytest.skip("this torch has no _grouped_mm")
-    calls = []
-    real = torch._grouped_mm
-    monkeypatch.setattr(torch, "_grouped_mm", lambda *a, **k: calls.append(1) or real(*a, **k))
-    x, idx, gates, w_in, w_out, grad_y = make(32, 16, 32, 4, 2, dtype=torch.float32)
-    x.requires_grad_()
-    moe_ffn(x, idx, gates, w_in, w_out, impl="grouped")[0].backward(grad_y)
-    assert len(calls) == 4    # two forward GEMMs, two input-gradient GEMMs
+TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}   # norm-wise, against the float64 oracle
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_native_grouped_gemm_forward_and_both_gradients(dtype, compiled, monkeypatch):
+    """fp32 and bf16 on CPU take torch._grouped_mm for the two forward GEMMs and the four gradient GEMMs
+    (eager: torch's own autograd; compiled fp32: inside the custom op) -- never the per-group loop."""
+    no_loop(monkeypatch)
+    args = make(32, 16, 32, 4, 2, dtype=dtype)          # compiled: the graph the next tests reuse
+    want, _ = value_and_grads(oracle, *as_double(args))
+    if compiled:              # (torch.compile does not trace under a Python dispatch mode)
+        got, _ = value_and_grads(moe_ffn, *args, impl="grouped", compile=True)
+    else:
+        with OpLog() as log:
+            got, _ = value_and_grads(moe_ffn, *args, impl="grouped")
+    assert_rel_close(got, want, TOL[dtype])
+    if not compiled:
+        gemms = [a for n, f, a, k in log.ops if n == "aten._grouped_mm"]
+        assert len(gemms) == 6                                # 2 forward, 2 input-gradient, 2 weight-gradient
+        assert sum(a[0].dim() == 2 and a[1].dim() == 2 for a in gemms) == 2   # the 2D x 2D weight gradients
+        assert all(a[0].dtype == dtype for a in gemms)
+
+
+# aten ops that read a tensor's value on the host: on CUDA each one waits for the GPU
+HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.bincount",
+              "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.repeat_interleave"}
+# accumulating scatters: atomic adds on CUDA, so their sums are not repeatable there
+ATOMICS = {"aten.index_add", "aten.index_add_", "aten.scatter_add", "aten.scatter_add_", "aten.put_",
+           "aten.index_put", "aten.index_put_", "aten._index_put_impl_", "aten.scatter_reduce",
+           "aten.index_reduce"}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_grouped_has_no_host_reads_and_no_atomics(dtype):
+    args = make(64, 16, 32, 8, 2, dtype=dtype)
+    with OpLog() as log:
+        value_and_grads(moe_ffn, *args, impl="grouped")
+    assert not HOST_READS & set(log.names()) and not ATOMICS & set(log.names())
+    with OpLog() as log:                                    # the capacity path: no host reads either
+        value_and_grads(moe_ffn, *args, impl="capacity", capacity_factor=1.0)
+    assert not HOST_READS & set(log.names())
+    with OpLog() as log:                                    # the probe sees them: the loop has both
+        value_and_grads(moe_ffn, *args, impl="loop")
+    assert HOST_READS & set(log.names()) and ATOMICS & set(log.names())
+    with OpLog() as log:                                    # and debug=True's id check reads on the host
+        moe_ffn(*args[:5], impl="grouped", debug=True)
+    assert "aten._local_scalar_dense" in log.names()
+
+
+@pytest.mark.parametrize("impl,compiled", [("grouped", False), ("grouped", True), ("capacity", False)])
+def test_bit_for_bit_repeatable(impl, compiled):
+    """Same inputs, same bits: output and all four gradients over several calls (no atomics)."""
+    args = make(32, 16, 32, 4, 2, dtype=torch.float32, seed=3)
+    runs = [value_and_grads(moe_ffn, *args, impl=impl, capacity_factor=1.0, compile=compiled)[0]
+            for _ in range(3)]
+    for other in runs[1:]:
+        for name, a, b in zip(NAMES, runs[0], other):
+            assert torch.equal(a, b), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])   # float32: torch._grouped_mm's route
 @pytest.mark.parametrize("impl", ["loop", "grouped", "capacity"])
 @pytest.mark.parametrize("case", ["empty_expert", "all_on_one", "tied_scores", "repeated_expert"])
-def test_edge_routings(impl, case):
+def test_edge_routings(impl, case, dtype):
     T, D, H, E, K = 16, 12, 20, 4, 2
     if case == "empty_expert":           # expert 3 gets nothing
         idx = torch.stack([torch.arange(T) % 3, (torch.arange(T) + 1) % 3], 1)
@@ -104,10 +198,11 @@ def test_edge_routings(impl, case):
         idx = torch.zeros(T, E).topk(K, dim=-1).indices
     else:                                # the same expert in both slots of a token
         idx = torch.tensor([[1, 1]] * T)
-    args = make(T, D, H, E, K, idx=idx)
-    want, _ = value_and_grads(oracle, *args)
+    args = make(T, D, H, E, K, idx=idx, dtype=dtype)
+    want, _ = value_and_grads(oracle, *as_double(args))
     got, _ = value_and_grads(moe_ffn, *args, impl=impl, capacity_factor=float(E))
-    assert_matches(got, want, atol=1e-10, rtol=1e-10)
+    tol = 1e-10 if dtype == torch.float64 else 1e-5
+    assert_matches(got, want, atol=tol, rtol=tol)
     if case == "empty_expert":
         assert got[3][3].abs().max() == 0 and got[4][3].abs().max() == 0   # no gradient to the idle expert
 
@@ -130,7 +225,6 @@ def test_capacity_drops_like_oracle(T, E, K, cf):
 
 
 def test_compiled_equals_eager_and_does_not_recompile():
-    torch._dynamo.reset()
     T, D, H, E, K = 32, 16, 32, 4, 2
     args = make(T, D, H, E, K, dtype=torch.float32)
     eager, _ = value_and_grads(moe_ffn, *args, impl="grouped")
@@ -146,8 +240,8 @@ def test_compiled_equals_eager_and_does_not_recompile():
 
 
 @pytest.mark.parametrize("change,word", [
-    (lambda a: a.update(idx=a["idx"] + 10), "expert_idx_TK"),               # ids out of range
-    (lambda a: a.update(idx=a["idx"] - 10), "expert_idx_TK"),
+    (lambda a: a.update(idx=a["idx"] + 10, debug=True), "expert_idx_TK"),  # ids out of range
+    (lambda a: a.update(idx=a["idx"] - 10, debug=True), "expert_idx_TK"),
     (lambda a: a.update(idx=torch.zeros(8, 5, dtype=torch.long), gates=torch.rand(8, 5)), "top-k"),  # K > E
     (lambda a: a.update(x=a["x"][:, :5]), "w_in"),                            # D mismatch
     (lambda a: a.update(w_out=a["w_out"][:, :3]), "w_out"),
@@ -161,8 +255,125 @@ def test_compiled_equals_eager_and_does_not_recompile():
 ])
 def test_bad_input_raises_value_error(change, word):
     x, idx, gates, w_in, w_out, _ = make(8, 12, 20, 4, 2)
-    a = dict(x=x, idx=idx, gates=gates, w_in=w_in, w_out=w_out, impl="grouped", capacity_factor=1.0)
+    a = dict(x=x, idx=idx, gates=gates, w_in=w_in, w_out=w_out, impl="grouped", capacity_factor=1.0,
+             debug=False)
     change(a)
     with pytest.raises(ValueError, match=word):
         moe_ffn(a["x"], a["idx"], a["gates"], a["w_in"], a["w_out"], impl=a["impl"],
-                capacity_factor=a["capacity_factor"])
+                capacity_factor=a["capacity_factor"], debug=a["debug"])
+
+
+@pytest.mark.parametrize("impl", ["loop", "grouped", "capacity"])
+@pytest.mark.parametrize("shift", [10, -10])
+def test_out_of_range_ids_trip_the_device_assert(impl, shift):
+    """Without debug there is no host read, but a bad id still fails (RuntimeError from the on-device
+    assert; on CUDA it fires asynchronously) instead of being silently skipped."""
+    x, idx, gates, w_in, w_out, _ = make(8, 12, 20, 4, 2)
+    with pytest.raises(RuntimeError, match="expert_idx_TK"):
+        moe_ffn(x, idx + shift, gates, w_in, w_out, impl=impl, capacity_factor=1.0)
+
+
+def test_fp32_through_bf16_route_forced_on_cpu(monkeypatch):
+    """The fp32-on-CUDA route (cast to bf16, grouped GEMM, cast back) run on the CPU: bf16 GEMMs only, fp32
+    results at bf16 accuracy, no loop; it also traces whole with its backward (aot_eager: no codegen)."""
+    no_loop(monkeypatch)
+    monkeypatch.setattr(kernels, "FP32_VIA_BF16", ("cpu",))
+    args = make(32, 16, 32, 4, 2, dtype=torch.float32)
+    want, _ = value_and_grads(oracle, *as_double(args))
+    with OpLog() as log:
+        got, _ = value_and_grads(moe_ffn, *args, impl="grouped")
+    gemms = [a for n, f, a, k in log.ops if n == "aten._grouped_mm"]
+    assert len(gemms) == 6 and all(a[0].dtype == a[1].dtype == torch.bfloat16 for a in gemms)
+    assert all(g.dtype == torch.float32 for g in got)
+    assert_rel_close(got, want, TOL[torch.bfloat16])
+    torch._dynamo.reset()
+    traced = torch.compile(kernels._moe_grouped, fullgraph=True, backend="aot_eager")
+    compiled, _ = value_and_grads(lambda x, i, g, wi, wo: traced(x, i, g, wi, wo, 0.0), *args)
+    assert_rel_close(compiled, want, TOL[torch.bfloat16])
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- the whole MoE layer of moe_testbed.py
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_moe_layer_compiles_as_one_graph(dtype):
+    """Router, dispatch, combine, aux and z losses and the drop count: torch.compile(fullgraph=True) of the
+    layer's forward and backward, equal to eager, and a new routing pattern reuses the graph. A host read
+    anywhere in the layer (.item(), int(tensor), .tolist(), nonzero) would break the graph and fail this.
+    The graph stops after autograd's tracing (aot_eager): Inductor's code for the dispatch is tested above."""
+    import moe_testbed as mt
+    torch._dynamo.reset()
+    cfg = mt.Config(experts=4, top_k=2, n_layer=2, d_model=16, n_head=2, expert_hidden=16, seq_len=8,
+                    batch_size=4, router="topk", balance="aux", balance_scope="global")
+    torch.manual_seed(0)
+    layer = mt.MoEFFN(cfg, 8)
+    ctx = dict(tok_BS=torch.zeros(4, 8, dtype=torch.long), dom_B=torch.arange(4))
+    g = torch.Generator().manual_seed(1)
+    grad_y = torch.randn(4, 8, 16, generator=g)
+
+    def step(fn, x):
+        x = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            y, st = fn(x, ctx)
+        loss = (y.float() * grad_y).sum() + st["aux"] + st["z"]
+        grads = torch.autograd.grad(loss, [x, layer.router.weight, layer.w_in_EDH, layer.w_out_EHD])
+        return [y.float().detach(), st["aux"].detach(), st["z"].detach(), st["n_drop"]] + list(grads)
+
+    x = torch.randn(4, 8, 16, generator=g)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    want, got = step(layer, x), step(compiled, x)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for name, a, b in zip(("y", "aux", "z", "n_drop", "dx", "drouter", "dw_in", "dw_out"), got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        x2 = torch.randn(4, 8, 16, generator=g) * 3
+        again = step(compiled, x2)
+    torch.testing.assert_close(again[0], step(layer, x2)[0], rtol=tol, atol=tol)
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- kernels.bench checks before it times
+
+def _tiny_bench(monkeypatch, tmp_path, capsys, dtypes="fp32"):
+    monkeypatch.setitem(bench.SHAPES, "a", (64, 16, 32, 4, 2))
+    monkeypatch.setattr(bench, "time_interleaved", lambda fns, device: [f() or 1.0 for f in fns])
+    out = tmp_path / "bench.json"
+    code = 0
+    try:
+        bench.main(["--quick", "--no-compile", "--dtypes", dtypes, "--json", str(out)])
+    except SystemExit as e:
+        code = e.code
+    return code, json.loads(out.read_text()), capsys.readouterr().out
+
+
+def test_bench_times_correct_implementations(monkeypatch, tmp_path, capsys):
+    code, rows, text = _tiny_bench(monkeypatch, tmp_path, capsys, dtypes="fp32,bf16")
+    assert code == 0 and "REFUSED" not in text
+    assert {r["impl"] for r in rows} == {"dense", "loop", "grouped", "capacity"}
+    assert all(r["ms"] == 1.0 for r in rows)
+    keys = {"shape", "impl", "compiled", "dtype", "pass", "ms", "speedup_vs_loop", "frac_of_dense"}
+    assert all(set(r) == keys for r in rows)                       # the JSON keys of kernels.bench v1
+
+
+def _wrong_gate_gradient(x, idx, gates, w_in, w_out, cf):     # right output, no gradient to the gates
+    return kernels._moe_grouped(x, idx, gates.detach(), w_in, w_out, cf)
+
+
+def _wrong_output(x, idx, gates, w_in, w_out, cf):           # 5% too large: past bf16's tolerance too
+    y, dropped = kernels._moe_grouped(x, idx, gates, w_in, w_out, cf)
+    return y * 1.05, dropped
+
+
+def _wrong_drops(x, idx, gates, w_in, w_out, cf):            # a smaller capacity than it was asked for
+    return kernels._moe_capacity(x, idx, gates, w_in, w_out, cf * 0.7)
+
+
+@pytest.mark.parametrize("impl,wrong", [("grouped", _wrong_gate_gradient), ("grouped", _wrong_output),
+                                        ("capacity", _wrong_drops)])
+def test_bench_refuses_to_time_a_wrong_implementation(monkeypatch, tmp_path, capsys, impl, wrong):
+    monkeypatch.setitem(kernels._IMPL_FNS, impl, wrong)
+    code, rows, text = _tiny_bench(monkeypatch, tmp_path, capsys)
+    assert code == 1 and "REFUSED" in text and "refused to time" in text
+    bad = [r for r in rows if r["impl"] == impl]
+    assert bad and all(r["ms"] is None and r["speedup_vs_loop"] is None for r in bad)
+    assert all(r["ms"] == 1.0 for r in rows if r["impl"] != impl)    # the others are still timed
