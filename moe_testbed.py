@@ -995,7 +995,8 @@ def bench(cfg, doms, device, n=20, warm=3):
     tokens = cfg.batch_size * cfg.seq_len
     return dict(moe_step_s=med["moe"], dense_step_s=med["dense"], ratio=med["moe"] / med["dense"],
                 moe_params=params["moe"], dense_params=params["dense"], steps_timed=n,
-                moe_tokens_per_s=tokens / med["moe"], moe_model_tflops=train_flops_per_token(cfg) * tokens / med["moe"] / 1e12)
+                moe_tokens_per_s=tokens / med["moe"],
+                moe_model_tflops=train_flops_per_token(cfg) * tokens / med["moe"] / 1e12)
 
 
 def train_flops_per_token(cfg):
@@ -1252,7 +1253,7 @@ def parse_args(argv):
             act = argparse.BooleanOptionalAction if f.name in preset_keys else "store_true"
             grp.add_argument(flag, action=act, **kw)
         elif f.name == "sweep":
-            grp.add_argument(flag, nargs="?", const="scopes", **{**kw, "help": kw["help"] + " (bare --sweep: scopes)"})
+            grp.add_argument(flag, nargs="?", const="scopes", **{**kw, "help": kw["help"] + " (bare: scopes)"})
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
             grp.add_argument(flag, type=typ, **{**kw, "help": kw["help"] + f" (default: {f.default})"})
@@ -1335,7 +1336,8 @@ def run_name(cfg):
 def _write_results(cfg, obj):                                 # rank 0 only (its callers see to that)
     path = os.path.join(cfg.out, "results.json")
     if os.path.exists(path) and not cfg.resume:              # reruns never silently replace earlier results
-        os.replace(path, path[:-5] + time.strftime("-%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path))) + ".json")
+        stamp = time.strftime("-%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+        os.replace(path, path[:-5] + stamp + ".json")
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)

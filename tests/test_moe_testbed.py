@@ -170,7 +170,8 @@ def test_capacity_keep_matches_queue_oracle(G):
 def test_micro_capacity_equals_the_kernel_capacity_dispatch():
     """Micro scope = one forward = what kernels.moe_ffn(impl='capacity') drops (an independent implementation)."""
     g = torch.Generator().manual_seed(1)
-    x, w_in, w_out = torch.randn(32, 6, generator=g), torch.randn(5, 6, 7, generator=g), torch.randn(5, 7, 6, generator=g)
+    x, w_in = torch.randn(32, 6, generator=g), torch.randn(5, 6, 7, generator=g)
+    w_out = torch.randn(5, 7, 6, generator=g)
     idx = torch.randn(32, 5, generator=g).topk(2, -1).indices
     gates = torch.rand(32, 2, generator=g)
     for cf in (0.5, 1.0, 1.25):
@@ -316,7 +317,8 @@ def test_expert_choice_matches_loop_oracle():
 def _doms():
     """4 tiny domains, each its own byte range (no files, no generator: milliseconds)."""
     rng = np.random.default_rng(0)
-    return types.SimpleNamespace(names=list("abcd"), train=[rng.integers(40 * d, 40 * d + 50, 3000) for d in range(4)],
+    return types.SimpleNamespace(names=list("abcd"),
+                                 train=[rng.integers(40 * d, 40 * d + 50, 3000) for d in range(4)],
                                  val=[rng.integers(40 * d, 40 * d + 50, 500) for d in range(4)])
 
 
