@@ -465,6 +465,17 @@ def test_sweep_jobs_two_equals_jobs_one(tmp_path):
             assert a[k] == b[k], (a["name"], k)
 
 
+def test_capacity_sweep_and_bench_smoke(tmp_path):
+    data = str(_data_dir(tmp_path))
+    runs = mt.main(TINY + ["--steps", "2", "--sweep", "capacity", "--accum", "2", "--data-dir", data,
+                           "--out", str(tmp_path / "cap")])
+    assert [r["name"] for r in runs] == ["dropless", "cf1-sequence", "cf1-micro", "cf1-global", "cf1.25-sequence",
+                                         "cf1.25-micro", "cf1.25-global"]
+    assert runs[0]["dropped_frac"] == 0 and all(r["capacity_scope"] for r in runs[1:])
+    b = mt.main(TINY + ["--bench", "--data-dir", data, "--out", str(tmp_path / "bench")])
+    assert b["ratio"] > 0 and b["moe_tokens_per_s"] > 0
+
+
 def test_plots_when_matplotlib_is_importable(tmp_path, monkeypatch):
     """matplotlib is optional (not installed here): a stand-in module checks the plotting code runs."""
     from unittest import mock
