@@ -722,7 +722,8 @@ def run_one(cfg, doms, name, device, quiet=False):
     balance = cfg.balance if router == "topk" else "none"
     res = dict(name=name, router=router, balance=balance,
                scope=cfg.balance_scope if balance != "none" else None, accum=cfg.accum,
-               balance_tokens=balance_tokens(cfg, world), capacity_factor=cfg.capacity_factor,
+               balance_tokens=balance_tokens(cfg, world) if balance != "none" else None,
+               capacity_factor=cfg.capacity_factor,
                capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed, **res,
                history=history, tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(train_s, 1e-9),
                train_s=round(train_s, 1), world_size=world, config_key=config_key(cfg))
