@@ -5,22 +5,24 @@ Paper: "MoE Routing Testbed" (Falke et al., Amazon AGI, arXiv 2604.07030, 2026);
 "languages" (each training sequence from one), and compare every learned router with a REFERENCE router
 that routes each token by its known domain label -- the upper bound on specialization.
 
-    python moe_testbed.py --experts 8            # token-choice top-2, aux loss at global scope (~5 min CPU)
-    python moe_testbed.py --sweep                # every router / scope, same seed, data and steps
-    python moe_testbed.py --bench                # MoE vs dense step time, side by side in one process
-    torchrun --nproc_per_node 2 moe_testbed.py   # data parallel (gloo on CPU, NCCL on GPUs), same global batch
-    python moe_testbed.py --preset gpu           # a larger model and batch, bf16 + compile, for one GPU
+    python moe_testbed.py --experts 8                       # top-2, aux loss at global scope (~5 min CPU)
+    python moe_testbed.py --sweep scopes --accum 8          # every router / scope, micro-batches of 4 sequences
+    python moe_testbed.py --sweep balance --steps 300       # purity vs sequences the balancing spans
+    torchrun --nproc_per_node 2 moe_testbed.py              # data parallel, same global batch
+    python moe_testbed.py --preset gpu                      # larger model and batch, bf16 + compile, one GPU
 
-Other pieces: Switch/GShard aux loss (Fedus et al. 2101.03961, Lepikhin et al. 2006.16668), global-batch
-balancing (Qiu et al., Qwen, 2501.11873), aux-loss-free bias balancing (Wang et al. 2408.15664,
-DeepSeek-V3 2412.19437), router z-loss (ST-MoE, Zoph et al. 2202.08906), expert choice (Zhou et al.
-2202.09368), hash layers (Roller et al. 2106.04426). Expert dispatch: kernels.moe_ffn.
+Scopes (the paper's, and Qwen's global-batch balancing, arXiv 2501.11873): an optimizer step is --accum
+micro-batches on each of W ranks. sequence = one sequence; micro = one micro-batch (one forward pass);
+global = every token of the optimizer step, all micro-batches on all ranks.
+Other pieces: Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias balancing (DeepSeek-V3,
+2408.15664), router z-loss (ST-MoE, 2202.08906), expert choice (2202.09368), hash layers (2106.04426).
+Expert dispatch: kernels.moe_ffn.
 
 Shape legend (gpt-fast style suffixes):
-    B = sequences in a batch      S = sequence length (bytes)     T = B*S tokens, flattened
-    D = model dim                 H = expert hidden dim           V = vocabulary (256 bytes)
-    E = experts                   K = top-k slots per token       C = tokens per expert (expert choice)
-    L = domains                   G = balancing groups (scopes) in a batch
+    B = sequences in a micro-batch  S = sequence length (bytes)   T = B*S tokens, flattened
+    D = model dim                   H = expert hidden dim         V = vocabulary (256 bytes)
+    E = experts                     K = top-k slots per token     C = tokens per expert (expert choice)
+    L = domains                     G = balancing groups, or experts in a reference group
 """
 
 import argparse
@@ -29,8 +31,11 @@ import math
 import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields
 
+import multiprocessing
 import numpy as np
 import torch
 import torch.nn as nn
@@ -42,13 +47,9 @@ from tqdm import tqdm
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
 from kernels import moe_ffn
 
-# ----------------------------------------------------------------------------------------------------
-# Config: every default in one block; each field becomes a --flag (help strings in HELP below)
-# ----------------------------------------------------------------------------------------------------
-
 
 @dataclass
-class Config:
+class Config:                        # every default in one block; help strings in HELP (CLI section, last)
     experts: int = 8
     top_k: int = 2
     n_layer: int = 2
@@ -57,265 +58,275 @@ class Config:
     n_head: int = 4
     expert_hidden: int = 128
     seq_len: int = 128
-    batch_size: int = 32
+    batch_size: int = 32             # sequences per optimizer step, all ranks and micro-batches together
+    accum: int = 1                   # micro-batches per optimizer step on each rank
     steps: int = 1000
     lr: float = 3e-3
     warmup: int = 100
     seed: int = 0
     seeds: str = ""
+    router: str = "topk"
+    reference_gate: str = "learned"
+    balance: str = "aux"
+    balance_scope: str = "global"
+    aux_coef: float = 0.01
+    z_coef: float = 0.001
+    bias_rate: float = 1e-3
+    capacity_factor: float = 0.0
+    capacity_scope: str = "micro"
+    norm_topk: bool = False
+    dense: bool = False
+    batch_order: str = "mixed"
+    overlap: float = 0.1
+    train_bytes: int = 300_000
+    data_dir: str = ""
+    eval_seqs: int = 32
+    log_every: int = 100
+    ckpt_every: int = 250
+    sweep: str = ""
+    jobs: int = 1
+    bench: bool = False
     device: str = "auto"
     dtype: str = "float32"
     threads: int = 1
     compile: bool = False
     impl: str = "grouped"
-    router: str = "topk"
-    balance: str = "aux"
-    balance_scope: str = "global"
-    micro_batch: int = 4
-    aux_coef: float = 0.01
-    z_coef: float = 0.001
-    bias_rate: float = 1e-3
-    capacity_factor: float = 0.0
-    norm_topk: bool = False
-    dense: bool = False
-    sweep: bool = False
-    bench: bool = False
-    data_dir: str = ""
-    overlap: float = 0.1
-    eval_seqs: int = 32
-    log_every: int = 100
-    ckpt_every: int = 250
     stop_at: int = 0
     out: str = os.path.join("out", "moe_testbed")
     resume: bool = False
-    train_bytes: int = 300_000
     preset: str = "cpu"
 
 
-# --preset: defaults for one kind of machine; flags given on the command line still win
-PRESETS = {
-    "cpu": {},                                            # the Config defaults above: minutes on a 2-core CPU
-    "gpu": dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, lr=1e-3,
-                warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True),
+PRESETS = {  # --preset: defaults for one kind of machine; flags given on the command line still win
+    "cpu": {},
+    "gpu": dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, accum=2,
+                lr=1e-3, warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True),
 }
 
 
-HELP = {
-    "experts": "number of experts E per MoE layer",
-    "top_k": "experts per token K (token-choice routers); expert choice takes T*K/E tokens per expert",
-    "n_layer": "transformer blocks",
-    "moe_layers": "which blocks get an MoE FFN: 'upper' (upper half, default), 'all', or indices like '1,2'",
-    "d_model": "model width D",
-    "n_head": "attention heads",
-    "expert_hidden": "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)",
-    "seq_len": "bytes per training sequence",
-    "batch_size": "sequences per optimizer step, over all data-parallel processes (each takes batch-size/world)",
-    "steps": "optimizer steps",
-    "lr": "peak AdamW learning rate (linear warmup, cosine decay to 10%%)",
-    "warmup": "warmup steps",
-    "seed": "seed for weights and batch order (the procedural languages themselves are fixed, generated from seed 0)",
-    "seeds": "comma-separated seeds, e.g. 1,2,3: repeat every run and report mean +- std",
-    "device": "auto (cuda, then mps, else cpu) | cpu | cuda | mps",
-    "dtype": "float32 | bfloat16 (bf16 autocast; opt-in)",
-    "threads": "CPU threads for torch; 0 = torch's default. 1 (default): the README numbers were measured with it, "
-               "and on a 2-core CPU shared with other processes 2 threads ran ~4x slower per step",
-    "compile": "torch.compile the blocks and the expert dispatch (opt-in)",
-    "impl": "expert dispatch in kernels.moe_ffn: grouped | loop (capacity is chosen by --capacity-factor)",
-    "router": "reference (domain-label oracle) | topk (token choice) | expert_choice (not causal) | hash",
-    "balance": "topk only: none | aux (Switch/GShard aux loss) | aux_free (DeepSeek-V3 selection bias)",
-    "balance_scope": "tokens the balancing is computed over: sequence | micro | global (whole step batch)",
-    "micro_batch": "sequences per micro-batch for --balance-scope micro",
-    "aux_coef": "aux loss coefficient alpha",
-    "z_coef": "router z-loss coefficient (learned routers)",
-    "bias_rate": "aux_free bias update rate gamma",
-    "capacity_factor": "expert capacity C = ceil(cf*T*K/E) over the batch; over-capacity slots dropped; 0 = dropless",
-    "norm_topk": "topk: renormalise the gates over the chosen k (Mixtral/DeepSeek form); default: raw softmax probs",
-    "dense": "train the dense baseline (FFN width K*H everywhere) instead of the MoE",
-    "sweep": "run the comparison: reference, hash, topk-none, aux seq/micro/global, aux_free micro/global, "
-             "expert_choice, aux global cf=1.0",
-    "bench": "time MoE vs dense training steps side by side in this process and print the ratio",
-    "data_dir": "real text instead of the procedural mix: DIR/<domain>/*.txt (UTF-8), >= 2 domains",
-    "overlap": "procedural data: probability a word is a loanword shared by all languages (0..1)",
-    "eval_seqs": "held-out sequences per domain for evaluation",
-    "log_every": "steps between log lines",
-    "ckpt_every": "steps between checkpoints",
-    "stop_at": "stop after this step as if interrupted (checkpoint only, no results); for testing --resume",
-    "out": "output folder: results.json and one subfolder per run with its checkpoint",
-    "resume": "continue each run from its checkpoint in --out (finished runs are reused)",
-    "train_bytes": "procedural data: training bytes per domain",
-    "preset": "cpu (the defaults) | gpu (d 512, 8 blocks, 64x512 batch, bf16, compile, fused AdamW; needs CUDA)",
-}
+# ----------------------------------------------------------------------------------------------------
+# Routers: one function each. Every one returns expert ids idx_TK (slot 0 = the token's top-1) and gates_TK.
+# ----------------------------------------------------------------------------------------------------
 
-SWEEP = [  # name, overrides
-    ("reference", dict(router="reference", balance="none")),
-    ("hash", dict(router="hash", balance="none")),
-    ("topk-none", dict(router="topk", balance="none")),
-    ("aux-sequence", dict(router="topk", balance="aux", balance_scope="sequence")),
-    ("aux-micro", dict(router="topk", balance="aux", balance_scope="micro")),
-    ("aux-global", dict(router="topk", balance="aux", balance_scope="global")),
-    ("auxfree-micro", dict(router="topk", balance="aux_free", balance_scope="micro")),
-    ("auxfree-global", dict(router="topk", balance="aux_free", balance_scope="global")),
-    ("expert-choice", dict(router="expert_choice", balance="none")),
-    ("aux-global-cf1", dict(router="topk", balance="aux", balance_scope="global", capacity_factor=1.0)),
-]
+def route_topk(probs_TE, bias_E, K):
+    """Token choice: p_t = softmax(W h_t); the k experts with the largest p_ti + b_i. The aux-free bias b
+    (zero otherwise) only selects; the gate is the raw probability (Switch/GShard/OLMoE form):
+    y_t = sum_{i in topk} p_ti E_i(h_t)."""
+    idx_TK = (probs_TE + bias_E).topk(K, -1).indices
+    return idx_TK, probs_TE.gather(1, idx_TK)
 
 
-class BadInput(ValueError):
-    """A user error: reported as one line, exit status 2."""
+def reference_groups(L, E, K):
+    """The reference map. home_LG: domain d -> its G = E//L experts (E >= L; leftover experts unused), or the
+    one expert d*E//L that it shares with other domains (E < L). spill_LJ: when K > G, J = K-G further fixed
+    experts (the next ones, cyclically), so the reference uses K experts like every other router: same
+    compute, and the load stays exactly balanced on a balanced mix."""
+    G = max(1, E // L)
+    first_L = torch.arange(L) * G if E >= L else torch.arange(L) * E // L
+    home_LG = first_L[:, None] + torch.arange(G)
+    spill_LJ = (first_L[:, None] + G + torch.arange(max(0, K - G))) % E
+    return home_LG, spill_LJ
 
 
-def validate(cfg, world=1):
-    """Every check that can fail, before any process group exists: all ranks see the same flags and
-    WORLD_SIZE, so they all fail alike and exit without waiting for each other."""
-    def need(ok, msg):
-        if not ok:
-            raise BadInput(msg)
-    for f in ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len", "batch_size",
-              "steps", "micro_batch", "eval_seqs", "log_every", "ckpt_every", "train_bytes"):
-        need(getattr(cfg, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
-    need(min(cfg.warmup, cfg.stop_at, cfg.threads) >= 0, "--warmup, --stop-at and --threads must be >= 0")
-    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
-    need(cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} is larger than --experts {cfg.experts}")
-    need(cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0,
-         f"--d-model {cfg.d_model} must be a multiple of 2*--n-head ({2 * cfg.n_head}) for RoPE")
-    need(cfg.router in ("reference", "topk", "expert_choice", "hash"), f"unknown --router {cfg.router!r}")
-    need(cfg.balance in ("none", "aux", "aux_free"), f"unknown --balance {cfg.balance!r}")
-    need(cfg.balance_scope in ("sequence", "micro", "global"), f"unknown --balance-scope {cfg.balance_scope!r}")
-    need(world >= 1 and cfg.batch_size % world == 0,
-         f"--batch-size {cfg.batch_size} must be divisible by the number of processes (WORLD_SIZE={world})")
-    b = cfg.batch_size // max(world, 1)                    # sequences per process; micro-batches stay in one
-    need(cfg.balance_scope != "micro" or b % cfg.micro_batch == 0,
-         f"--batch-size {cfg.batch_size}" + (f" / {world} processes" if world > 1 else "")
-         + f" must be a multiple of --micro-batch {cfg.micro_batch}")
-    need(min(cfg.aux_coef, cfg.z_coef, cfg.bias_rate, cfg.capacity_factor) >= 0,
-         "--aux-coef, --z-coef, --bias-rate and --capacity-factor must be >= 0")
-    need(cfg.capacity_factor == 0 or cfg.router != "expert_choice",
-         "--capacity-factor does not apply to expert_choice (every expert takes exactly T*K/E tokens)")
-    need(cfg.router != "expert_choice" or b * cfg.seq_len * cfg.top_k >= cfg.experts,
-         "expert_choice needs batch-size/world*seq-len*top-k >= experts")
-    need(cfg.dtype in ("float32", "bfloat16"), f"unknown --dtype {cfg.dtype!r}")
-    need(cfg.impl in ("grouped", "loop"), f"unknown --impl {cfg.impl!r}")
-    need(0.0 <= cfg.overlap <= 1.0, f"--overlap must be in [0, 1], got {cfg.overlap}")
-    need(not (cfg.sweep and (cfg.dense or cfg.bench)), "--sweep cannot be combined with --dense or --bench")
-    need(world == 1 or not cfg.bench, "--bench times two models in one process: run it without torchrun")
-    need(cfg.preset in PRESETS, f"unknown --preset {cfg.preset!r}")
-    moe_layer_ids(cfg)
-    seed_list(cfg)
+def route_reference(probs_TE, dom_T, home_LG, spill_LJ, K, uniform):
+    """Oracle: a token of domain d fills its slots from d's home group (top by router probability, or
+    round-robin when `uniform`), then from d's spill experts. Gates: the router's probabilities, as in
+    route_topk (learned), or 1/K each (uniform). Slot 0 is always a home expert."""
+    cand_TG = home_LG[dom_T]
+    T, G = cand_TG.shape
+    k = min(K, G)
+    if uniform:                                            # token t takes home experts t, t+1, ... (mod G)
+        j_Tk = (torch.arange(T, device=probs_TE.device)[:, None] + torch.arange(k, device=probs_TE.device)) % G
+    else:
+        j_Tk = probs_TE.gather(1, cand_TG).topk(k, -1).indices
+    idx_TK = torch.cat([cand_TG.gather(1, j_Tk), spill_LJ[dom_T]], 1)
+    gates_TK = torch.full_like(idx_TK, 1.0 / K, dtype=probs_TE.dtype) if uniform else probs_TE.gather(1, idx_TK)
+    return idx_TK, gates_TK
 
 
-def moe_layer_ids(cfg):
-    if cfg.moe_layers == "upper":
-        return list(range(cfg.n_layer // 2, cfg.n_layer))
-    if cfg.moe_layers == "all":
-        return list(range(cfg.n_layer))
-    try:
-        ids = sorted({int(s) for s in cfg.moe_layers.split(",")})
-    except ValueError:
-        raise BadInput(f"--moe-layers must be 'upper', 'all' or comma-separated indices, got {cfg.moe_layers!r}")
-    if not ids or ids[0] < 0 or ids[-1] >= cfg.n_layer:
-        raise BadInput(f"--moe-layers {cfg.moe_layers!r}: indices must lie in [0, {cfg.n_layer})")
-    return ids
+def route_hash(tok_T, hash_VK):
+    """Hash layer: a fixed random byte -> K experts table, gates 1/K. Balanced only if bytes are."""
+    idx_TK = hash_VK[tok_T]
+    return idx_TK, torch.full(idx_TK.shape, 1.0 / idx_TK.shape[1], device=tok_T.device)
 
 
-def seed_list(cfg):
-    if not cfg.seeds:
-        return [cfg.seed]
-    try:
-        return [int(s) for s in cfg.seeds.split(",")]
-    except ValueError:
-        raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
-
-
-def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return "cuda"
-        return "mps" if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available() else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise BadInput(f"unknown --device {name!r}")
-    if name == "cuda" and not torch.cuda.is_available() or \
-            name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise BadInput(f"--device {name} is not available on this machine")
-    return name
+def expert_choice_ffn(x_TD, probs_TE, C, w_in_EDH, w_out_EHD):
+    """Expert choice: every expert takes its top-C tokens by router probability, so a token gets 0..E
+    experts: a fixed [E, C, D] buffer, gather, two bmm's, scatter-add. NOT causal: a token's experts
+    depend on the other (and later) tokens of the micro-batch."""
+    gate_EC, tok_EC = probs_TE.t().topk(C, dim=1)
+    h_ECH = F.gelu(torch.bmm(x_TD[tok_EC], w_in_EDH))
+    out_ECD = torch.bmm(h_ECH, w_out_EHD) * gate_EC[..., None].to(x_TD.dtype)
+    y_TD = torch.zeros_like(x_TD).index_add(0, tok_EC.reshape(-1), out_ECD.reshape(-1, x_TD.shape[1]))
+    return y_TD, tok_EC
 
 
 # ----------------------------------------------------------------------------------------------------
-# Data parallelism: torchrun starts one process per CPU slot or GPU; every rank runs this whole file
+# Balancing and capacity, each at a scope
 # ----------------------------------------------------------------------------------------------------
 
-def rank_world():
-    """(rank, world size); before init_process_group, what torchrun put in the environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def aux_loss(probs_TE, counts_GE, coef):
+    """Switch/GShard load-balancing loss over G groups of equal size (the scope's groups in this forward):
+        L = coef * E * mean_g sum_i f_gi * P_gi
+        f_gi = counts_gi / sum_i counts_gi: share of the top-k slots given to expert i   (no gradient)
+        P_gi = mean router probability of expert i over the tokens of group g
+    Gradient per token: coef*E*f_gi / T, whatever the scope. At global scope the counts span the whole
+    optimizer step (all micro-batches, all ranks) while P stays this forward's: averaged over micro-batches
+    (1/accum) and ranks (DDP), the gradient is the one-pass gradient on the step's concatenated batch."""
+    G, E = counts_GE.shape
+    f_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
+    P_GE = probs_TE.float().reshape(G, -1, E).mean(1)
+    return coef * E * (f_GE * P_GE).sum(-1).mean()
 
 
-def say(msg):
-    if rank_world()[0] == 0:                               # rank 0 speaks (and writes files) for all
-        tqdm.write(msg)
+@torch.no_grad()
+def update_bias(bias_E, counts_GE, rate):
+    """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i), load measured over each
+    group of the scope (global: one group, counts summed over the step and the ranks), signs averaged over
+    the groups of every rank, so the bias stays the same on all ranks and equal to the one-process update."""
+    load_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
+    votes_E = torch.sign(load_GE.mean(-1, keepdim=True) - load_GE).sum(0)
+    tot = all_ranks_sum(torch.cat([votes_E, votes_E.new_tensor([len(load_GE)])]))   # [sum of votes, groups]
+    bias_E += rate * tot[:-1] / tot[-1]
 
 
-def setup_distributed(device, world):
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT):
-    gloo on CPU, NCCL on CUDA with one GPU per process. Returns this rank's device."""
-    if world == 1:
-        return device
-    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    if missing:
-        raise BadInput(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
-    backend = {"cpu": "gloo", "cuda": "nccl"}.get(device)
-    if backend is None:
-        raise BadInput(f"data parallelism runs on cpu (gloo) or cuda (nccl), not on {device}")
-    if not (dist.is_available() and getattr(dist, f"is_{backend}_available")()):
-        raise BadInput(f"torch.distributed backend {backend} is not available in this torch build")
-    if device == "cuda":
-        local, n_gpu = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-        if local >= n_gpu:
-            raise BadInput(f"LOCAL_RANK {local} but {n_gpu} GPU(s): at most one process per GPU")
-        device = f"cuda:{local}"
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend)
-    return device
+def capacity_keep(idx_TK, E, C, G, offset_E=None):
+    """Token dropping: C slots per expert in each of G equal groups of tokens; an assignment is kept if its
+    place in its expert's queue (token order t*K+k, after offset_E earlier assignments of the scope) is < C.
+    C = ceil(cf * tokens_in_scope * K / E). A dropped slot leaves the token its residual path."""
+    T, K = idx_TK.shape
+    onehot_GAE = F.one_hot(idx_TK.reshape(G, -1), E)
+    pos_GA = ((onehot_GAE.cumsum(1) - 1) * onehot_GAE).sum(-1)                 # A = assignments per group
+    if offset_E is not None:
+        pos_GA = pos_GA + offset_E.long()[idx_TK.reshape(G, -1)]
+    return (pos_GA < C).reshape(T, K)
 
 
-def shutdown_distributed(clean):
-    """Leave the process group together. Ranks > 0 finish first (rank 0 alone evaluates, checkpoints and writes);
-    one that destroyed the group and exited while rank 0 still used it made torch 2.11's gloo abort a rank
-    ("terminate called without an active exception"). So on a clean exit every rank meets at a barrier first.
-    After an error that only some ranks saw, no barrier (the others may never arrive): destroy and exit, and
-    torchrun stops the remaining ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if clean and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
+class StepRouting:
+    """What the MoE layers share across the micro-batches (and ranks) of one optimizer step:
+    counts[layer]: the step's expert selections, (1, E), all ranks -- from the routing pre-pass, for the
+        global-scope aux loss with accumulation (None: count this forward, summed over ranks);
+    carry[layer]: selections in the step's earlier chunks (global-scope capacity queues).
+    Chunks are ordered micro-batch-major: chunk m*W + r is micro-batch m of rank r (see micro_batches)."""
 
+    def __init__(self, step_tokens, reduce, counts=None):
+        self.step_tokens, self.reduce, self.counts, self.carry = step_tokens, reduce, counts, {}
 
-# ----------------------------------------------------------------------------------------------------
-# Data (generators and readers live in data/domains.py)
-# ----------------------------------------------------------------------------------------------------
+    def global_counts(self, layer, counts_1E):
+        return self.reduce(counts_1E) if self.counts is None else self.counts[layer]
 
-def load_domains(cfg):
-    if cfg.data_dir:                                       # only rank 0 writes the cache; the others re-read the text
-        cache = os.path.join(cfg.out, "data_cache") if rank_world()[0] == 0 else None
-        doms = text_domains(cfg.data_dir, cache_dir=cache)
-    else:                                                  # the languages are fixed; --seed varies training
-        doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
-    check_lengths(doms, cfg.seq_len)
-    return doms
-
-
-def reference_groups(L, E):
-    """Domain d -> its fixed group of experts: E//L consecutive experts when E >= L (leftover experts unused),
-    else the single expert d*E//L (several domains share one). Returns (L, G) int64."""
-    if E >= L:
-        G = E // L
-        return torch.arange(L * G).view(L, G)
-    return (torch.arange(L) * E // L).view(L, 1)
+    def capacity_offset(self, layer, counts_E):
+        """Selections of expert i queued before this chunk: earlier micro-batches (all ranks) + lower ranks."""
+        rank, world = rank_world() if self.reduce is all_ranks_sum else (0, 1)
+        rows_WE = counts_E.new_zeros(world, counts_E.shape[0])
+        rows_WE[rank] = counts_E
+        rows_WE = self.reduce(rows_WE)                                         # every rank's counts
+        carry_E = self.carry.get(layer, torch.zeros_like(counts_E))
+        self.carry[layer] = carry_E + rows_WE.sum(0)
+        return carry_E + rows_WE[:rank].sum(0)
 
 
 # ----------------------------------------------------------------------------------------------------
-# Model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN per block
+# The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses and the routing record
+# ----------------------------------------------------------------------------------------------------
+
+class MoEFFN(nn.Module):
+    def __init__(self, cfg, n_domains, layer_id=0):
+        super().__init__()
+        D, H, E = cfg.d_model, cfg.expert_hidden, cfg.experts
+        self.cfg, self.E, self.K, self.layer_id = cfg, E, cfg.top_k, layer_id
+        self.router = nn.Linear(D, E, bias=False)
+        self.w_in_EDH = nn.Parameter(torch.randn(E, D, H) * 0.02)
+        self.w_out_EHD = nn.Parameter(torch.randn(E, H, D) * 0.02 / math.sqrt(2 * cfg.n_layer))
+        self.register_buffer("bias_E", torch.zeros(E))                      # aux_free selection bias
+        g = torch.Generator().manual_seed(1234)                            # hash: fixed byte -> K distinct experts
+        self.register_buffer("hash_VK", torch.stack([torch.randperm(E, generator=g)[:cfg.top_k] for _ in range(256)]))
+        home_LG, spill_LJ = reference_groups(n_domains, E, cfg.top_k)
+        self.register_buffer("home_LG", home_LG)
+        self.register_buffer("spill_LJ", spill_LJ)
+
+    def forward(self, x_BSD, ctx):
+        cfg, E = self.cfg, self.E
+        B, S, D = x_BSD.shape
+        x_TD = x_BSD.reshape(B * S, D)
+        step = ctx.get("step") or StepRouting(B * S * rank_world()[1], all_ranks_sum)   # default: this forward
+        logits_TE = self.router_logits(x_TD)
+        probs_TE = logits_TE.softmax(-1)
+        z = cfg.z_coef * torch.logsumexp(logits_TE, -1).pow(2).mean()         # ST-MoE z-loss
+        ent_sum = torch.special.entr(probs_TE.detach()).sum() / math.log(E)   # router entropy, [0, 1] per token
+        if cfg.router == "expert_choice":
+            return self.expert_choice(x_TD, probs_TE, z, ent_sum, B, S)
+        idx_TK, gates_TK = self.route(probs_TE, ctx, S)
+        if cfg.router == "hash":                           # the router weight is not used
+            z, ent_sum = z.detach() * 0, None
+        # balancing groups of this forward: one per sequence, or one for the micro-batch (micro and global)
+        counts_GE = F.one_hot(idx_TK.reshape(B if cfg.balance_scope == "sequence" else 1, -1), E).sum(1).float()
+        aux = z.new_zeros(())
+        if cfg.router == "topk" and cfg.balance == "aux" and self.training and torch.is_grad_enabled():
+            scope_GE = step.global_counts(self.layer_id, counts_GE) if cfg.balance_scope == "global" else counts_GE
+            aux = aux_loss(probs_TE, scope_GE, cfg.aux_coef)
+        keep_TK = self.capacity(idx_TK, B, S, step)
+        y_TD = self.dispatch(x_TD, idx_TK, gates_TK * keep_TK.to(gates_TK.dtype))   # dropped: gate 0, no gradient
+        stats = dict(layer=self.layer_id, aux=aux, z=z, counts_GE=counts_GE, ent_sum=ent_sum,
+                     assign_TE=F.one_hot(idx_TK, E).sum(1).float(), top1_T=idx_TK[:, 0],
+                     n_drop=(~keep_TK).sum(), n_slots=idx_TK.numel())
+        return y_TD.view(B, S, D), stats
+
+    def route(self, probs_TE, ctx, S):
+        cfg = self.cfg
+        if cfg.router == "topk":
+            idx_TK, gates_TK = route_topk(probs_TE, self.bias_E, self.K)
+        elif cfg.router == "reference":
+            idx_TK, gates_TK = route_reference(probs_TE, ctx["dom_B"].repeat_interleave(S), self.home_LG,
+                                               self.spill_LJ, self.K, cfg.reference_gate == "uniform")
+        else:
+            return route_hash(ctx["tok_BS"].reshape(-1), self.hash_VK)
+        if cfg.norm_topk:                                  # Mixtral/DeepSeek form: gates sum to 1 over the k
+            gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
+        return idx_TK, gates_TK
+
+    def capacity(self, idx_TK, B, S, step):
+        """Which assignments fit: all when dropless; else C = ceil(cf * tokens_in_scope * K / E) per expert."""
+        cf, E, K = self.cfg.capacity_factor, self.E, self.K
+        if cf == 0:
+            return torch.ones_like(idx_TK, dtype=torch.bool)
+        if self.cfg.capacity_scope == "sequence":
+            return capacity_keep(idx_TK, E, math.ceil(cf * S * K / E), B)
+        if self.cfg.capacity_scope == "micro":
+            return capacity_keep(idx_TK, E, math.ceil(cf * B * S * K / E), 1)
+        offset_E = step.capacity_offset(self.layer_id, F.one_hot(idx_TK.reshape(-1), E).sum(0))
+        return capacity_keep(idx_TK, E, math.ceil(cf * step.step_tokens * K / E), 1, offset_E)
+
+    def dispatch(self, x_TD, idx_TK, gates_TK):
+        x_in, w_in, w_out = x_TD, self.w_in_EDH, self.w_out_EHD
+        dev = x_TD.device.type
+        if torch.is_autocast_enabled(dev):    # a custom op is not on autocast's list: cast as for a matmul,
+            dt = torch.get_autocast_dtype(dev)  # so the grouped GEMM gets bf16 (its fast path), not fp32
+            x_in, w_in, w_out = x_TD.to(dt), w_in.to(dt), w_out.to(dt)
+        return moe_ffn(x_in, idx_TK, gates_TK, w_in, w_out, impl=self.cfg.impl, compile=self.cfg.compile)[0]
+
+    def router_logits(self, x_TD):
+        """W h_t in fp32 even under bf16 autocast: top-k choices and the softmax are sensitive to rounding."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            return F.linear(x_TD.float(), self.router.weight.float())
+
+    def expert_choice(self, x_TD, probs_TE, z, ent_sum, B, S):
+        E, T = self.E, x_TD.shape[0]
+        C = T * self.K // E
+        y_TD, tok_EC = expert_choice_ffn(x_TD, probs_TE, C, self.w_in_EDH, self.w_out_EHD)
+        assign_TE = torch.zeros(T, E, device=x_TD.device).index_put_(
+            (tok_EC.reshape(-1), torch.arange(E, device=x_TD.device).repeat_interleave(C)),
+            torch.ones(E * C, device=x_TD.device))
+        chosen_T = assign_TE.sum(1) > 0
+        # top-1 = the chosen expert with the largest probability; an unchosen token: its argmax
+        top1_T = torch.where(chosen_T, (probs_TE * assign_TE).argmax(1), probs_TE.argmax(1))
+        stats = dict(layer=self.layer_id, aux=z.new_zeros(()), z=z, counts_GE=None, ent_sum=ent_sum,
+                     assign_TE=assign_TE, top1_T=top1_T, n_drop=(~chosen_T).sum(), n_slots=T)
+        return y_TD.view(B, S, -1), stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN per block
 # ----------------------------------------------------------------------------------------------------
 
 class RMSNorm(nn.Module):
@@ -362,146 +373,12 @@ class DenseFFN(nn.Module):
         return self.w_out(F.gelu(self.w_in(x_BSD))), None
 
 
-def all_ranks_sum(t):
-    """Sum of a no-grad tensor over the data-parallel ranks (identity in one process). The ONE place
-    ranks exchange numbers besides DDP's gradient averaging: global-scope expert counts, aux-free bias
-    votes, logged losses."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
-
-
-def aux_loss(probs_BSE, idx_BSK, group_size, coef, reduce=None):
-    """Switch/GShard load-balancing loss at a scope of `group_size` sequences:
-        L = coef * E * mean_g sum_i f_gi * P_gi
-        f_gi = fraction of the top-k slots in group g given to expert i   (counts, no gradient)
-        P_gi = mean router probability of expert i over the tokens of g
-    group_size 1 = sequence scope, m = micro-batch scope, B (this rank's batch) = global scope. Gradient scale
-    does not depend on the scope: d L / d p_ti = coef*E*f_gi / (tokens in g * groups) = coef*E*f_gi / T.
-    `reduce` sums the counts over the W ranks (global scope only): f is the share over all T_all tokens, P stays
-    local, and DDP averages the ranks' gradients, so each token's gradient is coef*E*f_i / (T*W) = coef*E*f_i /
-    T_all -- the same scale; the mean of the ranks' losses is the one-process loss on all T_all tokens."""
-    B, S, E = probs_BSE.shape
-    G = B // group_size
-    counts_GE = F.one_hot(idx_BSK.reshape(G, -1), E).sum(1).float()
-    if reduce is not None:
-        counts_GE = reduce(counts_GE)
-    f_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
-    P_GE = probs_BSE.float().reshape(G, group_size * S, E).mean(1)
-    return coef * E * (f_GE * P_GE).sum(-1).mean(), counts_GE
-
-
-@torch.no_grad()
-def update_bias(bias_E, counts_GE, rate):
-    """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i), load measured over each
-    group of the scope (one group = global, its counts already summed over ranks) and the signs averaged over
-    the groups of every rank, so the bias stays the same on all ranks and equal to the one-process update."""
-    load_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
-    votes_E = torch.sign(load_GE.mean(-1, keepdim=True) - load_GE).sum(0)
-    tot = all_ranks_sum(torch.cat([votes_E, votes_E.new_tensor([len(load_GE)])]))   # [sum of votes, groups]
-    bias_E += rate * tot[:-1] / tot[-1]
-
-
-def expert_choice_ffn(x_TD, probs_TE, C, w_in_EDH, w_out_EHD):
-    """Expert choice: every expert takes its top-C tokens by router probability, so a token gets 0..E
-    experts. That has no fixed (T, K) form for kernels.moe_ffn, but its natural form is a fixed [E, C, D]
-    buffer: gather, two bmm's, scatter-add. NOT causal: a token's experts depend on the other tokens (and
-    future ones) in the batch."""
-    gate_EC, tok_EC = probs_TE.t().topk(C, dim=1)
-    h_ECH = F.gelu(torch.bmm(x_TD[tok_EC], w_in_EDH))
-    out_ECD = torch.bmm(h_ECH, w_out_EHD) * gate_EC[..., None].to(x_TD.dtype)
-    y_TD = torch.zeros_like(x_TD).index_add(0, tok_EC.reshape(-1), out_ECD.reshape(-1, x_TD.shape[1]))
-    return y_TD, tok_EC
-
-
-class MoEFFN(nn.Module):
-    """Router + E GELU experts. forward returns (y_BSD, stats) with the losses and the routing record."""
-
-    def __init__(self, cfg, n_domains):
-        super().__init__()
-        D, H, E = cfg.d_model, cfg.expert_hidden, cfg.experts
-        self.cfg, self.E, self.K = cfg, E, cfg.top_k
-        self.router = nn.Linear(D, E, bias=False)
-        self.w_in_EDH = nn.Parameter(torch.randn(E, D, H) * 0.02)
-        self.w_out_EHD = nn.Parameter(torch.randn(E, H, D) * 0.02 / math.sqrt(2 * cfg.n_layer))
-        self.register_buffer("bias_E", torch.zeros(E))                      # aux_free selection bias
-        g = torch.Generator().manual_seed(1234)                            # hash: fixed byte -> K distinct experts
-        self.register_buffer("hash_VK", torch.stack([torch.randperm(E, generator=g)[:cfg.top_k] for _ in range(256)]))
-        self.register_buffer("groups_LG", reference_groups(n_domains, E))
-        self.group_size = {"sequence": 1, "micro": cfg.micro_batch}.get(cfg.balance_scope)   # global: the batch
-
-    def forward(self, x_BSD, ctx):
-        cfg, E, K = self.cfg, self.E, self.K
-        B, S, D = x_BSD.shape
-        x_TD = x_BSD.reshape(B * S, D)
-        T = B * S
-        gs = self.group_size or B                   # global scope: every sequence this rank holds, one group
-        zero = x_TD.new_zeros((), dtype=torch.float32)
-        aux = z = zero
-        counts_GE = None
-        if cfg.router == "hash":
-            idx_TK = self.hash_VK[ctx["tok_BS"].reshape(-1)]                   # fixed token id -> experts
-            gates_TK = torch.full((T, K), 1.0 / K, device=x_TD.device)
-            probs_TE = None
-        else:
-            logits_TE = self.router(x_TD).float()
-            probs_TE = logits_TE.softmax(-1)                                    # p_t = softmax(W h_t)
-            z = cfg.z_coef * torch.logsumexp(logits_TE, -1).pow(2).mean()     # ST-MoE z-loss
-        if cfg.router == "reference":
-            # the token's domain decides its group; inside it, top-k by the gate restricted to the group
-            cand_TG = self.groups_LG[ctx["dom_B"].repeat_interleave(S)]
-            gate_TG = logits_TE.gather(1, cand_TG).softmax(-1)
-            gates_TK, j_TK = gate_TG.topk(min(K, cand_TG.shape[1]), -1)
-            idx_TK = cand_TG.gather(1, j_TK)
-        elif cfg.router == "topk":
-            # selection may use the aux_free bias; the gate is the raw probability, NOT renormalised over
-            # the top-k (Switch/GShard/OLMoE form): y_t = sum_{i in topk} p_ti E_i(h_t)
-            sel_TE = probs_TE + self.bias_E if cfg.balance == "aux_free" else probs_TE
-            idx_TK = sel_TE.topk(K, -1).indices
-            gates_TK = probs_TE.gather(1, idx_TK)
-            if cfg.norm_topk:
-                gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
-            if cfg.balance == "aux" and self.training:
-                aux, counts_GE = aux_loss(probs_TE.view(B, S, E), idx_TK.view(B, S, K), gs,
-                                          cfg.aux_coef, all_ranks_sum if cfg.balance_scope == "global" else None)
-            elif cfg.balance == "aux_free" and self.training:
-                counts_GE = F.one_hot(idx_TK.view(B // gs, -1), E).sum(1).float()
-                if cfg.balance_scope == "global":
-                    counts_GE = all_ranks_sum(counts_GE)
-        if cfg.router == "expert_choice":
-            C = T * K // E
-            y_TD, tok_EC = expert_choice_ffn(x_TD, probs_TE, C, self.w_in_EDH, self.w_out_EHD)
-            assign_TE = torch.zeros(T, E, device=x_TD.device).index_put_(
-                (tok_EC.reshape(-1), torch.arange(E, device=x_TD.device).repeat_interleave(C)),
-                torch.ones(E * C, device=x_TD.device))
-            chosen = assign_TE.sum(1) > 0
-            # top-1 = the chosen expert with the largest probability; an unchosen token: its argmax
-            top1_T = torch.where(chosen, (probs_TE * assign_TE).argmax(1), probs_TE.argmax(1))
-            n_drop, n_slots = (~chosen).sum(), T            # dropped = tokens with no expert (a tensor: no sync)
-        else:
-            impl = "capacity" if cfg.capacity_factor > 0 else cfg.impl
-            x_in, w_in, w_out = x_TD, self.w_in_EDH, self.w_out_EHD
-            dev = x_TD.device.type
-            if torch.is_autocast_enabled(dev):    # a custom op is not on autocast's list: cast as for a matmul,
-                dt = torch.get_autocast_dtype(dev)  # so the grouped GEMM gets bf16 (its fast path) not fp32
-                x_in, w_in, w_out = x_TD.to(dt), w_in.to(dt), w_out.to(dt)
-            y_TD, dropped_TK = moe_ffn(x_in, idx_TK, gates_TK, w_in, w_out, impl=impl,
-                                       capacity_factor=cfg.capacity_factor, compile=cfg.compile)
-            assign_TE = F.one_hot(idx_TK, E).sum(1).float()                    # selections (before any drop)
-            top1_T = idx_TK[:, 0]
-            n_drop, n_slots = dropped_TK.sum(), dropped_TK.numel()          # read on the host only when logged
-        stats = dict(aux=aux, z=z, counts_GE=counts_GE, assign_TE=assign_TE.detach(), top1_T=top1_T.detach(),
-                     n_drop=n_drop, n_slots=n_slots)
-        return y_TD.view(B, S, D), stats
-
-
 class Block(nn.Module):
-    def __init__(self, cfg, moe, n_domains):
+    def __init__(self, cfg, moe, n_domains, layer_id):
         super().__init__()
         self.ln1, self.ln2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
-        self.ffn = MoEFFN(cfg, n_domains) if moe else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden)
+        self.ffn = MoEFFN(cfg, n_domains, layer_id) if moe else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden)
 
     def forward(self, x, rope, ctx):
         x = x + self.attn(self.ln1(x), *rope)
@@ -514,7 +391,7 @@ class Model(nn.Module):
         super().__init__()
         moe = set() if cfg.dense else set(moe_layer_ids(cfg))
         self.emb = nn.Embedding(256, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg, i in moe, n_domains) for i in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg, i in moe, n_domains, i) for i in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 256, bias=False)
         for name, p in self.named_parameters():
@@ -523,9 +400,9 @@ class Model(nn.Module):
                 nn.init.normal_(p, 0.0, std)
         self.hd = cfg.d_model // cfg.n_head
 
-    def forward(self, tok_BS, dom_B):
+    def forward(self, tok_BS, dom_B, step=None):
         rope = rope_tables(tok_BS.shape[1], self.hd, tok_BS.device)
-        ctx = dict(tok_BS=tok_BS, dom_B=dom_B)                               # dom_B: only the reference router reads it
+        ctx = dict(tok_BS=tok_BS, dom_B=dom_B, step=step)                    # dom_B: only the reference reads it
         x, layer_stats = self.emb(tok_BS), []
         for blk in self.blocks:
             x, stats = blk(x, rope, ctx)
@@ -534,13 +411,32 @@ class Model(nn.Module):
         return self.head(self.ln_f(x)), layer_stats
 
 
+def moe_layer_ids(cfg):
+    if cfg.moe_layers == "upper":
+        return list(range(cfg.n_layer // 2, cfg.n_layer))
+    if cfg.moe_layers == "all":
+        return list(range(cfg.n_layer))
+    try:
+        ids = sorted({int(s) for s in cfg.moe_layers.split(",")})
+    except ValueError:
+        raise BadInput(f"--moe-layers must be 'upper', 'all' or comma-separated indices, got {cfg.moe_layers!r}")
+    if not ids or ids[0] < 0 or ids[-1] >= cfg.n_layer:
+        raise BadInput(f"--moe-layers {cfg.moe_layers!r}: indices must lie in [0, {cfg.n_layer})")
+    return ids
+
+
 # ----------------------------------------------------------------------------------------------------
-# Routing metrics (numpy, on a domain x expert count matrix accumulated over held-out data)
+# Routing metrics (numpy, on domain x expert count matrices)
 # ----------------------------------------------------------------------------------------------------
 
 def utilization(f_E):
     """U = sum_i min(f_i, 1/E): 1 = perfectly balanced, 1/E = collapse onto one expert."""
     return float(np.minimum(f_E, 1.0 / len(f_E)).sum())
+
+
+def max_violation(f_E):
+    """MaxVio (Wang et al. 2408.15664) = (max_i load_i - mean load) / mean load = E * max_i f_i - 1."""
+    return float(len(f_E) * f_E.max() - 1.0)
 
 
 def dead_experts(f_E):
@@ -600,44 +496,51 @@ def hungarian(cost):
     return perm
 
 
-def agreement(assign_LE, groups_LG):
-    """Reference agreement: fraction of (token, slot) assignments inside the token's reference group, after
-    the best one-to-one relabelling of learned experts onto reference expert slots (a learned router's
-    numbering is arbitrary). gain[e, r] = assignments of expert e that would be in-group if e were slot r;
-    the relabelling maximising sum_e gain[e, perm[e]] is found exactly by the Hungarian algorithm.
+def agreement(top1_LE, home_LG):
+    """Reference agreement: fraction of tokens whose top-1 expert lies in their domain's home group, after
+    the best one-to-one relabelling of learned experts onto reference experts (a learned router's numbering
+    is arbitrary). Top-1, not every slot: the reference also uses K slots (route_reference), so any top-k
+    router can reach 1.0. gain[e, r] = tokens of expert e in-group if e were reference expert r; the
+    relabelling maximising sum_e gain[e, perm[e]] is found exactly by the Hungarian algorithm.
     Returns (agreement, perm)."""
-    L, E = assign_LE.shape
+    L, E = top1_LE.shape
     in_group_LR = np.zeros((L, E))
     for d in range(L):
-        in_group_LR[d, groups_LG[d]] = 1.0
-    gain_ER = assign_LE.T @ in_group_LR
+        in_group_LR[d, home_LG[d]] = 1.0
+    gain_ER = top1_LE.T @ in_group_LR
     perm = hungarian(-gain_ER)
-    return float(gain_ER[np.arange(E), perm].sum() / assign_LE.sum()), perm
+    return float(gain_ER[np.arange(E), perm].sum() / top1_LE.sum()), perm
 
 
-def routing_metrics(assign_LE, top1_LE, n_drop, n_slots, groups_LG):
-    f_E = assign_LE.sum(0) / assign_LE.sum()
-    agr, perm = agreement(assign_LE, groups_LG)
-    return dict(utilization=utilization(f_E), dead_experts=dead_experts(f_E), purity=purity(top1_LE),
-                agreement=agr, nmi=nmi(top1_LE), dropped_frac=n_drop / max(n_slots, 1),
-                routing_matrix=(assign_LE / np.maximum(assign_LE.sum(1, keepdims=True), 1e-12)).round(4).tolist(),
+def routing_metrics(a, home_LG):
+    """Metrics of one layer's record `a` (see add_record)."""
+    f_E = a["assign"].sum(0) / a["assign"].sum()
+    agr, perm = agreement(a["top1"], home_LG)
+    return dict(utilization=utilization(f_E), maxvio=max_violation(f_E), dead_experts=dead_experts(f_E),
+                purity=purity(a["top1"]), agreement=agr, nmi=nmi(a["top1"]),
+                entropy=None if a["ent"] is None else float(a["ent"] / a["top1"].sum()),
+                dropped_frac=a["drop"] / max(a["slots"], 1),
+                routing_matrix=(a["assign"] / np.maximum(a["assign"].sum(1, keepdims=True), 1e-12)).round(4).tolist(),
                 expert_order=np.argsort(perm).tolist())
 
 
-def accumulate(acc, layer_stats, dom_T, L, E):
-    """Add one batch's routing record into per-layer domain x expert matrices."""
-    for i, st in enumerate(layer_stats):
-        a = acc.setdefault(i, dict(assign=np.zeros((L, E)), top1=np.zeros((L, E)), drop=0, slots=0))
+def add_record(acc, layer_stats, dom_T, L, E):
+    """Add one forward's routing record into per-layer domain x expert matrices (the only host syncs)."""
+    for st in layer_stats:
+        a = acc.setdefault(st["layer"], dict(assign=np.zeros((L, E)), top1=np.zeros((L, E)), drop=0, slots=0,
+                                             ent=None if st["ent_sum"] is None else 0.0))
         a["assign"] += torch.zeros(L, E).index_add_(0, dom_T, st["assign_TE"].float().cpu()).numpy()
         a["top1"] += torch.zeros(L, E).index_put_((dom_T, st["top1_T"].cpu()), torch.ones(len(dom_T)),
                                                   accumulate=True).numpy()
         a["drop"] += int(st["n_drop"])
         a["slots"] += st["n_slots"]
+        if a["ent"] is not None:
+            a["ent"] += float(st["ent_sum"])
     return acc
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training loop
+# Training: an optimizer step = cfg.accum micro-batches on each of W ranks
 # ----------------------------------------------------------------------------------------------------
 
 def lr_at(cfg, step):
@@ -651,68 +554,109 @@ def autocast(cfg, device):
     return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
+def micro_batches(cfg, doms, step, device):
+    """This rank's micro-batches of step `step`. Every rank draws the same global batch (a function of seed
+    and step); chunk c = m*W + r of mu = B/(W*accum) consecutive rows is micro-batch m of rank r. So W ranks
+    x accum A see exactly the chunks one process sees with accum A*W, in the same (micro-batch-major) order."""
+    rank, world = rank_world()
+    mu = cfg.batch_size // (world * cfg.accum)
+    arrays = train_batch(doms, cfg.batch_size, cfg.seq_len, cfg.seed, step, by_domain=cfg.batch_order == "by_domain")
+    for m in range(cfg.accum):
+        c = (m * world + rank) * mu
+        yield tuple(torch.from_numpy(np.ascontiguousarray(a[c:c + mu])).to(device) for a in arrays)
+
+
+@torch.no_grad()
+def prepass_counts(model, cfg, chunks, device):
+    """Global-scope aux loss with accumulation: f must count every token of the step before the first
+    backward. Megatron-core's global_aux_loss instead uses a running mean of the counts of the micro-batches
+    seen so far (only the last micro-batch sees the whole step's f); Qwen (2501.11873) synchronises f over
+    the parallel groups. We pay one no-grad forward per micro-batch for the exact one-pass gradient.
+    Returns {layer: (1, E) counts over the step and all ranks}."""
+    routing, total = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum), {}
+    for x, _, dom in chunks:
+        with autocast(cfg, device):
+            _, stats = model(x, dom, routing)
+        for st in stats:
+            total[st["layer"]] = total.get(st["layer"], 0) + st["counts_GE"]
+    return {layer: all_ranks_sum(c) for layer, c in total.items()}
+
+
+def accumulate_grads(net, cfg, doms, step, device, aux_only=False):
+    """Forward + backward every micro-batch of this rank (DDP syncs on the last); the gradient of the step's
+    mean loss (ce + aux + z), or of its aux loss alone. Returns (ce, aux) means over this rank's
+    micro-batches (tensors: no host sync) and the records [(layer_stats, dom_B)]."""
+    raw = getattr(net, "module", net)                      # under DDP the Model sits in .module
+    chunks = list(micro_batches(cfg, doms, step, device))
+    counts = None
+    if cfg.router == "topk" and cfg.balance == "aux" and cfg.balance_scope == "global" and cfg.accum > 1:
+        counts = prepass_counts(raw, cfg, chunks, device)
+    routing = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, counts)
+    ce_sum = aux_sum = 0.0
+    records = []
+    for m, (x, y, dom) in enumerate(chunks):
+        with net.no_sync() if net is not raw and m < cfg.accum - 1 else nullcontext():
+            with autocast(cfg, device):
+                logits, layer_stats = net(x, dom, routing)
+            ce = F.cross_entropy(logits.float().view(-1, 256), y.reshape(-1))
+            aux = sum((st["aux"] for st in layer_stats), ce.new_zeros(()))
+            z = sum((st["z"] for st in layer_stats), ce.new_zeros(()))
+            loss = aux + 0.0 * ce if aux_only else ce + aux + z
+            (loss / cfg.accum).backward()
+        ce_sum, aux_sum = ce_sum + ce.detach(), aux_sum + aux.detach()
+        records.append((layer_stats, dom))
+    return ce_sum / cfg.accum, aux_sum / cfg.accum, records
+
+
+def train_step(net, opt, cfg, doms, step, device):
+    """One optimizer step. Returns (ce, aux) averaged over ranks (tensors) and this rank's routing records."""
+    for g in opt.param_groups:
+        g["lr"] = lr_at(cfg, step)
+    opt.zero_grad(set_to_none=True)
+    ce, aux, records = accumulate_grads(net, cfg, doms, step, device)
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+    opt.step()
+    if cfg.balance == "aux_free" and cfg.router == "topk":
+        raw = getattr(net, "module", net)
+        for i, ffn in enumerate(b.ffn for b in raw.blocks if isinstance(b.ffn, MoEFFN)):
+            per_micro = [stats[i]["counts_GE"] for stats, _ in records]
+            if cfg.balance_scope == "global":              # one group: the step, every rank
+                counts_GE = all_ranks_sum(sum(per_micro[1:], per_micro[0]))
+            else:                                          # every sequence / micro-batch votes
+                counts_GE = torch.cat(per_micro)
+            update_bias(ffn.bias_E, counts_GE, cfg.bias_rate)
+    ce_aux = all_ranks_sum(torch.stack([ce, aux])) / rank_world()[1]
+    return ce_aux[0], ce_aux[1], records
+
+
 def make_optimizer(model, cfg, device):
     fused = torch.device(device).type == "cuda"           # one kernel for all parameters (CUDA only)
     return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
 
 
-def step_loss(model, cfg, doms, step, device):
-    """Forward this rank's share of step `step`'s batch. Every rank draws the same global batch (a function
-    of seed and step) and keeps its own contiguous rows, so W ranks see exactly what one process sees.
-    `model` may be DDP-wrapped. Returns (ce + aux + z, ce, aux, layer_stats, dom_B)."""
-    rank, world = rank_world()
-    b = cfg.batch_size // world
-    x, y, dom = (torch.from_numpy(np.ascontiguousarray(a[rank * b:(rank + 1) * b])).to(device)
-                 for a in train_batch(doms, cfg.batch_size, cfg.seq_len, cfg.seed, step))
-    with autocast(cfg, device):
-        logits, layer_stats = model(x, dom)
-    ce = F.cross_entropy(logits.float().view(-1, 256), y.reshape(-1))
-    aux = sum((st["aux"] for st in layer_stats), ce.new_zeros(()))
-    z = sum((st["z"] for st in layer_stats), ce.new_zeros(()))
-    return ce + aux + z, ce, aux, layer_stats, dom
-
-
 def wrap_ddp(model, cfg):
-    """DistributedDataParallel over the ranks (the plain model in one process). The aux-free bias buffer is
-    already equal on all ranks (update_bias averages every rank's votes); the hash router leaves the router
-    weight without a gradient, which DDP must be told."""
+    """DistributedDataParallel over the ranks (the plain model in one process). The aux-free bias is kept
+    equal on all ranks by update_bias; the hash router leaves the router weight without a gradient."""
     return model if rank_world()[1] == 1 else DDP(model, find_unused_parameters=cfg.router == "hash")
 
 
-def train_step(model, opt, cfg, doms, step, device):
-    """One optimizer step; returns the ce and aux losses averaged over ranks (for the log)."""
-    for g in opt.param_groups:
-        g["lr"] = lr_at(cfg, step)
-    loss, ce, aux, layer_stats, dom = step_loss(model, cfg, doms, step, device)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()                                        # DDP: gradients averaged over ranks here
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    raw = getattr(model, "module", model)                  # under DDP the Model sits in .module
-    if cfg.balance == "aux_free" and cfg.router == "topk":
-        for st, ffn in zip(layer_stats, [b.ffn for b in raw.blocks if isinstance(b.ffn, MoEFFN)]):
-            update_bias(ffn.bias_E, st["counts_GE"], cfg.bias_rate)
-    ce_aux = all_ranks_sum(torch.stack([ce.detach(), aux.detach()])) / rank_world()[1]
-    return ce_aux[0].item(), ce_aux[1].item(), layer_stats, dom.repeat_interleave(cfg.seq_len).cpu()
+def history_records(records, cfg, step, ce, L, home_LG):
+    """Per MoE layer, the routing of this step's training batch (this rank's share): one record each."""
+    acc = {}
+    for layer_stats, dom in records:
+        add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, cfg.experts)
+    out = []
+    for layer, a in acc.items():
+        m = routing_metrics(a, home_LG)
+        out.append(dict(step=step, layer=layer, train_bpb=round(ce / math.log(2), 4),
+                        **{k: (None if m[k] is None else round(m[k], 4)) for k in HISTORY_KEYS}))
+    return out
 
 
-def state_dict_clean(model):
-    return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+HISTORY_KEYS = ("purity", "nmi", "utilization", "maxvio", "entropy", "dropped_frac")
 
 
-def save_ckpt(path, model, opt, step, train_s, cfg):
-    tmp = path + ".tmp"
-    torch.save(dict(model=state_dict_clean(model), opt=opt.state_dict(), step=step, train_s=train_s,
-                    rng=torch.get_rng_state(), config=asdict(cfg)), tmp)
-    os.replace(tmp, path)
-
-
-# these may differ between an interrupted run and its resumption; everything else must match
-RESUME_FREE = {"threads", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds", "device", "compile", "impl",
-               "preset"}
-
-
-def run_one(cfg, doms, name, device):
+def run_one(cfg, doms, name, device, quiet=False):
     """Train (or resume) one configuration, evaluate it, return its results dict (None if --stop-at).
     Under torchrun every rank trains; rank 0 alone logs, checkpoints, evaluates and writes (others return {})."""
     rank, world = rank_world()
@@ -729,7 +673,7 @@ def run_one(cfg, doms, name, device):
     torch.manual_seed(cfg.seed)                            # same initial weights on every rank
     model = Model(cfg, len(doms.names)).to(device)
     opt = make_optimizer(model, cfg, device)
-    start, train_s = 0, 0.0
+    start, train_s, history = 0, 0.0, []
     if cfg.resume and os.path.exists(ckpt_path):           # every rank loads the same checkpoint
         ck = torch.load(ckpt_path, map_location=device, weights_only=True)
         old = {**asdict(Config()), **ck["config"]}           # fields added since then: their defaults
@@ -739,7 +683,7 @@ def run_one(cfg, doms, name, device):
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         torch.set_rng_state(ck["rng"].cpu())
-        start, train_s = ck["step"], ck["train_s"]
+        start, train_s, history = ck["step"], ck["train_s"], ck.get("history", [])
         say(f"[{name} seed {cfg.seed}] resuming at step {start}")
     if cfg.compile:
         for blk in model.blocks:
@@ -747,30 +691,29 @@ def run_one(cfg, doms, name, device):
     model.train()
     net = wrap_ddp(model, cfg)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    n_moe = sum(isinstance(b.ffn, MoEFFN) for b in model.blocks)
+    home_LG = reference_groups(len(doms.names), cfg.experts, cfg.top_k)[0].numpy()
     bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, leave=False, dynamic_ncols=True,
-               disable=rank != 0)
+               disable=rank != 0 or quiet)
     t_log = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
-        ce, aux, layer_stats, dom_T = train_step(net, opt, cfg, doms, step, device)
+        ce, aux, records = train_step(net, opt, cfg, doms, step, device)
         train_s += time.perf_counter() - t0
-        bar.set_postfix(bpb=f"{ce / math.log(2):.3f}")
         if (step + 1) % cfg.log_every == 0 or step + 1 == end:
+            ce, aux = ce.item(), aux.item()                # host syncs only at log steps
             line = f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}"
-            if n_moe:                                      # routing of rank 0's share of the batch
-                acc = accumulate({}, layer_stats, dom_T, len(doms.names), cfg.experts)
-                groups = reference_groups(len(doms.names), cfg.experts).numpy()
-                m = [routing_metrics(a["assign"], a["top1"], a["drop"], a["slots"], groups) for a in acc.values()]
-                line += (f" | batch U {np.mean([r['utilization'] for r in m]):.3f}"
-                         f" purity {np.mean([r['purity'] for r in m]):.3f}")
+            recs = history_records(records, cfg, step + 1, ce, len(doms.names), home_LG)
+            history += recs
+            for r in recs:
+                line += f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity {r['purity']:.3f}"
             tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t_log, 1e-9)
-            say(line + f" | {tok_s:,.0f} tok/s")
+            bar.set_postfix(bpb=f"{ce / math.log(2):.3f}")
+            say(line + f" | {tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
-            save_ckpt(ckpt_path, model, opt, step + 1, train_s, cfg)
+            save_ckpt(ckpt_path, model, opt, step + 1, train_s, cfg, history)
     bar.close()
     if cfg.stop_at and end < cfg.steps:
-        say(f"[{name}] stopped at step {end} (--stop-at); continue with --resume")
+        say(f"[{name}] stopped at step {end} (--stop-at); continue with --resume", quiet)
         return None
     if rank != 0:
         return {}
@@ -778,14 +721,38 @@ def run_one(cfg, doms, name, device):
     router = "dense" if cfg.dense else cfg.router
     balance = cfg.balance if router == "topk" else "none"
     res = dict(name=name, router=router, balance=balance,
-               scope=cfg.balance_scope if balance != "none" else None,
-               capacity_factor=cfg.capacity_factor, seed=cfg.seed, **res,
-               tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(train_s, 1e-9),
+               scope=cfg.balance_scope if balance != "none" else None, accum=cfg.accum,
+               balance_tokens=balance_tokens(cfg, world) if balance != "none" else None,
+               capacity_factor=cfg.capacity_factor,
+               capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed, **res,
+               history=history, tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(train_s, 1e-9),
                train_s=round(train_s, 1), world_size=world, config_key=config_key(cfg))
     with open(res_path + ".tmp", "w") as f:
         json.dump(res, f)
     os.replace(res_path + ".tmp", res_path)
     return res
+
+
+def balance_tokens(cfg, world):
+    """Tokens one balancing group spans: a sequence, a micro-batch, or the whole optimizer step."""
+    seqs = {"sequence": 1, "micro": cfg.batch_size // (world * cfg.accum)}.get(cfg.balance_scope, cfg.batch_size)
+    return seqs * cfg.seq_len
+
+
+def state_dict_clean(model):
+    return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+
+
+def save_ckpt(path, model, opt, step, train_s, cfg, history):
+    tmp = path + ".tmp"
+    torch.save(dict(model=state_dict_clean(model), opt=opt.state_dict(), step=step, train_s=train_s,
+                    rng=torch.get_rng_state(), config=asdict(cfg), history=history), tmp)
+    os.replace(tmp, path)
+
+
+# these may differ between an interrupted run and its resumption; everything else must match
+RESUME_FREE = {"threads", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds", "device",
+               "compile", "impl", "preset", "jobs"}
 
 
 def config_key(cfg):
@@ -798,36 +765,50 @@ def config_key(cfg):
 
 @torch.no_grad()
 def evaluate(model, cfg, doms, device):
-    """Held-out bits per byte per domain, and routing metrics per MoE layer and averaged over layers."""
+    """Held-out bits per byte per domain, and routing metrics per MoE layer and averaged over layers. The
+    windows go through in "steps" of --batch-size sequences and micro-batches of B/(W*accum), ordered as in
+    training, so capacity and expert choice see the scopes they saw in training."""
     model.eval()
     L, E = len(doms.names), cfg.experts
     vx, vy, vdom = val_windows(doms, cfg.seq_len, cfg.eval_seqs)
+    mu = cfg.batch_size // (rank_world()[1] * cfg.accum)
     nll_L, n_L, acc = np.zeros(L), np.zeros(L), {}
-    bs = cfg.batch_size // rank_world()[1]                 # the batch one forward saw in training (EC/capacity)
-    for i in range(0, len(vx), bs):
-        x, y, dom = (torch.from_numpy(a[i:i + bs]).to(device) for a in (vx, vy, vdom))
-        with autocast(cfg, device):
-            logits, layer_stats = model(x, dom)
-        nll_BS = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1), reduction="none").view(y.shape)
-        np.add.at(nll_L, dom.cpu().numpy(), nll_BS.sum(1).cpu().numpy())
-        np.add.at(n_L, dom.cpu().numpy(), y.shape[1])
-        accumulate(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, E)
+    for s0 in range(0, len(vx), cfg.batch_size):
+        rows = np.arange(s0, min(s0 + cfg.batch_size, len(vx)))
+        if cfg.batch_order == "by_domain":
+            rows = rows[np.argsort(vdom[rows], kind="stable")]
+        routing = StepRouting(cfg.batch_size * cfg.seq_len, lambda t: t)        # this process only
+        for i in range(0, len(rows), mu):
+            x, y, dom = (torch.from_numpy(a[rows[i:i + mu]]).to(device) for a in (vx, vy, vdom))
+            with autocast(cfg, device):
+                logits, layer_stats = model(x, dom, routing)
+            nll_BS = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1), reduction="none").view(y.shape)
+            np.add.at(nll_L, dom.cpu().numpy(), nll_BS.sum(1).cpu().numpy())
+            np.add.at(n_L, dom.cpu().numpy(), y.shape[1])
+            add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, E)
     model.train()
     bpb_L = nll_L / n_L / math.log(2)
     out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)),
                per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, bpb_L)})
-    keys = ("utilization", "dead_experts", "purity", "agreement", "nmi", "dropped_frac")
     if not acc:
-        return dict(out, **{k: None for k in keys}, routing_matrix=None, per_layer=[])
-    groups = reference_groups(L, E).numpy()
-    per_layer = [routing_metrics(a["assign"], a["top1"], a["drop"], a["slots"], groups) for a in acc.values()]
-    for k in keys:
-        out[k] = float(np.mean([r[k] for r in per_layer]))
+        return dict(out, **{k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[])
+    home_LG = reference_groups(L, E, cfg.top_k)[0].numpy()
+    per_layer = [dict(layer=layer, **routing_metrics(a, home_LG)) for layer, a in acc.items()]
+    for k in METRIC_KEYS:
+        vals = [r[k] for r in per_layer if r[k] is not None]
+        out[k] = float(np.mean(vals)) if vals else None
     total = sum(a["assign"] for a in acc.values())
     out["routing_matrix"] = (total / total.sum(1, keepdims=True)).round(4).tolist()
-    out["per_layer"] = [dict(layer=li, **r) for li, r in zip(moe_layer_ids(cfg), per_layer)]
+    out["per_layer"] = per_layer
     return out
 
+
+METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reports: heat map, table (mean +- sample std over seeds), optional plots
+# ----------------------------------------------------------------------------------------------------
 
 SHADES = " ░▒▓█"
 
@@ -839,33 +820,155 @@ def heat_map(matrix_LE, names, order):
     top = M.max() or 1.0
     lines = ["domain \\ expert  " + "".join(f"{e:>6}" for e in order)]
     for name, row in zip(names, M):
-        lines.append(f"{name:>16} " + "".join(f" {SHADES[min(4, int(v / top * 4.999))] * 2}{v * 100:3.0f}" for v in row))
+        cells = "".join(f" {SHADES[min(4, int(v / top * 4.999))] * 2}{v * 100:3.0f}" for v in row)
+        lines.append(f"{name:>16} " + cells)
     return "\n".join(lines)
 
 
-COLS = [("val_bpb", "val bpb", "{:.3f}"), ("utilization", "U", "{:.3f}"), ("dead_experts", "dead", "{:.1f}"),
+COLS = [("val_bpb", "val bpb", "{:.3f}"), ("utilization", "U", "{:.3f}"), ("maxvio", "MaxVio", "{:.2f}"),
         ("purity", "purity", "{:.3f}"), ("agreement", "agree", "{:.3f}"), ("nmi", "NMI", "{:.3f}"),
-        ("dropped_frac", "dropped", "{:.3f}"), ("tokens_per_s", "tok/s", "{:.0f}")]
+        ("entropy", "entropy", "{:.3f}"), ("dropped_frac", "dropped", "{:.3f}"), ("tokens_per_s", "tok/s", "{:.0f}")]
 
 
-def table(runs):
-    """One row per configuration; mean +- std over seeds when there are several."""
-    names = list(dict.fromkeys(r["name"] for r in runs))
-    head = f"{'router':<16}" + "".join(f"{c[1]:>16}" for c in COLS)
-    lines = [head, "-" * len(head)]
-    for n in names:
+def mean_std(vals):
+    """Mean and sample std (ddof = 1; None for one value)."""
+    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+
+
+def table_rows(runs):
+    """One row per configuration name: cells 'mean ± std' over seeds."""
+    rows = []
+    for n in dict.fromkeys(r["name"] for r in runs):
         rs = [r for r in runs if r["name"] == n]
         cells = []
         for key, _, fmt in COLS:
-            vals = [r[key] for r in rs if r[key] is not None]
+            vals = [r[key] for r in rs if r.get(key) is not None]
             if not vals:
                 cells.append("-")
-            elif len(vals) == 1:
-                cells.append(fmt.format(vals[0]))
-            else:
-                cells.append(fmt.format(np.mean(vals)) + " ± " + fmt.format(np.std(vals)))
-        lines.append(f"{n:<16}" + "".join(f"{c:>16}" for c in cells))
+                continue
+            m, s = mean_std(vals)
+            cells.append(fmt.format(m) + ("" if s is None else " ± " + fmt.format(s)))
+        rows.append((n, len(rs), cells))
+    return rows
+
+
+def table(runs, header=True):
+    head = f"{'run':<18}{'seeds':>6}" + "".join(f"{c[1]:>16}" for c in COLS)
+    lines = [head, "-" * len(head)] if header else []
+    lines += [f"{n:<18}{k:>6}" + "".join(f"{c:>16}" for c in cells) for n, k, cells in table_rows(runs)]
     return "\n".join(lines)
+
+
+def plots(runs, out_dir):
+    """PNG curves when matplotlib is importable: routing over training, and (balance sweep) purity vs the
+    sequences a balancing group spans. Returns the paths written."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return []
+    paths = []
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in runs:
+        for layer in sorted({h["layer"] for h in r["history"]}):
+            hs = [h for h in r["history"] if h["layer"] == layer]
+            for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
+                ax.plot([h["step"] for h in hs], [h[key] for h in hs], label=f"{r['name']} s{r['seed']} L{layer}")
+    for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
+        ax.set_xlabel("step")
+        ax.set_title(f"train-batch {key}")
+    axes[0].legend(fontsize=6)
+    paths.append(os.path.join(out_dir, "history.png"))
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk" and r["balance"] != "none"})
+    if len(sizes) > 2:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in ("purity", "nmi", "utilization"):
+            stats = [mean_std([r[key] for r in runs if r["balance_tokens"] == n]) for n in sizes]
+            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], label=key, capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("tokens per balancing group")
+        ax.legend()
+        paths.append(os.path.join(out_dir, "balance.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sweeps (each configuration: the base config plus overrides), optionally in parallel worker processes
+# ----------------------------------------------------------------------------------------------------
+
+def sweep_plan(cfg, world=1):
+    """[(name, overrides)] for --sweep scopes | balance | capacity."""
+    if cfg.sweep == "scopes":                                # every router / scope at the given --accum
+        return [("reference", dict(router="reference", balance="none")),
+                ("reference-uniform", dict(router="reference", balance="none", reference_gate="uniform")),
+                ("hash", dict(router="hash", balance="none")),
+                ("topk-none", dict(router="topk", balance="none")),
+                ("aux-sequence", dict(balance="aux", balance_scope="sequence")),
+                ("aux-micro", dict(balance="aux", balance_scope="micro")),
+                ("aux-global", dict(balance="aux", balance_scope="global")),
+                ("auxfree-micro", dict(balance="aux_free", balance_scope="micro")),
+                ("auxfree-global", dict(balance="aux_free", balance_scope="global")),
+                ("expert-choice", dict(router="expert_choice", balance="none"))]
+    if cfg.sweep == "balance":       # aux loss over groups of n sequences: 1 (sequence), micro-batches of n, B
+        per_rank, plan = cfg.batch_size // world, [("balance-1", dict(balance="aux", balance_scope="sequence"))]
+        n = 2
+        while n < per_rank:
+            if per_rank % n == 0:
+                plan.append((f"balance-{n}", dict(balance="aux", balance_scope="micro", accum=per_rank // n)))
+            n *= 2
+        return plan + [(f"balance-{cfg.batch_size}", dict(balance="aux", balance_scope="global"))]
+    base = dict(balance="aux", balance_scope="global", batch_order="by_domain")      # capacity
+    return [("dropless", base)] + [(f"cf{cf:g}-{scope}", dict(base, capacity_factor=cf, capacity_scope=scope))
+                                   for cf in (1.0, 1.25) for scope in ("sequence", "micro", "global")]
+
+
+def _worker(cfg_dict, name, doms):
+    """One sweep configuration in a worker process (started with 'spawn': a fresh interpreter; the data
+    come pickled from the parent, so no worker regenerates or re-caches them)."""
+    cfg = Config(**cfg_dict)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    return run_one(cfg, doms, name, pick_device(cfg.device), quiet=True)
+
+
+def run_all(cfg, plan, doms, device):
+    """Every (seed, configuration): in this process, or in --jobs worker processes (same numbers: each run
+    seeds itself, and batches are a function of (seed, step))."""
+    todo = [(name, Config(**{**asdict(c), "seed": s})) for s in seed_list(cfg) for name, c in plan]
+    for name, c in todo:
+        if c.router == "expert_choice" and c.seed == seed_list(cfg)[0]:
+            say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
+    if cfg.jobs > 1 and len(todo) > 1:
+        with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_worker, asdict(c), name, doms) for name, c in todo]
+            results = []
+            for fut in futures:
+                results.append(fut.result())
+                if results[-1] is None:                     # --stop-at
+                    return None
+                report_run(results[-1], doms)
+            return results
+    results = []
+    for name, c in todo:
+        res = run_one(c, doms, name, device)
+        if res is None:                                     # --stop-at
+            return None
+        results.append(res)
+        if res:                                             # ranks > 0 return {}
+            report_run(res, doms)
+    return results
+
+
+def report_run(res, doms):
+    for lay in res["per_layer"]:
+        say(f"[{res['name']} seed {res['seed']}] layer {lay['layer']}: share of routing slots (%)\n"
+            + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
+    say(table([res], header=False) + f"  ({res['train_s']:.0f} s)")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -878,7 +981,7 @@ def bench(cfg, doms, device, n=20, warm=3):
         c = Config(**{**asdict(cfg), "dense": kind == "dense"})
         torch.manual_seed(cfg.seed)
         m = Model(c, len(doms.names)).to(device)
-        models[kind] = (c, m, torch.optim.AdamW(m.parameters(), lr=cfg.lr))
+        models[kind] = (c, m, make_optimizer(m, c, device))
     times = {"moe": [], "dense": []}
     for i in range(warm + n):                               # alternate, so both see the same machine load
         for kind, (c, m, opt) in models.items():
@@ -890,13 +993,239 @@ def bench(cfg, doms, device, n=20, warm=3):
                 times[kind].append(time.perf_counter() - t0)
     med = {k: float(np.median(v)) for k, v in times.items()}
     params = {k: sum(p.numel() for p in m.parameters()) for k, (_, m, _) in models.items()}
+    tokens = cfg.batch_size * cfg.seq_len
     return dict(moe_step_s=med["moe"], dense_step_s=med["dense"], ratio=med["moe"] / med["dense"],
-                moe_params=params["moe"], dense_params=params["dense"], steps_timed=n)
+                moe_params=params["moe"], dense_params=params["dense"], steps_timed=n,
+                moe_tokens_per_s=tokens / med["moe"],
+                moe_model_tflops=train_flops_per_token(cfg) * tokens / med["moe"] / 1e12)
+
+
+def train_flops_per_token(cfg):
+    """6 x active parameters per token (the dense FFN width K*H = the MoE's active experts) + causal attention
+    (6 * 2 * S * D per layer, halved for causality); embeddings and router not counted."""
+    D, S = cfg.d_model, cfg.seq_len
+    per_layer = 4 * D * D + 2 * D * cfg.top_k * cfg.expert_hidden
+    return 6 * (cfg.n_layer * per_layer + 256 * D) + cfg.n_layer * 6 * S * D
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, nominal (vendor sheets)
+
+
+def flops_note(cfg, device, tok_s):
+    """On CUDA: model TFLOP/s (train_flops_per_token x tokens/s) and MFU against the GPU's nominal bf16 peak."""
+    if torch.device(device).type != "cuda":
+        return ""
+    tflops = train_flops_per_token(cfg) * tok_s / 1e12
+    name = torch.cuda.get_device_name(torch.device(device))
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+    return f" | {tflops:.1f} model TFLOP/s" + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "")
 
 
 # ----------------------------------------------------------------------------------------------------
-# main
+# Plumbing: data, devices, data parallelism
 # ----------------------------------------------------------------------------------------------------
+
+class BadInput(ValueError):
+    """A user error: reported as one line, exit status 2."""
+
+
+def load_domains(cfg):
+    if cfg.data_dir:                                       # only rank 0 writes the cache; the others re-read the text
+        cache = os.path.join(cfg.out, "data_cache") if rank_world()[0] == 0 else None
+        doms = text_domains(cfg.data_dir, cache_dir=cache)
+    else:                                                  # the languages are fixed; --seed varies training
+        doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
+    check_lengths(doms, cfg.seq_len)
+    return doms
+
+
+def pick_device(name):
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
+    if name not in ("cpu", "cuda", "mps"):
+        raise BadInput(f"unknown --device {name!r}")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        raise BadInput(f"--device {name} is not available on this machine")
+    return name
+
+
+def rank_world():
+    """(rank, world size); before init_process_group, what torchrun put in the environment."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def all_ranks_sum(t):
+    """Sum of a no-grad tensor over the data-parallel ranks (the tensor itself in one process). The ONE place
+    ranks exchange numbers besides DDP's gradient averaging: global-scope counts, capacity queues, aux-free
+    votes, logged losses."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.detach().clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def say(msg, quiet=False):
+    if rank_world()[0] == 0 and not quiet:                 # rank 0 speaks (and writes files) for all
+        tqdm.write(msg)
+
+
+def setup_distributed(device, world):
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT):
+    gloo on CPU, NCCL on CUDA with one GPU per process. Returns this rank's device."""
+    if world == 1:
+        return device
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    if missing:
+        raise BadInput(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
+    backend = {"cpu": "gloo", "cuda": "nccl"}.get(device)
+    if backend is None:
+        raise BadInput(f"data parallelism runs on cpu (gloo) or cuda (nccl), not on {device}")
+    if not (dist.is_available() and getattr(dist, f"is_{backend}_available")()):
+        raise BadInput(f"torch.distributed backend {backend} is not available in this torch build")
+    if device == "cuda":
+        local, n_gpu = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= n_gpu:
+            raise BadInput(f"LOCAL_RANK {local} but {n_gpu} GPU(s): at most one process per GPU")
+        device = f"cuda:{local}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend)
+    return device
+
+
+def shutdown_distributed(clean):
+    """Leave the process group together. Ranks > 0 finish first (rank 0 alone evaluates, checkpoints and writes);
+    one that destroyed the group and exited while rank 0 still used it made torch 2.11's gloo abort a rank
+    ("terminate called without an active exception"). So on a clean exit every rank meets at a barrier first.
+    After an error that only some ranks saw, no barrier (the others may never arrive): destroy and exit, and
+    torchrun stops the remaining ranks."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    if clean and dist.get_world_size() > 1:
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+# ----------------------------------------------------------------------------------------------------
+# CLI: help, validation, main
+# ----------------------------------------------------------------------------------------------------
+
+HELP = {
+    "experts": "number of experts E per MoE layer",
+    "top_k": "experts per token K (every router; expert choice takes T*K/E tokens per expert)",
+    "n_layer": "transformer blocks",
+    "moe_layers": "which blocks get an MoE FFN: 'upper' (upper half), 'all', or indices like '1,2'",
+    "d_model": "model width D",
+    "n_head": "attention heads",
+    "expert_hidden": "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)",
+    "seq_len": "bytes per training sequence",
+    "batch_size": "sequences per optimizer step, over all processes and micro-batches",
+    "accum": "micro-batches per optimizer step on each process (gradient accumulation): a micro-batch holds "
+             "batch-size/(processes*accum) sequences",
+    "steps": "optimizer steps",
+    "lr": "peak AdamW learning rate (linear warmup, cosine decay to 10%%)",
+    "warmup": "warmup steps",
+    "seed": "seed for weights and batch order (the procedural languages are fixed, generated from seed 0)",
+    "seeds": "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std",
+    "router": "reference (domain-label oracle) | topk (token choice) | expert_choice (not causal) | hash",
+    "reference_gate": "reference router: learned (top by router probability inside the group, gates = probs) "
+                      "| uniform (round-robin inside the group, gates 1/K)",
+    "balance": "topk only: none | aux (Switch/GShard aux loss) | aux_free (DeepSeek-V3 selection bias)",
+    "balance_scope": "tokens the balancing is computed over: sequence | micro (one micro-batch) | "
+                     "global (the optimizer step: every micro-batch on every process)",
+    "aux_coef": "aux loss coefficient alpha",
+    "z_coef": "router z-loss coefficient (learned routers)",
+    "bias_rate": "aux_free bias update rate gamma",
+    "capacity_factor": "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity slots dropped; 0 = dropless",
+    "capacity_scope": "tokens one capacity spans: sequence | micro | global (queues run across the step)",
+    "norm_topk": "renormalise the gates over the chosen k (Mixtral/DeepSeek form); default: raw softmax probs",
+    "dense": "train the dense baseline (FFN width K*H everywhere) instead of the MoE",
+    "batch_order": "mixed (random domain order in a batch) | by_domain (batch sorted by domain: a micro-batch "
+                   "holds few domains)",
+    "overlap": "procedural data: probability a word is a loanword shared by all languages (0..1)",
+    "train_bytes": "procedural data: training bytes per domain",
+    "data_dir": "real text instead of the procedural mix: DIR/<domain>/*.txt (UTF-8), >= 2 domains",
+    "eval_seqs": "held-out sequences per domain for evaluation",
+    "log_every": "steps between log lines and routing-history records",
+    "ckpt_every": "steps between checkpoints",
+    "sweep": "scopes (every router and scope) | balance (aux loss over groups of 1, 2, 4, ... sequences) | "
+             "capacity (cf 1.0/1.25 x capacity scope, batches sorted by domain)",
+    "jobs": "run a sweep's (or --seeds') configurations in this many worker processes",
+    "bench": "time MoE vs dense training steps side by side in this process and print the ratio",
+    "device": "auto (cuda, then mps, else cpu) | cpu | cuda | mps",
+    "dtype": "float32 | bfloat16 (bf16 autocast; the router stays fp32)",
+    "threads": "CPU threads for torch per process; 0 = torch's default. 1: every README number was measured so",
+    "compile": "torch.compile the attention blocks and the expert dispatch",
+    "impl": "expert dispatch in kernels.moe_ffn: grouped | loop",
+    "stop_at": "stop after this step as if interrupted (checkpoint only, no results); for testing --resume",
+    "out": "output folder: results.json and one subfolder per run with its checkpoint",
+    "resume": "continue each run from its checkpoint in --out (finished runs are reused)",
+    "preset": "cpu (the defaults) | gpu (d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, compile)",
+}
+
+CHOICES = dict(router=("reference", "topk", "expert_choice", "hash"), reference_gate=("learned", "uniform"),
+               balance=("none", "aux", "aux_free"), balance_scope=("sequence", "micro", "global"),
+               capacity_scope=("sequence", "micro", "global"), batch_order=("mixed", "by_domain"),
+               sweep=("scopes", "balance", "capacity"), dtype=("float32", "bfloat16"), impl=("grouped", "loop"),
+               preset=tuple(PRESETS))
+
+EPILOG = """examples:
+  python moe_testbed.py --experts 8                         one run, tables + heat map (~5 min, 2-core CPU)
+  python moe_testbed.py --sweep scopes --accum 8 --seeds 0,1,2 --jobs 2
+  python moe_testbed.py --sweep balance --steps 300         purity vs the sequences one balancing group spans
+  python moe_testbed.py --sweep capacity --accum 8          dropping at cf 1.0 / 1.25 per capacity scope
+  torchrun --standalone --nproc_per_node 2 moe_testbed.py   data parallel (gloo on CPU, NCCL on GPUs)"""
+
+
+def seed_list(cfg):
+    if not cfg.seeds:
+        return [cfg.seed]
+    try:
+        return [int(s) for s in cfg.seeds.split(",")]
+    except ValueError:
+        raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
+
+
+def validate(cfg, world=1):
+    """Every check that can fail, before any process group exists: all ranks see the same flags and
+    WORLD_SIZE, so they all fail alike and exit without waiting for each other."""
+    def need(ok, msg):
+        if not ok:
+            raise BadInput(msg)
+    for f in ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len", "batch_size",
+              "accum", "steps", "eval_seqs", "log_every", "ckpt_every", "train_bytes", "jobs"):
+        need(getattr(cfg, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
+    need(min(cfg.warmup, cfg.stop_at, cfg.threads) >= 0, "--warmup, --stop-at and --threads must be >= 0")
+    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} is larger than --experts {cfg.experts}")
+    need(cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0,
+         f"--d-model {cfg.d_model} must be a multiple of 2*--n-head ({2 * cfg.n_head}) for RoPE")
+    for key, options in CHOICES.items():
+        value = getattr(cfg, key)
+        need(value in options or (key == "sweep" and value == ""),
+             f"--{key.replace('_', '-')} must be one of {', '.join(options)}, got {value!r}")
+    need(world >= 1 and cfg.batch_size % (world * cfg.accum) == 0,
+         f"--batch-size {cfg.batch_size} must be divisible by --accum {cfg.accum} x the number of processes "
+         f"(WORLD_SIZE={world})")
+    mu = cfg.batch_size // (world * cfg.accum)
+    need(min(cfg.aux_coef, cfg.z_coef, cfg.bias_rate, cfg.capacity_factor) >= 0,
+         "--aux-coef, --z-coef, --bias-rate and --capacity-factor must be >= 0")
+    need(cfg.capacity_factor == 0 or cfg.router != "expert_choice",
+         "--capacity-factor does not apply to expert_choice (every expert takes exactly T*K/E tokens)")
+    need(cfg.router != "expert_choice" or mu * cfg.seq_len * cfg.top_k >= cfg.experts,
+         "expert_choice needs a micro-batch of at least experts/top-k tokens")
+    need(0.0 <= cfg.overlap <= 1.0, f"--overlap must be in [0, 1], got {cfg.overlap}")
+    need(not (cfg.sweep and (cfg.dense or cfg.bench)), "--sweep cannot be combined with --dense or --bench")
+    need(world == 1 or not cfg.bench, "--bench times two models in one process: run it without torchrun")
+    need(world == 1 or cfg.jobs == 1, "--jobs runs worker processes: not under torchrun")
+    moe_layer_ids(cfg)
+    seed_list(cfg)
+    if cfg.sweep:                                          # every configuration of the sweep must be valid too
+        for _, o in sweep_plan(cfg, world):
+            validate(Config(**{**asdict(cfg), **o, "sweep": ""}), world)
+
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):                                # one line from rank 0, exit 2 (not argparse's usage)
@@ -905,16 +1234,30 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     """Flags -> Config: Config defaults, then the --preset's values, then the flags actually given."""
-    p = _Parser(prog="moe_testbed.py", description=__doc__.split("\n")[0])
+    p = _Parser(prog="moe_testbed.py", description=__doc__.split("\n")[0], epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups = {g: p.add_argument_group(g) for g in ("model", "routing and balancing", "training", "data",
+                                                   "runs and output", "machine")}
+    where = dict(accum="training", steps="training", lr="training", warmup="training", seed="training",
+                 seeds="training", batch_size="training", overlap="data", train_bytes="data", data_dir="data",
+                 eval_seqs="data", batch_order="data", log_every="runs and output", ckpt_every="runs and output",
+                 sweep="runs and output", jobs="runs and output", bench="runs and output", stop_at="runs and output",
+                 out="runs and output", resume="runs and output", device="machine", dtype="machine",
+                 threads="machine", compile="machine", impl="machine", preset="machine")
+    routing = ("router", "reference_gate", "balance", "balance_scope", "aux_coef", "z_coef", "bias_rate",
+               "capacity_factor", "capacity_scope", "norm_topk")
     preset_keys = {k for v in PRESETS.values() for k in v}
     for f in fields(Config):
+        grp = groups["routing and balancing" if f.name in routing else where.get(f.name, "model")]
         flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=HELP[f.name])
         if f.type is bool or f.type == "bool":             # --compile / --no-compile: a preset's switch can be undone
             act = argparse.BooleanOptionalAction if f.name in preset_keys else "store_true"
-            p.add_argument(flag, action=act, **kw)
+            grp.add_argument(flag, action=act, **kw)
+        elif f.name == "sweep":
+            grp.add_argument(flag, nargs="?", const="scopes", **{**kw, "help": kw["help"] + " (bare: scopes)"})
         else:
             typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            p.add_argument(flag, type=typ, **{**kw, "help": kw["help"] + f" (default: {f.default})"})
+            grp.add_argument(flag, type=typ, **{**kw, "help": kw["help"] + f" (default: {f.default})"})
     given = vars(p.parse_args(argv))
     return Config(**{**PRESETS.get(given.get("preset"), {}), **given})
 
@@ -948,46 +1291,34 @@ def main(argv=None):
 def _main(cfg, doms, device):
     t0 = time.time()
     rank, world = rank_world()
-    dp = f" | {world} processes ({dist.get_backend()}), {cfg.batch_size // world} sequences each" if world > 1 else ""
+    mu = cfg.batch_size // (world * cfg.accum)
     say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: {', '.join(doms.names)} | "
-        f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes" + dp)
+        f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes | step = {cfg.accum} "
+        f"micro-batch(es) of {mu} sequences" + (f" x {world} processes ({dist.get_backend()})" if world > 1 else ""))
     if rank == 0:
         os.makedirs(cfg.out, exist_ok=True)
     if cfg.bench:
         b = bench(cfg, doms, device)
         say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} ms"
             f" -> ratio {b['ratio']:.2f} (median of {b['steps_timed']} interleaved steps; params total "
-            f"{b['moe_params']:,} vs {b['dense_params']:,})")
+            f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
+            f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention)")
         _write_results(cfg, dict(config=asdict(cfg), bench=b))
         return b
-    if cfg.sweep:
-        plan = [(n, Config(**{**asdict(cfg), **o})) for n, o in SWEEP]
-    else:
-        plan = [(run_name(cfg), cfg)]
-    runs = []
-    for s in seed_list(cfg):
-        for name, c in plan:
-            c = Config(**{**asdict(c), "seed": s})
-            if c.router == "expert_choice":
-                say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
-            res = run_one(c, doms, name, device)
-            if res is None:
-                return None
-            if not res:                                     # ranks > 0: rank 0 evaluates and reports
-                continue
-            runs.append(res)
-            if res["per_layer"]:
-                for lay in res["per_layer"]:
-                    say(f"[{name} seed {s}] layer {lay['layer']}: share of routing slots (%)\n"
-                        + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
-            say(table([res]).split("\n", 2)[2] + f"  ({res['train_s']:.0f} s)")
-    if rank != 0:
+    if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
+        say("note: --accum 1: a micro-batch is the whole step, so micro and global scope are the same run")
+    plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
+    runs = run_all(cfg, [(n, Config(**{**asdict(cfg), **o})) for n, o in plan], doms, device)
+    if runs is None or rank != 0:
         return None
     say(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, "
-        f"wall {time.time() - t0:.0f} s on {device}" + (f" x {world} processes" if world > 1 else ""))
+        f"wall {time.time() - t0:.0f} s on {device}" + (f" x {world} processes" if world > 1 else "")
+        + (f", {cfg.jobs} worker processes" if cfg.jobs > 1 else ""))
     say(table(runs))
     if len(runs) == 1 and runs[0]["per_domain_bpb"]:
         say("val bpb per domain: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[0]["per_domain_bpb"].items()))
+    for path in plots(runs, cfg.out):
+        say(f"wrote {path}")
     _write_results(cfg, dict(config=asdict(cfg), world_size=world, runs=runs))
     return runs
 
@@ -996,14 +1327,18 @@ def run_name(cfg):
     if cfg.dense:
         return "dense"
     if cfg.router != "topk":
-        name = cfg.router.replace("_", "-")
+        name = cfg.router.replace("_", "-") + ("-uniform" if cfg.router == "reference" and
+                                               cfg.reference_gate == "uniform" else "")
     else:
         name = "topk-none" if cfg.balance == "none" else f"{cfg.balance.replace('_', '')}-{cfg.balance_scope}"
-    return name + (f"-cf{cfg.capacity_factor:g}" if cfg.capacity_factor else "")
+    return name + (f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else "")
 
 
 def _write_results(cfg, obj):                                 # rank 0 only (its callers see to that)
     path = os.path.join(cfg.out, "results.json")
+    if os.path.exists(path) and not cfg.resume:              # reruns never silently replace earlier results
+        stamp = time.strftime("-%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
+        os.replace(path, path[:-5] + stamp + ".json")
     with open(path + ".tmp", "w") as f:
         json.dump(obj, f, indent=1)
     os.replace(path + ".tmp", path)

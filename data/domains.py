@@ -267,10 +267,12 @@ def check_lengths(doms, seq_len):
                             f"{len(tr)} train / {len(va)} val bytes")
 
 
-def train_batch(doms, batch_size, seq_len, seed, step):
+def train_batch(doms, batch_size, seq_len, seed, step, by_domain=False):
     """Batch for one optimizer step. Stateless: a function of (seed, step) only, so --resume needs no
     data-loader state. Sequence b comes from domain perm[b % L] (balanced: every domain gets
     batch_size/L sequences when L divides batch_size), at a uniform random offset.
+    by_domain: the same sequences, stably sorted by domain, so consecutive rows (a micro-batch) hold few
+    domains, as when a loader streams each source in runs.
     Returns x_BS, y_BS (int64 next-byte targets), dom_B (int64)."""
     rng = np.random.default_rng([seed, step, 7])
     L = len(doms.names)
@@ -280,6 +282,9 @@ def train_batch(doms, batch_size, seq_len, seed, step):
         a = doms.train[d]
         o = int(rng.integers(0, len(a) - seq_len))
         xs[b] = a[o:o + seq_len + 1]
+    if by_domain:
+        order = np.argsort(dom_B, kind="stable")
+        xs, dom_B = xs[order], dom_B[order]
     return xs[:, :-1], xs[:, 1:], dom_B.astype(np.int64)
 
 

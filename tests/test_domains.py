@@ -102,3 +102,11 @@ def test_text_reader_errors(tmp_path):
     d = synthetic_domains(seed=0, overlap=0.1, **SMALL)
     with pytest.raises(DataError, match="longer than the data"):
         check_lengths(d, 10_000)
+
+
+def test_train_batch_by_domain_is_the_same_batch_sorted():
+    d = synthetic_domains(seed=0, overlap=0.1, **SMALL)
+    x, _, dom = train_batch(d, 16, 32, seed=1, step=5)
+    xs, _, doms_ = train_batch(d, 16, 32, seed=1, step=5, by_domain=True)
+    assert doms_.tolist() == sorted(dom.tolist())                       # rows 2k, 2k+1: domain k
+    assert sorted(map(bytes, xs)) == sorted(map(bytes, x))

@@ -1,7 +1,8 @@
-"""Data parallelism in moe_testbed.py (issue 5), on CPU with gloo and 2 processes: the global-scope aux
-loss and its gradients on 2 ranks equal one process on the concatenated batch, micro and sequence scopes do
-not change with the rank count, aux-free biases stay the one-process ones, a 2-rank torchrun run (and its
---resume) writes results.json from rank 0, bad input exits every rank with status 2, and the presets.
+"""Data parallelism in moe_testbed.py, on CPU with gloo and 2 processes: every scope's aux loss and its gradients
+on 2 ranks x accum A equal one process with accum 2A on the same batch (the same micro-batches in the same
+order; global scope: the counts cross the ranks and the micro-batches), and so do global-capacity drops and
+aux-free biases; a 2-rank torchrun run (and its --resume) writes results.json from rank 0, bad input exits
+every rank with status 2, and the presets.
 
 Processes are started the way torchrun starts them (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT in the
 environment), each with one thread; every launch has a timeout, so a hang fails instead of blocking."""
@@ -26,12 +27,14 @@ import moe_testbed as mt  # noqa: E402
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 TINY = dict(experts=4, top_k=2, n_layer=2, moe_layers="all", d_model=16, n_head=2, expert_hidden=8, seq_len=8,
             batch_size=8, warmup=2, threads=1)
-CASES = {   # name -> Config overrides; the router weights see every scope's aux loss
+CASES = {   # name -> Config overrides on 2 ranks; one process runs the same with twice the accumulation
     "aux-global": dict(balance="aux", balance_scope="global"),
-    "aux-micro": dict(balance="aux", balance_scope="micro", micro_batch=2),
+    "aux-global-accum2": dict(balance="aux", balance_scope="global", accum=2),
+    "aux-micro": dict(balance="aux", balance_scope="micro"),
     "aux-sequence": dict(balance="aux", balance_scope="sequence"),
     "auxfree-global": dict(balance="aux_free", balance_scope="global"),
-    "auxfree-micro": dict(balance="aux_free", balance_scope="micro", micro_batch=2),
+    "auxfree-micro": dict(balance="aux_free", balance_scope="micro"),
+    "capacity-global": dict(balance="aux", balance_scope="global", capacity_factor=0.5, capacity_scope="global"),
 }
 
 
@@ -43,26 +46,27 @@ def _doms():
                                  val=[rng.integers(40 * d, 40 * d + 50, 500) for d in range(4)])
 
 
-def _measure(case):
-    """On this rank: (1) the global-batch aux loss and the DDP-averaged gradients of the aux loss alone;
+def _measure(case, accum_scale=1):
+    """On this rank: (1) the step's aux loss and the DDP-averaged gradients of the aux loss alone;
     (2) two real train_steps (wrap_ddp, the total loss, clipping, AdamW, the aux-free update): the gradients
-    the second leaves, its logged losses and the MoE biases afterwards."""
-    cfg = mt.Config(**TINY, **CASES[case])
+    the second leaves, its logged losses, its dropped slots and the MoE biases afterwards."""
+    o = CASES[case]
+    cfg = mt.Config(**TINY, **{**o, "accum": o.get("accum", 1) * accum_scale})
     doms, (_, world) = _doms(), mt.rank_world()
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
-    net = mt.wrap_ddp(model, cfg)
-    _, ce, aux, _, _ = mt.step_loss(net, cfg, doms, 3, "cpu")
-    (aux + 0.0 * ce).backward()                            # the aux gradient alone; 0*ce: every parameter in
-    out = dict(aux=(mt.all_ranks_sum(aux.detach()) / world).item(),     # the graph, as DDP expects
+    _, aux, _ = mt.accumulate_grads(mt.wrap_ddp(model, cfg), cfg, doms, 3, "cpu", aux_only=True)
+    out = dict(aux=(mt.all_ranks_sum(aux) / world).item(),
                aux_grads={n: p.grad.clone() for n, p in model.named_parameters()})
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
     net = mt.wrap_ddp(model, cfg)
     opt = mt.make_optimizer(model, cfg, "cpu")
     for step in range(2):                                  # two steps: the second routes with the updated bias
-        ce, aux_logged, _, _ = mt.train_step(net, opt, cfg, doms, step, "cpu")
-    out.update(ce=ce, aux_logged=aux_logged, grads={n: p.grad.clone() for n, p in model.named_parameters()},
+        ce, aux_logged, records = mt.train_step(net, opt, cfg, doms, step, "cpu")
+    drops = mt.all_ranks_sum(sum(st[0]["n_drop"] + st[1]["n_drop"] for st, _ in records))
+    out.update(ce=ce.item(), aux_logged=aux_logged.item(), drops=int(drops),
+               grads={n: p.grad.clone() for n, p in model.named_parameters()},
                bias=[b.ffn.bias_E.clone() for b in model.blocks])
     return out
 
@@ -132,7 +136,7 @@ def two_ranks(tmp_path_factory):
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
-    one = _measure(case)                                   # this process: no process group, world 1
+    one = _measure(case, accum_scale=2)                    # this process: no process group, world 1
     for r in range(2):
         got = two_ranks[r][case]
         assert got["aux"] == pytest.approx(one["aux"], rel=1e-6, abs=1e-9), (case, r)
@@ -143,6 +147,7 @@ def test_two_ranks_equal_one_process_on_the_concatenated_batch(two_ranks, case):
             torch.testing.assert_close(got["grads"][n], g, rtol=1e-4, atol=1e-7, msg=f"{case} rank {r} {n}")
         assert got["ce"] == pytest.approx(one["ce"], rel=1e-6) and got["aux_logged"] == pytest.approx(
             one["aux_logged"], rel=1e-6, abs=1e-9)
+        assert got["drops"] == one["drops"] and (one["drops"] > 0) == case.startswith("capacity")
         for b_got, b_one in zip(got["bias"], one["bias"]):
             torch.testing.assert_close(b_got, b_one, rtol=0, atol=1e-9)
     if case.startswith("aux-"):
@@ -191,7 +196,7 @@ def test_torchrun_two_ranks_resume_writes_results_on_rank0(tmp_path):
     p = _torchrun(args + ["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
     assert p.stdout.count("resuming at step 2") == 1 and p.stdout.count("wrote ") == 1   # rank 0 only
-    assert p.stdout.count("2 processes (gloo), 4 sequences each") == 1
+    assert p.stdout.count("1 micro-batch(es) of 4 sequences x 2 processes (gloo)") == 1
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["world_size"] == 2 and res["runs"][0]["world_size"] == 2
     assert sorted(os.listdir(tmp_path / "o")) == ["aux-global-s0", "data_cache", "results.json"]
@@ -201,7 +206,7 @@ def test_torchrun_two_ranks_resume_writes_results_on_rank0(tmp_path):
     assert res["runs"][0]["val_bpb"] == pytest.approx(one["val_bpb"], abs=1e-3)
 
 
-@pytest.mark.parametrize("bad,msg", [(["--batch-size", "7"], "divisible by the number of processes"),
+@pytest.mark.parametrize("bad,msg", [(["--batch-size", "7"], "x the number of processes (WORLD_SIZE=2)"),
                                      (["--device", "cuda"], "not available"),
                                      (["--bench"], "without torchrun")])
 def test_bad_input_every_rank_exits_2_one_line(tmp_path, bad, msg):
@@ -219,7 +224,7 @@ def test_bad_input_under_torchrun_one_error_line_no_hang(tmp_path):
     p = _torchrun(CLI + ["--batch-size", "7", "--out", str(tmp_path / "o")], timeout=60)
     assert p.returncode != 0
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("moe_testbed.py: error:")]
-    assert len(lines) == 1 and "divisible by the number of processes (WORLD_SIZE=2)" in lines[0]
+    assert len(lines) == 1 and "x the number of processes (WORLD_SIZE=2)" in lines[0]
 
 
 def test_world_size_without_torchrun_env_is_one_line_error(tmp_path, monkeypatch, capsys):

@@ -1,5 +1,6 @@
-"""Tests for moe_testbed.py: metrics and losses against slow, obviously correct oracles on hand-built
-routing, router behaviour, and tiny end-to-end runs (smoke, resume, determinism, bad input)."""
+"""Tests for moe_testbed.py: metrics, losses and capacity against slow, obviously correct oracles; routers;
+gradient accumulation against the one-pass step; tiny end-to-end runs (history, sweeps with --jobs, resume,
+bad input)."""
 
 import itertools
 import json
@@ -7,6 +8,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,6 +19,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import moe_testbed as mt  # noqa: E402
+from kernels import moe_ffn  # noqa: E402
+
+
+def _record(assign, top1, drop=0, slots=1):
+    return dict(assign=assign, top1=top1, drop=drop, slots=slots, ent=None)
 
 
 # ---------------------------------------------------------------- metrics on hand-built routing
@@ -24,9 +31,8 @@ import moe_testbed as mt  # noqa: E402
 def test_perfect_specialization_purity_nmi_agreement_one():
     L = E = 8
     top1 = np.diag(np.full(L, 100.0))              # domain d -> expert d, always
-    assign = 2 * top1
-    m = mt.routing_metrics(assign, top1, 0, 1600, mt.reference_groups(L, E).numpy())
-    assert m["purity"] == 1.0 and abs(m["nmi"] - 1.0) < 1e-12
+    m = mt.routing_metrics(_record(2 * top1, top1, 0, 1600), mt.reference_groups(L, E, 2)[0].numpy())
+    assert m["purity"] == 1.0 and abs(m["nmi"] - 1.0) < 1e-12 and m["maxvio"] == pytest.approx(0.0)
     assert m["agreement"] == 1.0 and m["utilization"] == pytest.approx(1.0) and m["dead_experts"] == 0
 
 
@@ -34,7 +40,7 @@ def test_permuted_specialization_is_matched():
     perm = np.array([3, 0, 7, 1, 6, 2, 5, 4])
     top1 = np.zeros((8, 8))
     top1[np.arange(8), perm] = 50.0                  # domain d -> expert perm[d]
-    agr, match = mt.agreement(top1, mt.reference_groups(8, 8).numpy())
+    agr, match = mt.agreement(top1, mt.reference_groups(8, 8, 2)[0].numpy())
     assert agr == 1.0 and (match[perm] == np.arange(8)).all()
     assert mt.purity(top1) == 1.0
 
@@ -49,6 +55,7 @@ def test_uniform_routing_u_one_nmi_zero_and_collapse():
     collapse[:, 2] = 10.0
     f = collapse.sum(0) / collapse.sum()
     assert mt.utilization(f) == pytest.approx(1 / 8) and mt.dead_experts(f) == 7
+    assert mt.max_violation(f) == pytest.approx(7.0)            # (max load - mean) / mean = (8 - 1) / 1
     assert mt.nmi(collapse) == 0.0
 
 
@@ -73,68 +80,52 @@ def test_hungarian_matches_brute_force(n):
         assert cost[np.arange(n), perm].sum() == pytest.approx(sum(cost[i, best[i]] for i in range(n)))
 
 
-# ---------------------------------------------------------------- aux loss, scopes, aux-free bias
+def test_mean_std_is_the_sample_std():
+    assert mt.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(np.std([1, 2, 4], ddof=1)))
+    assert mt.mean_std([5.0]) == (5.0, None)
 
-def slow_aux(probs_BSE, idx_BSK, group_size, coef):
-    """Oracle: loop over groups, count slots by hand."""
-    B, S, E = probs_BSE.shape
+
+# ---------------------------------------------------------------- aux loss, aux-free bias
+
+def slow_aux(probs_TE, idx_TK, n_groups, coef):
+    """Oracle: loop over groups of consecutive tokens, count slots by hand."""
+    T, E = probs_TE.shape
+    n = T // n_groups
     losses = []
-    for g0 in range(0, B, group_size):
-        p = probs_BSE[g0:g0 + group_size].reshape(-1, E)
-        ids = idx_BSK[g0:g0 + group_size].reshape(-1).tolist()
+    for g in range(n_groups):
+        p = probs_TE[g * n:(g + 1) * n]
+        ids = idx_TK[g * n:(g + 1) * n].reshape(-1).tolist()
         f = torch.tensor([ids.count(i) / len(ids) for i in range(E)])
         losses.append(coef * E * sum(f[i] * p[:, i].mean() for i in range(E)))
     return sum(losses) / len(losses)
 
 
-def _routing(B=8, S=5, E=4, K=2, seed=0):
+def _routing(T=40, E=4, K=2, seed=0):
     g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(B, S, E, generator=g, requires_grad=True)
+    logits = torch.randn(T, E, generator=g, requires_grad=True)
     probs = logits.softmax(-1)
     return logits, probs, probs.topk(K, -1).indices
 
 
-@pytest.mark.parametrize("group_size", [1, 2, 8])
-def test_aux_loss_matches_oracle(group_size):
+def _counts(idx, G, E=4):
+    return F.one_hot(idx.reshape(G, -1), E).sum(1).float()
+
+
+@pytest.mark.parametrize("G", [1, 2, 8])
+def test_aux_loss_matches_oracle(G):
     _, probs, idx = _routing()
-    got, _ = mt.aux_loss(probs, idx, group_size, 0.01)
-    assert got.item() == pytest.approx(slow_aux(probs, idx, group_size, 0.01).item(), rel=1e-6)
-
-
-def test_micro_with_whole_batch_equals_global_exactly():
-    logits, probs, idx = _routing()
-    a, _ = mt.aux_loss(probs, idx, 8, 0.01)                                   # micro, micro-batch = B
-    ga, = torch.autograd.grad(a, logits, retain_graph=True)
-    b, _ = mt.aux_loss(probs, idx, 8, 0.01, reduce=mt.all_ranks_sum)           # global
-    gb, = torch.autograd.grad(b, logits)
-    assert torch.equal(a, b) and torch.equal(ga, gb)
-
-
-def test_global_loss_equals_loss_over_concatenated_parts():
-    """Two 'ranks' holding half the batch each: counts summed across parts (the all-reduce), P local,
-    losses (gradients) averaged as data parallelism does == global loss on the concatenated batch."""
-    logits, probs, idx = _routing()
-    full, _ = mt.aux_loss(probs, idx, 8, 0.01)
-    g_full, = torch.autograd.grad(full, logits, retain_graph=True)
-    parts = [(probs[:4], idx[:4]), (probs[4:], idx[4:])]
-    total = sum(F.one_hot(i.reshape(1, -1), 4).sum(1).float() for _, i in parts)
-    losses = [mt.aux_loss(p, i, 4, 0.01, reduce=lambda c: total)[0] for p, i in parts]
-    mean = sum(losses) / 2
-    g_parts, = torch.autograd.grad(mean, logits)
-    assert mean.item() == pytest.approx(full.item(), rel=1e-6)
-    torch.testing.assert_close(g_parts, g_full)
+    got = mt.aux_loss(probs, _counts(idx, G), 0.01)
+    assert got.item() == pytest.approx(slow_aux(probs, idx, G, 0.01).item(), rel=1e-6)
 
 
 def test_gradient_scale_does_not_depend_on_scope():
     """If every sequence routes the same way (same f everywhere), all scopes are the same loss and gradient."""
     S, E = 6, 4
-    logits = torch.randn(1, S, E).repeat(4, 1, 1).requires_grad_()
+    logits = torch.randn(1, S, E).repeat(4, 1, 1).reshape(24, E).requires_grad_()
     probs = logits.softmax(-1)
     idx = probs.topk(2, -1).indices
-    grads = []
-    for gs in (1, 2, 4):
-        loss, _ = mt.aux_loss(probs, idx, gs, 0.01)
-        grads.append(torch.autograd.grad(loss, logits, retain_graph=True)[0])
+    grads = [torch.autograd.grad(mt.aux_loss(probs, _counts(idx, G), 0.01), logits, retain_graph=True)[0]
+             for G in (4, 2, 1)]
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(grads[0], grads[2])
 
@@ -149,6 +140,59 @@ def test_aux_free_bias_moves_toward_underloaded():
     torch.testing.assert_close(bias2, torch.tensor([0.0, 1e-3, 1e-3, 0.0]))
 
 
+# ---------------------------------------------------------------- capacity per scope against a queue oracle
+
+def slow_keep(idx_TK, E, C, group_tokens, start=None):
+    """Oracle: walk the assignments in token order (t*K + k); each group of `group_tokens` tokens has fresh
+    queues of C slots per expert, starting at `start` (earlier assignments of the scope) if given."""
+    T, K = idx_TK.shape
+    keep = torch.zeros(T, K, dtype=torch.bool)
+    for g0 in range(0, T, group_tokens):
+        used = [0] * E if start is None else list(start)
+        for t in range(g0, g0 + group_tokens):
+            for k in range(K):
+                e = int(idx_TK[t, k])
+                keep[t, k] = used[e] < C
+                used[e] += 1
+    return keep
+
+
+@pytest.mark.parametrize("G", [1, 4])
+def test_capacity_keep_matches_queue_oracle(G):
+    idx = torch.randint(0, 5, (24, 2), generator=torch.Generator().manual_seed(G))
+    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 4) % 5                          # two distinct experts per token
+    for C in (1, 2, 3, 7):
+        torch.testing.assert_close(mt.capacity_keep(idx, 5, C, G), slow_keep(idx, 5, C, 24 // G))
+    off = torch.tensor([3, 0, 5, 1, 2])
+    torch.testing.assert_close(mt.capacity_keep(idx, 5, 4, 1, off), slow_keep(idx, 5, 4, 24, off.tolist()))
+
+
+def test_micro_capacity_equals_the_kernel_capacity_dispatch():
+    """Micro scope = one forward = what kernels.moe_ffn(impl='capacity') drops (an independent implementation)."""
+    g = torch.Generator().manual_seed(1)
+    x, w_in = torch.randn(32, 6, generator=g), torch.randn(5, 6, 7, generator=g)
+    w_out = torch.randn(5, 7, 6, generator=g)
+    idx = torch.randn(32, 5, generator=g).topk(2, -1).indices
+    gates = torch.rand(32, 2, generator=g)
+    for cf in (0.5, 1.0, 1.25):
+        keep = mt.capacity_keep(idx, 5, math.ceil(cf * 32 * 2 / 5), 1)
+        y_ref, dropped = moe_ffn(x, idx, gates, w_in, w_out, impl="capacity", capacity_factor=cf)
+        assert torch.equal(keep, ~dropped)
+        y, _ = moe_ffn(x, idx, gates * keep, w_in, w_out, impl="loop")         # the testbed's zero-gate drop
+        torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+
+
+def test_global_capacity_queues_run_across_chunks():
+    """Two chunks (micro-batches) of one step through StepRouting == one queue over the concatenation."""
+    idx = torch.randint(0, 4, (20, 1), generator=torch.Generator().manual_seed(3))
+    routing = mt.StepRouting(20, lambda t: t)
+    keeps = []
+    for chunk in (idx[:8], idx[8:]):
+        off = routing.capacity_offset(0, F.one_hot(chunk.reshape(-1), 4).sum(0))
+        keeps.append(mt.capacity_keep(chunk, 4, 3, 1, off))
+    torch.testing.assert_close(torch.cat(keeps), slow_keep(idx, 4, 3, 20))
+
+
 # ---------------------------------------------------------------- routers
 
 def _cfg(**kw):
@@ -158,25 +202,34 @@ def _cfg(**kw):
     return mt.Config(**base)
 
 
+def _ctx(B, S, dom=None):
+    return dict(tok_BS=torch.zeros(B, S, dtype=torch.long),
+                dom_B=torch.zeros(B, dtype=torch.long) if dom is None else dom)
+
+
 def test_capacity_drop_count():
     cfg = _cfg(router="topk", balance="aux_free", capacity_factor=1.0, batch_size=2)
     moe = mt.MoEFFN(cfg, 8)
     torch.nn.init.zeros_(moe.router.weight)                                   # equal probs: the bias decides
     moe.bias_E.copy_(torch.tensor([1.0, 0.5, 0.0, 0.0]))                       # everyone picks experts 0 and 1
-    x = torch.randn(2, 8, 16)                                                  # T = 16, K = 2, E = 4
-    y, st = moe(x, dict(tok_BS=torch.zeros(2, 8, dtype=torch.long), dom_B=torch.zeros(2, dtype=torch.long)))
+    y, st = moe(torch.randn(2, 8, 16), _ctx(2, 8))                              # T = 16, K = 2, E = 4
     # C = ceil(1.0 * 16 * 2 / 4) = 8 slots per expert; 16 tokens want expert 0 and 16 want expert 1
-    assert st["n_slots"] == 32 and st["n_drop"] == 16
+    assert st["n_slots"] == 32 and int(st["n_drop"]) == 16
     # priority is token order: the last 8 tokens lost both experts and output exactly zero
     assert torch.all(y.view(16, 16)[8:] == 0) and torch.all(y.view(16, 16)[:8] != 0)
+    seq = mt.MoEFFN(mt.Config(**{**mt.asdict(cfg), "capacity_scope": "sequence"}), 8)
+    seq.load_state_dict(moe.state_dict())
+    y, st = seq(torch.randn(2, 8, 16), _ctx(2, 8))
+    # per sequence: C = ceil(1.0 * 8 * 2 / 4) = 4; in each sequence tokens 4..7 lose both experts
+    y = y.view(2, 8, 16)
+    assert int(st["n_drop"]) == 16 and torch.all(y[:, 4:] == 0) and torch.all(y[:, :4] != 0)
 
 
 def test_topk_output_uses_raw_probabilities_as_gates():
     """y_t = sum_{i in top-k} p_ti * E_i(h_t), p = softmax over ALL experts (not renormalised): loop oracle."""
-    cfg = _cfg(router="topk", balance="none")
-    moe = mt.MoEFFN(cfg, 8)
+    moe = mt.MoEFFN(_cfg(router="topk", balance="none"), 8)
     x = torch.randn(2, 8, 16)
-    y, st = moe(x, dict(tok_BS=torch.zeros(2, 8, dtype=torch.long), dom_B=torch.zeros(2, dtype=torch.long)))
+    y, st = moe(x, _ctx(2, 8))
     x_TD = x.view(16, 16)
     probs = moe.router(x_TD).softmax(-1)
     ref = torch.zeros(16, 16)
@@ -187,41 +240,57 @@ def test_topk_output_uses_raw_probabilities_as_gates():
     assert torch.equal(st["top1_T"], probs.argmax(-1)) and st["assign_TE"].sum(1).eq(2).all()
 
 
-def test_bf16_autocast_hands_the_dispatch_bf16(monkeypatch):
-    """Under autocast the expert GEMMs must run in bf16 (the grouped kernel's fast path), as a Linear would;
-    the custom op is not on autocast's list, so MoEFFN casts. Output close to the fp32 layer."""
-    cfg = _cfg(router="topk", balance="none")
-    moe = mt.MoEFFN(cfg, 8)
+def test_router_logits_fp32_and_dispatch_bf16_under_autocast(monkeypatch):
+    """Under bf16 autocast the router computes fp32 logits (an nn.Linear would give bf16), while the expert
+    GEMMs get bf16 (the grouped kernel's fast path; the custom op is not on autocast's list, so MoEFFN casts)."""
+    moe = mt.MoEFFN(_cfg(router="topk", balance="none"), 8)
     x = torch.randn(2, 8, 16)
-    ctx = dict(tok_BS=torch.zeros(2, 8, dtype=torch.long), dom_B=torch.zeros(2, dtype=torch.long))
-    seen = []
-    real = mt.moe_ffn
+    seen, logits_dtypes = [], []
+    real, real_logits = mt.moe_ffn, moe.router_logits
     monkeypatch.setattr(mt, "moe_ffn", lambda x_TD, i, g, w_in, w_out, **k: seen.append(
         (x_TD.dtype, w_in.dtype, w_out.dtype)) or real(x_TD, i, g, w_in, w_out, **k))
-    y32, _ = moe(x, ctx)
+    monkeypatch.setattr(moe, "router_logits", lambda x_TD: logits_dtypes.append(real_logits(x_TD).dtype)
+                        or real_logits(x_TD))
+    y32, _ = moe(x, _ctx(2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y16, _ = moe(x, ctx)
+        y16, _ = moe(x, _ctx(2, 8))
+        assert moe.router(x.view(16, 16)).dtype == torch.bfloat16               # what the fp32 path avoids
+    assert logits_dtypes == [torch.float32, torch.float32]
     assert seen == [(torch.float32,) * 3, (torch.bfloat16,) * 3]
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
 
 
-@pytest.mark.parametrize("E,expect", [(8, list(range(8))), (16, [0, 2, 4, 6, 8, 10, 12, 14]),
-                                      (4, [0, 0, 1, 1, 2, 2, 3, 3])])
-def test_reference_router_assignment(E, expect):
-    cfg = _cfg(router="reference", experts=E, top_k=2, batch_size=8)
+@pytest.mark.parametrize("E", [4, 8, 16])
+@pytest.mark.parametrize("gate", ["learned", "uniform"])
+def test_fair_reference_agreement_and_utilization_one_on_a_balanced_mix(E, gate):
+    L, K, S = 8, 2, 6
+    cfg = _cfg(router="reference", experts=E, top_k=K, batch_size=2 * L, reference_gate=gate)
+    moe = mt.MoEFFN(cfg, L)
+    dom = torch.arange(L).repeat(2)                                            # balanced: 2 sequences per domain
+    _, st = moe(torch.randn(2 * L, S, 16), _ctx(2 * L, S, dom))
+    acc = mt.add_record({}, [st], dom.repeat_interleave(S), L, E)
+    m = mt.routing_metrics(acc[0], mt.reference_groups(L, E, K)[0].numpy())
+    assert m["agreement"] == 1.0 and m["utilization"] == pytest.approx(1.0)
+    assert m["purity"] == (1.0 if E >= L else 0.5) and st["assign_TE"].sum(1).eq(K).all()   # K experts each
+    home = mt.reference_groups(L, E, K)[0][dom.repeat_interleave(S)]
+    assert (st["top1_T"][:, None] == home).any(1).all()                        # slot 0: a home expert
+
+
+def test_reference_gates_have_the_learned_routers_form():
+    cfg = _cfg(router="reference", experts=8, top_k=2, batch_size=8)
     moe = mt.MoEFFN(cfg, 8)
-    dom = torch.arange(8)
-    _, st = moe(torch.randn(8, 3, 16), dict(tok_BS=torch.zeros(8, 3, dtype=torch.long), dom_B=dom))
-    a = st["assign_TE"].view(8, 3, E)
-    G = max(1, E // 8)
-    for d in range(8):
-        used = a[d].sum(0).nonzero().flatten().tolist()
-        assert used == list(range(expect[d], expect[d] + G))        # only its group, all of its group (K >= G)
+    x = torch.randn(8, 3, 16)
+    probs = moe.router(x.view(24, 16)).softmax(-1)
+    idx, gates = mt.route_reference(probs, torch.arange(8).repeat_interleave(3), moe.home_LG, moe.spill_LJ, 2, False)
+    assert torch.equal(idx[:, 0], torch.arange(8).repeat_interleave(3))        # G = 1: home expert d ...
+    assert torch.equal(idx[:, 1], (torch.arange(8).repeat_interleave(3) + 1) % 8)   # ... and spill d + 1
+    torch.testing.assert_close(gates, probs.gather(1, idx))                    # raw probabilities, like topk
+    _, gates = mt.route_reference(probs, torch.zeros(24, dtype=torch.long), moe.home_LG, moe.spill_LJ, 2, True)
+    assert (gates == 0.5).all()
 
 
 def test_hash_router_is_a_fixed_token_map():
-    cfg = _cfg(router="hash")
-    moe = mt.MoEFFN(cfg, 8)
+    moe = mt.MoEFFN(_cfg(router="hash"), 8)
     tok = torch.tensor([[5, 9, 5, 9, 200, 5, 9, 200]])
     _, st = moe(torch.randn(1, 8, 16), dict(tok_BS=tok, dom_B=torch.zeros(1, dtype=torch.long)))
     a = st["assign_TE"]
@@ -243,6 +312,99 @@ def test_expert_choice_matches_loop_oracle():
     torch.testing.assert_close(y, ref)
 
 
+# ---------------------------------------------------------------- gradient accumulation
+
+def _doms():
+    """4 tiny domains, each its own byte range (no files, no generator: milliseconds)."""
+    rng = np.random.default_rng(0)
+    return types.SimpleNamespace(names=list("abcd"),
+                                 train=[rng.integers(40 * d, 40 * d + 50, 3000) for d in range(4)],
+                                 val=[rng.integers(40 * d, 40 * d + 50, 500) for d in range(4)])
+
+
+ACC = dict(experts=4, top_k=2, n_layer=2, moe_layers="all", d_model=16, n_head=2, expert_hidden=8, seq_len=8,
+           batch_size=8, warmup=2)
+
+
+def _grads(cfg, aux_only=False, step=3):
+    torch.manual_seed(0)
+    model = mt.Model(cfg, 4)
+    ce, aux, _ = mt.accumulate_grads(model, cfg, _doms(), step, "cpu", aux_only=aux_only)
+    return ce, aux, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_accum_one_is_the_one_pass_step_bit_for_bit():
+    """accum = 1: the gradient is exactly that of (ce + aux + z) on the whole batch, as before accumulation."""
+    cfg = mt.Config(**ACC, balance="aux", balance_scope="global")
+    _, _, got = _grads(cfg)
+    torch.manual_seed(0)
+    model = mt.Model(cfg, 4)
+    x, y, dom = (torch.from_numpy(a) for a in mt.train_batch(_doms(), 8, 8, 0, 3))
+    logits, stats = model(x, dom)
+    ce = F.cross_entropy(logits.float().view(-1, 256), y.reshape(-1))
+    (ce + sum(st["aux"] for st in stats) + sum(st["z"] for st in stats)).backward()
+    for n, p in model.named_parameters():
+        assert torch.equal(got[n], p.grad), n
+
+
+@pytest.mark.parametrize("scope", ["global", "micro", "sequence"])
+def test_accum_aux_gradient_equals_the_one_pass_computation(scope):
+    """accum 4 (micro-batches of 2 sequences): the aux-loss gradient equals the one-pass gradient of the
+    scope's loss on the concatenated batch. Global: f over all 8 sequences (the pre-pass); micro: groups of
+    the 2 sequences of each micro-batch; sequence: unchanged. The one-pass oracle: accum 1 with the groups
+    made explicit through aux_loss on the full batch."""
+    cfg = mt.Config(**ACC, balance="aux", balance_scope=scope, accum=4)
+    _, aux4, g4 = _grads(cfg, aux_only=True)
+    torch.manual_seed(0)
+    model = mt.Model(cfg, 4)
+    x, _, dom = (torch.from_numpy(a) for a in mt.train_batch(_doms(), 8, 8, 0, 3))
+    probs, idx = {}, {}
+    real = mt.route_topk                                     # capture every layer's probabilities and choices
+
+    def spy(probs_TE, bias_E, K):
+        out = real(probs_TE, bias_E, K)
+        probs[len(probs)], idx[len(idx)] = probs_TE, out[0]
+        return out
+    mt.route_topk = spy
+    try:
+        model(x, dom, mt.StepRouting(64, lambda t: t, counts={0: torch.ones(1, 4), 1: torch.ones(1, 4)}))
+    finally:
+        mt.route_topk = real
+    G = {"global": 1, "micro": 4, "sequence": 8}[scope]
+    oracle = sum(slow_aux(probs[i], idx[i], G, cfg.aux_coef) for i in probs)
+    model.zero_grad()
+    oracle.backward()
+    assert aux4.item() == pytest.approx(oracle.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g4[n], p.grad, rtol=1e-4, atol=1e-9, msg=n)
+    if scope == "global":                                    # not vacuous: micro scope gives another gradient
+        _, _, gm = _grads(mt.Config(**{**mt.asdict(cfg), "balance_scope": "micro"}), aux_only=True)
+        assert any(not torch.allclose(gm[n], g4[n], rtol=1e-3) for n in g4 if n.endswith("router.weight"))
+
+
+def test_accum_global_equals_accum_one_on_the_same_batch():
+    """The optimizer step does not depend on how it is cut into micro-batches (global scope, ce + aux + z)."""
+    c1, a1, g1 = _grads(mt.Config(**ACC, balance="aux", balance_scope="global"))
+    c4, a4, g4 = _grads(mt.Config(**ACC, balance="aux", balance_scope="global", accum=4))
+    assert c4.item() == pytest.approx(c1.item(), rel=1e-6) and a4.item() == pytest.approx(a1.item(), rel=1e-6)
+    for n in g1:
+        torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-8, msg=n)
+
+
+def test_global_capacity_with_accum_equals_one_pass():
+    """Global capacity: queues across the micro-batches of a step drop exactly what one pass drops."""
+    base = dict(ACC, balance="none", capacity_factor=0.5, capacity_scope="global")
+    torch.manual_seed(0)
+    drops = []
+    for accum in (1, 4):
+        torch.manual_seed(0)
+        model = mt.Model(mt.Config(**base, accum=accum), 4)
+        _, _, records = mt.accumulate_grads(model, mt.Config(**base, accum=accum), _doms(), 3, "cpu")
+        drops.append([int(sum(st[i]["n_drop"] for st, _ in records)) for i in range(2)])
+    assert drops[0] == drops[1] and drops[0][0] > 0
+
+
 # ---------------------------------------------------------------- end to end (tiny)
 
 TINY = ["--experts", "4", "--n-layer", "2", "--d-model", "16", "--n-head", "2", "--expert-hidden", "8",
@@ -261,16 +423,24 @@ def _data_dir(tmp_path, n_dom=3):
     return d
 
 
-def test_smoke_main_writes_results(tmp_path, capsys):
-    runs = mt.main(TINY + ["--out", str(tmp_path / "o"), "--data-dir", str(_data_dir(tmp_path))])
+def test_smoke_main_writes_results_and_history(tmp_path, capsys):
+    args = TINY + ["--accum", "2", "--out", str(tmp_path / "o"), "--data-dir", str(_data_dir(tmp_path))]
+    runs = mt.main(args)
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     r = res["runs"][0]
-    for k in ("router", "balance", "scope", "capacity_factor", "seed", "val_bpb", "utilization", "dead_experts",
-              "purity", "agreement", "nmi", "dropped_frac", "per_domain_bpb", "routing_matrix", "tokens_per_s"):
+    for k in ("router", "balance", "scope", "accum", "balance_tokens", "capacity_factor", "seed", "val_bpb",
+              "utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac",
+              "per_domain_bpb", "routing_matrix", "tokens_per_s", "history"):
         assert k in r
     assert r["router"] == "topk" and r["scope"] == "global" and len(r["routing_matrix"]) == 3
+    assert r["accum"] == 2 and r["balance_tokens"] == 8 * 16                  # global: the whole step
     assert 0 < r["val_bpb"] < 9 and runs[0]["val_bpb"] == r["val_bpb"]
+    assert [(h["step"], h["layer"]) for h in r["history"]] == [(3, 1), (6, 1)]
+    for h in r["history"]:
+        assert set(mt.HISTORY_KEYS) <= set(h) and 0 < h["utilization"] <= 1 and 0 < h["entropy"] <= 1
     assert "domain \\ expert" in capsys.readouterr().out        # the heat map (printed via tqdm.write)
+    mt.main(args)
+    assert len(list((tmp_path / "o").glob("results*.json"))) == 2                # the rerun kept the first
 
 
 @pytest.mark.parametrize("router", ["reference", "hash", "expert_choice"])
@@ -282,15 +452,55 @@ def test_smoke_other_routers(tmp_path, router):
         assert runs[0]["agreement"] == 1.0
 
 
+def test_sweep_jobs_two_equals_jobs_one(tmp_path):
+    """--jobs 2 (spawned worker processes) gives the numbers --jobs 1 gives, run for run."""
+    data = str(_data_dir(tmp_path))
+    args = TINY + ["--steps", "3", "--sweep", "balance", "--batch-size", "4", "--data-dir", data]
+    one = mt.main(args + ["--out", str(tmp_path / "j1")])
+    two = mt.main(args + ["--out", str(tmp_path / "j2"), "--jobs", "2"])
+    assert [r["name"] for r in one] == ["balance-1", "balance-2", "balance-4"]
+    assert [r["balance_tokens"] for r in one] == [16, 32, 64] and [r["accum"] for r in one] == [1, 2, 1]
+    for a, b in zip(one, two):
+        for k in ("name", "val_bpb", "per_domain_bpb", "routing_matrix", "purity", "utilization", "history"):
+            assert a[k] == b[k], (a["name"], k)
+
+
+def test_capacity_sweep_and_bench_smoke(tmp_path):
+    data = str(_data_dir(tmp_path))
+    runs = mt.main(TINY + ["--steps", "2", "--sweep", "capacity", "--accum", "2", "--data-dir", data,
+                           "--out", str(tmp_path / "cap")])
+    assert [r["name"] for r in runs] == ["dropless", "cf1-sequence", "cf1-micro", "cf1-global", "cf1.25-sequence",
+                                         "cf1.25-micro", "cf1.25-global"]
+    assert runs[0]["dropped_frac"] == 0 and all(r["capacity_scope"] for r in runs[1:])
+    b = mt.main(TINY + ["--bench", "--data-dir", data, "--out", str(tmp_path / "bench")])
+    assert b["ratio"] > 0 and b["moe_tokens_per_s"] > 0
+
+
+def test_plots_when_matplotlib_is_importable(tmp_path, monkeypatch):
+    """matplotlib is optional (not installed here): a stand-in module checks the plotting code runs."""
+    from unittest import mock
+    plt = mock.MagicMock()
+    plt.subplots.side_effect = lambda rows=1, cols=1, **k: (mock.MagicMock(), [mock.MagicMock() for _ in range(cols)]
+                                                            if cols > 1 else mock.MagicMock())
+    mpl = mock.MagicMock(pyplot=plt)
+    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    hist = [dict(step=s, layer=1, purity=0.5, utilization=0.9, maxvio=0.2) for s in (1, 2)]
+    runs = [dict(name=f"b{n}", seed=s, router="topk", balance="aux", balance_tokens=n, purity=0.4, nmi=0.3,
+                 utilization=0.9, history=hist) for n in (1, 2, 4) for s in (0, 1)]
+    paths = mt.plots(runs, str(tmp_path))
+    assert [os.path.basename(p) for p in paths] == ["history.png", "balance.png"] and plt.close.call_count == 2
+
+
 def test_resume_equals_uninterrupted_and_determinism(tmp_path):
     data = str(_data_dir(tmp_path))
-    extra = ["--balance", "aux_free", "--balance-scope", "micro", "--micro-batch", "2", "--data-dir", data]
+    extra = ["--balance", "aux_free", "--balance-scope", "micro", "--accum", "2", "--data-dir", data]
     a = mt.main(TINY + extra + ["--out", str(tmp_path / "a")])[0]
     assert mt.main(TINY + extra + ["--out", str(tmp_path / "b"), "--stop-at", "3"]) is None
     assert not (tmp_path / "b" / "results.json").exists()
     b = mt.main(TINY + extra + ["--out", str(tmp_path / "b"), "--resume"])[0]
     c = mt.main(TINY + extra + ["--out", str(tmp_path / "c")])[0]
-    for k in ("val_bpb", "per_domain_bpb", "routing_matrix", "purity", "utilization"):
+    for k in ("val_bpb", "per_domain_bpb", "routing_matrix", "purity", "utilization", "history"):
         assert a[k] == b[k] == c[k], k
 
 
@@ -308,11 +518,12 @@ def test_bad_inputs(tmp_path, capsys):
     assert "larger than --experts" in _bad(["--top-k", "5"], tmp_path, capsys)
     assert "must be positive" in _bad(["--d-model", "0"], tmp_path, capsys)
     assert "must be positive" in _bad(["--steps", "-3"], tmp_path, capsys)
+    assert "divisible by --accum 3" in _bad(["--accum", "3"], tmp_path, capsys)
+    assert "--capacity-scope must be one of" in _bad(["--capacity-scope", "batch"], tmp_path, capsys)
+    assert "--sweep must be one of" in _bad(["--sweep", "all"], tmp_path, capsys)
     assert "does not exist" in _bad(["--data-dir", str(tmp_path / "nope")], tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert "at least 2 domain" in _bad(["--data-dir", str(tmp_path / "empty")], tmp_path, capsys)
-    one = _data_dir(tmp_path / "one", n_dom=1)
-    assert "at least 2 domain" in _bad(["--data-dir", str(one)], tmp_path, capsys)
     broken = _data_dir(tmp_path / "broken", n_dom=2)
     (broken / "dom1" / "b.txt").write_bytes(b"ok\xff\xfe not utf-8")
     assert "not valid UTF-8" in _bad(["--data-dir", str(broken)], tmp_path, capsys)
