@@ -80,6 +80,8 @@ def _worker(out_dir):
         torch.save(res, os.path.join(out_dir, f"rank{mt.rank_world()[0]}.pt"))
     finally:
         torch.distributed.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0)                                            # as mt.cli leaves a torchrun rank (see there)
 
 
 def _free_port():
@@ -273,9 +275,11 @@ def slow_save(*a, **k):                                    # only rank 0 saves: 
     time.sleep(2); save(*a, **k); event("saved")
 def logged_destroy(*a, **k):
     event("destroy"); return destroy(*a, **k)
-mt.save_ckpt, mt.dist.destroy_process_group = slow_save, logged_destroy
-mt.main(sys.argv[1:])
-event("exit")
+main = mt.main
+def logged_main(argv):                                     # cli() calls main, then leaves as a torchrun rank does
+    out = main(argv); event("exit"); return out
+mt.save_ckpt, mt.dist.destroy_process_group, mt.main = slow_save, logged_destroy, logged_main
+mt.cli(sys.argv[1:])
 '''
 
 
@@ -290,7 +294,8 @@ def test_torchrun_slow_rank0_every_rank_leaves_together(tmp_path, stop):
     p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                         str(script)] + CLI + ["--out", str(tmp_path / "o")] + stop, cwd=ROOT, env=ENV, text=True,
                        capture_output=True, timeout=180)
-    assert p.returncode == 0, p.stderr[-3000:]
+    ev_text = {r: (events / f"rank{r}").read_text() if (events / f"rank{r}").exists() else "" for r in (0, 1)}
+    assert p.returncode == 0, p.stderr[-3000:] + f"\nevents: {ev_text}"
     ev = {r: [ln.split() for ln in (events / f"rank{r}").read_text().splitlines()] for r in (0, 1)}
     assert [name for name, _ in ev[1]] == ["destroy", "exit"]            # rank 1 saves nothing, exits cleanly
     assert [name for name, _ in ev[0]][-2:] == ["destroy", "exit"]
