@@ -7,9 +7,11 @@ EACL 2026; restated in ../shared/papers/multimodal_align.md. Alignment metric: H
 
 The argument in one file, on the shapes world v2 (data/shapes.py), where answers need binding:
   1. two frozen backbones: the shared ViT of data/vision.py (per-cell heads; gate: minimal pairs >= 0.9)
-     and a decoder-only LM (RoPE) pretrained here on text alone (gate: text ceiling >= 0.95 per type);
-  2. a LLaVA-style bridge (2-layer MLP projector; stage 1 projector-only captioning, stage 2 projector + LM
-     on QA) in which the projected image tokens enter at layer l instead of 0:
+     and a decoder-only LM (RoPE, Primer's causal conv on q/k/v) pretrained here on text alone, on
+     questions packed after a caption (gate: text ceiling >= 0.95 per type);
+  2. a LLaVA-style bridge (2-layer MLP projector that writes each cell's ViT token as a few LM tokens;
+     stage 1 projector-only captioning, stage 2 projector + LM on QA) in which the projected image tokens
+     enter at layer l instead of 0:
          text tokens alone run through layers 0..l-1; the image tokens are spliced into the hidden states
          at layer l at their original positions (RoPE positions kept); the merged sequence runs l..N-1.
      A real skip, not a mask; the KV cache of layers < l holds text only;
@@ -43,8 +45,9 @@ import torch.nn.functional as F
 from data import vision
 from data.common import (BadInput, Block, RMSNorm, batches, cli, encode, heatmap, keep_previous, mean_std, pad,
                          pick_device, train_loop, validate_image_and_run)
-from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, all_texts, baselines,
-                         binding_controlled, build_vocab, generate, load_dir)
+from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled,
+                         generate)
+from data.shapes import load_world as shapes_world
 
 
 @dataclass
@@ -59,15 +62,19 @@ class Config:
     vit_dim: int = 64
     vit_layers: int = 4
     vit_steps: int = 400
-    image_tokens: int = 9        # the patch grid average-pooled to a square: 9 = one token per cell
+    image_tokens: int = 9        # the patch grid average-pooled to a square: 9 = one ViT token per cell
+    tokens_per_cell: int = 4     # the projector writes each ViT token as this many LM tokens (M = 9 x 4)
     # frozen LM
     d_model: int = 64
-    n_layer: int = 8
+    n_layer: int = 4
     n_head: int = 4
-    lm_steps: int = 1000
+    lm_mix: int = 3              # Primer's causal conv on q, k, v over this many tokens (1 = off)
+    lm_steps: int = 3000
+    lm_scenes: int = 50_000      # fresh text-only scenes for LM pretraining (not the bridge's training scenes)
+    lm_lr: float = 3e-3
     # the bridge
-    stage1_steps: int = 100
-    stage2_steps: int = 400
+    stage1_steps: int = 200
+    stage2_steps: int = 600
     batch_size: int = 64
     lr: float = 3e-3
     # the experiment
@@ -85,6 +92,7 @@ class Config:
 
 
 QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, n_layer=4, lm_steps=150,
+             lm_scenes=2000,
              stage1_steps=20, stage2_steps=40, align_groups=16, knn_k=5, prefill_batch=16,
              out=os.path.join("out", "multimodal_align_quick"))
 
@@ -100,7 +108,8 @@ class LM(nn.Module):
     def __init__(self, V, cfg):
         super().__init__()
         self.emb = nn.Embedding(V, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, causal=True) for _ in range(cfg.n_layer))
+        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, causal=True, mix=cfg.lm_mix)
+                                    for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, V, bias=False)
 
@@ -142,11 +151,20 @@ class Bridge(nn.Module):
     def __init__(self, lm, cfg):
         super().__init__()
         self.lm = lm
-        self.proj = nn.Sequential(nn.Linear(cfg.vit_dim, cfg.d_model), nn.GELU(), nn.Linear(cfg.d_model, cfg.d_model))
+        self.k = cfg.tokens_per_cell
+        self.proj = nn.Sequential(nn.Linear(cfg.vit_dim, cfg.d_model), nn.GELU(),
+                                  nn.Linear(cfg.d_model, self.k * cfg.d_model))
+
+    def project(self, feats_BGC):
+        """G ViT tokens (one per cell) -> M = G*k LM tokens, each cell's k in a row: the projector may write a
+        cell as a short phrase, the way the caption writes an object as 'size colour shape cell' (k = 1: the
+        usual one token per visual token)."""
+        B, G, _ = feats_BGC.shape
+        return self.proj(feats_BGC).view(B, G * self.k, -1)
 
     def forward(self, feats_BMC, ids_BT, insert_layer):
         """ids_BT starts with <bos>; returns logits for the text positions only: (B, T, V)."""
-        img = self.proj(feats_BMC)
+        img = self.project(feats_BMC)
         h = deep_insert_blocks(self.lm.blocks, self.lm.emb(ids_BT), img, insert_layer)
         M = img.shape[1]
         h_text = torch.cat([h[:, :1], h[:, 1 + M:]], 1)                      # drop the image positions
@@ -156,7 +174,7 @@ class Bridge(nn.Module):
         """Slow oracle: the full [bos, image, text] sequence through every layer; below l the text may not
         attend to image positions (and image positions attend only to themselves), at layer l the image
         positions are overwritten with the projected tokens. Must equal forward() on text positions."""
-        img = self.proj(feats_BMC)
+        img = self.project(feats_BMC)
         M, T = img.shape[1], ids_BT.shape[1]
         h = splice(self.lm.emb(ids_BT), torch.zeros_like(img))
         is_img = torch.zeros(M + T, dtype=torch.bool)
@@ -164,10 +182,13 @@ class Bridge(nn.Module):
         causal = torch.ones(M + T, M + T, dtype=torch.bool).tril()
         early = causal & (is_img[:, None] == is_img[None, :])   # text<->text, image<->image only
         pos = torch.arange(M + T)
+        prev_early = pos - 1                                     # the mix's predecessor: the first text token
+        prev_early[1 + M] = 0                                    # after the image slots follows <bos>
         for i, blk in enumerate(self.lm.blocks):
             if i == insert_layer:
                 h = torch.cat([h[:, :1], img, h[:, 1 + M:]], 1)
-            h = blk(h, pos, mask_LL=early if i < insert_layer else causal)
+            h = blk(h, pos, mask_LL=early if i < insert_layer else causal,
+                    prev_L=prev_early if i < insert_layer else None)
         return self.lm.head(self.lm.norm(torch.cat([h[:, :1], h[:, 1 + M:]], 1)))
 
     @torch.no_grad()
@@ -179,7 +200,7 @@ class Bridge(nn.Module):
                 nxt = self.forward(feats_BMC, out, insert_layer)[:, -1].argmax(-1, keepdim=True)
                 out = torch.cat([out, nxt], 1)
             return out[:, ids_BT.shape[1]:]
-        img = self.proj(feats_BMC)
+        img = self.project(feats_BMC)
         M, N = img.shape[1], len(self.lm.blocks)
         caches = [dict() for _ in range(N)]
         h = deep_insert_blocks(self.lm.blocks, self.lm.emb(ids_BT), img, insert_layer, caches)
@@ -252,49 +273,25 @@ def linear_cka(a_ND, b_ND):
 # ----------------------------------------------------------------------------------------------------
 
 def load_world(cfg):
-    """-> dict split -> dataset dict, and the vocabulary (procedural world v2, or --data-dir)."""
-    if cfg.data_dir:
-        try:
-            ds, splits = load_dir(cfg.data_dir)
-        except ShapesDataError as e:
-            raise BadInput(str(e))
-        S = ds["images"].shape[1:3]
-        if S[0] != S[1] or S[0] % cfg.patch:
-            raise BadInput(f"--data-dir images are {S[0]}x{S[1]}: need square images whose side is a multiple of "
-                           f"--patch {cfg.patch}")
-        if not any(ds["qa"]):
-            raise BadInput("--data-dir: annotations.jsonl has captions but no questions ('qa'); DeepInsert is "
-                           "measured on question answering, so there is nothing to train the bridge on")
-        n = len(ds["captions"])
-        if splits is None:  # no split field: 80/10/10 by index
-            splits = ["train" if i < 0.8 * n else "val" if i < 0.9 * n else "test" for i in range(n)]
-        bad = sorted({s for s in splits if s not in SPLITS})
-        if bad:
-            raise BadInput(f"--data-dir: unknown split value {bad[0]!r} (expected one of {', '.join(SPLITS)})")
-        world = {s: dict(images=ds["images"][[i for i, x in enumerate(splits) if x == s]],
-                         captions=[c for c, x in zip(ds["captions"], splits) if x == s],
-                         qa=[q for q, x in zip(ds["qa"], splits) if x == s], objects=None) for s in SPLITS}
-        if len(world["train"]["captions"]) < cfg.batch_size or not world["test"]["captions"]:
-            raise BadInput("--data-dir: need at least --batch-size train and 1 test example")
-    else:
-        world = {"train": generate(cfg.n_train, "train", seed=0, size=cfg.image_size),
-                 "val": generate(cfg.n_eval, "val", seed=0, size=cfg.image_size),
-                 "test": generate(cfg.n_eval, "test", seed=0, size=cfg.image_size),
-                 "holdout": generate(cfg.n_eval, "holdout", seed=0, size=cfg.image_size)}
-    vocab = build_vocab([t for s in world.values() for t in all_texts(s)] + ["question: answer: caption: context:"])
-    return world, vocab
+    """-> dict split -> dataset dict, and the vocabulary (procedural world v2, or --data-dir; data/shapes.py)."""
+    try:
+        return shapes_world(cfg.data_dir, cfg.n_train, cfg.n_eval, cfg.image_size, cfg.patch, cfg.batch_size)
+    except ShapesDataError as e:
+        raise BadInput(str(e))
 
 
 def qa_prompt(q):
     return f"question: {q} answer:"
 
 
-def lm_texts(ds, rng, per_context=3):
-    """Text-only LM corpus: 'caption: <c>', and one context followed by several questions with answers:
-    'context: <c> question: q1 answer: a1 question: q2 answer: a2 ...' (the LM must bind from text)."""
+def lm_texts(ds, rng, per_context=5, caption_every=8):
+    """Text-only LM corpus: per scene one context followed by its questions with answers, in random order:
+    'context: <c> question: q1 answer: a1 question: q2 answer: a2 ...' (the LM must bind from text), and for
+    every caption_every-th scene also 'caption: <c>' (the prompt of the bridge's captioning stage)."""
     out = []
-    for c, qa in zip(ds["captions"], ds["qa"]):
-        out.append(f"caption: {c}")
+    for n, (c, qa) in enumerate(zip(ds["captions"], ds["qa"])):
+        if n % caption_every == 0:
+            out.append(f"caption: {c}")
         order = rng.permutation(len(qa))
         for i in range(0, len(order), per_context):
             out.append(f"context: {c} " + " ".join(f"{qa_prompt(qa[j]['q'])} {qa[j]['a']}" for j in order[i:i + per_context]))
@@ -330,23 +327,26 @@ def answer_mask(ids_BT, vocab):
 
 
 def pretrain_lm(world, vocab, cfg, device):
-    """Next-token loss on every token, plus the loss on the answers again (an answer is ~1 target in 15).
-    Measured: this recipe does not reach the text-ceiling gate (docs/multimodal_align.md)."""
+    """The recipe that reaches the text-ceiling gate (docs/multimodal_align.md has what did not):
+    --lm-scenes fresh text-only scenes (the procedural world; --data-dir: its train split), all questions of a
+    scene packed after its context in random order, loss = answer CE + 0.1 x next-token CE on every token
+    (an answer is ~1 target in 14), --lm-lr, and Primer's conv in every block (--lm-mix)."""
     torch.manual_seed(0)
     lm = LM(len(vocab), cfg).to(device)
-    ids = pad([encode(vocab, t, eos=True) for t in lm_texts(world["train"], np.random.default_rng(0))], vocab["<pad>"])
-    it = batches(len(ids), cfg.batch_size // 2, seed=2)
+    src = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7, images=False)
+    ids = pad([encode(vocab, t, eos=True) for t in lm_texts(src, np.random.default_rng(0))], vocab["<pad>"])
+    it = batches(len(ids), min(cfg.batch_size, len(ids)), seed=2)
+    pad_id = vocab["<pad>"]
 
     def loss_fn(step):
         x = ids[next(it)].to(device)
-        x = x[:, : int((x != vocab["<pad>"]).sum(1).max())]
+        x = x[:, : int((x != pad_id).sum(1).max())]
         logits, _ = lm.text_forward(x[:, :-1])
-        ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), ignore_index=vocab["<pad>"],
-                             reduction="none")
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), x[:, 1:].flatten(), ignore_index=pad_id, reduction="none")
         ans = answer_mask(x, vocab)[:, 1:].flatten().float()
-        return ce.sum() / (x[:, 1:] != vocab["<pad>"]).sum() + (ce * ans).sum() / ans.sum().clamp(min=1)
+        return (ce * ans).sum() / ans.sum().clamp(min=1) + 0.1 * ce.sum() / (x[:, 1:] != pad_id).sum()
 
-    train_loop(list(lm.parameters()), loss_fn, cfg.lm_steps, cfg, "lm", device)
+    train_loop(list(lm.parameters()), loss_fn, cfg.lm_steps, cfg, "lm", device, lr=cfg.lm_lr)
     return lm.eval()
 
 
@@ -493,8 +493,9 @@ def vision_config(cfg):
 
 def frozen_lm(world, vocab, cfg, device):
     """Pretrain the LM or load it from --cache-dir (keyed by its config and a digest of its corpus)."""
-    corpus = "\n".join(world["train"]["captions"]) + json.dumps(world["train"]["qa"]) + json.dumps(vocab)
-    keys = ("d_model", "n_layer", "n_head", "lm_steps", "batch_size", "lr", "dtype")
+    corpus = json.dumps(vocab) + ("\n".join(world["train"]["captions"]) + json.dumps(world["train"]["qa"])
+                                  if cfg.data_dir else "".join(generate(50, "train", seed=7, images=False)["captions"]))
+    keys = ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr", "dtype")
     tag = hashlib.sha1((corpus + str([getattr(cfg, k) for k in keys])).encode()).hexdigest()[:16]
     path = os.path.join(cfg.cache_dir, f"lm_{tag}.pt")
     if os.path.exists(path):
@@ -514,7 +515,7 @@ def cost_table(lm, world, vocab, cfg, layers, device):
     """Prefill FLOPs (formula and counter, one test prompt) and wall time (a batch of --prefill-batch)."""
     prompts = [p for _, p, _, _ in qa_items(world["test"], vocab)[:cfg.prefill_batch]]
     ids = pad(prompts, vocab["<pad>"]).to(device)
-    T, M, N, D = ids.shape[1], cfg.image_tokens, cfg.n_layer, cfg.d_model
+    T, M, N, D = ids.shape[1], cfg.image_tokens * cfg.tokens_per_cell, cfg.n_layer, cfg.d_model
     img = torch.randn(len(prompts), M, D, device=device)
     ms = prefill_ms(lm, img, ids, layers, rounds=3 if cfg.quick else 15)
     base_f, base_c = prefill_flops(T, M, N, 0, D, 4 * D), counted_prefill_flops(lm, img[:1], ids[:1], 0)
@@ -533,7 +534,7 @@ def run(cfg):
     world, vocab = load_world(cfg)
     keep_previous(cfg.out)
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, "
-          f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}, l in {layers}, seeds {seeds}")
+          f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, l in {layers}, seeds {seeds}")
     # the baselines' tables: from the --data-dir train split, or from fresh scenes (not the training ones)
     ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
     base = {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
@@ -642,9 +643,12 @@ HELP = dict(
     image_size="image side in pixels (procedural world; the ViT is pretrained at this size)",
     data_dir="real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl (see data/shapes.py)",
     patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
-    image_tokens="image tokens M given to the LM (a square; the patch grid is average-pooled; 9 = one per cell)",
+    image_tokens="ViT tokens given to the bridge (a square; the patch grid is average-pooled; 9 = one per cell)",
+    tokens_per_cell="LM tokens the projector writes per ViT token (M = image_tokens x this)",
     d_model="LM width D", n_layer="LM blocks N", n_head="attention heads (LM and ViT)",
-    lm_steps="text-only LM pretraining steps", stage1_steps="stage 1 steps: projector only, captioning",
+    lm_mix="Primer conv over this many tokens in every LM block (1 = off)", lm_steps="LM pretraining steps",
+    lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
+    stage1_steps="stage 1 steps: projector only, captioning",
     stage2_steps="stage 2 steps: projector + LM, QA and captions", batch_size="batch size of the bridge stages",
     lr="AdamW learning rate (LM and bridge)",
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
@@ -658,8 +662,8 @@ HELP = dict(
 )
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "n_layer",
-                               "n_head", "lm_steps"],
-          "bridge": ["stage1_steps", "stage2_steps", "batch_size", "lr"],
+                               "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr"],
+          "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "batch_size", "lr"],
           "experiment": ["insert_layer", "seeds", "align_groups", "knn_k", "prefill_batch"],
           "run": ["device", "dtype", "compile", "quick", "out", "cache_dir"]}
 EPILOG = """examples:
@@ -672,15 +676,16 @@ EPILOG = """examples:
 
 def validate(cfg):
     """Every user error, before any training -> (seeds, layers)."""
-    for f in ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "n_layer",
-              "n_head", "batch_size", "knn_k", "align_groups", "prefill_batch", "image_size"):
+    for f in ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "tokens_per_cell", "d_model",
+              "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups", "prefill_batch", "image_size"):
         if getattr(cfg, f) <= 0:
             raise BadInput(f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
     for f in ("vit_steps", "lm_steps", "stage1_steps", "stage2_steps"):
         if getattr(cfg, f) < 0:
             raise BadInput(f"--{f.replace('_', '-')} must be >= 0, got {getattr(cfg, f)}")
-    if not cfg.lr > 0:
-        raise BadInput(f"--lr must be > 0, got {cfg.lr}")
+    for f in ("lr", "lm_lr"):
+        if not getattr(cfg, f) > 0:
+            raise BadInput(f"--{f.replace('_', '-')} must be > 0, got {getattr(cfg, f)}")
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:

@@ -51,19 +51,55 @@ def rope(x_BhLd, pos_L):
 
 class Block(nn.Module):
     """Pre-norm transformer block; causal with RoPE (LM) or bidirectional without (ViT, text encoder).
-    FFN width 4D. Per layer and sequence length L: QKV 6LD^2, attention 4L^2D + out-proj 2LD^2, FFN 16LD^2."""
+    FFN width 4D. Per layer and sequence length L: QKV 6LD^2, attention 4L^2D + out-proj 2LD^2, FFN 16LD^2.
+    mix=K > 1 (causal only): Primer's depthwise causal convolution over the sequence on q, k and v (So et al.
+    2021, "Primer", Multi-DConv-Head Attention): z'_i = sum_{k<K} w_k * z_{i-k}, per channel. A key then also
+    carries the tokens just before it, so "the word before the one I look for" is one attention hop instead of
+    two (docs/multimodal_align.md: what it changed for the shapes LM). Elementwise (6KLD FLOPs), so the FLOP
+    counter and the formula leave it out, as they leave out norms and RoPE."""
 
-    def __init__(self, dim, n_head, causal):
+    def __init__(self, dim, n_head, causal, mix=1):
         super().__init__()
         self.nh, self.causal = n_head, causal
         self.ln1, self.ln2 = RMSNorm(dim), RMSNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
         self.fc1, self.fc2 = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+        self.mix_w = None
+        if mix > 1:
+            if not causal:
+                raise ValueError("Block: mix > 1 is a causal convolution; use it in causal blocks only")
+            w = torch.zeros(3 * dim, mix)
+            w[:, 0] = 1.0                                      # starts as the plain block
+            self.mix_w = nn.Parameter(w)
 
-    def attn_qkv(self, x_BLD, pos_L):
+    def mix(self, z_BLC, prev_L=None, cache=None):
+        """z'_i = sum_k w_k * z_(k-th predecessor of i); predecessor = i-1 unless prev_L says otherwise (the
+        masked reference: text skips the image slots), none before the start (zero). With a cache, the last
+        K-1 rows of z are kept so that decoding one token sees its predecessors."""
+        K, n_old = self.mix_w.shape[1], 0
+        if cache is not None:
+            if "z" in cache:
+                n_old = cache["z"].shape[1]
+                z_BLC = torch.cat([cache["z"], z_BLC], 1)
+            cache["z"] = z_BLC[:, -(K - 1):]
+        out = z_BLC * self.mix_w[:, 0]
+        if prev_L is None:                                     # predecessor = i - 1: shifted copies
+            for k in range(1, K):
+                out = out + F.pad(z_BLC[:, :-k], (0, 0, k, 0)) * self.mix_w[:, k]
+            return out[:, n_old:]
+        idx = torch.arange(z_BLC.shape[1], device=z_BLC.device)
+        for k in range(1, K):
+            idx = torch.where(idx >= 0, prev_L[idx.clamp(min=0)], idx)                 # k-th predecessor
+            out = out + (z_BLC[:, idx.clamp(min=0)] * (idx >= 0)[None, :, None]) * self.mix_w[:, k]
+        return out[:, n_old:]
+
+    def attn_qkv(self, x_BLD, pos_L, prev_L=None, cache=None):
         B, L, D = x_BLD.shape
-        q, k, v = self.qkv(self.ln1(x_BLD)).view(B, L, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)
+        z = self.qkv(self.ln1(x_BLD))
+        if self.mix_w is not None:
+            z = self.mix(z, prev_L, cache)
+        q, k, v = z.view(B, L, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)
         if self.causal:
             q, k = rope(q, pos_L), rope(k, pos_L)
         return q, k, v                                                          # (B, h, L, hd) each
@@ -73,10 +109,11 @@ class Block(nn.Module):
         x = x_BLD + self.proj(y_BhLd.transpose(1, 2).reshape(B, L, D))
         return x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
 
-    def forward(self, x_BLD, pos_L=None, mask_LL=None, cache=None):
+    def forward(self, x_BLD, pos_L=None, mask_LL=None, cache=None, prev_L=None):
         """cache: None, or a dict that receives this call's (k, v) and, if it holds some, is attended to
-        first (decoding). mask_LL: boolean 'may attend' (overrides causal; used by the masked reference)."""
-        q, k, v = self.attn_qkv(x_BLD, pos_L)
+        first (decoding). mask_LL: boolean 'may attend' (overrides causal; used by the masked reference),
+        prev_L: each position's predecessor for the mix (the masked reference; default i-1)."""
+        q, k, v = self.attn_qkv(x_BLD, pos_L, prev_L, cache)
         if cache is not None and "k" in cache:
             k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
         if cache is not None:
@@ -92,15 +129,16 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
-def train_loop(params, loss_fn, steps, cfg, desc, device):
-    """AdamW with linear warm-up (5%) and cosine decay; loss_fn(step) -> scalar loss."""
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.01)
+def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None):
+    """AdamW with linear warm-up (5%) and cosine decay to 10%; loss_fn(step) -> scalar loss. lr: cfg.lr if None."""
+    peak = cfg.lr if lr is None else lr
+    opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     warm = max(1, steps // 20)
     bar = tqdm(range(steps), desc=desc, leave=False, disable=steps < 20, dynamic_ncols=True)
     for step in bar:
-        lr = cfg.lr * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        now = peak * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = now
         with autocast(cfg, device):
             loss = loss_fn(step)
         opt.zero_grad(set_to_none=True)

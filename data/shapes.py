@@ -280,6 +280,39 @@ def baselines(test, seed=0, n_ref=20_000, ref=None):
 # Vocabulary and the on-disk format
 # ----------------------------------------------------------------------------------------------------
 
+def load_world(data_dir="", n_train=6000, n_eval=500, image_size=48, patch=8, min_train=64):
+    """-> (dict split -> dataset dict, vocabulary): the procedural world v2 (train/val/test/holdout, seed 0), or
+    DIR/images.npy + DIR/annotations.jsonl split by their 'split' field (80/10/10 by index without one).
+    Raises ShapesDataError, naming the command-line flag, for data the multimodal files cannot use."""
+    if data_dir:
+        ds, splits = load_dir(data_dir)
+        S = ds["images"].shape[1:3]
+        if S[0] != S[1] or S[0] % patch:
+            raise ShapesDataError(f"--data-dir images are {S[0]}x{S[1]}: need square images whose side is a "
+                                  f"multiple of --patch {patch}")
+        if not any(ds["qa"]):
+            raise ShapesDataError("--data-dir: annotations.jsonl has captions but no questions ('qa'); the models "
+                                  "are measured on question answering, so there is nothing to train them on")
+        n = len(ds["captions"])
+        if splits is None:  # no split field: 80/10/10 by index
+            splits = ["train" if i < 0.8 * n else "val" if i < 0.9 * n else "test" for i in range(n)]
+        bad = sorted({s for s in splits if s not in SPLITS})
+        if bad:
+            raise ShapesDataError(f"--data-dir: unknown split value {bad[0]!r} (expected one of {', '.join(SPLITS)})")
+        world = {s: dict(images=ds["images"][[i for i, x in enumerate(splits) if x == s]],
+                         captions=[c for c, x in zip(ds["captions"], splits) if x == s],
+                         qa=[q for q, x in zip(ds["qa"], splits) if x == s], objects=None) for s in SPLITS}
+        if len(world["train"]["captions"]) < min_train or not world["test"]["captions"]:
+            raise ShapesDataError("--data-dir: need at least --batch-size train and 1 test example")
+    else:
+        world = {"train": generate(n_train, "train", seed=0, size=image_size),
+                 "val": generate(n_eval, "val", seed=0, size=image_size),
+                 "test": generate(n_eval, "test", seed=0, size=image_size),
+                 "holdout": generate(n_eval, "holdout", seed=0, size=image_size)}
+    vocab = build_vocab([t for s in world.values() for t in all_texts(s)] + ["question: answer: caption: context:"])
+    return world, vocab
+
+
 def build_vocab(texts):
     """Word-level vocabulary: the specials first, then every word in sorted order (deterministic)."""
     words = sorted({w for t in texts for w in t.split()})

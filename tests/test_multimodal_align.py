@@ -22,6 +22,8 @@ def tiny_bridge(seed=0, V=30):
     torch.manual_seed(seed)
     cfg = mma.Config(**TINY)
     model = mma.Bridge(mma.LM(V, cfg), cfg).double().eval()
+    for blk in model.lm.blocks:                    # the mix starts as the identity: make it mix, so the
+        blk.mix_w.data.normal_()                   # splice, reference and cache tests cover it
     feats = torch.randn(3, cfg.image_tokens, cfg.vit_dim, dtype=torch.float64)
     ids = torch.randint(4, V, (3, 7))
     ids[:, 0] = 1                                                        # <bos>
@@ -40,11 +42,11 @@ def test_l0_equals_plain_llava_forward():
     cfg, model, feats, ids = tiny_bridge()
     lm = model.lm
     # plain LLaVA: [bos, image tokens, text] from the input embeddings, positions 0.., causal everywhere
-    h = torch.cat([lm.emb(ids[:, :1]), model.proj(feats), lm.emb(ids[:, 1:])], 1)
+    h = torch.cat([lm.emb(ids[:, :1]), model.project(feats), lm.emb(ids[:, 1:])], 1)
     pos = torch.arange(h.shape[1])
     for blk in lm.blocks:
         h = blk(h, pos)
-    M = feats.shape[1]
+    M = feats.shape[1] * cfg.tokens_per_cell
     want = lm.head(lm.norm(torch.cat([h[:, :1], h[:, 1 + M:]], 1)))
     torch.testing.assert_close(model(feats, ids, 0), want, atol=1e-10, rtol=1e-10)
 
@@ -66,16 +68,16 @@ def test_cached_generation_equals_uncached(l):
 def test_early_layer_cache_holds_text_only():
     cfg, model, feats, ids = tiny_bridge()
     caches = [dict() for _ in model.lm.blocks]
-    mma.deep_insert_blocks(model.lm.blocks, model.lm.emb(ids), model.proj(feats), 2, caches)
-    T, M = ids.shape[1], feats.shape[1]
+    mma.deep_insert_blocks(model.lm.blocks, model.lm.emb(ids), model.project(feats), 2, caches)
+    T, M = ids.shape[1], feats.shape[1] * cfg.tokens_per_cell
     assert [c["k"].shape[2] for c in caches] == [T, T, T + M, T + M]
 
 
 def test_flop_formula_matches_counter():
     cfg, model, feats, ids = tiny_bridge()
-    img = model.proj(feats[:1]).float()
+    img = model.project(feats[:1]).float()
     lm = model.lm.float()
-    T, M, N, D = ids.shape[1], feats.shape[1], cfg.n_layer, cfg.d_model
+    T, M, N, D = ids.shape[1], img.shape[1], cfg.n_layer, cfg.d_model
     for l in range(N):
         counted = mma.counted_prefill_flops(lm, img, ids[:1], l)
         assert abs(counted - mma.prefill_flops(T, M, N, l, D, 4 * D)) <= 0.02 * counted
