@@ -247,3 +247,23 @@ def test_qa_batch_targets_the_answer_after_the_prompt():
         assert (tgt[j, : len(p) - 1] == 0).all() and (tgt[j, len(p) + 1:] == 0).all()
 
 
+
+
+def test_primer_mix_equals_a_plain_loop():
+    """data/common.Block(mix=K): z'_i = sum_k w_k * z_(i-k), zero before the start; the gather path (used by the
+    masked reference with its own predecessors) agrees with the shift path; decoding with a cache agrees too."""
+    torch.manual_seed(0)
+    blk = mma.Block(8, 2, causal=True, mix=3).double()
+    blk.mix_w.data.normal_()
+    z = torch.randn(2, 6, 24, dtype=torch.float64)
+    want = torch.stack([sum(blk.mix_w[:, k] * z[:, i - k] for k in range(3) if i - k >= 0) for i in range(6)], 1)
+    torch.testing.assert_close(blk.mix(z), want)
+    torch.testing.assert_close(blk.mix(z, prev_L=torch.arange(6) - 1), want)
+    cache = {}
+    steps = [blk.mix(z[:, :4], cache=cache)] + [blk.mix(z[:, i:i + 1], cache=cache) for i in (4, 5)]
+    torch.testing.assert_close(torch.cat(steps, 1), want)
+    skip = torch.tensor([-1, 0, 1, 1, 3, 4])          # position 3 skips position 2, as text skips image slots
+    got = blk.mix(z, prev_L=skip)[:, 3]
+    torch.testing.assert_close(got, blk.mix_w[:, 0] * z[:, 3] + blk.mix_w[:, 1] * z[:, 1] + blk.mix_w[:, 2] * z[:, 0])
+    with pytest.raises(ValueError):
+        mma.Block(8, 2, causal=False, mix=3)
