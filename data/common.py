@@ -130,7 +130,10 @@ def autocast(cfg, device):
 
 
 def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None):
-    """AdamW with linear warm-up (5%) and cosine decay to 10%; loss_fn(step) -> scalar loss. lr: cfg.lr if None."""
+    """AdamW with linear warm-up (5%) and cosine decay to 10%; loss_fn(step) -> scalar loss. lr: cfg.lr if None.
+    Returns the last loss (None for 0 steps: the flags that set steps allow 0, e.g. to skip a stage)."""
+    if steps == 0:
+        return None
     peak = cfg.lr if lr is None else lr
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     warm = max(1, steps // 20)

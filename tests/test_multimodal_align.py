@@ -267,3 +267,11 @@ def test_primer_mix_equals_a_plain_loop():
     torch.testing.assert_close(got, blk.mix_w[:, 0] * z[:, 3] + blk.mix_w[:, 1] * z[:, 1] + blk.mix_w[:, 2] * z[:, 0])
     with pytest.raises(ValueError):
         mma.Block(8, 2, causal=False, mix=3)
+
+
+def test_zero_step_stages_run(tmp_path):
+    """Every *-steps flag accepts 0 (skip that training); the run still evaluates and writes results."""
+    args = SMOKE + ["--vit-steps", "0", "--lm-steps", "0", "--stage1-steps", "0", "--stage2-steps", "0",
+                    "--insert-layer", "0", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    res = mma.main(args)
+    assert [r["insert_layer"] for r in res["runs"]] == [0] and 0 <= res["runs"][0]["overall"] <= 1
