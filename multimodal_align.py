@@ -650,7 +650,7 @@ HELP = dict(
     lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
     stage1_steps="stage 1 steps: projector only, captioning",
     stage2_steps="stage 2 steps: projector + LM, QA and captions", batch_size="batch size of the bridge stages",
-    lr="AdamW learning rate (LM and bridge)",
+    lr="AdamW learning rate of the bridge stages (the LM has --lm-lr)",
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
     seeds="comma-separated seeds for the bridge runs (the frozen backbones use seed 0)",
     align_groups="groups of 8 scenes in the binding-controlled alignment set", knn_k="k of the mutual k-NN",
