@@ -74,7 +74,7 @@ class Config:
     lm_lr: float = 3e-3
     # the bridge
     stage1_steps: int = 200
-    stage2_steps: int = 600
+    stage2_steps: int = 800
     batch_size: int = 64
     lr: float = 3e-3
     # the experiment
