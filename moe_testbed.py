@@ -1119,7 +1119,7 @@ def cli(argv=None):
         main(argv)
         code = 0
     except SystemExit as e:                                # the one-line errors: exit 2
-        code = e.code if isinstance(e.code, int) else 1
+        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         sys.stdout.flush()
         sys.stderr.flush()
