@@ -26,6 +26,7 @@ Shape legend (gpt-fast style suffixes):
 """
 
 import argparse
+import datetime
 import json
 import math
 import os
@@ -1095,6 +1096,23 @@ def setup_distributed(device, world):
     return device
 
 
+def meet_before_exit(world):
+    """A check failed alike on every rank before the process group existed. Under torchrun, the first rank to exit
+    gets the others stopped (SIGTERM): rank 1 could leave before rank 0 had even printed the error (seen in CI,
+    reproduced by delaying rank 0's start). So the ranks join a gloo group only to leave together, after rank 0
+    has printed; with a timeout, so a rank that never comes (it saw no error) cannot hold the others."""
+    if world == 1 or not all(v in os.environ for v in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
+        return
+    if not (dist.is_available() and dist.is_gloo_available()):
+        return
+    try:
+        wait = datetime.timedelta(seconds=30)
+        dist.init_process_group("gloo", timeout=wait)
+        dist.monitored_barrier(timeout=wait)
+    except Exception:                                      # no group or no partner: exit as before
+        pass
+
+
 def shutdown_distributed(clean):
     """Leave the process group together. Ranks > 0 finish first (rank 0 alone evaluates, checkpoints and writes);
     one that destroyed the group and exited while rank 0 still used it made torch 2.11's gloo abort a rank
@@ -1283,6 +1301,7 @@ def parse_args(argv):
 
 def main(argv=None):
     clean = False                                          # True once every rank is known to exit the same way
+    grouped = False                                        # True once the ranks join the process group
     try:
         cfg = parse_args(argv)
         world = int(os.environ.get("WORLD_SIZE", "1"))     # set by torchrun
@@ -1294,14 +1313,18 @@ def main(argv=None):
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         doms = load_domains(cfg)
+        grouped = True
         device = setup_distributed(device, world)          # after every check that can fail alike on all ranks
         out = _main(cfg, doms, device)
         clean = True
         return out
     except (BadInput, DataError) as e:                     # raised alike on every rank (checks, --resume mismatch)
-        clean = True
         if rank_world()[0] == 0:
-            print(f"moe_testbed.py: error: {e}", file=sys.stderr)
+            print(f"moe_testbed.py: error: {e}", file=sys.stderr, flush=True)
+        if grouped:
+            clean = True                                   # the ranks meet at shutdown's barrier
+        else:
+            meet_before_exit(int(os.environ.get("WORLD_SIZE", "1")))
         sys.exit(2)
     finally:                                               # also on Ctrl-C: leave no process group behind
         shutdown_distributed(clean)

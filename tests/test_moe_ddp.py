@@ -107,10 +107,10 @@ def _launch(argv, n=2, timeout=90):
     return [(p.returncode, o, e) for p, (o, e) in zip(procs, outs)]
 
 
-def _torchrun(args, timeout=120):
+def _torchrun(args, timeout=120, env=ENV):
     """The real launcher. On a timeout: SIGTERM first (torchrun then stops its workers), SIGKILL its group later."""
     p = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "moe_testbed.py"] + args, cwd=ROOT, env=ENV, text=True, stdout=subprocess.PIPE,
+                          "moe_testbed.py"] + args, cwd=ROOT, env=env, text=True, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, start_new_session=True)
     try:
         out, err = p.communicate(timeout=timeout)
@@ -222,8 +222,16 @@ def test_bad_input_every_rank_exits_2_one_line(tmp_path, bad, msg):
     assert not (tmp_path / "o").exists()
 
 
-def test_bad_input_under_torchrun_one_error_line_no_hang(tmp_path):
-    p = _torchrun(CLI + ["--batch-size", "7", "--out", str(tmp_path / "o")], timeout=60)
+@pytest.mark.parametrize("rank0_late_s", [0, 3])
+def test_bad_input_under_torchrun_one_error_line_no_hang(tmp_path, rank0_late_s):
+    """With rank 0 started 3 s late (a sitecustomize sleeps in rank 0 only), rank 1 fails the check first; torchrun
+    stops the other ranks as soon as one exits, so before the fix rank 0 never printed the error (CI)."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"import os, time\nif os.environ.get('RANK') == '0':\n"
+                                           f"    time.sleep({rank0_late_s})\n")
+    env = dict(ENV, PYTHONPATH=os.pathsep.join([str(site), ROOT]))
+    p = _torchrun(CLI + ["--batch-size", "7", "--out", str(tmp_path / "o")], timeout=60, env=env)
     assert p.returncode != 0
     lines = [ln for ln in (p.stdout + p.stderr).splitlines() if ln.startswith("moe_testbed.py: error:")]
     assert len(lines) == 1 and "x the number of processes (WORLD_SIZE=2)" in lines[0]
