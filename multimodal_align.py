@@ -43,8 +43,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import vision
-from data.common import (BadInput, Block, RMSNorm, batches, cli, encode, heatmap, keep_previous, mean_std, pad,
-                         pick_device, train_loop, validate_image_and_run)
+from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cli, encode, heatmap, keep_previous,
+                         mean_std, pad, pick_device, train_loop, validate_image_and_run)
 from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled,
                          generate)
 from data.shapes import load_world as shapes_world
@@ -160,7 +160,7 @@ class Bridge(nn.Module):
         cell as a short phrase, the way the caption writes an object as 'size colour shape cell' (k = 1: the
         usual one token per visual token)."""
         B, G, _ = feats_BGC.shape
-        return self.proj(feats_BGC).view(B, G * self.k, -1)
+        return self.proj(feats_BGC).reshape(B, G * self.k, self.proj[-1].out_features // self.k)
 
     def forward(self, feats_BMC, ids_BT, insert_layer):
         """ids_BT starts with <bos>; returns logits for the text positions only: (B, T, V)."""
@@ -354,17 +354,23 @@ def pretrain_lm(world, vocab, cfg, device):
 def text_ceiling(lm, ds, vocab, device, bs=256):
     """The frozen LM with the true caption as context: 'context: <c> question: q answer:' -> one word.
     Per question type: the best a bridge could do if its image tokens were as good as the caption."""
-    items = [(encode(vocab, f"context: {c} {qa_prompt(d['q'])}"), vocab.get(d["a"], -1), d["type"])
+    items = [(0, encode(vocab, f"context: {c} {qa_prompt(d['q'])}"), vocab.get(d["a"], -1), d["type"])
              for c, qa in zip(ds["captions"], ds["qa"]) for d in qa]
+    return answer_hits(lambda ix, x: lm.text_forward(x)[0], items, vocab, device, bs)[1]
+
+
+def answer_hits(logits_fn, items, vocab, device, bs=256):
+    """Exact match of a one-word answer: argmax at each prompt's last position. items: (index, prompt ids,
+    answer id, type); logits_fn(indices, padded prompts) -> (B, T, V). -> overall, {type: accuracy}."""
     hit = {}
     for i in range(0, len(items), bs):
         chunk = items[i:i + bs]
-        logits, _ = lm.text_forward(pad([p for p, _, _ in chunk], vocab["<pad>"]).to(device))
-        last = torch.tensor([len(p) - 1 for p, _, _ in chunk], device=device)
-        pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1).tolist()
-        for (_, a, t), p in zip(chunk, pred):
+        logits = logits_fn([j for j, *_ in chunk], pad([p for _, p, _, _ in chunk], vocab["<pad>"]).to(device))
+        last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk], device=device)
+        pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1).cpu().tolist()
+        for (_, _, a, t), p in zip(chunk, pred):
             hit.setdefault(t, []).append(p == a)
-    return {t: float(np.mean(v)) for t, v in hit.items()}
+    return float(np.mean([x for v in hit.values() for x in v])), {t: float(np.mean(v)) for t, v in hit.items()}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -372,7 +378,8 @@ def text_ceiling(lm, ds, vocab, device, bs=256):
 # ----------------------------------------------------------------------------------------------------
 
 def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device):
-    """Stage 1 (projector only, captioning) then stage 2 (projector + LM, QA and captions), inserting at l."""
+    """Stage 1 (projector only, captioning) then stage 2 (projector + LM, QA and captions), inserting at l.
+    feats with 0 tokens per scene: the no-image control, stage 2 alone (there is no projector output to train)."""
     torch.manual_seed(seed)
     model = Bridge(copy.deepcopy(lm0), cfg).to(device)
     if cfg.compile:   # in place: parameter names (and checkpoints) keep no _orig_mod. prefix
@@ -397,8 +404,8 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device):
     it_qa = batches(len(qas), cfg.batch_size, seed=seed * 10 + 4)
     model.lm.requires_grad_(False)
     t0 = time.perf_counter()
-    train_loop(list(model.proj.parameters()), lambda s: caption_loss(next(it_cap)), cfg.stage1_steps, cfg,
-               f"l={l} stage1", device)
+    train_loop(list(model.proj.parameters()), lambda s: caption_loss(next(it_cap)),
+               cfg.stage1_steps if feats.shape[1] else 0, cfg, f"l={l} stage1", device)
     model.lm.requires_grad_(True)
     # QA, plus a quarter-size caption batch so the bridge keeps describing whole scenes
     train_loop(list(model.parameters()), lambda s: qa_loss([qas[i] for i in next(it_qa)])
@@ -408,19 +415,8 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device):
 
 @torch.no_grad()
 def qa_accuracy(model, feats, ds, vocab, l, device, bs=256):
-    """Exact match of the one-word answer (argmax at the last prompt position): per type and overall."""
-    items = qa_items(ds, vocab)
-    hit = {}
-    for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
-        x = pad([p for _, p, _, _ in chunk], vocab["<pad>"]).to(device)
-        logits = model(feats[[j for j, *_ in chunk]].to(device), x, l)
-        last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk], device=device)
-        pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1).cpu().tolist()
-        for (_, _, a, t), p in zip(chunk, pred):
-            hit.setdefault(t, []).append(p == a)
-    per_type = {t: float(np.mean(v)) for t, v in hit.items()}
-    return float(np.mean([x for v in hit.values() for x in v])), per_type
+    """Exact match of the one-word answer (argmax at the last prompt position): overall, per type."""
+    return answer_hits(lambda ix, x: model(feats[ix].to(device), x, l), qa_items(ds, vocab), vocab, device, bs)
 
 
 def binding_score(per_type):
@@ -430,21 +426,9 @@ def binding_score(per_type):
 
 @torch.no_grad()
 def prefill_ms(lm, img_BMD, ids_BT, layers, rounds=15):
-    """Wall time (ms) of the block-stack prefill at each l: the best of `rounds` interleaved rounds, so
-    that a busy spell of the machine hits every l alike and the minimum shows the undisturbed time."""
-    def once(l):
-        t = time.perf_counter()
-        deep_insert_blocks(lm.blocks, lm.emb(ids_BT), img_BMD, l)
-        if img_BMD.is_cuda:
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-    for l in layers:                                                     # warm-up
-        once(l)
-    ts = {l: [] for l in layers}
-    for _ in range(rounds):
-        for l in layers:
-            ts[l].append(once(l))
-    return {l: float(np.min(v) * 1e3) for l, v in ts.items()}
+    """Wall time (ms) of the block-stack prefill at each l, the l's interleaved (data/common.py)."""
+    return best_of_rounds_ms({l: lambda r, l=l: deep_insert_blocks(lm.blocks, lm.emb(ids_BT), img_BMD, l)
+                              for l in layers}, img_BMD.device, rounds)
 
 
 @torch.no_grad()
@@ -558,8 +542,8 @@ def run(cfg):
 
     for seed in seeds:
         for l in layers:
-            image = l is not None                                     # None: the no-image control at l = 0
-            f = feats if image else {s: torch.zeros_like(v) for s, v in feats.items()}
+            image = l is not None            # None: the no-image control: the same finetuning, no image tokens
+            f = feats if image else {s: v[:, :0] for s, v in feats.items()}
             model, train_s = train_bridge(lm, f["train"], world, vocab, cfg, l or 0, seed, device)
             overall, per_type = qa_accuracy(model, f["test"], world["test"], vocab, l or 0, device)
             hold = qa_accuracy(model, f["holdout"], world["holdout"], vocab, l or 0, device)[0] if "holdout" in f else None
@@ -676,16 +660,13 @@ EPILOG = """examples:
 
 def validate(cfg):
     """Every user error, before any training -> (seeds, layers)."""
-    for f in ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "tokens_per_cell", "d_model",
-              "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups", "prefill_batch", "image_size"):
-        if getattr(cfg, f) <= 0:
-            raise BadInput(f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
-    for f in ("vit_steps", "lm_steps", "stage1_steps", "stage2_steps"):
-        if getattr(cfg, f) < 0:
-            raise BadInput(f"--{f.replace('_', '-')} must be >= 0, got {getattr(cfg, f)}")
-    for f in ("lr", "lm_lr"):
-        if not getattr(cfg, f) > 0:
-            raise BadInput(f"--{f.replace('_', '-')} must be > 0, got {getattr(cfg, f)}")
+    steps = ("vit_steps", "lm_steps", "stage1_steps", "stage2_steps")   # 0 skips a stage
+    for f in steps + ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "tokens_per_cell",
+                      "d_model", "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups",
+                      "prefill_batch", "image_size", "lr", "lm_lr"):
+        v = getattr(cfg, f)
+        if not (v >= 0 if f in steps else v > 0):                    # "not": a NaN fails too
+            raise BadInput(f"--{f.replace('_', '-')} must be {'>= 0' if f in steps else 'positive'}, got {v}")
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:

@@ -52,8 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import (BadInput, RMSNorm, autocast, batches, cli, encode, hash_str, pad, pick_device, train_loop,
-                         validate_image_and_run)
+from data.common import (BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, cli, encode, hash_str, pad,
+                         pick_device, train_loop, validate_image_and_run)
 from data.shapes_v1 import ViT, load_world, pretrain_clip, vit_tokens
 from data.shapes_v1 import caption as shapes_caption
 
@@ -831,24 +831,18 @@ def train_variant(variant, seed, lm, qf_state, feats, world, vocab, refs, stream
 
 
 def interleaved_step_ms(models, stream, feats, cfg, device, rounds=15):
-    """Forward + backward time (ms) of each variant on the same batches, round-robin, so that a busy spell of
-    the machine hits every variant alike; the best of `rounds` shows the undisturbed time."""
-    times = {v: [] for v in models}
-    for r in range(rounds):
-        items = stream[r % len(stream)]
-        img = feats[[i for i, _, _ in items]].to(device)
-        for v, m in models.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            t = time.perf_counter()
+    """Forward + backward time (ms) of each variant on the same batches, the variants interleaved
+    (data/common.py: a busy spell of the machine hits every variant alike; the best round counts)."""
+    def step(m):
+        def f(r):
+            items = stream[r % len(stream)]
             with autocast(cfg, device):
-                loss = m.loss(img, [p for _, p, _ in items], [y for _, _, y in items])
+                loss = m.loss(feats[[i for i, _, _ in items]].to(device), [p for _, p, _ in items],
+                              [y for _, _, y in items])
             loss.backward()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[v].append(time.perf_counter() - t)
             m.zero_grad(set_to_none=True)
-    return {v: min(ts) * 1e3 for v, ts in times.items()}
+        return f
+    return best_of_rounds_ms({v: step(m) for v, m in models.items()}, device, rounds)
 
 
 def final_eval(model, feats, world, refs, cfg, device):

@@ -7,6 +7,7 @@ import argparse
 import math
 import os
 import sys
+import time
 from dataclasses import asdict
 
 import numpy as np
@@ -151,6 +152,23 @@ def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None):
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
     return loss.item()
+
+
+def best_of_rounds_ms(fns, device, rounds=15):
+    """Wall time (ms) of each fn(round) in {name: fn}: one warm-up call each, then `rounds` round-robin rounds, so
+    that a busy spell of the machine hits every fn alike; the minimum shows the undisturbed time."""
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
+    for f in fns.values():
+        f(0)
+    ts = {k: [] for k in fns}
+    for r in range(rounds):
+        for k, f in fns.items():
+            sync()
+            t = time.perf_counter()
+            f(r)
+            sync()
+            ts[k].append(time.perf_counter() - t)
+    return {k: min(v) * 1e3 for k, v in ts.items()}
 
 
 def batches(n, bs, seed):
