@@ -565,7 +565,7 @@ def parse_list(s, typ, name):
 
 
 def parse_config(argv):
-    p = Parser(description="Logit Correction (ICLR 2023) vs ERM / LfF / GroupDRO on coloured digits.",
+    p = Parser(description="Logit Correction (ICLR 2023) vs ERM / LfF / GroupDRO on coloured digits.", allow_abbrev=False,
                formatter_class=argparse.RawDescriptionHelpFormatter,
                epilog="examples:\n  python logit_correction.py\n  python logit_correction.py --sweep --out out/lc_sweep\n"
                       "  python logit_correction.py --methods lc --ratios 0.5 --explain\n"

@@ -1271,7 +1271,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv):
     """Flags -> Config: Config defaults, then the --preset's values, then the flags actually given."""
-    p = _Parser(prog="moe_testbed.py", description=__doc__.split("\n")[0], epilog=EPILOG,
+    p = _Parser(prog="moe_testbed.py", description=__doc__.split("\n")[0], epilog=EPILOG, allow_abbrev=False,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {g: p.add_argument_group(g) for g in ("model", "routing and balancing", "training", "data",
                                                    "runs and output", "machine")}

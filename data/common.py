@@ -251,11 +251,20 @@ def heatmap(mat, rows, cols, title):
     return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors (unknown or abbreviated flag, bad value) as one line and exit status 2, like
+    every other input error, instead of the usage block."""
+
+    def error(self, message):
+        print(f"{self.prog}: error: {message}", file=sys.stderr)
+        sys.exit(2)
+
+
 def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, quick=None):
     """One --flag per Config field (help from `helps`), then run_fn(cfg); a BadInput is one line on stderr and
     exit status 2. groups: {title: [field, ...]} for --help sections. quick: the defaults that a `quick`
     field (a bool in the Config) switches to; flags given explicitly still win. Shared by the paper files."""
-    ap = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog,
+    ap = OneLineParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = asdict(config_cls())
     where = {}

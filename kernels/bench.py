@@ -211,7 +211,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None):
-    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--quick", action="store_true", help="one shape (a), fp32 only: under a minute on CPU")
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     ap.add_argument("--shapes", default=None,

@@ -313,7 +313,7 @@ def test_smoke_main_on_idx_folder(tmp_path, layout):
 
 @pytest.mark.parametrize("bad", [["--ratios", "0"], ["--ratios", "100"], ["--ratios", "1,-2"], ["--ratios", "abc"],
                                  ["--methods", "erm,jtt"], ["--epochs", "x"], ["--mix-pool", "all"],
-                                 ["--q", "0"], ["--q", "1.5"], ["--lr", "0"], ["--lr", "-1e-3"], ["--lr-b", "-1"],
+                                 ["--q", "0"], ["--q", "1.5"], ["--lr", "0"], ["--lr", "-1e-3"], ["--lr-b", "-1"], ["--epoch", "2"],
                                  ["--ratios", "1"],                    # 30 images per class: no conflicting image
                                  ["--device", "cuda"], ["--device", "mps"], ["--device", "tpu"], ["--out", "FILE"],
                                  ["--data-dir", "MISSING"], ["--data-dir", "CORRUPT"], ["--data-dir", "MISMATCH"]])

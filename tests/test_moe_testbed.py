@@ -530,6 +530,7 @@ def test_bad_inputs(tmp_path, capsys):
     good = _data_dir(tmp_path / "good", n_dom=2)
     assert "longer than the data" in _bad(["--data-dir", str(good), "--seq-len", "100000"], tmp_path, capsys)
     assert "invalid int" in _bad(["--experts", "x"], tmp_path, capsys)
+    assert "unrecognized arguments: --expert " in _bad(["--expert", "4"], tmp_path, capsys)   # no abbreviations
 
 
 def test_cli_bad_input_exit_code(tmp_path):

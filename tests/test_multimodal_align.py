@@ -214,6 +214,7 @@ def test_data_dir_smoke(tmp_path):
     (lambda p: ["--insert-layer", "8"], "insert-layer"),
     (lambda p: ["--image-tokens", "5"], "image-tokens"),
     (lambda p: ["--seeds", "a,b"], "seeds"),
+    (lambda p: ["--tokens-per-cel", "2"], "unrecognized arguments: --tokens-per-cel"),   # no abbreviations
     (lambda p: ["--lr", "0"], "--lr"),
     (lambda p: ["--lr=-1e-3"], "--lr"),
     (lambda p: ["--image-size", "50"], "image-size"),
