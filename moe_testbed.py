@@ -1302,9 +1302,9 @@ def parse_args(argv):
 def main(argv=None):
     clean = False                                          # True once every rank is known to exit the same way
     grouped = False                                        # True once the ranks join the process group
+    world = int(os.environ.get("WORLD_SIZE", "1"))         # set by torchrun
     try:
         cfg = parse_args(argv)
-        world = int(os.environ.get("WORLD_SIZE", "1"))     # set by torchrun
         validate(cfg, world)
         device = pick_device(cfg.device)
         if cfg.preset == "gpu" and device != "cuda":
@@ -1324,7 +1324,7 @@ def main(argv=None):
         if grouped:
             clean = True                                   # the ranks meet at shutdown's barrier
         else:
-            meet_before_exit(int(os.environ.get("WORLD_SIZE", "1")))
+            meet_before_exit(world)
         sys.exit(2)
     finally:                                               # also on Ctrl-C: leave no process group behind
         shutdown_distributed(clean)

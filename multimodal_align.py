@@ -159,8 +159,7 @@ class Bridge(nn.Module):
         """G ViT tokens (one per cell) -> M = G*k LM tokens, each cell's k in a row: the projector may write a
         cell as a short phrase, the way the caption writes an object as 'size colour shape cell' (k = 1: the
         usual one token per visual token)."""
-        B, G, _ = feats_BGC.shape
-        return self.proj(feats_BGC).reshape(B, G * self.k, self.proj[-1].out_features // self.k)
+        return self.proj(feats_BGC).unflatten(-1, (self.k, -1)).flatten(1, 2)       # (B, G*k, D); G may be 0
 
     def forward(self, feats_BMC, ids_BT, insert_layer):
         """ids_BT starts with <bos>; returns logits for the text positions only: (B, T, V)."""

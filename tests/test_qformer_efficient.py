@@ -366,13 +366,13 @@ def test_main_reads_a_data_dir(tmp_path):
     (dict(queries=0), "--queries must be at least 1"),
     (dict(qformer_init="bert"), "--qformer-init"),
     (dict(data_dir="MISSING"), "no such directory"),
-    ("ABBREV", "unrecognized arguments: --quer"),                        # no abbreviations
+    (dict(quer=4), "unrecognized arguments: --quer"),                    # no abbreviations
 ])
 def test_bad_input_exits_2_with_one_line(tmp_path, capsys, bad, msg):
-    if bad != "ABBREV" and bad.get("data_dir") == "MISSING":
+    if bad.get("data_dir") == "MISSING":
         bad = dict(data_dir=tmp_path / "no-such-dir")
     with pytest.raises(SystemExit) as e:
-        qfe.main(tiny_argv(tmp_path) + ["--quer", "4"] if bad == "ABBREV" else tiny_argv(tmp_path, **bad))
+        qfe.main(tiny_argv(tmp_path, **bad))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("qformer_efficient.py: error:") and msg in err and "\n" not in err
