@@ -30,8 +30,6 @@ Sequence layout (LLaVA): [<bos>] [image x M] [question: ... answer:] [answer] [<
 """
 
 import copy
-import hashlib
-import json
 import math
 import os
 import time
@@ -43,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import vision
-from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cli, encode, heatmap, keep_previous,
-                         mean_std, pad, pick_device, train_loop, validate_image_and_run)
+from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, cli, encode, heatmap,
+                         keep_previous, mean_std, pad, pick_device, train_loop, validate_image_and_run, writable_dirs,
+                         write_json)
 from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled,
                          generate)
 from data.shapes import load_world as shapes_world
@@ -468,30 +467,11 @@ ZERO_RETRAIN_SCENES = 200   # test scenes for the zero-retrain curve (N evaluati
 GATE_VISION, GATE_TEXT = 0.9, 0.95
 
 
-def vision_config(cfg):
-    return vision.VisionConfig(image_size=cfg.image_size, patch=cfg.patch, dim=cfg.vit_dim, layers=cfg.vit_layers,
-                               heads=cfg.n_head, steps=cfg.vit_steps, n_train=cfg.n_train,
-                               n_heldout=min(1000, max(cfg.n_eval, 50)), dtype=cfg.dtype)
-
-
 def frozen_lm(world, vocab, cfg, device):
     """Pretrain the LM or load it from --cache-dir (keyed by its config and a digest of its corpus)."""
-    corpus = json.dumps(vocab) + ("\n".join(world["train"]["captions"]) + json.dumps(world["train"]["qa"])
-                                  if cfg.data_dir else "".join(generate(50, "train", seed=7, images=False)["captions"]))
-    keys = ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr", "dtype")
-    tag = hashlib.sha1((corpus + str([getattr(cfg, k) for k in keys])).encode()).hexdigest()[:16]
-    path = os.path.join(cfg.cache_dir, f"lm_{tag}.pt")
-    if os.path.exists(path):
-        lm = LM(len(vocab), cfg).to(device)
-        lm.load_state_dict(torch.load(path, map_location=device, weights_only=True))
-        print(f"frozen LM: loaded {path}")
-        return lm.eval()
-    t = time.perf_counter()
-    lm = pretrain_lm(world, vocab, cfg, device)
-    torch.save(lm.state_dict(), path + ".tmp")
-    os.replace(path + ".tmp", path)
-    print(f"frozen LM: pretrained in {time.perf_counter() - t:.0f}s, saved {path}")
-    return lm
+    return cached_lm(world, vocab, cfg, ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr",
+                                         "dtype"), "lm", lambda: LM(len(vocab), cfg), lambda: pretrain_lm(world, vocab, cfg,
+                                                                                                        device), device)
 
 
 def cost_table(lm, world, vocab, cfg, layers, device):
@@ -523,7 +503,7 @@ def run(cfg):
     base = {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
     print_baselines(base["test"])
 
-    vit, _, vrep = vision.load_or_pretrain(vision_config(cfg), cfg.cache_dir, device)
+    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device)
     print(f"vision encoder: {vision.gate_line(vrep)} -> "
           f"{'PASS' if min(vrep['minimal_pairs'].values()) >= GATE_VISION else 'FAIL'}")
     lm = frozen_lm(world, vocab, cfg, device)
@@ -572,10 +552,7 @@ def run(cfg):
 # ----------------------------------------------------------------------------------------------------
 
 def write_results(cfg, res):
-    path = os.path.join(cfg.out, "results.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(res, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(os.path.join(cfg.out, "results.json"), res)
 
 
 def print_baselines(b):
@@ -674,11 +651,7 @@ def validate(cfg):
         raise BadInput(f"--image-size must be at least 12, got {cfg.image_size}")
     seeds = validate_image_and_run(cfg)           # image/patch/tokens, dtype, --data-dir, --seeds
     pick_device(cfg.device)
-    for d, flag in ((cfg.out, "--out"), (cfg.cache_dir, "--cache-dir")):
-        try:
-            os.makedirs(d, exist_ok=True)
-        except OSError as e:
-            raise BadInput(f"{flag} {d}: cannot create it ({e.strerror})")
+    writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
     N = cfg.n_layer
     layers = [cfg.insert_layer] if cfg.insert_layer >= 0 else sorted({0, N // 4, N // 2, 3 * N // 4}) + [None]
     return seeds, layers

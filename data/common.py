@@ -4,6 +4,8 @@ Nothing here is paper-specific; each piece is used by both files (or is meant fo
 one place."""
 
 import argparse
+import hashlib
+import json
 import math
 import os
 import sys
@@ -15,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
+
+from data.shapes import generate
 
 
 class BadInput(ValueError):
@@ -51,9 +55,10 @@ def rope(x_BhLd, pos_L):
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block; causal with RoPE (LM) or bidirectional without (ViT, text encoder).
-    FFN width 4D. Per layer and sequence length L: QKV 6LD^2, attention 4L^2D + out-proj 2LD^2, FFN 16LD^2.
-    mix=K > 1 (causal only): Primer's depthwise causal convolution over the sequence on q, k and v (So et al.
+    """Pre-norm transformer block, causal (LM decoder) or bidirectional (ViT, LM encoder); RoPE when it is
+    given positions. FFN width 4D. Per layer and sequence length L: QKV 6LD^2, attention 4L^2D + out-proj
+    2LD^2, FFN 16LD^2.
+    mix=K > 1: Primer's depthwise causal convolution over the sequence on q, k and v (So et al.
     2021, "Primer", Multi-DConv-Head Attention): z'_i = sum_{k<K} w_k * z_{i-k}, per channel. A key then also
     carries the tokens just before it, so "the word before the one I look for" is one attention hop instead of
     two (docs/multimodal_align.md: what it changed for the shapes LM). Elementwise (6KLD FLOPs), so the FLOP
@@ -67,9 +72,7 @@ class Block(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.fc1, self.fc2 = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
         self.mix_w = None
-        if mix > 1:
-            if not causal:
-                raise ValueError("Block: mix > 1 is a causal convolution; use it in causal blocks only")
+        if mix > 1:                                            # causal in the sequence even when attention is not
             w = torch.zeros(3 * dim, mix)
             w[:, 0] = 1.0                                      # starts as the plain block
             self.mix_w = nn.Parameter(w)
@@ -87,7 +90,7 @@ class Block(nn.Module):
         out = z_BLC * self.mix_w[:, 0]
         if prev_L is None:                                     # predecessor = i - 1: shifted copies
             for k in range(1, K):
-                out = out + F.pad(z_BLC[:, :-k], (0, 0, k, 0)) * self.mix_w[:, k]
+                out = out + F.pad(z_BLC, (0, 0, k, 0))[:, :z_BLC.shape[1]] * self.mix_w[:, k]   # also when k >= L
             return out[:, n_old:]
         idx = torch.arange(z_BLC.shape[1], device=z_BLC.device)
         for k in range(1, K):
@@ -101,7 +104,7 @@ class Block(nn.Module):
         if self.mix_w is not None:
             z = self.mix(z, prev_L, cache)
         q, k, v = z.view(B, L, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)
-        if self.causal:
+        if pos_L is not None:
             q, k = rope(q, pos_L), rope(k, pos_L)
         return q, k, v                                                          # (B, h, L, hd) each
 
@@ -124,6 +127,37 @@ class Block(nn.Module):
         else:  # decoding one token with a cache: it may see everything cached
             y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and q.shape[2] == k.shape[2])
         return self.finish(x_BLD, y)
+
+
+class Attention(nn.Module):
+    """Multi-head attention; kv_BMC (cross-attention) may have another width than x. RoPE when pos_L is given."""
+
+    def __init__(self, dim, n_head, kv_dim=None):
+        super().__init__()
+        self.nh = n_head
+        self.q = nn.Linear(dim, dim, bias=False)
+        self.kv = nn.Linear(kv_dim or dim, 2 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x_BLD, kv_BMC=None, mask=None, causal=False, pos_L=None):
+        """mask: boolean 'may attend', broadcastable to (B, h, L, M)."""
+        B, L, D = x_BLD.shape
+        kv = x_BLD if kv_BMC is None else kv_BMC
+        q = self.q(x_BLD).view(B, L, self.nh, -1).transpose(1, 2)
+        k, v = self.kv(kv).view(B, kv.shape[1], 2, self.nh, -1).permute(2, 0, 3, 1, 4)
+        if pos_L is not None:
+            q, k = rope(q, pos_L), rope(k, pos_L)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        return self.proj(y.transpose(1, 2).reshape(B, L, D))
+
+
+class FFN(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.ln, self.fc1, self.fc2 = RMSNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+
+    def forward(self, x):
+        return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
 
 
 def autocast(cfg, device):
@@ -171,8 +205,30 @@ def best_of_rounds_ms(fns, device, rounds=15):
     return {k: min(v) * 1e3 for k, v in ts.items()}
 
 
+def step_memory_mib(step_fn, params, device):
+    """Training memory of one step (MiB). CUDA: max allocated. CPU (no allocator statistics there): an
+    estimate = every storage autograd saves for the backward pass (counted once, via saved_tensors_hooks)
+    + 3x the trainable parameters (their gradients and two AdamW moments). Comparable between variants."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step_fn()
+        return torch.cuda.max_memory_allocated() / 2 ** 20
+    seen = {}
+
+    def keep(t):
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        step_fn()
+    return (sum(seen.values()) + 3 * sum(p.numel() * p.element_size() for p in params)) / 2 ** 20
+
+
 def batches(n, bs, seed):
     """Deterministic stream of index batches over n items."""
+    if n < bs:
+        raise ValueError(f"batches: {n} items cannot fill a batch of {bs}")
     g = np.random.default_rng(seed)
     while True:
         perm = g.permutation(n)
@@ -221,6 +277,47 @@ def validate_image_and_run(cfg):
         raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
 
 
+def cached_lm(world, vocab, cfg, keys, name, make, train, device):
+    """A frozen LM: loaded from cfg.cache_dir when one with this config (`keys` of cfg), vocabulary and corpus
+    exists, else train() and saved there. The corpus is the --data-dir train split, or stands for the procedural
+    generator (its first 50 captions). make() -> a fresh module to load into."""
+    corpus = json.dumps(vocab) + ("\n".join(world["train"]["captions"]) + json.dumps(world["train"]["qa"])
+                                  if cfg.data_dir else "".join(generate(50, "train", seed=7, images=False)["captions"]))
+    tag = hashlib.sha1((corpus + str([getattr(cfg, k) for k in keys])).encode()).hexdigest()[:16]
+    path = os.path.join(cfg.cache_dir, f"{name}_{tag}.pt")
+    if os.path.exists(path):
+        lm = make().to(device)
+        lm.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        print(f"frozen LM: loaded {path}")
+        return lm.eval()
+    t = time.perf_counter()
+    lm = train()
+    torch.save(lm.state_dict(), path + ".tmp")
+    os.replace(path + ".tmp", path)
+    print(f"frozen LM: pretrained in {time.perf_counter() - t:.0f}s, saved {path}")
+    return lm.eval()
+
+
+def write_json(path, obj):
+    """Atomically: a crash mid-write never leaves a truncated file."""
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def writable_dirs(**dirs):
+    """Output folders (flag name -> path), created before any work; a BadInput if one cannot be created or
+    written to, so a run never trains for minutes and then fails to save."""
+    for name, d in dirs.items():
+        flag = "--" + name.replace("_", "-")
+        try:
+            os.makedirs(d, exist_ok=True)
+        except OSError as e:
+            raise BadInput(f"{flag} {d}: cannot create it ({e.strerror})")
+        if not os.access(d, os.W_OK):
+            raise BadInput(f"{flag} {d}: not writable")
+
+
 def keep_previous(out):
     """Reruns never silently replace results: an earlier results.json and its checkpoints move to previous_<k>/."""
     old = [f for f in os.listdir(out) if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))]
@@ -232,12 +329,12 @@ def keep_previous(out):
         print(f"earlier results moved to {os.path.join(out, f'previous_{k}')}")
 
 
-def mean_std(xs):
+def mean_std(xs, spec=".3f"):
     """'mean ± sample std (ddof=1)' over seeds; '-' when there is nothing."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    return f"{np.mean(xs):.3f}" + (f" ± {np.std(xs, ddof=1):.3f}" if len(xs) > 1 else "")
+    return format(np.mean(xs), spec) + (f" ± {format(np.std(xs, ddof=1), spec)}" if len(xs) > 1 else "")
 
 
 def heatmap(mat, rows, cols, title):

@@ -7,7 +7,7 @@ Geometry (default 48x48 px): a 3x3 grid of 16 px cells, so an 8 px ViT patch gri
 size: large = cell - 2 px (14 px), small = half a cell (8 px), placed with a little jitter inside its
 cell. The five shapes differ by at least 24 of 64 pixels at the small size (68 at the large one), so
 shape is visible at both sizes. World v1 (32 px, 6 px shapes, cells that straddle patches, "exist" that
-a colour-only reader answers) is in data/shapes_v1.py.
+a colour-only reader answers) is in the git history (data/shapes_v1.py, removed once no file used it).
 
 Caption: "large red square top and small blue x left ..." (size colour shape cell, objects in random order;
 rng=None lists them in cell order, the one fixed template of the alignment set). Questions, one per

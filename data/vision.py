@@ -52,6 +52,14 @@ class VisionConfig:
     dtype: str = "float32"
 
 
+def config_for(cfg):
+    """The encoder config a paper file's Config asks for; the same fields give the same cache file, so one
+    pretrained encoder serves both multimodal files."""
+    return VisionConfig(image_size=cfg.image_size, patch=cfg.patch, dim=cfg.vit_dim, layers=cfg.vit_layers,
+                        heads=cfg.n_head, steps=cfg.vit_steps, n_train=cfg.n_train,
+                        n_heldout=min(1000, max(cfg.n_eval, 50)), dtype=cfg.dtype)
+
+
 def sincos_2d(g, dim):
     """Fixed 2-D sine-cosine position table (g*g, dim), RMS 1: half the channels for rows, half for columns."""
     q = dim // 4

@@ -266,8 +266,10 @@ def test_primer_mix_equals_a_plain_loop():
     skip = torch.tensor([-1, 0, 1, 1, 3, 4])          # position 3 skips position 2, as text skips image slots
     got = blk.mix(z, prev_L=skip)[:, 3]
     torch.testing.assert_close(got, blk.mix_w[:, 0] * z[:, 3] + blk.mix_w[:, 1] * z[:, 1] + blk.mix_w[:, 2] * z[:, 0])
-    with pytest.raises(ValueError):
-        mma.Block(8, 2, causal=False, mix=3)
+    enc = mma.Block(8, 2, causal=False, mix=3).double()   # an encoder block: bidirectional attention, causal conv
+    x = torch.randn(1, 5, 8, dtype=torch.float64)
+    x2 = torch.cat([x[:, :4], torch.randn(1, 1, 8, dtype=torch.float64)], 1)
+    assert not torch.allclose(enc(x, torch.arange(5))[:, :4], enc(x2, torch.arange(5))[:, :4])   # the last token is seen
 
 
 def test_zero_step_stages_run(tmp_path):

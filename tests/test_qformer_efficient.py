@@ -1,34 +1,102 @@
-"""Q-Former: the three stage-1 masks, hard negatives, BLEU-4 / CIDEr by hand, the grounded variant's frozen
-prompt encoder and its cache, and smoke runs of main() (including bad input)."""
+"""Q-Former: the three stage-1 masks, image positions, hard negatives, BLEU-4 / CIDEr by hand, the frozen LM
+(gradients, the prompt cache, greedy decoding), the convergence summary, and main(): a smoke run of every variant
+with its printed sections, a deterministic rerun, checkpoints, a --data-dir run and the bad-input matrix."""
 
+import ast
+import contextlib
+import io
 import json
 import math
-import os
+import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 import qformer_efficient as qfe
-from data.shapes import generate, save_dir
+from data import t5lm, vision
+from data.shapes import BINDING_TYPES, QUESTION_TYPES, generate, save_dir
 
-TINY = dict(n_train=160, n_eval=40, image_size=16, patch=4, vit_dim=16, vit_layers=2, image_tokens=16,
-            clip_steps=3, d_model=32, enc_layers=1, dec_layers=1, n_head=2, max_len=48, lm_steps=3, queries=4,
-            q_dim=32, q_layers=2, mlm_steps=2, stage1_steps=3, steps=4, batch_size=16, eval_every=2)
+ROOT = Path(__file__).resolve().parents[1]
+CPU = torch.device("cpu")
 V = 40
+UNIT = dict(queries=3, q_dim=16, q_layers=2, vit_dim=16, image_tokens=9, n_head=2, d_model=16, enc_layers=2,
+            dec_layers=1)
+# every main() call: a 4x4 patch grid pooled to 2x2 image tokens, backbones of one block, a few steps
+TINY = dict(n_train=120, n_eval=30, image_size=16, patch=4, vit_dim=16, vit_layers=1, vit_steps=2, image_tokens=4,
+            d_model=16, enc_layers=1, dec_layers=1, n_head=2, lm_steps=2, lm_scenes=100, lm_batch=16, queries=4,
+            q_dim=16, q_layers=2, stage1_steps=2, steps=3, batch_size=8, eval_every=1, seeds="0", device="cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: with two threads on a busy 2-core machine each op waits on the other job (a main()
+    call took 44 s instead of 3 s). One thread for this file, restored after it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def argv(out, cache, **kw):
+    args = dict(TINY, **kw)
+    return ([x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+            + ["--out", str(out), "--cache-dir", str(cache)])
 
 
 def tiny_qformer(seed=0):
     torch.manual_seed(seed)
-    cfg = qfe.Config(**TINY)
+    cfg = qfe.Config(**UNIT)
     return cfg, qfe.QFormer(V, cfg).double().eval()
 
 
 def inputs(cfg, B=3, T=6, seed=1):
     g = torch.Generator().manual_seed(seed)
     img = torch.randn(B, cfg.image_tokens, cfg.vit_dim, generator=g, dtype=torch.float64)
-    ids = torch.randint(4, V, (B, T), generator=g)
-    return img, ids
+    return img, torch.randint(4, V, (B, T), generator=g)
+
+
+def other_image(img):
+    """Another image of the same shape. (Not img * a + b: the Q-Former's LayerNorm on the image tokens makes that
+    the same image, so a test using it could not fail.)"""
+    return torch.randn(img.shape, generator=torch.Generator().manual_seed(9), dtype=img.dtype)
+
+
+def run_qf(qf, img, ids, kind):
+    return qf(img, qf.embed_text(ids), torch.ones_like(ids, dtype=torch.bool), kind)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The file stands alone
+# ----------------------------------------------------------------------------------------------------
+
+def imported_roots(path):
+    roots = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            roots |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            assert node.level == 0, f"{path.name}: relative import"
+            roots.add(node.module.split(".")[0])
+    return roots
+
+
+def test_imports_only_stdlib_torch_numpy_and_the_shared_modules():
+    """One paper, one file: qformer_efficient.py uses the standard library, torch, numpy and the shared data/ and
+    kernels/ packages, never another paper file (not even through data/ or kernels/)."""
+    papers = {"moe_testbed", "multimodal_align", "logit_correction"} | {p.stem for p in ROOT.glob("*.py")}
+    papers.discard("qformer_efficient")
+    roots = imported_roots(ROOT / "qformer_efficient.py")
+    allowed = set(sys.stdlib_module_names) | {"torch", "numpy", "data", "kernels"}
+    assert roots <= allowed, roots - allowed
+    assert not roots & papers
+    assert {"data"} <= roots                                          # the walk does see the imports
+    for shared in sorted((ROOT / "data").glob("*.py")) + sorted((ROOT / "kernels").glob("*.py")):
+        assert not imported_roots(shared) & papers, shared.name
+    src = (ROOT / "qformer_efficient.py").read_text()
+    assert "import_module" not in src and "__import__" not in src    # no import the walk above cannot see
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -36,68 +104,69 @@ def inputs(cfg, B=3, T=6, seed=1):
 # ----------------------------------------------------------------------------------------------------
 
 def test_mask_matrices_by_hand():
-    keep = torch.tensor([[True, True, False]])                      # 2 queries, 3 text positions, last padded
-    q, t, x = True, True, False
+    """The three masks of BLIP-2's stage 1, written out for 2 queries and 3 text positions (the last padded)."""
+    keep = torch.tensor([[True, True, False]])
     want = {
-        "uni": [[q, q, x, x, x], [q, q, x, x, x], [x, x, t, t, x], [x, x, t, t, x], [x, x, t, t, x]],
+        "uni": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]],
         "bi": [[1, 1, 1, 1, 0]] * 5,
         "causal": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]],
     }
     for kind, m in want.items():
         got = qfe.qformer_mask(2, keep, kind)
-        assert got.shape == (1, 1, 5, 5)
+        assert got.shape == (1, 1, 5, 5) and got.dtype == torch.bool
         assert got[0, 0].tolist() == [[bool(v) for v in row] for row in m], kind
     with pytest.raises(ValueError):
         qfe.qformer_mask(2, keep, "diagonal")
 
 
-def run_qf(qf, img, ids, kind):
-    return qf(img, qf.embed_text(ids), torch.ones_like(ids, dtype=torch.bool), kind)
-
-
 def test_itc_unimodal_mask_separates_queries_and_text():
+    """ITC: the query outputs do not depend on the text, the text outputs not on the image."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     ids2 = ids.clone()
-    ids2[:, 2:] = (ids2[:, 2:] + 7) % (V - 4) + 4                    # other words
+    ids2[:, 2:] = (ids2[:, 2:] + 7) % (V - 4) + 4
     z1, t1 = run_qf(qf, img, ids, "uni")
     z2, t2 = run_qf(qf, img, ids2, "uni")
-    torch.testing.assert_close(z1, z2, rtol=0, atol=1e-12)           # queries never see the text
-    _, t3 = run_qf(qf, img * 2 + 1, ids, "uni")
-    torch.testing.assert_close(t1, t3, rtol=0, atol=1e-12)           # text never sees the image (via queries)
-    assert (z1 - run_qf(qf, img * 2 + 1, ids, "uni")[0]).abs().max() > 1e-6
+    torch.testing.assert_close(z1, z2, rtol=0, atol=1e-12)
+    assert (t1 - t2).abs().max() > 1e-6
+    z3, t3 = run_qf(qf, other_image(img), ids, "uni")
+    torch.testing.assert_close(t1, t3, rtol=0, atol=1e-12)
+    assert (z1 - z3).abs().max() > 1e-6
 
 
 def test_itg_multimodal_causal_mask():
+    """ITG: queries see no text; text position t sees no later text; every text position sees the image
+    (through the queries)."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     z1, t1 = run_qf(qf, img, ids, "causal")
     ids2 = ids.clone()
     ids2[:, 4:] = (ids2[:, 4:] + 5) % (V - 4) + 4                    # change text positions 4, 5
     z2, t2 = run_qf(qf, img, ids2, "causal")
-    torch.testing.assert_close(z1, z2, rtol=0, atol=1e-12)           # queries see no text
-    torch.testing.assert_close(t1[:, :4], t2[:, :4], rtol=0, atol=1e-12)   # position t sees no text after t
+    torch.testing.assert_close(z1, z2, rtol=0, atol=1e-12)
+    torch.testing.assert_close(t1[:, :4], t2[:, :4], rtol=0, atol=1e-12)
     assert (t1[:, 4:] - t2[:, 4:]).abs().max() > 1e-6
-    _, t3 = run_qf(qf, img * 2 + 1, ids, "causal")                   # ... but every text position sees the queries,
-    assert ((t1 - t3).abs().amax(-1) > 1e-9).all()                   # so the image reaches all of them through them
+    _, t3 = run_qf(qf, other_image(img), ids, "causal")
+    assert ((t1 - t3).abs().amax(-1) > 1e-9).all()
 
 
 def test_itg_image_reaches_text_only_through_queries():
+    """Only the query rows cross-attend, and to the image tokens: text can learn about the image only from
+    the queries, in every mask."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
-    x = torch.cat([qf.queries.expand(len(ids), -1, -1), qf.embed_text(ids)], 1)
-    n_q = cfg.queries
-    mask = qfe.qformer_mask(n_q, torch.ones_like(ids, dtype=torch.bool), "causal")
     seen = []
-    for layer in qf.layers:                                          # record what each cross-attention is asked
-        if layer.cross is not None:
-            layer.cross.register_forward_hook(lambda m, a, o: seen.append(a[0].shape[1]))
     for layer in qf.layers:
-        x = layer(x, n_q, mask, qf.img_norm(img))
-    assert seen and all(s == n_q for s in seen)                      # only the query rows cross-attend
+        if layer.cross is not None:
+            layer.cross.register_forward_hook(lambda m, a, o: seen.append((a[0].shape[1], a[1].shape[1])))
+    for kind in ("uni", "bi", "causal"):
+        run_qf(qf, img, ids, kind)
+    assert len(seen) == 3 * sum(layer.cross is not None for layer in qf.layers) > 0
+    assert set(seen) == {(cfg.queries, cfg.image_tokens)}
 
 
 def test_itm_bidirectional_full_visibility():
+    """ITM / stage 2: every position sees every other: the queries and the first word see the last word."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     assert qfe.qformer_mask(cfg.queries, torch.ones(2, 5, dtype=torch.bool), "bi").all()
@@ -105,11 +174,12 @@ def test_itm_bidirectional_full_visibility():
     ids2[:, -1] = (ids2[:, -1] + 3) % (V - 4) + 4
     z1, t1 = run_qf(qf, img, ids, "bi")
     z2, t2 = run_qf(qf, img, ids2, "bi")
-    assert ((z1 - z2).abs().amax((1, 2)) > 1e-6).all()               # queries see the last word
-    assert ((t1[:, 0] - t2[:, 0]).abs().amax(-1) > 1e-6).all()       # and so does the first text position
+    assert ((z1 - z2).abs().amax((1, 2)) > 1e-6).all()
+    assert ((t1[:, 0] - t2[:, 0]).abs().amax(-1) > 1e-6).all()
 
 
 def test_padding_is_never_attended():
+    """Whatever sits in padded text slots changes no query output and no unpadded text output."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     keep = torch.ones_like(ids, dtype=torch.bool)
@@ -124,10 +194,34 @@ def test_padding_is_never_attended():
 
 
 # ----------------------------------------------------------------------------------------------------
+# Image positions
+# ----------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kind", ["uni", "bi"])
+def test_image_position_reaches_the_queries(kind):
+    """Attention over a set is blind to order: the fixed img_pos table, tied to the token index, is what tells
+    the queries which cell a token came from. Permuting the image tokens changes the query outputs; with
+    img_pos zeroed the same permutation changes nothing."""
+    cfg, qf = tiny_qformer()
+    img, ids = inputs(cfg)
+    perm = torch.tensor([4, 0, 8, 2, 6, 1, 7, 3, 5])
+    assert qf.img_pos.shape == (cfg.image_tokens, cfg.vit_dim) and qf.img_pos.abs().sum() > 0
+    z1, _ = run_qf(qf, img, ids, kind)
+    z2, _ = run_qf(qf, img[:, perm], ids, kind)
+    assert (z1 - z2).abs().amax((1, 2)).min() > 1e-4
+    with torch.no_grad():
+        qf.img_pos.zero_()
+    z1, _ = run_qf(qf, img, ids, kind)
+    z2, _ = run_qf(qf, img[:, perm], ids, kind)
+    torch.testing.assert_close(z1, z2, rtol=0, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Stage 1 pieces
 # ----------------------------------------------------------------------------------------------------
 
 def test_itc_similarity_is_max_over_queries():
+    """s(i, j) = max over the queries k of cos(z_ik, t_j), against a loop."""
     torch.manual_seed(0)
     heads = qfe.Stage1Heads(8, dim=4).double()
     z, t = torch.randn(3, 5, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
@@ -135,53 +229,68 @@ def test_itc_similarity_is_max_over_queries():
         sim = qfe.itc_similarity(heads, z, t)
         zi = torch.nn.functional.normalize(heads.img_proj(z), dim=-1)
         zt = torch.nn.functional.normalize(heads.txt_proj(t), dim=-1)
+    assert sim.shape == (3, 4)
     for i in range(3):
         for j in range(4):
             assert abs(sim[i, j].item() - max(float(zi[i, k] @ zt[j]) for k in range(5))) < 1e-12
 
 
 def test_hard_negatives_never_pick_a_positive():
+    """Neither the diagonal nor an identical caption is ever sampled, even when they are by far the most similar."""
     g = torch.Generator().manual_seed(0)
     B = 12
     same = torch.eye(B, dtype=torch.bool)
-    same[2, 5] = same[5, 2] = True                                   # an identical caption is a positive too
+    same[2, 5] = same[5, 2] = True
     for _ in range(200):
         sim = torch.randn(B, B, generator=g) * 5
-        sim[torch.arange(B), torch.arange(B)] = 50                   # the positive is by far the most similar
+        sim[torch.arange(B), torch.arange(B)] = 50
         sim[2, 5] = 50
         idx = qfe.hard_negatives(sim, same, g)
         assert not same[torch.arange(B), idx].any()
 
 
 def test_hard_negatives_follow_similarity():
+    """Sampling is p ∝ softmax(sim) over the negatives: a column at +8 is drawn ~99.9% of the time."""
     g = torch.Generator().manual_seed(1)
     B = 6
     sim = torch.zeros(B, B)
-    sim[:, 3] = 8.0                                                  # column 3 is the hardest negative for most rows
+    sim[:, 3] = 8.0
     idx = torch.stack([qfe.hard_negatives(sim, torch.eye(B, dtype=torch.bool), g) for _ in range(300)])
     share = (idx[:, [0, 1, 2, 4, 5]] == 3).float().mean().item()
-    assert share > 0.95                                              # softmax(8) vs 4 others at 0: ~0.9987
+    assert share > 0.95
     assert (idx[:, 3] != 3).all()
 
 
 def test_hard_negatives_row_without_negatives_falls_back():
+    """When every caption in the batch is identical, any other index is used (never the row itself)."""
     g = torch.Generator().manual_seed(0)
-    same = torch.ones(3, 3, dtype=torch.bool)                        # every caption identical
-    idx = qfe.hard_negatives(torch.zeros(3, 3), same, g)
+    idx = qfe.hard_negatives(torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.bool), g)
     assert (idx != torch.arange(3)).all()
 
 
 def test_stage1_loss_trains_the_qformer():
+    """ITC + ITM + ITG: every part reaches the Q-Former and the heads, and a few steps on one batch lower it."""
     cfg, qf = tiny_qformer()
     qf = qf.float().train()
     heads = qfe.Stage1Heads(cfg.q_dim)
     vocab = {"<pad>": 0, "<cls>": 1, "<dec>": 2, "<eos>": 3}
-    img = torch.randn(4, cfg.image_tokens, cfg.vit_dim)
+    img = torch.randn(4, cfg.image_tokens, cfg.vit_dim, generator=torch.Generator().manual_seed(2))
     caps = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [5, 6, 7, 0], [10, 11, 12, 13]])   # rows 0 and 2 identical
     loss, parts = qfe.stage1_loss(qf, heads, img, caps, 0, vocab, torch.Generator().manual_seed(0))
     assert math.isfinite(loss.item()) and set(parts) == {"itc", "itm", "itg"}
+    assert loss.item() == pytest.approx(sum(parts.values()), rel=1e-5)
     loss.backward()
-    assert qf.queries.grad.abs().sum() > 0 and heads.temp.grad is not None and heads.itm.weight.grad.abs().sum() > 0
+    for p in (qf.queries, qf.emb.weight, qf.img_norm.weight, heads.temp, heads.itm.weight, heads.txt_proj.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    opt = torch.optim.Adam(list(qf.parameters()) + list(heads.parameters()), lr=3e-3)
+    first = None
+    for _ in range(30):
+        loss, parts = qfe.stage1_loss(qf, heads, img, caps, 0, vocab, torch.Generator().manual_seed(0))
+        first = first or parts
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert parts["itg"] < 0.7 * first["itg"] and parts["itc"] + parts["itm"] < first["itc"] + first["itm"]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -193,37 +302,37 @@ def test_bleu_identical_is_one():
 
 
 def test_bleu_hand_computed_precisions():
-    # p1 = 4/5, p2 = 3/4, p3 = 2/3, p4 = 1/2; same length, BP = 1
+    """p1 = 4/5, p2 = 3/4, p3 = 2/3, p4 = 1/2; same length, BP = 1."""
     got = qfe.bleu4(["a b c d e"], [["a b c d f"]])
     assert got == pytest.approx((4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25)
 
 
 def test_bleu_brevity_penalty_and_closest_reference():
-    # every n-gram matches; c = 6, closest reference length 7 (not 12): BP = exp(1 - 7/6)
+    """Every n-gram matches; c = 6, the closest reference length is 7 (not 12): BP = exp(1 - 7/6)."""
     got = qfe.bleu4(["the cat sat on the mat"], [["the cat sat on the mat today", "x " * 11 + "x"]])
     assert got == pytest.approx(math.exp(1 - 7 / 6))
 
 
 def test_bleu_clips_counts_and_is_zero_without_4gram_match():
-    assert qfe.bleu4(["the the the the"], [["the cat"]]) == 0.0       # p1 = 1/4 after clipping; p2 = 0
-    # clipping: "a a a b c d" vs "a b c d e f": p1 = (1+1+1+1)/6 (only one 'a' counts)
-    h, r = "a a a b c d", "a b c d e f"
+    """Clipped counts: only one 'a' of 'a a a' matches; no smoothing: no 2-gram match gives 0."""
+    assert qfe.bleu4(["the the the the"], [["the cat"]]) == 0.0
     want = (4 / 6 * 3 / 5 * 2 / 4 * 1 / 3) ** 0.25
-    assert qfe.bleu4([h], [[r]]) == pytest.approx(want)
+    assert qfe.bleu4(["a a a b c d"], [["a b c d e f"]]) == pytest.approx(want)
 
 
 def test_bleu_is_corpus_level():
-    # sentence 1: 5 words, p = 4/5, 3/4, 2/3, 1/2; sentence 2: identical 5 words, p = 5/5, 4/4, 3/3, 2/2
+    """Counts are summed over sentences before the ratios (not a mean of sentence BLEUs)."""
     got = qfe.bleu4(["a b c d e", "v w x y z"], [["a b c d f"], ["v w x y z"]])
     assert got == pytest.approx((9 / 10 * 7 / 8 * 5 / 6 * 3 / 4) ** 0.25)
 
 
 def test_cider_style():
+    """Identical captions score 10; a one-document corpus has idf 0 everywhere; 3-word captions have no 4-grams
+    (so 7.5 = 10 x 3/4); no shared n-gram scores 0; a partial match lies in between."""
     refs = [["a red circle at top"], ["a blue square at left"], ["two green crosses in the center"]]
     hyps = ["a red circle at top", "a blue square at left", "two green crosses in the center"]
     assert qfe.cider(hyps, refs) == pytest.approx(10.0)
-    # 3-word sentences have no 4-grams: the n = 4 term is 0, as in CIDEr
-    assert qfe.cider(["a red circle"], [["a red circle"]] * 1 + []) == 0.0          # one document: every idf is 0
+    assert qfe.cider(["a red circle"], [["a red circle"]]) == 0.0
     assert qfe.cider(["a red circle", "two blue squares"], [["a red circle"], ["two blue squares"]]) == pytest.approx(7.5)
     assert qfe.cider(["zzz", "yyy", "xxx"], refs) == 0.0
     part = qfe.cider(["a red square at left", "a blue square at left", "two green crosses in the center"], refs)
@@ -231,160 +340,404 @@ def test_cider_style():
 
 
 # ----------------------------------------------------------------------------------------------------
-# The grounded variant: frozen, cached prompt encoder
+# Stage 2: the frozen LM, the variants, the prompt cache
 # ----------------------------------------------------------------------------------------------------
+
+WORDS = "<pad> <bos> <eos> <unk> <cls> <dec> question: caption: what colour is the circle square ? red a".split()
+PROMPTS = ["question: what colour is the circle ?", "question: what colour is the square ?", "caption:"]
+TARGETS = ["red", "red", "a red circle"]
+
 
 def tiny_bridge(variant):
     torch.manual_seed(0)
-    cfg = qfe.Config(**TINY)
-    words = "<pad> <bos> <eos> <unk> <cls> <dec> <mask> question: caption: what colour is the circle square ? red".split()
-    vocab = {w: i for i, w in enumerate(words)}
-    lm = qfe.T5LM(len(vocab), cfg)
-    model = qfe.Bridge(qfe.QFormer(len(vocab), cfg), lm, variant, vocab, cfg, torch.device("cpu"))
+    cfg = qfe.Config(**UNIT)
+    vocab = {w: i for i, w in enumerate(WORDS)}
+    lm = t5lm.T5LM(len(vocab), cfg)
+    for blk in lm.enc:                         # the conv starts as the identity: make it mix, so the cache
+        blk.mix_w.data.normal_()               # tests cover it
+    model = qfe.Bridge(qfe.QFormer(len(vocab), cfg), lm, variant, vocab, cfg, CPU)
     img = torch.randn(3, cfg.image_tokens, cfg.vit_dim)
-    prompts = ["question: what colour is the circle ?", "question: what colour is the square ?", "caption:"]
-    return lm, model, img, prompts
+    return lm, model, img
+
+
+def lm_grads(lm, part):
+    return [p.grad for n, p in lm.named_parameters() if n.startswith(part)]
 
 
 @pytest.mark.parametrize("variant", ["P", "P-a", "C0"])
-def test_no_gradient_reaches_the_frozen_lm_encoder(variant):
-    lm, model, img, prompts = tiny_bridge(variant)
-    model.loss(img, prompts, ["red", "red", "a red circle"]).backward()   # LM left requires_grad=True on purpose
-    enc = [p for n, p in lm.named_parameters() if n.startswith(("enc.", "norm_enc", "pos_enc"))]
-    assert all(p.grad is None for p in enc)
-    assert lm.dec[0].cross.q.weight.grad is not None                      # the decoder is in the graph
+def test_grounded_variants_never_backpropagate_through_the_lm_encoder(variant):
+    """P, P-a, C0: the LM encoder only ever sees the prompt, under no_grad. Even with the LM left trainable
+    (on purpose) no encoder parameter gets a gradient, while the decoder and the Q-Former side do."""
+    lm, model, img = tiny_bridge(variant)
+    model.loss(img, PROMPTS, TARGETS).backward()
+    assert all(g is None for g in lm_grads(lm, ("enc.", "norm_enc")))
+    assert lm.dec[0].cross.q.weight.grad is not None
     assert model.qf.queries.grad.abs().sum() > 0 and model.out_proj.weight.grad.abs().sum() > 0
+    if variant != "P-a":                                              # P-a's Q-Former does not see the prompt
+        assert model.in_proj.weight.grad.abs().sum() > 0
 
 
-@pytest.mark.parametrize("variant", ["B2", "P-b"])
-def test_prefix_variants_do_backpropagate_through_the_encoder(variant):
-    # the contrast that keeps the test above honest
-    lm, model, img, prompts = tiny_bridge(variant)
-    model.loss(img, prompts, ["red", "red", "a red circle"]).backward()
-    assert lm.enc[0].attn.q.weight.grad.abs().sum() > 0
+@pytest.mark.parametrize("variant", ["B1", "B2", "P-b"])
+def test_prefix_variants_train_the_qformer_through_the_frozen_encoder(variant):
+    """B1, B2, P-b put the queries into the LM encoder's input: with a trainable LM its encoder gets gradients
+    (the contrast that keeps the test above honest); frozen as in run(), the LM gets none and the gradient
+    still reaches the Q-Former through the encoder."""
+    lm, model, img = tiny_bridge(variant)
+    model.loss(img, PROMPTS, TARGETS).backward()
+    assert lm.enc[0].qkv.weight.grad.abs().sum() > 0
+    lm, model, img = tiny_bridge(variant)
+    lm.requires_grad_(False)
+    model.loss(img, PROMPTS, TARGETS).backward()
+    assert all(p.grad is None for p in lm.parameters())
+    assert model.qf.queries.grad.abs().sum() > 0 and model.out_proj.weight.grad.abs().sum() > 0
+    if variant == "P-b":
+        assert model.in_proj.weight.grad.abs().sum() > 0
 
 
 def test_prompt_encoded_once_per_prompt(monkeypatch):
-    lm, model, img, prompts = tiny_bridge("P")
-    calls = []
-    orig = lm.encode
+    """P encodes each distinct prompt once, in one batch, then reuses it; a new prompt costs one more encoding."""
+    lm, model, img = tiny_bridge("P")
+    calls, orig = [], lm.encode
     monkeypatch.setattr(lm, "encode", lambda *a, **k: calls.append(a[0].shape[0]) or orig(*a, **k))
-    model.loss(img, prompts, ["red", "red", "a"])
-    model.loss(img, prompts[::-1], ["a", "red", "red"])               # same prompts again: no new encoding
-    model.loss(img[:2], [prompts[0], prompts[0]], ["red", "red"])
+    model.loss(img, PROMPTS, TARGETS)
+    model.loss(img, PROMPTS[::-1], TARGETS[::-1])
+    model.loss(img[:2], [PROMPTS[0], PROMPTS[0]], ["red", "red"])
     assert model.cache.computed == 3 and calls == [3]
     model.loss(img[:1], ["question: what colour is the square square ?"], ["red"])
     assert model.cache.computed == 4 and calls == [3, 1]
 
 
 def test_cached_prompt_equals_encoding_it_alone():
-    lm, model, img, prompts = tiny_bridge("P")
-    h, keep = model.cache(prompts)
-    for j, p in enumerate(prompts):
+    """Batching prompts of other lengths (padding) does not change a prompt's encoding."""
+    lm, model, img = tiny_bridge("P")
+    h, keep = model.cache(PROMPTS)
+    for j, p in enumerate(PROMPTS):
         ids = torch.tensor([qfe.encode(model.vocab, p, bos=False)])
-        alone = lm.encode_ids(ids, model.vocab["<pad>"])[0]
+        with torch.no_grad():
+            alone = lm.encode_ids(ids, model.vocab["<pad>"])[0]
         n = int(keep[j].sum())
-        assert n == ids.shape[1]
+        assert n == ids.shape[1] and not keep[j, n:].any()
         torch.testing.assert_close(h[j, :n], alone, rtol=1e-5, atol=1e-5)
 
 
+def test_a_one_word_prompt_can_be_encoded_alone():
+    """'caption:' is one token, and P encodes it alone whenever it is the only new prompt of a batch: with
+    --caption-frac 1 at the first step, with --caption-frac 0 at the captioning evaluation."""
+    lm, model, img = tiny_bridge("P")
+    h, keep = model.cache(["caption:"])
+    assert h.shape[:2] == (1, 1) and keep.all()
+
+
 def test_p_memory_is_queries_then_encoded_prompt():
-    lm, model, img, prompts = tiny_bridge("P")
-    mem, keep = model.memory(img, prompts)
-    h, kp = model.cache(prompts)
+    """P's decoder memory: [W_out z ; h_p], with z = QFormer([queries ; W_in h_p], image), all queries kept."""
+    lm, model, img = tiny_bridge("P")
+    mem, keep = model.memory(img, PROMPTS)
+    h, kp = model.cache(PROMPTS)
     z, _ = model.qf(img, model.in_proj(h), kp, "bi")
     torch.testing.assert_close(mem, torch.cat([model.out_proj(z), h], 1))
-    assert keep[:, : z.shape[1]].all()
+    torch.testing.assert_close(keep, torch.cat([torch.ones(3, z.shape[1], dtype=torch.bool), kp], 1))
 
 
-def test_c0_ignores_the_image():
-    lm, model, img, prompts = tiny_bridge("C0")
-    torch.testing.assert_close(model.memory(img, prompts)[0], model.memory(img * 3 + 1, prompts)[0])
+def test_c0_ignores_the_image_and_p_does_not():
+    """C0 (the language-prior floor) gives the same memory for any image; P, the same model otherwise, does not."""
+    _, c0, img = tiny_bridge("C0")
+    torch.testing.assert_close(c0.memory(img, PROMPTS)[0], c0.memory(other_image(img), PROMPTS)[0])
+    _, p, img = tiny_bridge("P")
+    assert (p.memory(img, PROMPTS)[0] - p.memory(other_image(img), PROMPTS)[0]).abs().max() > 1e-4
 
 
 def test_generate_matches_teacher_forced_argmax():
+    """Greedy decoding == argmax of the teacher-forced decoder on its own output, up to the first <eos>;
+    Bridge.answer is its first step."""
     torch.manual_seed(0)
-    cfg = qfe.Config(**TINY)
-    lm = qfe.T5LM(V, cfg).eval()
+    cfg = qfe.Config(**UNIT)
+    lm = t5lm.T5LM(V, cfg).eval()
     mem, keep = torch.randn(2, 5, cfg.d_model), torch.ones(2, 5, dtype=torch.bool)
+    keep[1, 3:] = False
     out = lm.generate(mem, keep, bos=1, eos=2, max_new=6)
     y = torch.cat([torch.ones(2, 1, dtype=torch.long), out], 1)
     with torch.no_grad():
         pred = lm.decode(mem, keep, y[:, :-1]).argmax(-1)
-    for b in range(2):                                               # up to and including the first <eos>
+    for b in range(2):
         n = (out[b] == 2).nonzero()[0, 0].item() + 1 if (out[b] == 2).any() else out.shape[1]
         assert torch.equal(pred[b, :n], out[b, :n])
+    _, model, img = tiny_bridge("P")
+    mem, keep = model.memory(img, PROMPTS)
+    first = model.lm[0].generate(mem, keep, model.vocab["<bos>"], model.vocab["<eos>"], 1)[:, 0]
+    assert torch.equal(model.answer(img, PROMPTS), first)
 
 
 # ----------------------------------------------------------------------------------------------------
-# main(): smoke runs and bad input
+# The convergence summary
 # ----------------------------------------------------------------------------------------------------
 
-def tiny_argv(out, **kw):
-    args = dict(TINY, **kw)
-    return [x for k, v in args.items() for x in (f"--{k.replace('_', '-')}", str(v))] + ["--out", str(out)]
+def test_binding_score_is_the_mean_over_binding_types():
+    """count is answerable from a bag of words, so it is left out; no binding type at all -> None."""
+    assert set(BINDING_TYPES) == set(QUESTION_TYPES) - {"count"}
+    assert qfe.binding_score(dict(colour=1.0, shape=0.5, position=0.0, count=1.0, exist=0.5)) == pytest.approx(0.5)
+    assert qfe.binding_score(dict(count=1.0, other=1.0)) is None
 
 
-def test_main_smoke_all_variants(tmp_path):
-    runs, summary = qfe.main(tiny_argv(tmp_path, variants="B1,B2,P,P-a,P-b,C0"))
-    res = json.load(open(tmp_path / "results.json"))
-    assert [r["variant"] for r in res["runs"]] == ["B1", "B2", "P", "P-a", "P-b", "C0"]
+def fake_run(variant, scores, stage1_samples=0, stage1_s=0.0, mem=1.0, ms=1.0):
+    curve = [dict(step=i + 1, samples=10 * (i + 1), train_s=float(i + 1), binding_score=s, vqa=0.0) for i, s in enumerate(scores)]
+    return dict(variant=variant, seed=0, curve=curve, stage1_samples=stage1_samples, stage1_s=stage1_s, mem_mib=mem,
+                fwd_bwd_ms=ms, binding_score=scores[-1])
+
+
+def test_to_target_and_summarise():
+    """Target = 0.9 x the best final binding score (reached at exactly 0.9 too); B1's stage 1 samples and seconds
+    count; a variant that never reaches it gets None; --target-em replaces the default target."""
+    runs = [fake_run("B1", [0.2, 0.9, 0.9], stage1_samples=100, stage1_s=5.0, mem=3.0, ms=3.0),
+            fake_run("B2", [None, 0.5, 1.0], mem=4.0, ms=8.0),
+            fake_run("P", [0.95, 0.95, 0.96], mem=1.0, ms=2.0),
+            fake_run("C0", [0.1, 0.1, 0.1])]
+    assert qfe.to_target(runs[3], 0.5) == (None, None)
+    s = qfe.summarise(runs, qfe.Config())["0"]
+    assert s["target"] == pytest.approx(0.9)
+    got = {r["variant"]: (r["samples_to_target"], r["seconds_to_target"]) for r in runs}
+    assert got == {"B1": (120, 7.0), "B2": (30, 3.0), "P": (10, 1.0), "C0": (None, None)}
+    assert s["P_over_B2_samples_to_target"] == pytest.approx(1 / 3)
+    assert s["P_over_B2_seconds_to_target"] == pytest.approx(1 / 3)
+    assert s["P_over_B2_step_time"] == pytest.approx(0.25) and s["P_over_B2_memory"] == pytest.approx(0.25)
+    assert s["B1_over_B2_seconds_to_target"] == pytest.approx(7 / 3)
+    assert s["B1_minus_B2_binding"] == pytest.approx(-0.1)
+    s = qfe.summarise(runs, qfe.Config(target_em=0.5))["0"]
+    assert s["target"] == 0.5 and runs[1]["samples_to_target"] == 20 and runs[0]["samples_to_target"] == 120
+
+
+# ----------------------------------------------------------------------------------------------------
+# main(): the smoke run, its printout, the rerun, checkpoints
+# ----------------------------------------------------------------------------------------------------
+
+def fail(*a, **k):
+    pytest.fail("trained something it should have loaded or never reached")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    """Every variant on the TINY config, then the same command again (backbones from the cache). The LM gets
+    300 steps (~2 s) so that answers and captions are not all empty: the rerun comparison then means something."""
+    root = tmp_path_factory.mktemp("smoke")
+    out, cache = root / "out", root / "cache"
+    args = argv(out, cache, variants=",".join(qfe.VARIANTS), lm_steps=300)
+    printed = []
+    for k in range(2):
+        buf = io.StringIO()
+        with contextlib.redirect_stdout(buf), pytest.MonkeyPatch.context() as mp:
+            if k:
+                mp.setattr(vision, "pretrain", fail)
+                mp.setattr(t5lm, "pretrain", fail)
+            res = qfe.main(args)
+        printed.append((buf.getvalue(), res))
+    return SimpleNamespace(out=out, cache=cache, stdout=printed[0][0], first=printed[0][1], stdout2=printed[1][0],
+                           second=printed[1][1])
+
+
+def test_smoke_results_cover_every_variant(smoke):
+    """results.json: the gates, baselines, one run per variant with its curve, costs and caption scores, the
+    summary; B1 alone has a stage 1; only the cached-prompt variants encode prompts."""
+    res = json.loads((smoke.out / "results.json").read_text())
+    assert set(res) == {"config", "baselines", "gates", "runs", "summary", "wall_s"}
+    assert res == json.loads(json.dumps(smoke.second))
+    assert set(res["gates"]["lm_text_ceiling"]) == set(QUESTION_TYPES)
+    assert all(0 <= v <= 1 for v in res["gates"]["lm_text_ceiling"].values())
+    assert set(res["baselines"]) == {"test", "holdout"}
+    assert [r["variant"] for r in res["runs"]] == list(qfe.VARIANTS) and {r["seed"] for r in res["runs"]} == {0}
+    bs = TINY["batch_size"]
     for r in res["runs"]:
-        for k in ("bleu4", "cider", "vqa_em", "holdout_em", "step_ms", "mem_mib", "curve", "vqa_per_type"):
-            assert k in r, k
-        assert r["curve"][-1]["samples"] == TINY["steps"] * TINY["batch_size"]
-    b1 = res["runs"][0]
-    assert "itc_r1" in b1 and b1["stage1_samples"] == TINY["stage1_steps"] * TINY["batch_size"]
-    p = res["runs"][2]
-    world, _, _ = qfe.load_data(qfe.Config(**TINY))                  # each distinct prompt encoded once, at most
-    distinct = {qfe.qa_prompt(d["q"]) for ds in world.values() for qa in ds["qa"] for d in qa} | {qfe.CAPTION_PROMPT}
-    assert 0 < p["prompts_encoded"] <= len(distinct)
-    assert "P_step_over_B2_step" in res["summary"]["0"]
-    assert os.path.exists(tmp_path / "bridge_P_seed0.pt")
-    assert res["backbones"]["lm_text_qa_em"] >= 0
-    # rerun: backbones from the cache, same numbers (deterministic on CPU)
-    runs2, _ = qfe.main(tiny_argv(tmp_path, variants="P"))
-    assert runs2[0]["vqa_em"] == p["vqa_em"] and runs2[0]["curve"][-1]["val_em"] == p["curve"][-1]["val_em"]
-    assert runs2[0]["bleu4"] == p["bleu4"]
+        for k in ("vqa", "binding_score", "per_type", "holdout", "bleu4", "cider", "samples_to_target",
+                  "seconds_to_target", "step_ms", "mem_mib", "fwd_bwd_ms", "curve", "stage1_samples"):
+            assert k in r, (r["variant"], k)
+        assert set(r["per_type"]) == set(QUESTION_TYPES) and 0 <= r["vqa"] <= 1
+        assert r["step_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["mem_mib"] > 0
+        assert [(c["step"], c["samples"]) for c in r["curve"]] == [(1, bs), (2, 2 * bs), (3, 3 * bs)]
+        for c in r["curve"]:
+            assert set(c) == {"step", "samples", "train_s", "vqa", "binding_score", "per_type"}
+            assert c["binding_score"] == pytest.approx(qfe.binding_score(c["per_type"]))
+        assert (r["samples_to_target"], r["seconds_to_target"]) == qfe.to_target(r, res["summary"]["0"]["target"])
+        assert r["stage1_samples"] == (TINY["stage1_steps"] * bs if r["variant"] == "B1" else 0)
+        assert ("itc_r1" in r) == (r["variant"] == "B1")
+        assert (r["prompts_encoded"] > 0) == (r["variant"] in ("P", "P-a", "P-b", "C0"))
+    best = max(r["curve"][-1]["binding_score"] for r in res["runs"])
+    assert best > 0 and res["summary"]["0"]["target"] == pytest.approx(0.9 * best)
+    for k in ("P_over_B2_samples_to_target", "P_over_B2_step_time", "P_over_B2_memory", "B1_over_B2_seconds_to_target"):
+        assert k in res["summary"]["0"]
+    assert any(r["bleu4"] > 0 or r["cider"] > 0 for r in res["runs"])    # the LM says something
 
 
-def test_main_one_step_run(tmp_path):
-    runs, summary = qfe.main(tiny_argv(tmp_path, variants="B2,P", steps=1))   # no step-time median exists
-    assert [r["step_ms"] for r in runs] == [None, None] and runs[1]["fwd_bwd_ms"] > 0
+def rows_after(lines, header, n):
+    i = next(k for k, line in enumerate(lines) if line.startswith(header))
+    return [line.split() for line in lines[i + 2:i + 2 + n]], lines[i + 1]
+
+
+def test_smoke_prints_every_section(smoke):
+    """The printout: gates, one line per run, the test table (whose numbers are the results'), the baselines, the
+    cost table, the learning curve, every claim in the summary, and where the results went."""
+    out, res = smoke.stdout, smoke.first
+    lines, variants = out.splitlines(), list(qfe.VARIANTS)
+    assert "vision encoder: minimal pairs" in out and "frozen LM: pretrained" in out
+    assert "frozen LM text ceiling (true caption as context; gate >= 0.95 per type): colour" in out
+    assert "B1 stage 1:" in out
+    for v in variants:
+        assert f"  {v} seed 0: VQA " in out
+    rows, cols = rows_after(lines, "test set, mean ± sample std over seeds", len(variants) + 2)
+    assert cols.split()[:2] == ["VQA", "binding"] and cols.split()[-1] == "CIDEr"
+    assert [r[0] for r in rows] == variants + ["blind_prior", "bag_oracle"]
+    for row, r in zip(rows, res["runs"]):
+        assert row[1:3] == [f"{r['vqa']:.3f}", f"{r['binding_score']:.3f}"] and len(row) == 11
+    rows, cols = rows_after(lines, "cost (target:", len(variants))
+    assert [r[0] for r in rows] == variants and "samples to target" in cols and "memory MiB" in cols
+    rows, cols = rows_after(lines, "validation binding score against samples seen", len(variants))
+    assert [r[0] for r in rows] == variants
+    assert cols.split() == ["samples"] + [str(c["samples"]) for c in res["runs"][0]["curve"]]
+    assert "the claims (per-seed ratios" in out
+    for k in res["summary"]["0"]:
+        if k != "target":                                              # every claim, labelled, with its value
+            assert any(line.startswith(f"  {qfe.CLAIMS[k]}") for line in lines), k
+    assert "B1 stage 1 ITC image->text R@1: " in out
+    assert lines[-1].startswith(f"results: {smoke.out / 'results.json'} (")
+
+
+def test_rerun_keeps_earlier_results_and_repeats_the_numbers(smoke):
+    """The second run loads both backbones (pretraining is patched to fail), moves the first run's results and
+    checkpoints to previous_1/, and, on CPU with the same seed, gives the same numbers and the same weights."""
+    assert f"earlier results moved to {smoke.out / 'previous_1'}" in smoke.stdout2
+    assert "vision encoder: loaded" in smoke.stdout2 and "frozen LM: loaded" in smoke.stdout2
+    prev = smoke.out / "previous_1"
+    want = ["results.json"] + [f"bridge_{v}_seed0.pt" for v in qfe.VARIANTS]
+    assert sorted(p.name for p in prev.iterdir()) == sorted(want)
+    assert json.loads((prev / "results.json").read_text()) == json.loads(json.dumps(smoke.first))
+    a, b = smoke.first, smoke.second
+    assert a["gates"] == b["gates"] and a["baselines"] == b["baselines"]
+    assert a["summary"]["0"]["target"] == b["summary"]["0"]["target"]
+    keys = ("variant", "vqa", "binding_score", "per_type", "holdout", "bleu4", "cider", "examples", "samples_to_target",
+            "stage1_samples", "itc_r1", "prompts_encoded", "mem_mib")
+    curve_keys = ("step", "samples", "vqa", "binding_score", "per_type")           # not train_s: wall time
+    for r1, r2 in zip(a["runs"], b["runs"]):
+        assert {k: r1.get(k) for k in keys} == {k: r2.get(k) for k in keys}
+        assert [[c[k] for k in curve_keys] for c in r1["curve"]] == [[c[k] for k in curve_keys] for c in r2["curve"]]
+    for v in qfe.VARIANTS:
+        m1 = torch.load(prev / f"bridge_{v}_seed0.pt", weights_only=True)["model"]
+        m2 = torch.load(smoke.out / f"bridge_{v}_seed0.pt", weights_only=True)["model"]
+        assert m1.keys() == m2.keys() and all(torch.equal(m1[k], m2[k]) for k in m1), v
+
+
+def test_checkpoint_loads_weights_only_and_reproduces_the_run(smoke, monkeypatch):
+    """bridge_P_seed0.pt: plain data (weights_only=True) with the Bridge's weights (not the frozen LM's, not the
+    fixed image positions), its config and vocabulary; a fresh Bridge built from that config takes the weights
+    strictly and, with the cached backbones, gives the reported test answers and captions."""
+    monkeypatch.setattr(vision, "pretrain", fail)
+    monkeypatch.setattr(t5lm, "pretrain", fail)
+    ck = torch.load(smoke.out / "bridge_P_seed0.pt", weights_only=True)
+    assert set(ck) == {"model", "config", "vocab", "max_len"} and ck["config"] == smoke.second["config"]
+    assert not any(k.startswith("lm") for k in ck["model"]) and "qf.img_pos" not in ck["model"]
+    cfg = qfe.Config(**ck["config"])
+    world, vocab, refs = qfe.load_data(cfg)
+    assert vocab == ck["vocab"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        lm = t5lm.load_or_pretrain(world, vocab, cfg, CPU).requires_grad_(False)
+        vit, _, _ = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, CPU)
+    qf = qfe.QFormer(len(vocab), cfg, max_len=ck["max_len"])
+    bridge = qfe.Bridge(qf, lm, "P", vocab, cfg, CPU)
+    bridge.load_state_dict(ck["model"])
+    feats = vision.tokens(vit, world["test"]["images"], int(math.isqrt(cfg.image_tokens)), CPU)
+    run = next(r for r in smoke.second["runs"] if r["variant"] == "P")
+    em, per_type = qfe.vqa(bridge, feats, qfe.vqa_items(world["test"]), vocab, CPU)
+    assert (em, per_type) == (run["vqa"], run["per_type"])
+    max_new = max(len(r[0].split()) for r in refs["test"]) + 2
+    bridge.cache([qfe.CAPTION_PROMPT, qfe.qa_prompt("x")])           # as in the run: 'caption:' cached in a batch
+    assert bridge.generate(feats[:3], [qfe.CAPTION_PROMPT] * 3, max_new) == run["examples"]
+
+
+def test_quick_switches_the_defaults_and_explicit_flags_win(monkeypatch, tmp_path):
+    """--quick sets every QUICK value; a flag given with it still wins; without it the defaults are Config()'s."""
+    monkeypatch.setattr(qfe, "run", lambda cfg: cfg)
+    cfg = qfe.main(["--quick"])
+    assert cfg.quick and all(getattr(cfg, k) == v for k, v in qfe.QUICK.items())
+    cfg = qfe.main(["--quick", "--steps", "7", "--out", str(tmp_path)])
+    assert cfg.steps == 7 and cfg.out == str(tmp_path) and cfg.n_train == qfe.QUICK["n_train"]
+    assert qfe.main([]) == qfe.Config()
 
 
 def test_main_reads_a_data_dir(tmp_path):
+    """--data-dir: splits from the file, no hold-out split (so no hold-out score, no bag-of-attributes oracle)."""
     ds = generate(120, "train", seed=3, size=16)
-    splits = ["train"] * 90 + ["val"] * 15 + ["test"] * 15
-    save_dir(ds, tmp_path / "data", splits)
-    runs, _ = qfe.main(tiny_argv(tmp_path / "out", variants="P", data_dir=tmp_path / "data"))
-    assert len(runs) == 1 and 0 <= runs[0]["vqa_em"] <= 1
+    save_dir(ds, tmp_path / "data", ["train"] * 90 + ["val"] * 15 + ["test"] * 15)
+    with contextlib.redirect_stdout(io.StringIO()):
+        res = qfe.main(argv(tmp_path / "out", tmp_path / "cache", variants="B1,P", data_dir=tmp_path / "data"))
+    assert [r["variant"] for r in res["runs"]] == ["B1", "P"]
+    assert all(r["holdout"] is None and 0 <= r["vqa"] <= 1 for r in res["runs"])
+    assert set(res["baselines"]) == {"test"} and res["baselines"]["test"]["bag_oracle"] is None
+    assert res["config"]["data_dir"] == str(tmp_path / "data")
+    assert (tmp_path / "out" / "bridge_P_seed0.pt").exists()
 
 
-@pytest.mark.parametrize("bad, msg", [
-    (dict(variants="B1,Q9"), "unknown 'Q9'"),
-    (dict(queries=0), "--queries must be at least 1"),
-    (dict(qformer_init="bert"), "--qformer-init"),
-    (dict(data_dir="MISSING"), "no such directory"),
-    (dict(quer=4), "unrecognized arguments: --quer"),                    # no abbreviations
-])
-def test_bad_input_exits_2_with_one_line(tmp_path, capsys, bad, msg):
-    if bad.get("data_dir") == "MISSING":
-        bad = dict(data_dir=tmp_path / "no-such-dir")
-    with pytest.raises(SystemExit) as e:
-        qfe.main(tiny_argv(tmp_path, **bad))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("qformer_efficient.py: error:") and msg in err and "\n" not in err
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing trained, nothing overwritten
+# ----------------------------------------------------------------------------------------------------
 
-
-def test_malformed_data_dir_exits_2(tmp_path, capsys):
-    d = tmp_path / "broken"
+def broken_dir(p):
+    d = p / "broken"
     d.mkdir()
     np.save(d / "images.npy", np.zeros((4, 16, 16, 3), np.uint8))
     (d / "annotations.jsonl").write_text('{"caption": "a red circle"}\nnot json\n')
-    with pytest.raises(SystemExit) as e:
-        qfe.main(tiny_argv(tmp_path / "out", data_dir=d))
-    assert e.value.code == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("qformer_efficient.py: error:") and "\n" not in err
+    return str(d)
+
+
+BAD = [
+    pytest.param(lambda p: ["--out", str(p / "f" / "out")], "--out", id="unwritable-out"),
+    pytest.param(lambda p: ["--lr", "0"], "--lr must be positive", id="lr-0"),
+    pytest.param(lambda p: ["--lr=-1"], "--lr must be positive", id="lr-negative"),
+    pytest.param(lambda p: ["--lr", "nan"], "--lr must be positive", id="lr-nan"),
+    pytest.param(lambda p: ["--device", "cuda"], "CUDA is not available", id="cuda-missing",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+    pytest.param(lambda p: ["--target-em", "0"], "--target-em must be in (0, 1]", id="target-em-0"),
+    pytest.param(lambda p: ["--target-em", "1.5"], "--target-em must be in (0, 1]", id="target-em-1.5"),
+    pytest.param(lambda p: ["--variants", "B1,Q9"], "unknown 'Q9'", id="unknown-variant"),
+    pytest.param(lambda p: ["--variants", ","], "empty list", id="no-variant"),
+    pytest.param(lambda p: ["--queries", "0"], "--queries must be positive", id="queries-0"),
+    pytest.param(lambda p: ["--image-tokens", "5"], "--image-tokens", id="image-tokens-not-square"),
+    pytest.param(lambda p: ["--image-tokens", "25"], "--image-tokens", id="image-tokens-over-grid"),
+    pytest.param(lambda p: ["--seeds", "a"], "--seeds", id="seeds"),
+    pytest.param(lambda p: ["--caption-frac", "2"], "--caption-frac must be in [0, 1]", id="caption-frac-2"),
+    pytest.param(lambda p: ["--data-dir", str(p / "no-such-dir")], "no such directory", id="missing-data-dir"),
+    pytest.param(lambda p: ["--data-dir", broken_dir(p)], "bad annotation line", id="malformed-data-dir"),
+    pytest.param(lambda p: ["--quer", "4"], "unrecognized arguments: --quer 4", id="abbreviated-flag"),
+]
+
+
+def bad_run(p, extra, capsys, monkeypatch):
+    for mod, name in ((qfe, "train_variant"), (t5lm, "pretrain"), (vision, "pretrain")):
+        monkeypatch.setattr(mod, name, fail)
+    with pytest.raises(SystemExit) as e:                      # the last --out wins
+        qfe.main(argv(p / "out", p / "cache") + extra)
+    captured = capsys.readouterr()
+    return e.value.code, captured.err
+
+
+@pytest.mark.parametrize("make, msg", BAD)
+def test_bad_input_exits_2_with_one_line_before_training(make, msg, tmp_path, capsys, monkeypatch):
+    """Each user error: exit status 2, exactly one line on stderr naming the problem, no traceback, nothing trained
+    (the training functions are patched to fail), no results and no backbone written."""
+    (tmp_path / "f").write_text("a file, not a folder")
+    code, err = bad_run(tmp_path, make(tmp_path), capsys, monkeypatch)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("qformer_efficient.py: error:"), err
+    assert msg in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("*.pt"))
+    assert (tmp_path / "f").is_file()
+
+
+@pytest.mark.parametrize("extra", [lambda p: ["--lr", "0"], lambda p: ["--data-dir", broken_dir(p)]],
+                         ids=["caught-by-validate", "caught-by-loading-data"])
+def test_bad_input_leaves_earlier_results_intact(extra, tmp_path, capsys, monkeypatch):
+    """A bad-input run, even one caught only when the data is read, moves and overwrites nothing in --out."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.json").write_text('{"earlier": true}')
+    (out / "bridge_P_seed0.pt").write_bytes(b"earlier")
+    code, err = bad_run(tmp_path, extra(tmp_path), capsys, monkeypatch)
+    assert code == 2 and len(err.splitlines()) == 1
+    assert sorted(p.name for p in out.iterdir()) == ["bridge_P_seed0.pt", "results.json"]
+    assert (out / "results.json").read_text() == '{"earlier": true}'
+    assert (out / "bridge_P_seed0.pt").read_bytes() == b"earlier"

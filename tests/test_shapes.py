@@ -1,6 +1,5 @@
 """The shapes world v2: captions and answers agree with the scenes (swapped-binding "no"s included), the
-geometry lines up with the patch grid, the data-only baselines against brute force; the on-disk format;
-world v1 (data/shapes_v1.py, kept for qformer_efficient.py) still agrees with its scenes."""
+geometry lines up with the patch grid, the data-only baselines against brute force; the on-disk format."""
 
 import itertools
 import json
@@ -10,7 +9,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from data import shapes, shapes_v1
+from data import shapes
 from data.shapes import (CELLS, COLOURS, HOLDOUT_PAIRS, SHAPES, ShapesDataError, generate, load_dir, parse_caption,
                          save_dir)
 
@@ -111,15 +110,6 @@ def test_binding_controlled_groups_share_words_but_not_scenes():
         caps = [c for c, k in zip(ds["captions"], ds["group"]) if k == g]
         assert len(caps) == 8 and len(set(caps)) == 8
         assert len({tuple(sorted(c.split())) for c in caps}) == 1
-
-
-def test_world_v1_still_agrees_with_its_scenes():
-    ds = shapes_v1.generate(100, "train", seed=3)
-    canon = {"box": "square", "disc": "circle", "little": "small", "big": "large"}
-    for objs, cap in zip(ds["objects"], ds["captions"]):
-        got = {tuple(canon.get(w, w) for w in m) for m in re.findall(r"a (\w+) (\w+) (\w+) at the ([\w-]+)", cap)}
-        assert got == {(z, c, s, shapes_v1.CELLS[k]) for s, c, z, k in objs}
-    assert ds["images"].shape == (100, 32, 32, 3)
 
 
 def test_deterministic_from_seed():
