@@ -734,11 +734,12 @@ def report(cfg, res, variants):
             for c in r["curve"]:
                 curve[c["samples"]].append(score(c))
         print(f"{v:>11s}" + "".join(f"{np.mean(curve[s]):7.3f}" for s in pick))
-    print("\nthe claims (per-seed ratios, mean ± sample std; '-': a run that never got there)")
-    for k, label in CLAIMS.items():
-        xs = [s[k] for s in res["summary"].values() if k in s]
+    claims = {k: [s[k] for s in res["summary"].values() if k in s] for k in CLAIMS}
+    if any(claims.values()):
+        print("\nthe claims (per-seed ratios, mean ± sample std; '-': a run that never got there)")
+    for k, xs in claims.items():
         if xs:
-            print(f"  {label:<64s} {mean_std(xs, '.2f')}")
+            print(f"  {CLAIMS[k]:<64s} {mean_std(xs, '.2f')}")
     r1 = [r["itc_r1"] for r in runs if "itc_r1" in r]
     if r1:
         print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
