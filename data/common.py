@@ -1,7 +1,7 @@
-"""Plumbing shared by the multimodal paper files (multimodal_align.py, qformer_efficient.py): the
-transformer block, tokenising and padding, index batches, the AdamW loop, device choice, the CLI.
-Nothing here is paper-specific; each piece is used by both files (or is meant for both), so it lives in
-one place."""
+"""Plumbing shared by the paper files: the transformer block, tokenising and padding, index batches and
+the AdamW loop of the two multimodal files; and, for all four, the habits a user meets in each of them --
+device choice, --threads, progress output, metrics.jsonl, mean ± sample std, the one-line errors and the
+CLI. Nothing here is paper-specific, so each piece lives in one place."""
 
 import argparse
 import hashlib
@@ -164,15 +164,16 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
-def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None):
+def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None, metrics=None):
     """AdamW with linear warm-up (5%) and cosine decay to 10%; loss_fn(step) -> scalar loss. lr: cfg.lr if None.
-    Returns the last loss (None for 0 steps: the flags that set steps allow 0, e.g. to skip a stage)."""
+    metrics: a metrics.jsonl path that gets {run, step, loss, lr} every 50 steps. Returns the last loss (None
+    for 0 steps: the flags that set steps allow 0, e.g. to skip a stage)."""
     if steps == 0:
         return None
     peak = cfg.lr if lr is None else lr
     opt = torch.optim.AdamW(params, lr=peak, weight_decay=0.01)
     warm = max(1, steps // 20)
-    bar = tqdm(range(steps), desc=desc, leave=False, disable=steps < 20, dynamic_ncols=True)
+    bar = progress(range(steps), desc, quiet=steps < 20)
     for step in bar:
         now = peak * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         for g in opt.param_groups:
@@ -185,6 +186,8 @@ def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None):
         opt.step()
         if step % 50 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if metrics:
+                log_metrics(metrics, run=desc, step=step + 1, loss=round(loss.item(), 5), lr=now)
     return loss.item()
 
 
@@ -237,19 +240,62 @@ def batches(n, bs, seed):
 
 
 def pick_device(name):
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise BadInput("--device cuda: CUDA is not available on this machine")
+    """--device auto | cpu | cuda | mps -> a torch.device; a BadInput (checked before any work) when the asked
+    one is not on this machine."""
     mps = getattr(torch.backends, "mps", None)
-    if name == "mps" and not (mps is not None and mps.is_available()):
-        raise BadInput("--device mps: MPS is not available on this machine")
+    mps = mps is not None and mps.is_available()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
     if name not in ("cpu", "cuda", "mps"):
         raise BadInput(f"--device: expected auto, cpu, cuda or mps, got {name!r}")
+    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
+        raise BadInput(f"--device {name}: {name.upper()} is not available on this machine")
     return torch.device(name)
+
+
+def set_threads(n):
+    """--threads, one meaning in every file: torch's CPU threads in this process; 0 keeps torch's default
+    (one per physical core). Thread count can change float summation order, so docs name the count they used."""
+    if n < 0:
+        raise BadInput(f"--threads must be >= 0 (0 = torch's default), got {n}")
+    if n:
+        torch.set_num_threads(n)
+
+
+class progress:
+    """A tqdm bar when stderr is a terminal; into a pipe or a log file (where a bar's carriage returns pile
+    up) one plain line every ~10 % instead. Iterate over it like tqdm; set_postfix(**kw) shows the latest
+    numbers in both forms. quiet: nothing at all (short loops, ranks other than 0)."""
+
+    def __init__(self, iterable, desc, total=None, initial=0, quiet=False, lines=10):
+        self.total = len(iterable) + initial if total is None else total
+        self.tty, self.quiet, self.desc, self.initial, self.post = sys.stderr.isatty(), quiet, desc, initial, {}
+        self.every = max(1, -(-(self.total - initial) // lines))
+        self.bar = tqdm(iterable, desc=desc, total=self.total, initial=initial, leave=False, dynamic_ncols=True,
+                        disable=quiet or not self.tty)
+
+    def __iter__(self):
+        t0 = time.perf_counter()
+        for i, x in enumerate(self.bar, self.initial + 1):
+            yield x                                        # the loop body runs here; then its line, if due
+            if not (self.tty or self.quiet) and ((i - self.initial) % self.every == 0 or i == self.total):
+                post = "".join(f" {k}={v}" for k, v in self.post.items())
+                print(f"{self.desc}: {i}/{self.total} {time.perf_counter() - t0:.0f}s{post}", file=sys.stderr,
+                      flush=True)
+
+    def set_postfix(self, **kw):
+        self.post = kw
+        self.bar.set_postfix(**kw)
+
+    def close(self):
+        self.bar.close()
+
+
+def log_metrics(path, **record):
+    """metrics.jsonl: one JSON record per line, appended and flushed as training goes (a rerun adds lines,
+    an interrupted run keeps what it logged)."""
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
 
 
 def hash_str(s):
@@ -329,12 +375,19 @@ def keep_previous(out):
         print(f"earlier results moved to {os.path.join(out, f'previous_{k}')}")
 
 
+def mean_sd(xs):
+    """(mean, sample std with ddof = 1) over seeds; the std is None for a single value. The one convention."""
+    xs = [float(x) for x in xs if x is not None]
+    return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else None)
+
+
 def mean_std(xs, spec=".3f"):
     """'mean ± sample std (ddof=1)' over seeds; '-' when there is nothing."""
     xs = [x for x in xs if x is not None]
     if not xs:
         return "-"
-    return format(np.mean(xs), spec) + (f" ± {format(np.std(xs, ddof=1), spec)}" if len(xs) > 1 else "")
+    m, sd = mean_sd(xs)
+    return format(m, spec) + (f" ± {format(sd, spec)}" if sd is not None else "")
 
 
 def heatmap(mat, rows, cols, title):

@@ -1,0 +1,58 @@
+"""The habits shared by the four paper files (data/common.py): progress output, metrics.jsonl, device,
+threads, mean ± sample std."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from data.common import BadInput, log_metrics, mean_sd, mean_std, pick_device, progress, set_threads
+
+
+def test_progress_without_a_terminal_prints_lines_not_carriage_returns(capsys):
+    bar = progress(range(40), "demo")                      # pytest captures stderr: not a terminal
+    seen = []
+    for i in bar:
+        bar.set_postfix(loss=i)
+        seen.append(i)
+    err = capsys.readouterr().err
+    assert seen == list(range(40)) and "\r" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("demo: 4/40") and lines[0].endswith("loss=3")
+    assert lines[-1].startswith("demo: 40/40")
+
+
+def test_progress_resumed_and_quiet(capsys):
+    for _ in progress(range(5, 25), "r", total=25, initial=5):
+        pass
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("r: 7/25") and lines[-1].startswith("r: 25/25")
+    for _ in progress(range(30), "q", quiet=True):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_log_metrics_appends(tmp_path):
+    p = str(tmp_path / "metrics.jsonl")
+    log_metrics(p, run="a", step=1, loss=2.0)
+    log_metrics(p, run="b", step=1, loss=1.5)
+    recs = [json.loads(line) for line in open(p)]
+    assert recs == [{"run": "a", "step": 1, "loss": 2.0}, {"run": "b", "step": 1, "loss": 1.5}]
+
+
+def test_mean_sd_is_the_sample_std():
+    m, sd = mean_sd([1.0, 2.0, 4.0])
+    assert m == pytest.approx(7 / 3) and sd == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert mean_sd([3.0]) == (3.0, None)
+    assert mean_std([1.0, 3.0], ".1f") == "2.0 ± 1.4" and mean_std([]) == "-"
+
+
+def test_device_and_threads_bad_input():
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(BadInput, match="expected auto, cpu, cuda or mps"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInput, match="--device cuda"):
+            pick_device("cuda")
+    with pytest.raises(BadInput, match="--threads"):
+        set_threads(-1)
