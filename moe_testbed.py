@@ -53,9 +53,7 @@ from data.domains import DataError, check_lengths, synthetic_domains, text_domai
 from kernels import moe_ffn
 
 
-# ----------------------------------------------------------------------------------------------------
-# Routers: one function each. Every one returns expert ids idx_TK (slot 0 = the token's top-1) and gates_TK.
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Routers: one function each; each returns expert ids idx_TK (slot 0: the top-1) and gates_TK
 
 def route_topk(probs_TE, bias_E, K):
     """Token choice: p_t = softmax(W h_t); the k experts with the largest p_ti + b_i. The aux-free bias b
@@ -110,9 +108,7 @@ def expert_choice_ffn(x_TD, probs_TE, C, w_in_EDH, w_out_EHD):
     return y_TD, tok_EC
 
 
-# ----------------------------------------------------------------------------------------------------
-# Balancing and capacity, each at a scope
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Balancing and capacity, each at a scope
 
 def aux_loss(probs_TE, counts_GE, coef):
     """Switch/GShard load-balancing loss over G groups of equal size (the scope's groups in this forward):
@@ -175,9 +171,7 @@ class StepRouting:
         return carry_E + rows_WE[:rank].sum(0)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses and the routing record
-# ----------------------------------------------------------------------------------------------------
+# ---------------- The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses, routing record
 
 class MoEFFN(nn.Module):
     def __init__(self, cfg, n_domains, layer_id=0):
@@ -274,9 +268,7 @@ class MoEFFN(nn.Module):
         return y_TD.view(B, S, -1), stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN per block
-# ----------------------------------------------------------------------------------------------------
+# ---------------- The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN per block
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -353,9 +345,7 @@ def moe_layer_ids(cfg):
     return ids
 
 
-# ----------------------------------------------------------------------------------------------------
-# Routing metrics (numpy, on domain x expert count matrices)
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Routing metrics (numpy, on domain x expert count matrices)
 
 def utilization(f_E):
     """U = sum_i min(f_i, 1/E): 1 = perfectly balanced, 1/E = collapse onto one expert."""
@@ -467,9 +457,7 @@ def add_record(acc, layer_stats, dom_T, L, E):
     return acc
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training: an optimizer step = cfg.accum micro-batches on each of W ranks
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Training: an optimizer step = cfg.accum micro-batches on each of W ranks
 
 def lr_at(cfg, step):
     if step < cfg.warmup:
@@ -684,9 +672,7 @@ def config_key(cfg):
     return json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}, sort_keys=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Evaluation
 
 @torch.no_grad()
 def evaluate(model, cfg, doms, device):
@@ -731,9 +717,7 @@ def evaluate(model, cfg, doms, device):
 METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Reports: heat map, table (mean +- sample std over seeds), optional plots
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Reports: heat map, table (mean +- sample std over seeds), optional plots
 
 SHADES = " ░▒▓█"
 
@@ -831,9 +815,7 @@ def plots(runs, out_dir):
     return paths
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sweeps (each configuration: the base config plus overrides), optionally in parallel worker processes
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Sweeps (each configuration: the base config plus overrides), optionally in worker processes
 
 def sweep_plan(cfg, world=1):
     """[(name, overrides)] for --sweep scopes | balance | capacity."""
@@ -911,9 +893,7 @@ def report_run(res, doms):
     say(table([res], header=False) + f"  ({res['train_s']:.0f} s)")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Bench: MoE vs dense step time, interleaved in one process
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Bench: MoE vs dense step time, interleaved in one process
 
 def bench(cfg, doms, device, n=20, warm=3):
     models = {}
@@ -961,9 +941,7 @@ def flops_note(cfg, device, tok_s):
     return f" | {tflops:.1f} model TFLOP/s" + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Plumbing: data, devices, data parallelism
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Plumbing: data, devices, data parallelism
 
 def load_domains(cfg):
     if cfg.data_dir:                                       # only rank 0 writes the cache; the others re-read the text
@@ -1070,9 +1048,7 @@ def cli(argv=None):
     sys.exit(code)
 
 
-# ----------------------------------------------------------------------------------------------------
-# CLI: every flag (default, help, choices) in Config; presets, validation, main
-# ----------------------------------------------------------------------------------------------------
+# ---------------- CLI: every flag (default, help, choices) in Config; presets, validation, main
 
 def opt(default, help, choices=None):
     return field(default=default, metadata=dict(help=help, choices=choices))
