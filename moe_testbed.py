@@ -1262,6 +1262,9 @@ def _main(cfg, doms, device):
     if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
         say("note: --accum 1: a micro-batch is the whole step, so micro and global scope are the same run")
     plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
+    if rank == 0 and not cfg.resume:                       # a rerun keeps the earlier run folders and figures
+        keep_previous(cfg.out, also=lambda f: f.endswith(".png") or os.path.isfile(
+            os.path.join(cfg.out, f, "result.json")) or os.path.isfile(os.path.join(cfg.out, f, "ckpt.pt")))
     runs = run_all(cfg, [(n, Config(**{**asdict(cfg), **o})) for n, o in plan], doms, device)
     if runs is None or rank != 0:
         return None

@@ -450,8 +450,10 @@ def test_smoke_main_writes_results_and_history(tmp_path, capsys):
         assert m["bpb"] == pytest.approx(m["loss"] / math.log(2)) and m["bpb"] == pytest.approx(h["train_bpb"], abs=1e-4)
         assert m["lr"] == mt.lr_at(mt.parse_args(args), m["step"] - 1) and m["L1_purity"] == h["purity"]
     first = (tmp_path / "o" / "results.json").read_bytes()
+    ckpt = (tmp_path / "o" / "aux-global-s0" / "ckpt.pt").read_bytes()
     mt.main(args)
     assert (tmp_path / "o" / "previous_1" / "results.json").read_bytes() == first   # the rerun kept the first
+    assert (tmp_path / "o" / "previous_1" / "aux-global-s0" / "ckpt.pt").read_bytes() == ckpt   # and its run folder
     assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 4     # and added its lines
 
 
