@@ -25,13 +25,14 @@ Protocol, and where each choice comes from:
   GCE       q = 0.7 (LfF, LC); LfF's per-sample loss EMA 0.7 (LfF train.py)
   prior     bias-corrected moving average, momentum 0.995 (LC's default ema_alpha)
   GroupDRO  eta = 0.01 (Sagawa et al.'s robust step size) on group-balanced batches
-Run:  python logit_correction.py --quick     # a smoke run in under a minute
-      python logit_correction.py             # ERM vs LC at rho = 1 %, one seed (minutes on a CPU)
-      python logit_correction.py --sweep     # erm,lff,lc_nomix,lc,groupdro x rho 0.5/1/2/5 x 3 seeds + ceiling
-      python logit_correction.py --explain   # LC as automatic group re-weighting, in numbers
---out gets results.json (runs finished earlier are kept and skipped), metrics.jsonl (one line per epoch and run),
-ckpt/ and, when matplotlib is importable, acc_vs_conflicting.png and samples.png. Measured tables:
-docs/logit_correction.md.
+Examples:
+  python logit_correction.py --quick       # ERM vs LC on 5k images, 3 epochs: under a minute on a CPU
+  python logit_correction.py --explain     # ERM vs LC at rho = 1 %, one seed (minutes); LC's re-weighting in numbers
+  python logit_correction.py --sweep --out out/lc_sweep    # erm,lff,lc_nomix,lc,groupdro x rho 0.5/1/2/5 x 3 seeds
+  python logit_correction.py --report out/lc_sweep/results.json --margins     # its tables again, nothing trained
+--out gets results.json (a rerun skips the runs it holds and adds new ones), metrics.jsonl (a line per epoch and
+run), ckpt/ (weights with their config), and acc_vs_conflicting.png and samples.png when matplotlib is importable.
+Measured tables, commands and dates: docs/logit_correction.md.
 """
 import argparse
 import hashlib
@@ -400,20 +401,24 @@ def load_grey(cfg):
 def colour_eval_splits(grey, cfg, device):
     out = {}
     for i, split in enumerate(("val", "test")):
-        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], np.random.default_rng([cfg.data_seed, 100 + i]))
+        rng = np.random.default_rng([cfg.data_seed, 100 + i])
+        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], rng)
         out[split] = [torch.from_numpy(v).to(device) for v in (x, grey[split + "_y"], a)]   # x (n, 3, 28, 28)
     return out
 
 
 def colour_train(grey, ratio, seed, device):
     """Biased training split for one (ratio, seed): x (N, 3, 28, 28), y (N,), true colour a (N,)."""
-    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, np.random.default_rng([seed, int(round(ratio * 1000)), 7]))
+    rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
+    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
     return [torch.from_numpy(v).to(device) for v in (x, grey["train_y"], a)]
 
 
 def check_ratios(y, ratios):
     """Refuse a rho so small that some class would get no bias-conflicting image at all."""
     n_min = int(np.bincount(y, minlength=10).min())
+    if n_min == 0:
+        raise BadInput(f"the training split has a class without images ({len(y)} images); use more of them")
     for r in ratios:
         if round(r / 100 * n_min) == 0:
             raise BadInput(f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
@@ -540,14 +545,14 @@ def load_results(path):
     try:
         with open(path) as f:
             res = json.load(f)
-        assert isinstance(res["runs"], list)
-        return res
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise BadInput(f"{path} exists but is not a readable results.json ({e}); move it away") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path} exists but is not readable JSON ({e}); move it away") from None
+    if not isinstance(res, dict) or not isinstance(res.get("runs"), list):
+        raise BadInput(f"{path} exists but is not a results.json (no list of runs); move it away")
+    return res
 
 
-def run(cfg, methods, ratios, seeds):
-    device = pick_device(cfg.device)
+def run(cfg, methods, ratios, seeds, device):
     writable_dirs(out=cfg.out)                             # before the digits are rendered into OUT/cache
     path = os.path.join(cfg.out, "results.json")
     res = load_results(path)                               # earlier runs are kept, never replaced
@@ -604,7 +609,9 @@ def report(cfg):
     for key in sorted({r.get("protocol") for r in res["runs"]}, key=str):
         runs = [r for r in res["runs"] if r.get("protocol") == key]
         print(f"protocol {key}: {json.dumps(res.get('protocols', {}).get(key, {}), sort_keys=True)}\n")
-        print(summary_table(runs) + "\n\n" + count_table(runs) + ("\n\n" + margin_table(runs) if cfg.margins else "") + "\n")
+        print(summary_table(runs) + "\n\n" + count_table(runs) + "\n")
+        if cfg.margins:
+            print(margin_table(runs) + "\n")
     return res
 
 
@@ -621,7 +628,8 @@ class Config:
     methods: str = arg("erm,lc", "comma list of " + ", ".join(METHODS))
     ratios: str = arg("1", "comma list of bias-conflicting percentages rho in (0, 100)")
     seeds: str = arg("1", "comma list of integer seeds (one run per method x ratio x seed)")
-    quick: bool = arg(False, "a smoke run in about a minute: 5k / 1k / 2k procedural images, 3 epochs")
+    quick: bool = arg(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs "
+                      "(explicit flags win)")
     sweep: bool = arg(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
                       % tuple(SWEEP.values()))
     data_dir: str = arg("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural", "data")
@@ -647,9 +655,10 @@ class Config:
     margins: bool = arg(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
     report: str = arg("", "path of a results.json: print its tables, train nothing", "output")
     device: str = arg("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
-    threads: int = arg(0, "torch CPU threads, 0 = torch's default", "output")
+    threads: int = arg(0, "torch CPU threads; 0 = torch's default (one per physical core)", "output")
     log_every: int = arg(5, "epochs between log lines (0 = none)", "output")
-    out: str = arg("out/logit_correction", "folder for results.json, checkpoints, the digit cache", "output")
+    out: str = arg("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, pictures, the digit cache",
+                   "output")
 
 
 # fields that do not change a run's numbers: runs that differ only in these are the same run
@@ -669,16 +678,10 @@ def parse_list(s, typ, name):
     return vals
 
 
-EPILOG = """examples:
-  python logit_correction.py --quick                            # ERM vs LC, 5k images, 3 epochs
-  python logit_correction.py --threads 1 --explain              # the default run (rho 1 %), LC in numbers
-  python logit_correction.py --sweep --out out/lc_sweep         # the docs' main table (about 90 min on 1 CPU)
-  python logit_correction.py --report out/lc_sweep/results.json --margins"""
-
-
 def parse_config(argv):
     """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work (BadInput)."""
-    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0],
+                      epilog=__doc__[__doc__.index("Examples:"):],
                       allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
     groups, fields = {}, Config.__dataclass_fields__
     for f in fields.values():
@@ -704,11 +707,14 @@ def parse_config(argv):
               (min(seeds) >= 0 and cfg.data_seed >= 0, "--seeds and --data-seed must be >= 0"),
               (min(cfg.epochs, cfg.batch_size, cfg.n_train, cfg.n_val, cfg.n_test) >= 1,
                "--epochs, --batch-size, --n-train, --n-val and --n-test must be >= 1"),
-              (0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"), (cfg.lr > 0, f"--lr {cfg.lr:g} must be > 0"),
-              (cfg.lr_b >= 0, f"--lr-b {cfg.lr_b:g} must be >= 0"), (cfg.decay_every >= 0, "--decay-every must be >= 0"),
-              (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"), (cfg.prior_eps > 0, "--prior-eps must be > 0"),
-              (cfg.mix_ramp >= 0 and cfg.log_every >= 0, "--mix-ramp and --log-every must be >= 0"),
-              (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"), (cfg.dro_eta >= 0, "--dro-eta must be >= 0")]
+              (0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"),
+              (0 < cfg.lr < math.inf, f"--lr {cfg.lr:g} must be > 0 and finite"),
+              (0 <= cfg.lr_b < math.inf, f"--lr-b {cfg.lr_b:g} must be >= 0 and finite"),
+              (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"),
+              (0 < cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),
+              (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"),
+              (0 <= cfg.dro_eta < math.inf, "--dro-eta must be >= 0 and finite"),
+              (min(cfg.decay_every, cfg.mix_ramp, cfg.log_every) >= 0, "--decay-every, --mix-ramp, --log-every must be >= 0")]
     for ok, msg in checks:
         if not ok:
             raise BadInput(msg)
@@ -719,7 +725,8 @@ def main(argv=None):
     try:
         cfg, methods, ratios, seeds = parse_config(argv)
         set_threads(cfg.threads)
-        return report(cfg) if cfg.report else run(cfg, methods, ratios, seeds)
+        device = pick_device(cfg.device)                   # checked up front, --report included
+        return report(cfg) if cfg.report else run(cfg, methods, ratios, seeds, device)
     except BadInput as e:
         print(f"logit_correction.py: error: {e}", file=sys.stderr)
         sys.exit(2)

@@ -320,39 +320,45 @@ def test_smoke_main_on_idx_folder(tmp_path, layout):
                                  ["--methods", "erm,jtt"], ["--epochs", "x"], ["--mix-pool", "all"], ["--device", "tpu"],
                                  ["--q", "0"], ["--q", "1.5"], ["--lr", "0"], ["--lr", "-1e-3"], ["--lr-b", "-1"],
                                  ["--epoch", "2"], ["--threads", "-1"], ["--seeds", "1,-1"], ["--data-seed", "-1"],
-                                 ["--n-train", "0"], ["--prior-momentum", "1"], ["--log-every", "-1"],
+                                 ["--n-train", "0"], ["--prior-momentum", "1"], ["--log-every", "-1"], ["--lr", "inf"],
+                                 ["--n-train", "5"],                   # a class without images
                                  ["--ratios", "1"],                    # 30 images per class: no conflicting image
                                  ["--device", "cuda"], ["--device", "mps"], ["--out", "FILE"], ["--out", "READONLY"],
+                                 ["--out", "BAD_RESULTS"], ["--report", "BAD_RESULTS"],
                                  ["--report", "MISSING"], ["--data-dir", "MISSING"], ["--data-dir", "CORRUPT"],
                                  ["--data-dir", "MISMATCH"]])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
     """One line on stderr, exit 2, no traceback, before any training; an earlier results.json stays byte-identical."""
-    if bad[0] == "--device" and bad[1] == "cuda" and torch.cuda.is_available():
+    flag, case = bad
+    if bad == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is present")
-    if bad[:2] == ["--device", "mps"] and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if bad == ["--device", "mps"] and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         pytest.skip("MPS is present")
-    if bad[-1] == "READONLY" and os.geteuid() == 0:
+    if case == "READONLY" and os.geteuid() == 0:
         pytest.skip("root may write into a read-only folder")
-    d = tmp_path / "mnist"
+    d, out = tmp_path / "mnist", tmp_path / "out"
     write_idx_folder(d, gz=False)
-    if bad[-1] == "MISSING":
-        (d / "t10k-labels-idx1-ubyte").unlink()
-    if bad[-1] == "CORRUPT":
-        raw = (d / "t10k-images-idx3-ubyte").read_bytes()
-        (d / "t10k-images-idx3-ubyte").write_bytes(raw[:4] + b"\xff\xff\xff\xff" + raw[8:])
-    if bad[-1] == "MISMATCH":
-        digits.write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))
-    if bad[0] in ("--data-dir", "--report"):
-        bad = [bad[0], str(d) if bad[0] == "--data-dir" else str(tmp_path / "missing.json")]
-    out = tmp_path / "out"
     out.mkdir()
     earlier = json.dumps({"runs": [{"method": "erm", "note": "an earlier result"}]}).encode()
+    if case == "MISSING":
+        (d / "t10k-labels-idx1-ubyte").unlink()
+    if case == "CORRUPT":
+        raw = (d / "t10k-images-idx3-ubyte").read_bytes()
+        (d / "t10k-images-idx3-ubyte").write_bytes(raw[:4] + b"\xff\xff\xff\xff" + raw[8:])
+    if case == "MISMATCH":
+        digits.write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))
+    if case == "BAD_RESULTS":                              # not a results.json: refused, and left as it is
+        earlier = b'{"runs": {"not": "a list"}}'
     (out / "results.json").write_bytes(earlier)
-    if bad[-1] == "FILE":                                  # --out below a plain file cannot be created
+    if flag == "--data-dir":
+        bad = [flag, str(d)]
+    elif flag == "--report":
+        bad = [flag, str(out / ("results.json" if case == "BAD_RESULTS" else "missing.json"))]
+    elif case == "FILE":                                   # --out below a plain file cannot be created
         bad, out = [], out / "results.json" / "sub"
-    elif bad[-1] == "READONLY":
+    elif case in ("READONLY", "BAD_RESULTS"):
         bad = []
-        out.chmod(0o555)
+        out.chmod(0o555 if case == "READONLY" else 0o755)
     with pytest.raises(SystemExit) as e:
         lc.main(TINY + ["--ratios", "5"] + bad + ["--out", str(out)])
     assert e.value.code == 2
