@@ -356,7 +356,7 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
             h.update(pseudo_quality(S.a_mem, S.y_N, S.a_N))
         hist.append(h)
         if log:
-            log(method=method, ratio=ratio, seed=seed, step=(ep + 1) * -(-len(order) // B), **h,
+            log(method=method, ratio=ratio, seed=seed, step=(ep + 1) * math.ceil(len(order) / B), **h,
                 **({"test_unbiased": t["unbiased"]} if t else {}))
         if improved:                                       # model selection on the unbiased VALIDATION split
             best = {"val": v["unbiased"], "epoch": ep + 1, "test": t, "state": cpu_state(S.net)}
