@@ -388,6 +388,12 @@ def test_metrics_jsonl_one_record_per_epoch_and_run(tmp_path):
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(recs)   # finished runs: skipped
 
 
+def test_no_pictures_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lc, "pyplot", lambda: None)                          # as if matplotlib were absent
+    lc.main(TINY + ["--methods", "erm", "--ratios", "5", "--out", str(tmp_path)])
+    assert "picture:" not in capsys.readouterr().out and not list(tmp_path.glob("*.png"))
+
+
 def test_pictures_with_matplotlib(tmp_path, capsys):
     pytest.importorskip("matplotlib")
     lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--out", str(tmp_path)])
