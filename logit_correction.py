@@ -26,12 +26,13 @@ Protocol, and where each choice comes from:
   prior     bias-corrected moving average, momentum 0.995 (LC's default ema_alpha)
   GroupDRO  eta = 0.01 (Sagawa et al.'s robust step size) on group-balanced batches
 Examples:
-  python logit_correction.py --quick       # ERM vs LC on 5k images, 3 epochs: under a minute on a CPU
-  python logit_correction.py --explain     # ERM vs LC at rho = 1 %, one seed (minutes); LC's re-weighting in numbers
-  python logit_correction.py --sweep --out out/lc_sweep    # erm,lff,lc_nomix,lc,groupdro x rho 0.5/1/2/5 x 3 seeds
-  python logit_correction.py --report out/lc_sweep/results.json --margins     # its tables again, nothing trained
---out gets results.json (a rerun skips the runs it holds and adds new ones), metrics.jsonl (a line per epoch and
-run), ckpt/ (weights with their config), and acc_vs_conflicting.png and samples.png when matplotlib is importable.
+  python logit_correction.py --quick       # ERM vs LC, 5k images, 3 epochs: under a minute on a CPU
+  python logit_correction.py --explain     # ERM vs LC at rho = 1 %, one seed (minutes); LC in numbers
+  python logit_correction.py --sweep --out out/lc_sweep    # 5 methods x rho 0.5/1/2/5 x 3 seeds + ceiling
+  python logit_correction.py --report out/lc_sweep/results.json --margins     # its tables, no training
+--out gets results.json (a rerun skips the runs it holds and adds new ones), metrics.jsonl (a line per
+epoch and run), ckpt/ (weights with their config), and acc_vs_conflicting.png and samples.png when
+matplotlib is importable.
 Measured tables, commands and dates: docs/logit_correction.md.
 """
 import argparse
@@ -714,7 +715,8 @@ def parse_config(argv):
               (0 < cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),
               (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"),
               (0 <= cfg.dro_eta < math.inf, "--dro-eta must be >= 0 and finite"),
-              (min(cfg.decay_every, cfg.mix_ramp, cfg.log_every) >= 0, "--decay-every, --mix-ramp, --log-every must be >= 0")]
+              (min(cfg.decay_every, cfg.mix_ramp, cfg.log_every) >= 0,
+               "--decay-every, --mix-ramp and --log-every must be >= 0")]
     for ok, msg in checks:
         if not ok:
             raise BadInput(msg)
