@@ -25,10 +25,15 @@ Protocol, and where each choice comes from:
   GCE       q = 0.7 (LfF, LC); LfF's per-sample loss EMA 0.7 (LfF train.py)
   prior     bias-corrected moving average, momentum 0.995 (LC's default ema_alpha)
   GroupDRO  eta = 0.01 (Sagawa et al.'s robust step size) on group-balanced batches
-Run:  python logit_correction.py --quick     # a smoke run in about a minute
-      python logit_correction.py             # ERM vs LC at rho = 1 %, one seed (minutes on a CPU)
-      python logit_correction.py --sweep     # erm,lff,lc_nomix,lc,groupdro x rho 0.5/1/2/5 x 3 seeds + ceiling
-      python logit_correction.py --explain   # LC as automatic group re-weighting, in numbers
+Examples:
+  python logit_correction.py --quick       # ERM vs LC, 5k images, 3 epochs: under a minute on a CPU
+  python logit_correction.py --explain     # ERM vs LC at rho = 1 %, one seed (minutes); LC in numbers
+  python logit_correction.py --sweep --out out/lc_sweep    # 5 methods x rho 0.5/1/2/5 x 3 seeds + ceiling
+  python logit_correction.py --report out/lc_sweep/results.json --margins     # its tables, no training
+--out gets results.json (a rerun skips the runs it holds and adds new ones), metrics.jsonl (a line per
+epoch and run), ckpt/ (weights with their config), and acc_vs_conflicting.png and samples.png when
+matplotlib is importable.
+Measured tables, commands and dates: docs/logit_correction.md.
 """
 import argparse
 import hashlib
@@ -48,10 +53,11 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import digits
+from data.common import (BadInput, OneLineParser, log_metrics, mean_std, pick_device, progress, set_threads,
+                         writable_dirs, write_json)
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
-SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
 CEILING = 90.0                                         # rho = 90 %: every colour equally likely in every class
 
 # Unbiased test accuracy (%) on Colored MNIST: the LC paper's Table 1, and DeNetDM's independent 5-seed re-run.
@@ -59,55 +65,6 @@ PAPER = {"erm": (35.19, 52.09, 65.86, 82.17), "lff": (52.50, 61.89, 71.03, 80.57
          "lc": (71.25, 82.25, 86.21, 91.15), "groupdro": (63.12, 68.78, 76.30, 84.20)}
 DENETDM = {"erm": (35.34, 50.34, 62.29, 77.63), "lff": (63.39, 74.01, 80.48, 85.39), "lc": (63.48, 78.41, 83.63, 88.18)}
 PAPER_RATIOS = (0.5, 1.0, 2.0, 5.0)
-
-
-def arg(default, help, group="run", choices=None):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
-
-
-@dataclass
-class Config:
-    methods: str = arg("erm,lc", "comma list of " + ", ".join(METHODS))
-    ratios: str = arg("1", "comma list of bias-conflicting percentages rho in (0, 100)")
-    seeds: str = arg("1", "comma list of integer seeds (one run per method x ratio x seed)")
-    quick: bool = arg(False, "a smoke run in about a minute: 5k / 1k / 2k procedural images, 3 epochs")
-    sweep: bool = arg(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
-                      % tuple(SWEEP.values()))
-    data_dir: str = arg("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural", "data")
-    n_train: int = arg(55000, "procedural training images", "data")
-    n_val: int = arg(5000, "validation images (IDX data: held out of the 60k training images)", "data")
-    n_test: int = arg(10000, "procedural test images", "data")
-    data_seed: int = arg(0, "seed of the grey digits and of the val/test colours", "data")
-    epochs: int = arg(20, "training epochs per run", "optimisation")
-    batch_size: int = arg(256, "minibatch size", "optimisation")
-    lr: float = arg(1e-2, "Adam learning rate of the main network", "optimisation")
-    lr_b: float = arg(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
-    decay_every: int = arg(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
-    q: float = arg(0.7, "GCE exponent q in (0, 1]", "method")
-    prior_momentum: float = arg(0.995, "momentum of the bias-corrected moving average of Delta", "method")
-    prior_eps: float = arg(1e-4, "floor of Delta before the log", "method")
-    mix_ramp: int = arg(2, "epochs over which Group MixUp's minority weight ramps up", "method")
-    mix_pool: str = arg("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
-                   ("batch", "global"))
-    lff_ema: float = arg(0.7, "LfF's per-sample loss EMA", "method")
-    dro_eta: float = arg(0.01, "GroupDRO step size for the group weights", "method")
-    explain: bool = arg(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
-                        "ln Delta, corrected logits and gradient size", "output")
-    margins: bool = arg(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
-    report: str = arg("", "path of a results.json: print its tables, train nothing", "output")
-    device: str = arg("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
-    threads: int = arg(0, "torch CPU threads, 0 = torch's default", "output")
-    log_every: int = arg(5, "epochs between log lines (0 = none)", "output")
-    out: str = arg("out/logit_correction", "folder for results.json, checkpoints, the digit cache", "output")
-
-
-# fields that do not change a run's numbers: runs that differ only in these are the same run
-NOT_PROTOCOL = {"methods", "ratios", "seeds", "quick", "sweep", "explain", "margins", "report", "device", "threads",
-                "log_every", "out"}
-
-
-class UsageError(Exception):
-    """Bad input: printed as one line, exit status 2."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -364,11 +321,12 @@ def new_state(method, train, cfg, device, seed):
     return S
 
 
-def train_run(method, ratio, seed, train, evalsets, cfg, device, tag=""):
+def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=None):
+    """log: None or log_metrics bound to a metrics.jsonl path; it gets one record per epoch."""
     S = new_state(method, train, cfg, device, seed)
     N, B = len(S.y_N), cfg.batch_size
     best, hist, t0, explained = {"val": -1.0}, [], time.time(), None
-    bar = tqdm(range(cfg.epochs), desc=f"{tag}{method} rho={ratio:g}% seed={seed}", leave=False, disable=None)
+    bar = progress(range(cfg.epochs), f"{tag}{method} rho={ratio:g}% seed={seed}")
     for ep in bar:
         S.net.train()
         S.ramp = min(1.0, ep / max(cfg.mix_ramp, 1))        # Group MixUp: no mixing in epoch 1
@@ -398,6 +356,9 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag=""):
         if S.net_b is not None:
             h.update(pseudo_quality(S.a_mem, S.y_N, S.a_N))
         hist.append(h)
+        if log:
+            log(method=method, ratio=ratio, seed=seed, step=(ep + 1) * math.ceil(len(order) / B), **h,
+                **({"test_unbiased": t["unbiased"]} if t else {}))
         if improved:                                       # model selection on the unbiased VALIDATION split
             best = {"val": v["unbiased"], "epoch": ep + 1, "test": t, "state": cpu_state(S.net)}
         bar.set_postfix(loss=f"{tot:.3f}", val=f"{v['unbiased']:.1f}")
@@ -426,9 +387,9 @@ def load_grey(cfg):
         try:
             tx, ty, sx, sy = digits.load_idx_dataset(cfg.data_dir)
         except digits.IDXError as e:
-            raise UsageError(str(e)) from None
+            raise BadInput(str(e)) from None
         if len(tx) <= cfg.n_val:
-            raise UsageError(f"--data-dir {cfg.data_dir}: {len(tx)} training images, need more than --n-val {cfg.n_val}")
+            raise BadInput(f"--data-dir {cfg.data_dir}: {len(tx)} training images, need more than --n-val {cfg.n_val}")
         perm = np.random.default_rng(cfg.data_seed).permutation(len(tx))
         tr, va = perm[cfg.n_val:], perm[:cfg.n_val]
         return dict(train_x=tx[tr], train_y=ty[tr], val_x=tx[va], val_y=ty[va], test_x=sx, test_y=sy)
@@ -441,33 +402,32 @@ def load_grey(cfg):
 def colour_eval_splits(grey, cfg, device):
     out = {}
     for i, split in enumerate(("val", "test")):
-        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], np.random.default_rng([cfg.data_seed, 100 + i]))
+        rng = np.random.default_rng([cfg.data_seed, 100 + i])
+        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], rng)
         out[split] = [torch.from_numpy(v).to(device) for v in (x, grey[split + "_y"], a)]   # x (n, 3, 28, 28)
     return out
 
 
 def colour_train(grey, ratio, seed, device):
     """Biased training split for one (ratio, seed): x (N, 3, 28, 28), y (N,), true colour a (N,)."""
-    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, np.random.default_rng([seed, int(round(ratio * 1000)), 7]))
+    rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
+    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
     return [torch.from_numpy(v).to(device) for v in (x, grey["train_y"], a)]
 
 
 def check_ratios(y, ratios):
     """Refuse a rho so small that some class would get no bias-conflicting image at all."""
     n_min = int(np.bincount(y, minlength=10).min())
+    if n_min == 0:
+        raise BadInput(f"the training split has a class without images ({len(y)} images); use more of them")
     for r in ratios:
         if round(r / 100 * n_min) == 0:
-            raise UsageError(f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
+            raise BadInput(f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
                              f"no bias-conflicting image; use rho >= {100 * 0.5 / n_min:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Reporting.
-
-def mean_std(v):
-    v = np.asarray(v, dtype=float)
-    return v.mean(), (v.std(ddof=1) if len(v) > 1 else 0.0)       # sample std over seeds
-
 
 def grouped(runs):
     g = {}
@@ -488,44 +448,26 @@ def summary_table(runs):
              "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST); rho 90 = ceiling",
              head, "-" * len(head)]
     for (m, rho), rs in grouped(runs):
-        cells = ["{:12.2f} ± {:4.1f}".format(*mean_std([r[k] for r in rs])) for k, _ in keys]
+        cells = [f"{mean_std([r[k] for r in rs], '.2f'):>19s}" for k, _ in keys]
         lines.append(f"{m:10s} {rho:4g} {len(rs):2d} " + " ".join(cells) +
                      f" {paper_value(PAPER, m, rho):>6s} {paper_value(DENETDM, m, rho):>7s}")
     return "\n".join(lines)
 
 
-def count_table(runs, out_dir=None):
+def count_table(runs):
     """Unbiased accuracy against the NUMBER of conflicting training images (a re-weighting method tracks it),
     and the biased net's last-epoch precision / recall at flagging them (LC's pseudo-attributes)."""
     ms = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    rhos = sorted({r["ratio"] for r in runs})
     lines = ["unbiased test acc % (best val, mean over seeds) by number of conflicting training images;",
              "a_x P/R = the LC biased net's precision / recall at flagging them (last epoch)",
              f"{'rho%':>5s} {'n_conf':>6s} " + " ".join(f"{m:>10s}" for m in ms) + f" {'a_x P/R':>11s}"]
-    for rho in rhos:
+    for rho in sorted({r["ratio"] for r in runs}):
         rs = [r for r in runs if r["ratio"] == rho]
         cells = [np.mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m] or [np.nan]) for m in ms]
         lc = [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
         pr = f"{np.mean([h['precision'] for h in lc]):5.1f}/{np.mean([h['recall'] for h in lc]):5.1f}" if lc else "-"
         lines.append(f"{rho:5g} {rs[0]['n_conflicting']:6d} " + " ".join(f"{c:10.2f}" if c == c else f"{'-':>10s}"
                                                                    for c in cells) + f" {pr:>11s}")
-    try:                                                   # a plot only where matplotlib is installed
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "\n".join(lines)
-    if out_dir:
-        fig, ax = plt.subplots(figsize=(5, 3.5))
-        for m in ms:
-            pts = [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs if r["method"] == m and r["ratio"] < 50]
-            ns = sorted({n for n, _ in pts})
-            ax.plot(ns, [np.mean([a for n2, a in pts if n2 == n]) for n in ns], "o-", label=m)
-        ax.set(xscale="log", xlabel="conflicting training images", ylabel="unbiased test acc %")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(os.path.join(out_dir, "acc_vs_conflicting.png"), dpi=120)
-        lines.append(f"(plot: {os.path.join(out_dir, 'acc_vs_conflicting.png')})")
     return "\n".join(lines)
 
 
@@ -539,85 +481,57 @@ def margin_table(runs):
     return "\n".join(lines)
 
 
-def write_json_atomic(path, obj):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)                                  # a Ctrl-C never leaves a half-written results.json
+def pyplot():
+    """matplotlib.pyplot when it is importable (it stays optional: without it the output is text only)."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    return plt
+
+
+def plot_acc_vs_conflicting(runs, out_dir, plt):
+    """count_table as a curve: unbiased accuracy (best val, mean over seeds) per method against the number of
+    conflicting training images (the ceiling row left out)."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for m in [m for m in METHODS if any(r["method"] == m for r in runs)]:
+        pts = [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs if r["method"] == m and r["ratio"] < 50]
+        ns = sorted({n for n, _ in pts})
+        ax.plot(ns, [np.mean([a for n2, a in pts if n2 == n]) for n in ns], "o-", label=m)
+    ax.set(xscale="log", xlabel="conflicting training images", ylabel="unbiased test acc %")
+    ax.legend()
+    fig.tight_layout()
+    path = os.path.join(out_dir, "acc_vs_conflicting.png")
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(x_N, y_N, a_N, ratio, out_dir, plt):
+    """What the nets see: per class the first bias-aligned training image (top row: the class's own colour) and
+    the first bias-conflicting one (bottom row: another colour), titled digit y / colour a."""
+    fig, axes = plt.subplots(2, 10, figsize=(10, 2.8))
+    for k in range(10):
+        for row, mask in enumerate(((y_N == k) & (a_N == k), (y_N == k) & (a_N != k))):
+            ax, i = axes[row, k], torch.nonzero(mask).flatten()
+            ax.set(xticks=[], yticks=[])
+            if len(i):
+                ax.imshow(x_N[i[0]].permute(1, 2, 0).cpu().numpy())
+                ax.set_title(f"y={k} a={int(a_N[i[0]])}", fontsize=8)
+    axes[0, 0].set_ylabel("aligned")
+    axes[1, 0].set_ylabel("conflicting")
+    fig.suptitle(f"training images at rho = {ratio:g} % (y = digit, a = colour)", fontsize=10)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "samples.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main: parsing, checks, the grid (skipping finished runs), plumbing.
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):                              # one-line errors, exit 2 (see main)
-        raise UsageError(message)
-
-
-def parse_list(s, typ, name):
-    try:
-        vals = [typ(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise UsageError(f"--{name}: cannot parse {s!r} as a comma list of {typ.__name__}") from None
-    if not vals:
-        raise UsageError(f"--{name}: empty list")
-    return vals
-
-
-def parse_config(argv):
-    p = Parser(description="Logit Correction (ICLR 2023) vs ERM / LfF / GroupDRO on coloured digits.", allow_abbrev=False,
-               formatter_class=argparse.RawDescriptionHelpFormatter,
-               epilog="examples:\n  python logit_correction.py\n  python logit_correction.py --sweep --out out/lc_sweep\n"
-                      "  python logit_correction.py --methods lc --ratios 0.5 --explain\n"
-                      "  python logit_correction.py --data-dir path/to/MNIST --ratios 1\n"
-                      "  python logit_correction.py --report out/lc_sweep/results.json --margins")
-    groups = {}
-    for f in Config.__dataclass_fields__.values():
-        g = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        if f.type is bool or isinstance(f.default, bool):
-            g.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:
-            shown = f.default if f.default != "" else "-"
-            g.add_argument(flag, type=type(f.default), default=None if f.name in SWEEP else f.default,
-                           choices=f.metadata["choices"], help=f"{f.metadata['help']} (default {shown})")
-    args = vars(p.parse_args(argv))
-    for k in SWEEP:                                        # --sweep changes the grid's defaults only
-        if args[k] is None:
-            args[k] = SWEEP[k] if args["sweep"] else Config.__dataclass_fields__[k].default
-    if args["quick"]:                                      # sizes and epochs of a smoke run (recorded as such)
-        args.update(n_train=5000, n_val=1000, n_test=2000, epochs=3)
-    cfg = Config(**args)
-    methods = parse_list(cfg.methods, str, "methods")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
-        raise UsageError(f"--methods: unknown method {bad[0]!r} (choose from {', '.join(METHODS)})")
-    ratios = parse_list(cfg.ratios, float, "ratios")
-    for r in ratios:
-        if not (0 < r < 100) or not math.isfinite(r):
-            raise UsageError(f"--ratios: {r:g} is outside (0, 100) percent")
-    seeds = parse_list(cfg.seeds, int, "seeds")
-    for k in ("epochs", "batch_size", "n_train", "n_val", "n_test"):
-        if getattr(cfg, k) < 1:
-            raise UsageError(f"--{k.replace('_', '-')} must be >= 1")
-    checks = [(0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"), (cfg.lr > 0, f"--lr {cfg.lr:g} must be > 0"),
-              (cfg.lr_b >= 0, f"--lr-b {cfg.lr_b:g} must be >= 0"), (cfg.decay_every >= 0, "--decay-every must be >= 0"),
-              (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"), (cfg.prior_eps > 0, "--prior-eps must be > 0"),
-              (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"), (cfg.dro_eta >= 0, "--dro-eta must be >= 0")]
-    for ok, msg in checks:
-        if not ok:
-            raise UsageError(msg)
-    return cfg, methods, ratios, seeds
-
-
-def pick_device(name):
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
-        raise UsageError(f"--device {name}: not available on this machine")
-    return torch.device(name)
-
+# main: the grid of runs (skipping finished ones), --report, then the CLI (Config, parsing, checks).
 
 def protocol_of(cfg, dataset):
     """The settings that change a run's numbers, and a short hash of them (runs are keyed by it)."""
@@ -632,24 +546,19 @@ def load_results(path):
     try:
         with open(path) as f:
             res = json.load(f)
-        assert isinstance(res["runs"], list)
-        return res
-    except (OSError, ValueError, KeyError, TypeError, AssertionError) as e:
-        raise UsageError(f"{path} exists but is not a readable results.json ({e}); move it away") from None
+    except (OSError, ValueError) as e:
+        raise BadInput(f"{path} exists but is not readable JSON ({e}); move it away") from None
+    if not isinstance(res, dict) or not isinstance(res.get("runs"), list):
+        raise BadInput(f"{path} exists but is not a results.json (no list of runs); move it away")
+    return res
 
 
-def run(cfg, methods, ratios, seeds):
-    device = pick_device(cfg.device)
-    try:
-        os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
-    except OSError as e:
-        raise UsageError(f"--out {cfg.out}: cannot create it ({e.strerror})") from None
+def run(cfg, methods, ratios, seeds, device):
+    writable_dirs(out=cfg.out)                             # before the digits are rendered into OUT/cache
     path = os.path.join(cfg.out, "results.json")
     res = load_results(path)                               # earlier runs are kept, never replaced
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    grey = load_grey(cfg)                                  # raises UsageError on a bad --data-dir
+    grey = load_grey(cfg)                                  # raises BadInput on a bad --data-dir
     check_ratios(grey["train_y"], ratios)
     dataset = f"idx:{os.path.basename(os.path.normpath(cfg.data_dir))}" if cfg.data_dir else "procedural"
     protocol, key = protocol_of(cfg, dataset)
@@ -660,6 +569,8 @@ def run(cfg, methods, ratios, seeds):
             if rho != CEILING or m == "erm"]              # seed-major: an interrupted sweep has whole seeds
     done = {(r["method"], r["ratio"], r["seed"]) for r in res["runs"] if r.get("protocol") == key}
     res["protocols"] = {**res.get("protocols", {}), key: protocol}
+    log = partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"), protocol=key)
+    os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
     train = None
     for i, (rho, s, m) in enumerate(grid):
         tag = f"[{i + 1}/{len(grid)}] "
@@ -668,7 +579,7 @@ def run(cfg, methods, ratios, seeds):
             continue
         if train is None or train[0] != (rho, s):          # same coloured data for every method of (rho, seed)
             train = ((rho, s), colour_train(grey, rho, s, device))
-        rec, states = train_run(m, rho, s, train[1], evalsets, cfg, device, tag=tag)
+        rec, states = train_run(m, rho, s, train[1], evalsets, cfg, device, tag=tag, log=log)
         rec.update(dataset=dataset, protocol=key)
         print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} (best val, ep "
               f"{rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), conflicting {rec['conflicting_acc']:.2f}"
@@ -676,32 +587,149 @@ def run(cfg, methods, ratios, seeds):
         torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s}, **states},
                    os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
         res["runs"].append(rec)
-        write_json_atomic(path, res)                       # after every run: an interrupt keeps finished runs
+        write_json(path, res)                              # after every run: an interrupt keeps finished runs
     mine = [r for r in res["runs"] if r.get("protocol") == key and (r["method"], r["ratio"], r["seed"]) in
             {(m, rho, s) for rho, s, m in grid}]
-    print("\n" + summary_table(mine) + "\n\n" + count_table(mine, cfg.out))
+    print("\n" + summary_table(mine) + "\n\n" + count_table(mine))
     if cfg.margins:
         print("\n" + margin_table(mine))
+    plt = pyplot()
+    if plt:                                                # the first (rho, seed) of the grid's training images
+        if train is None or train[0] != grid[0][:2]:
+            train = (grid[0][:2], colour_train(grey, *grid[0][:2], device))
+        for p in (plot_acc_vs_conflicting(mine, cfg.out, plt), plot_samples(*train[1], grid[0][0], cfg.out, plt)):
+            print(f"picture: {p}")
     print(f"\n{path}: {len(res['runs'])} runs in all ({time.time() - t0:.0f} s)")
     return {**res, "runs": mine}
 
 
 def report(cfg):
-    res = load_results(cfg.report) if os.path.exists(cfg.report) else None
-    if res is None:
-        raise UsageError(f"--report {cfg.report}: no such file")
+    if not os.path.isfile(cfg.report):
+        raise BadInput(f"--report {cfg.report}: no such file")
+    res = load_results(cfg.report)
     for key in sorted({r.get("protocol") for r in res["runs"]}, key=str):
         runs = [r for r in res["runs"] if r.get("protocol") == key]
         print(f"protocol {key}: {json.dumps(res.get('protocols', {}).get(key, {}), sort_keys=True)}\n")
-        print(summary_table(runs) + "\n\n" + count_table(runs) + ("\n\n" + margin_table(runs) if cfg.margins else "") + "\n")
+        print(summary_table(runs) + "\n\n" + count_table(runs) + "\n")
+        if cfg.margins:
+            print(margin_table(runs) + "\n")
     return res
+
+
+SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
+QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 3}   # its own protocol key, recorded as such
+
+
+def arg(default, help, group="run", choices=None):
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+@dataclass
+class Config:
+    methods: str = arg("erm,lc", "comma list of " + ", ".join(METHODS))
+    ratios: str = arg("1", "comma list of bias-conflicting percentages rho in (0, 100)")
+    seeds: str = arg("1", "comma list of integer seeds (one run per method x ratio x seed)")
+    quick: bool = arg(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs "
+                      "(explicit flags win)")
+    sweep: bool = arg(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
+                      % tuple(SWEEP.values()))
+    data_dir: str = arg("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural", "data")
+    n_train: int = arg(55000, "procedural training images", "data")
+    n_val: int = arg(5000, "validation images (IDX data: held out of the 60k training images)", "data")
+    n_test: int = arg(10000, "procedural test images", "data")
+    data_seed: int = arg(0, "seed of the grey digits and of the val/test colours", "data")
+    epochs: int = arg(20, "training epochs per run", "optimisation")
+    batch_size: int = arg(256, "minibatch size", "optimisation")
+    lr: float = arg(1e-2, "Adam learning rate of the main network", "optimisation")
+    lr_b: float = arg(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
+    decay_every: int = arg(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
+    q: float = arg(0.7, "GCE exponent q in (0, 1]", "method")
+    prior_momentum: float = arg(0.995, "momentum of the bias-corrected moving average of Delta", "method")
+    prior_eps: float = arg(1e-4, "floor of Delta before the log", "method")
+    mix_ramp: int = arg(2, "epochs over which Group MixUp's minority weight ramps up", "method")
+    mix_pool: str = arg("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
+                   ("batch", "global"))
+    lff_ema: float = arg(0.7, "LfF's per-sample loss EMA", "method")
+    dro_eta: float = arg(0.01, "GroupDRO step size for the group weights", "method")
+    explain: bool = arg(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
+                        "ln Delta, corrected logits and gradient size", "output")
+    margins: bool = arg(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
+    report: str = arg("", "path of a results.json: print its tables, train nothing", "output")
+    device: str = arg("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
+    threads: int = arg(0, "torch CPU threads; 0 = torch's default (one per physical core)", "output")
+    log_every: int = arg(5, "epochs between log lines (0 = none)", "output")
+    out: str = arg("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, pictures, the digit cache",
+                   "output")
+
+
+# fields that do not change a run's numbers: runs that differ only in these are the same run
+NOT_PROTOCOL = {"methods", "ratios", "seeds", "quick", "sweep", "explain", "margins", "report", "device", "threads",
+                "log_every", "out"}
+
+
+
+
+def parse_list(s, typ, name):
+    try:
+        vals = [typ(v) for v in s.split(",") if v.strip()]
+    except ValueError:
+        raise BadInput(f"--{name}: cannot parse {s!r} as a comma list of {typ.__name__}") from None
+    if not vals:
+        raise BadInput(f"--{name}: empty list")
+    return vals
+
+
+def parse_config(argv):
+    """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work (BadInput)."""
+    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0],
+                      epilog=__doc__[__doc__.index("Examples:"):],
+                      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    groups, fields = {}, Config.__dataclass_fields__
+    for f in fields.values():
+        g = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            g.add_argument(flag, action="store_true", help=f.metadata["help"])
+        else:                                              # None: filled in below (--sweep, --quick or the default)
+            g.add_argument(flag, type=type(f.default), default=None, choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']} (default {f.default if f.default != '' else '-'})")
+    args = vars(p.parse_args(argv))
+    for k, v in args.items():                              # flags given explicitly win over --sweep and --quick
+        if v is None:
+            args[k] = (SWEEP[k] if args["sweep"] and k in SWEEP else QUICK[k] if args["quick"] and k in QUICK
+                       else fields[k].default)
+    cfg = Config(**args)
+    methods = parse_list(cfg.methods, str, "methods")
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise BadInput(f"--methods: unknown method {bad[0]!r} (choose from {', '.join(METHODS)})")
+    ratios, seeds = parse_list(cfg.ratios, float, "ratios"), parse_list(cfg.seeds, int, "seeds")
+    checks = [(all(0 < r < 100 for r in ratios), f"--ratios {cfg.ratios}: each must be in (0, 100) percent"),
+              (min(seeds) >= 0 and cfg.data_seed >= 0, "--seeds and --data-seed must be >= 0"),
+              (min(cfg.epochs, cfg.batch_size, cfg.n_train, cfg.n_val, cfg.n_test) >= 1,
+               "--epochs, --batch-size, --n-train, --n-val and --n-test must be >= 1"),
+              (0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"),
+              (0 < cfg.lr < math.inf, f"--lr {cfg.lr:g} must be > 0 and finite"),
+              (0 <= cfg.lr_b < math.inf, f"--lr-b {cfg.lr_b:g} must be >= 0 and finite"),
+              (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"),
+              (0 < cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),
+              (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"),
+              (0 <= cfg.dro_eta < math.inf, "--dro-eta must be >= 0 and finite"),
+              (min(cfg.decay_every, cfg.mix_ramp, cfg.log_every) >= 0,
+               "--decay-every, --mix-ramp and --log-every must be >= 0")]
+    for ok, msg in checks:
+        if not ok:
+            raise BadInput(msg)
+    return cfg, methods, ratios, seeds
 
 
 def main(argv=None):
     try:
         cfg, methods, ratios, seeds = parse_config(argv)
-        return report(cfg) if cfg.report else run(cfg, methods, ratios, seeds)
-    except UsageError as e:
+        set_threads(cfg.threads)
+        device = pick_device(cfg.device)                   # checked up front, --report included
+        return report(cfg) if cfg.report else run(cfg, methods, ratios, seeds, device)
+    except BadInput as e:
         print(f"logit_correction.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

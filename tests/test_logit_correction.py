@@ -2,6 +2,7 @@
 a smoke run of main(), determinism, and bad-input errors. CPU, seconds."""
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -270,6 +271,10 @@ def test_smoke_main_all_methods_and_determinism(tmp_path, capsys):
 def test_quick_sets_smoke_sizes_and_keeps_the_default_protocol_key():
     quick, *_ = lc.parse_config(["--quick"])
     assert (quick.n_train, quick.n_val, quick.n_test, quick.epochs) == (5000, 1000, 2000, 3)
+    mine, *_ = lc.parse_config(["--quick", "--epochs", "5", "--n-val", "300"])    # explicit flags win
+    assert (mine.n_train, mine.n_val, mine.n_test, mine.epochs) == (5000, 300, 2000, 5)
+    sweep, methods, ratios, seeds = lc.parse_config(["--sweep", "--seeds", "7"])
+    assert (methods, ratios, seeds) == ("erm,lff,lc_nomix,lc,groupdro".split(","), [0.5, 1.0, 2.0, 5.0], [7])
     full, *_ = lc.parse_config([])
     assert lc.protocol_of(full, "procedural")[1] == "c31462e7"          # the key of the measured sweep (docs)
     assert lc.protocol_of(quick, "procedural")[1] != "c31462e7"
@@ -312,43 +317,95 @@ def test_smoke_main_on_idx_folder(tmp_path, layout):
 
 
 @pytest.mark.parametrize("bad", [["--ratios", "0"], ["--ratios", "100"], ["--ratios", "1,-2"], ["--ratios", "abc"],
-                                 ["--methods", "erm,jtt"], ["--epochs", "x"], ["--mix-pool", "all"],
-                                 ["--q", "0"], ["--q", "1.5"], ["--lr", "0"], ["--lr", "-1e-3"], ["--lr-b", "-1"], ["--epoch", "2"],
+                                 ["--methods", "erm,jtt"], ["--epochs", "x"], ["--mix-pool", "all"], ["--device", "tpu"],
+                                 ["--q", "0"], ["--q", "1.5"], ["--lr", "0"], ["--lr", "-1e-3"], ["--lr-b", "-1"],
+                                 ["--epoch", "2"], ["--threads", "-1"], ["--seeds", "1,-1"], ["--data-seed", "-1"],
+                                 ["--n-train", "0"], ["--prior-momentum", "1"], ["--log-every", "-1"], ["--lr", "inf"],
+                                 ["--n-train", "5"],                   # a class without images
                                  ["--ratios", "1"],                    # 30 images per class: no conflicting image
-                                 ["--device", "cuda"], ["--device", "mps"], ["--device", "tpu"], ["--out", "FILE"],
-                                 ["--data-dir", "MISSING"], ["--data-dir", "CORRUPT"], ["--data-dir", "MISMATCH"]])
+                                 ["--device", "cuda"], ["--device", "mps"], ["--out", "FILE"], ["--out", "READONLY"],
+                                 ["--out", "BAD_RESULTS"], ["--report", "BAD_RESULTS"],
+                                 ["--report", "MISSING"], ["--data-dir", "MISSING"], ["--data-dir", "CORRUPT"],
+                                 ["--data-dir", "MISMATCH"]])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
-    if bad[0] == "--device" and bad[1] == "cuda" and torch.cuda.is_available():
+    """One line on stderr, exit 2, no traceback, before any training; an earlier results.json stays byte-identical."""
+    flag, case = bad
+    if bad == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is present")
-    if bad[:2] == ["--device", "mps"] and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if bad == ["--device", "mps"] and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         pytest.skip("MPS is present")
-    d = tmp_path / "mnist"
+    if case == "READONLY" and os.geteuid() == 0:
+        pytest.skip("root may write into a read-only folder")
+    d, out = tmp_path / "mnist", tmp_path / "out"
     write_idx_folder(d, gz=False)
-    if bad[-1] == "MISSING":
+    out.mkdir()
+    earlier = json.dumps({"runs": [{"method": "erm", "note": "an earlier result"}]}).encode()
+    if case == "MISSING":
         (d / "t10k-labels-idx1-ubyte").unlink()
-    if bad[-1] == "CORRUPT":
+    if case == "CORRUPT":
         raw = (d / "t10k-images-idx3-ubyte").read_bytes()
         (d / "t10k-images-idx3-ubyte").write_bytes(raw[:4] + b"\xff\xff\xff\xff" + raw[8:])
-    if bad[-1] == "MISMATCH":
+    if case == "MISMATCH":
         digits.write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))
-    if bad[0] == "--data-dir":
-        bad = ["--data-dir", str(d)]
-    out = tmp_path / "out"
-    if bad[-1] == "FILE":                                  # --out below a plain file cannot be created
-        (tmp_path / "f").write_text("x")
-        bad, out = [], tmp_path / "f" / "sub"
+    if case == "BAD_RESULTS":                              # not a results.json: refused, and left as it is
+        earlier = b'{"runs": {"not": "a list"}}'
+    (out / "results.json").write_bytes(earlier)
+    if flag == "--data-dir":
+        bad = [flag, str(d)]
+    elif flag == "--report":
+        bad = [flag, str(out / ("results.json" if case == "BAD_RESULTS" else "missing.json"))]
+    elif case == "FILE":                                   # --out below a plain file cannot be created
+        bad, out = [], out / "results.json" / "sub"
+    elif case in ("READONLY", "BAD_RESULTS"):
+        bad = []
+        out.chmod(0o555 if case == "READONLY" else 0o755)
     with pytest.raises(SystemExit) as e:
         lc.main(TINY + ["--ratios", "5"] + bad + ["--out", str(out)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("logit_correction.py: error:") and "\n" not in err and "Traceback" not in err
-    assert not (out / "results.json").exists()                           # nothing that looks like a result
+    assert (tmp_path / "out" / "results.json").read_bytes() == earlier          # earlier results intact
+    assert not (tmp_path / "out" / "metrics.jsonl").exists()                   # nothing trained
 
 
-def test_count_table_and_plot_with_a_stub_matplotlib(tmp_path, monkeypatch):
-    """The accuracy-vs-number-of-conflicting-images table; the plot path runs against a stand-in matplotlib
-    (matplotlib itself is optional and not installed in CI)."""
-    import types
+def test_metrics_jsonl_one_record_per_epoch_and_run(tmp_path):
+    res = lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--seeds", "1,2", "--out", str(tmp_path)])
+    recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["method"], r["seed"], r["epoch"]) for r in recs] == [(m, s, e) for s in (1, 2) for m in ("erm", "lc")
+                                                                    for e in (1, 2)]
+    key = res["runs"][0]["protocol"]
+    for r in recs:
+        run = next(x for x in res["runs"] if (x["method"], x["seed"]) == (r["method"], r["seed"]))
+        h = run["history"][r["epoch"] - 1]
+        assert r["protocol"] == key and r["ratio"] == 5.0 and r["step"] == r["epoch"] * 5    # 300 images, batch 64
+        assert r["loss"] == h["loss"] and r["val_unbiased"] == h["val_unbiased"]
+        assert ("precision" in r and "recall" in r) == (r["method"] == "lc")         # LC's pseudo-attributes
+    last = [r for r in recs if r["epoch"] == 2]
+    assert all(r["test_unbiased"] == pytest.approx(next(x["unbiased_acc_last"] for x in res["runs"] if
+                                                        (x["method"], x["seed"]) == (r["method"], r["seed"])))
+               for r in last)
+    lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--seeds", "1,2", "--out", str(tmp_path)])
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(recs)   # finished runs: skipped
+
+
+def test_no_pictures_without_matplotlib(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(lc, "pyplot", lambda: None)                          # as if matplotlib were absent
+    lc.main(TINY + ["--methods", "erm", "--ratios", "5", "--out", str(tmp_path)])
+    assert "picture:" not in capsys.readouterr().out and not list(tmp_path.glob("*.png"))
+
+
+def test_pictures_with_matplotlib(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    for name in ("acc_vs_conflicting.png", "samples.png"):
+        assert f"picture: {tmp_path / name}" in out
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_count_table_and_plot_with_a_stub_matplotlib(tmp_path):
+    """The accuracy-vs-number-of-conflicting-images table; the plot runs against a stand-in pyplot (matplotlib
+    itself is optional and not installed in CI)."""
     calls = []
 
     class Ax:
@@ -368,17 +425,12 @@ def test_count_table_and_plot_with_a_stub_matplotlib(tmp_path, monkeypatch):
         def savefig(self, path, **k):
             Path(path).write_text("png")
 
-    mpl = types.ModuleType("matplotlib")
-    mpl.use = lambda backend: None
-    plt = types.ModuleType("matplotlib.pyplot")
-    plt.subplots = lambda **k: (Fig(), Ax())
-    mpl.pyplot = plt
-    monkeypatch.setitem(sys.modules, "matplotlib", mpl)
-    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
+    plt = SimpleNamespace(subplots=lambda **k: (Fig(), Ax()), close=lambda fig: None)
     runs = [{"method": m, "ratio": r, "seed": s, "n_conflicting": n, "unbiased_acc_best_val": acc + s,
              "history": [{"precision": 100.0, "recall": 80.0}]}
             for m, acc in (("erm", 50.0), ("lc", 70.0)) for r, n in ((0.5, 280), (1.0, 550)) for s in (1, 2)]
-    text = lc.count_table(runs, str(tmp_path))
+    text = lc.count_table(runs)
     assert "  0.5    280      51.50      71.50 100.0/ 80.0" in text               # mean over the two seeds
+    assert lc.plot_acc_vs_conflicting(runs, str(tmp_path), plt) == str(tmp_path / "acc_vs_conflicting.png")
     assert (tmp_path / "acc_vs_conflicting.png").read_text() == "png"
     assert calls == [("erm", [280, 550], [51.5, 51.5]), ("lc", [280, 550], [71.5, 71.5])]
