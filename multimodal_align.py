@@ -710,6 +710,8 @@ def validate(cfg):
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
         raise BadInput(f"--d-model must be a multiple of 2*--n-head and --vit-dim of --n-head and 4")
+    if not cfg.data_dir and cfg.n_train < max(cfg.batch_size, vision.VisionConfig.batch_size):
+        raise BadInput(f"--n-train {cfg.n_train} must fill a batch (--batch-size, and the encoder's 64)")
     if cfg.image_size < 12:
         raise BadInput(f"--image-size must be at least 12, got {cfg.image_size}")
     seeds = validate_image_and_run(cfg)           # image/patch/tokens, dtype, --data-dir, --seeds

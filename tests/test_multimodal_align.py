@@ -242,6 +242,7 @@ def test_data_dir_smoke(tmp_path):
     (lambda p: ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
     (lambda p: ["--threads", "-1"], "--threads must be >= 0"),
     (lambda p: ["--knn-k", "0"], "--knn-k must be positive"),
+    (lambda p: ["--n-train", "10"], "--n-train 10 must fill a batch"),
 ])
 def test_bad_input_exits_2_before_training(make, word, tmp_path, capsys, monkeypatch):
     """Each user error: exit 2, one line on stderr and no traceback, nothing trained, and the results of an earlier
@@ -326,3 +327,13 @@ def test_figures_from_a_results_dict(tmp_path):
     paths = mma.figures(cfg, res, [0, 1, 2, 3, None], {"test": shapes.generate(5, "test", size=24)})
     assert [os.path.basename(p) for p in paths] == ["scenes.png", "alignment.png", "qa_vs_compute.png"]
     assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_quick_switches_the_defaults_and_explicit_flags_win(monkeypatch, tmp_path):
+    """--quick sets every QUICK value; a flag given with it still wins; without it the defaults are Config()'s."""
+    monkeypatch.setattr(mma, "run", lambda cfg: cfg)
+    cfg = mma.main(["--quick"])
+    assert cfg.quick and all(getattr(cfg, k) == v for k, v in mma.QUICK.items())
+    cfg = mma.main(["--quick", "--stage2-steps", "7", "--threads", "1", "--out", str(tmp_path)])
+    assert (cfg.stage2_steps, cfg.threads, cfg.out) == (7, 1, str(tmp_path)) and cfg.n_train == mma.QUICK["n_train"]
+    assert mma.main([]) == mma.Config()
