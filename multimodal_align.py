@@ -704,8 +704,9 @@ def validate(cfg):
                       "d_model", "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups",
                       "prefill_batch", "image_size", "lr", "lm_lr"):
         v = getattr(cfg, f)
-        if not (v >= 0 if f in steps else v > 0):                    # "not": a NaN fails too
-            raise BadInput(f"--{f.replace('_', '-')} must be {'>= 0' if f in steps else 'positive'}, got {v}")
+        if not (v >= 0 if f in steps else v > 0) or v == math.inf:    # "not": a NaN fails too
+            need = (">= 0" if f in steps else "positive") + (" and finite" if v == math.inf else "")
+            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:

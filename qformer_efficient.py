@@ -833,8 +833,9 @@ def validate(cfg):
                       "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim", "q_layers",
                       "steps", "batch_size", "lr", "eval_every"):
         v = getattr(cfg, f)
-        if not (v >= 0 if f in steps else v > 0):                     # "not": a NaN fails too
-            raise BadInput(f"--{f.replace('_', '-')} must be {'>= 0' if f in steps else 'positive'}, got {v}")
+        if not (v >= 0 if f in steps else v > 0) or v == math.inf:     # "not": a NaN fails too
+            need = (">= 0" if f in steps else "positive") + (" and finite" if v == math.inf else "")
+            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
     if not 0 <= cfg.caption_frac <= 1:
         raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:

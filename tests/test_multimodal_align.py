@@ -230,6 +230,7 @@ def test_data_dir_smoke(tmp_path):
     (lambda p: ["--tokens-per-cel", "2"], "unrecognized arguments: --tokens-per-cel"),   # no abbreviations
     (lambda p: ["--lr", "0"], "--lr"),
     (lambda p: ["--lr=-1e-3"], "--lr"),
+    (lambda p: ["--lm-lr", "inf"], "--lm-lr must be positive and finite, got inf"),
     (lambda p: ["--image-size", "50"], "image-size"),
     (lambda p: ["--data-dir", str(p / "no-such-dir")], "data-dir"),
     (lambda p: ["--out", str(p / "afile" / "out")], "--out"),

@@ -717,6 +717,7 @@ BAD = [
     pytest.param(lambda p: ["--lr", "0"], "--lr must be positive", id="lr-0"),
     pytest.param(lambda p: ["--lr=-1"], "--lr must be positive", id="lr-negative"),
     pytest.param(lambda p: ["--lr", "nan"], "--lr must be positive", id="lr-nan"),
+    pytest.param(lambda p: ["--lr", "inf"], "--lr must be positive and finite, got inf", id="lr-inf"),
     pytest.param(lambda p: ["--device", "cuda"], "CUDA is not available", id="cuda-missing",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     pytest.param(lambda p: ["--target-em", "0"], "--target-em must be in (0, 1]", id="target-em-0"),
