@@ -5,7 +5,8 @@ Paper: "MoE Routing Testbed" (Falke et al., Amazon AGI, arXiv 2604.07030, 2026);
 "languages" (each training sequence from one), and compare every learned router with a REFERENCE router
 that routes each token by its known domain label -- the upper bound on specialization.
 
-    python moe_testbed.py --experts 8                       # top-2, aux loss at global scope (~5 min CPU)
+    python moe_testbed.py --quick                           # a tiny run of the same (< 1 min CPU)
+    python moe_testbed.py --experts 8 --threads 1           # top-2, aux loss at global scope (~5 min CPU)
     python moe_testbed.py --sweep scopes --accum 8          # every router / scope, micro-batches of 4 sequences
     python moe_testbed.py --sweep balance --steps 300       # purity vs sequences the balancing spans
     torchrun --nproc_per_node 2 moe_testbed.py              # data parallel, same global batch
@@ -27,14 +28,15 @@ Shape legend (gpt-fast style suffixes):
 
 import argparse
 import datetime
+import io
 import json
 import math
 import os
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from contextlib import nullcontext, redirect_stderr
+from dataclasses import asdict, dataclass, field, fields
 
 import multiprocessing
 import numpy as np
@@ -45,69 +47,13 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from data.common import (BadInput, OneLineParser, RMSNorm, autocast, keep_previous, log_metrics, mean_sd, mean_std,
+                         pick_device, progress, rope, set_threads, writable_dirs, write_json)
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
 from kernels import moe_ffn
 
 
-@dataclass
-class Config:                        # every default in one block; help strings in HELP (CLI section, last)
-    experts: int = 8
-    top_k: int = 2
-    n_layer: int = 2
-    moe_layers: str = "upper"
-    d_model: int = 128
-    n_head: int = 4
-    expert_hidden: int = 128
-    seq_len: int = 128
-    batch_size: int = 32             # sequences per optimizer step, all ranks and micro-batches together
-    accum: int = 1                   # micro-batches per optimizer step on each rank
-    steps: int = 1000
-    lr: float = 3e-3
-    warmup: int = 100
-    seed: int = 0
-    seeds: str = ""
-    router: str = "topk"
-    reference_gate: str = "learned"
-    balance: str = "aux"
-    balance_scope: str = "global"
-    aux_coef: float = 0.01
-    z_coef: float = 0.001
-    bias_rate: float = 1e-3
-    capacity_factor: float = 0.0
-    capacity_scope: str = "micro"
-    norm_topk: bool = False
-    dense: bool = False
-    batch_order: str = "mixed"
-    overlap: float = 0.1
-    train_bytes: int = 300_000
-    data_dir: str = ""
-    eval_seqs: int = 32
-    log_every: int = 100
-    ckpt_every: int = 250
-    sweep: str = ""
-    jobs: int = 1
-    bench: bool = False
-    device: str = "auto"
-    dtype: str = "float32"
-    threads: int = 1
-    compile: bool = False
-    impl: str = "grouped"
-    stop_at: int = 0
-    out: str = os.path.join("out", "moe_testbed")
-    resume: bool = False
-    preset: str = "cpu"
-
-
-PRESETS = {  # --preset: defaults for one kind of machine; flags given on the command line still win
-    "cpu": {},
-    "gpu": dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, accum=2,
-                lr=1e-3, warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True),
-}
-
-
-# ----------------------------------------------------------------------------------------------------
-# Routers: one function each. Every one returns expert ids idx_TK (slot 0 = the token's top-1) and gates_TK.
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Routers: one function each; each returns expert ids idx_TK (slot 0: the top-1) and gates_TK
 
 def route_topk(probs_TE, bias_E, K):
     """Token choice: p_t = softmax(W h_t); the k experts with the largest p_ti + b_i. The aux-free bias b
@@ -162,9 +108,7 @@ def expert_choice_ffn(x_TD, probs_TE, C, w_in_EDH, w_out_EHD):
     return y_TD, tok_EC
 
 
-# ----------------------------------------------------------------------------------------------------
-# Balancing and capacity, each at a scope
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Balancing and capacity, each at a scope
 
 def aux_loss(probs_TE, counts_GE, coef):
     """Switch/GShard load-balancing loss over G groups of equal size (the scope's groups in this forward):
@@ -227,9 +171,7 @@ class StepRouting:
         return carry_E + rows_WE[:rank].sum(0)
 
 
-# ----------------------------------------------------------------------------------------------------
-# The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses and the routing record
-# ----------------------------------------------------------------------------------------------------
+# ---------------- The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses, routing record
 
 class MoEFFN(nn.Module):
     def __init__(self, cfg, n_domains, layer_id=0):
@@ -326,29 +268,7 @@ class MoEFFN(nn.Module):
         return y_TD.view(B, S, -1), stats
 
 
-# ----------------------------------------------------------------------------------------------------
-# The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN per block
-# ----------------------------------------------------------------------------------------------------
-
-class RMSNorm(nn.Module):
-    def __init__(self, dim, eps=1e-6):
-        super().__init__()
-        self.eps, self.weight = eps, nn.Parameter(torch.ones(dim))
-
-    def forward(self, x):
-        return x * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + self.eps).to(x.dtype) * self.weight
-
-
-def rope_tables(S, hd, device):
-    inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=device).float() / hd))
-    ang_SF = torch.arange(S, device=device).float()[:, None] * inv[None]      # F = hd/2
-    return ang_SF.cos(), ang_SF.sin()
-
-
-def apply_rope(x_BNSd, cos_SF, sin_SF):
-    x1, x2 = x_BNSd.float().chunk(2, -1)                                      # rotate half (GPT-NeoX form)
-    return torch.cat([x1 * cos_SF - x2 * sin_SF, x1 * sin_SF + x2 * cos_SF], -1).to(x_BNSd.dtype)
-
+# ---------------- The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN per block
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -357,10 +277,10 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x_BSD, cos_SF, sin_SF):
+    def forward(self, x_BSD, pos_S):
         B, S, D = x_BSD.shape
         q, k, v = self.qkv(x_BSD).view(B, S, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)   # (B, nh, S, hd)
-        q, k = apply_rope(q, cos_SF, sin_SF), apply_rope(k, cos_SF, sin_SF)
+        q, k = rope(q, pos_S), rope(k, pos_S)                          # rotate half (GPT-NeoX form)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
 
@@ -381,8 +301,8 @@ class Block(nn.Module):
         self.attn = Attention(cfg)
         self.ffn = MoEFFN(cfg, n_domains, layer_id) if moe else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden)
 
-    def forward(self, x, rope, ctx):
-        x = x + self.attn(self.ln1(x), *rope)
+    def forward(self, x, pos_S, ctx):
+        x = x + self.attn(self.ln1(x), pos_S)
         y, stats = self.ffn(self.ln2(x), ctx)
         return x + y, stats
 
@@ -399,14 +319,13 @@ class Model(nn.Module):
             if p.dim() == 2:                                                 # GPT-2 init, scaled residual outs
                 std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("proj.weight", "w_out.weight")) else 0.02
                 nn.init.normal_(p, 0.0, std)
-        self.hd = cfg.d_model // cfg.n_head
 
     def forward(self, tok_BS, dom_B, step=None):
-        rope = rope_tables(tok_BS.shape[1], self.hd, tok_BS.device)
+        pos_S = torch.arange(tok_BS.shape[1], device=tok_BS.device)
         ctx = dict(tok_BS=tok_BS, dom_B=dom_B, step=step)                    # dom_B: only the reference reads it
         x, layer_stats = self.emb(tok_BS), []
         for blk in self.blocks:
-            x, stats = blk(x, rope, ctx)
+            x, stats = blk(x, pos_S, ctx)
             if stats is not None:
                 layer_stats.append(stats)
         return self.head(self.ln_f(x)), layer_stats
@@ -426,9 +345,7 @@ def moe_layer_ids(cfg):
     return ids
 
 
-# ----------------------------------------------------------------------------------------------------
-# Routing metrics (numpy, on domain x expert count matrices)
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Routing metrics (numpy, on domain x expert count matrices)
 
 def utilization(f_E):
     """U = sum_i min(f_i, 1/E): 1 = perfectly balanced, 1/E = collapse onto one expert."""
@@ -540,19 +457,13 @@ def add_record(acc, layer_stats, dom_T, L, E):
     return acc
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training: an optimizer step = cfg.accum micro-batches on each of W ranks
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Training: an optimizer step = cfg.accum micro-batches on each of W ranks
 
 def lr_at(cfg, step):
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
-def autocast(cfg, device):
-    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
 def micro_batches(cfg, doms, step, device):
@@ -693,8 +604,7 @@ def run_one(cfg, doms, name, device, quiet=False):
     net = wrap_ddp(model, cfg)
     end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
     home_LG = reference_groups(len(doms.names), cfg.experts, cfg.top_k)[0].numpy()
-    bar = tqdm(range(start, end), initial=start, total=cfg.steps, desc=name, leave=False, dynamic_ncols=True,
-               disable=rank != 0 or quiet)
+    bar = progress(range(start, end), name, total=cfg.steps, initial=start, quiet=rank != 0 or quiet)
     t_log = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
@@ -710,6 +620,10 @@ def run_one(cfg, doms, name, device, quiet=False):
             tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t_log, 1e-9)
             bar.set_postfix(bpb=f"{ce / math.log(2):.3f}")
             say(line + f" | {tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
+            if rank == 0:
+                log_metrics(os.path.join(cfg.out, "metrics.jsonl"), run=name, seed=cfg.seed, step=step + 1,
+                            loss=round(ce, 5), bpb=round(ce / math.log(2), 5), aux=round(aux, 6), lr=lr_at(cfg, step),
+                            **{f"L{r['layer']}_{k}": r[k] for r in recs for k in ("purity", "utilization")})
         if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
             save_ckpt(ckpt_path, model, opt, step + 1, train_s, cfg, history)
     bar.close()
@@ -728,9 +642,7 @@ def run_one(cfg, doms, name, device, quiet=False):
                capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed, **res,
                history=history, tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(train_s, 1e-9),
                train_s=round(train_s, 1), world_size=world, config_key=config_key(cfg))
-    with open(res_path + ".tmp", "w") as f:
-        json.dump(res, f)
-    os.replace(res_path + ".tmp", res_path)
+    write_json(res_path, res)
     return res
 
 
@@ -752,7 +664,7 @@ def save_ckpt(path, model, opt, step, train_s, cfg, history):
 
 
 # these may differ between an interrupted run and its resumption; everything else must match
-RESUME_FREE = {"threads", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds", "device",
+RESUME_FREE = {"threads", "quick", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds", "device",
                "compile", "impl", "preset", "jobs"}
 
 
@@ -760,9 +672,7 @@ def config_key(cfg):
     return json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}, sort_keys=True)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Evaluation
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Evaluation
 
 @torch.no_grad()
 def evaluate(model, cfg, doms, device):
@@ -807,9 +717,7 @@ def evaluate(model, cfg, doms, device):
 METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Reports: heat map, table (mean +- sample std over seeds), optional plots
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Reports: heat map, table (mean +- sample std over seeds), optional plots
 
 SHADES = " ░▒▓█"
 
@@ -826,14 +734,9 @@ def heat_map(matrix_LE, names, order):
     return "\n".join(lines)
 
 
-COLS = [("val_bpb", "val bpb", "{:.3f}"), ("utilization", "U", "{:.3f}"), ("maxvio", "MaxVio", "{:.2f}"),
-        ("purity", "purity", "{:.3f}"), ("agreement", "agree", "{:.3f}"), ("nmi", "NMI", "{:.3f}"),
-        ("entropy", "entropy", "{:.3f}"), ("dropped_frac", "dropped", "{:.3f}"), ("tokens_per_s", "tok/s", "{:.0f}")]
-
-
-def mean_std(vals):
-    """Mean and sample std (ddof = 1; None for one value)."""
-    return float(np.mean(vals)), (float(np.std(vals, ddof=1)) if len(vals) > 1 else None)
+COLS = [("val_bpb", "val bpb", ".3f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
+        ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
+        ("entropy", "entropy", ".3f"), ("dropped_frac", "dropped", ".3f"), ("tokens_per_s", "tok/s", ".0f")]
 
 
 def table_rows(runs):
@@ -841,15 +744,7 @@ def table_rows(runs):
     rows = []
     for n in dict.fromkeys(r["name"] for r in runs):
         rs = [r for r in runs if r["name"] == n]
-        cells = []
-        for key, _, fmt in COLS:
-            vals = [r[key] for r in rs if r.get(key) is not None]
-            if not vals:
-                cells.append("-")
-                continue
-            m, s = mean_std(vals)
-            cells.append(fmt.format(m) + ("" if s is None else " ± " + fmt.format(s)))
-        rows.append((n, len(rs), cells))
+        rows.append((n, len(rs), [mean_std([r.get(key) for r in rs], spec) for key, _, spec in COLS]))
     return rows
 
 
@@ -887,7 +782,7 @@ def plots(runs, out_dir):
     if len(sizes) > 2:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in ("purity", "nmi", "utilization"):
-            stats = [mean_std([r[key] for r in runs if r["balance_tokens"] == n]) for n in sizes]
+            stats = [mean_sd([r[key] for r in runs if r["balance_tokens"] == n]) for n in sizes]
             ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], label=key, capsize=3)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("tokens per balancing group")
@@ -895,12 +790,32 @@ def plots(runs, out_dir):
         paths.append(os.path.join(out_dir, "balance.png"))
         fig.savefig(paths[-1], dpi=120)
         plt.close(fig)
+    first = {}                                             # routing heat map: the first seed of each configuration
+    for r in runs:
+        first.setdefault(r["name"], r)
+    cells = [(r, lay) for r in first.values() for lay in r.get("per_layer") or []]
+    if cells:                                              # as the terminal's: experts in the reference's order
+        cols = min(len(cells), 4)
+        rows = -(-len(cells) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+        top = max(float(np.max(lay["routing_matrix"])) for _, lay in cells)
+        for ax, (r, lay) in zip(axes.flat, cells):
+            im = ax.imshow(np.asarray(lay["routing_matrix"])[:, lay["expert_order"]], cmap="viridis", vmin=0, vmax=top)
+            ax.set_xticks(range(len(lay["expert_order"])), lay["expert_order"])
+            ax.set_yticks(range(len(r["per_domain_bpb"])), list(r["per_domain_bpb"]), fontsize=7)
+            ax.set_xlabel("expert (in the reference's order)")
+            ax.set_title(f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
+                         f"U {lay['utilization']:.2f}", fontsize=8)
+        for ax in axes.flat[len(cells):]:
+            ax.axis("off")
+        fig.colorbar(im, ax=axes, label="share of the domain's routing slots")
+        paths.append(os.path.join(out_dir, "routing.png"))
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
     return paths
 
 
-# ----------------------------------------------------------------------------------------------------
-# Sweeps (each configuration: the base config plus overrides), optionally in parallel worker processes
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Sweeps (each configuration: the base config plus overrides), optionally in worker processes
 
 def sweep_plan(cfg, world=1):
     """[(name, overrides)] for --sweep scopes | balance | capacity."""
@@ -932,9 +847,14 @@ def _worker(cfg_dict, name, doms):
     """One sweep configuration in a worker process (started with 'spawn': a fresh interpreter; the data
     come pickled from the parent, so no worker regenerates or re-caches them)."""
     cfg = Config(**cfg_dict)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    set_threads(cfg.threads)
     return run_one(cfg, doms, name, pick_device(cfg.device), quiet=True)
+
+
+def worker_threads(cfg):
+    """Torch threads of each --jobs worker: --threads as given; for 0 (torch's default: one thread per core in
+    EVERY process) the cores shared out, so that N workers do not oversubscribe them."""
+    return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
 
 
 def run_all(cfg, plan, doms, device):
@@ -946,7 +866,8 @@ def run_all(cfg, plan, doms, device):
             say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
     if cfg.jobs > 1 and len(todo) > 1:
         with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_worker, asdict(c), name, doms) for name, c in todo]
+            futures = [pool.submit(_worker, {**asdict(c), "threads": worker_threads(cfg)}, name, doms)
+                       for name, c in todo]
             results = []
             for fut in futures:
                 results.append(fut.result())
@@ -972,9 +893,7 @@ def report_run(res, doms):
     say(table([res], header=False) + f"  ({res['train_s']:.0f} s)")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Bench: MoE vs dense step time, interleaved in one process
-# ----------------------------------------------------------------------------------------------------
+# ---------------- Bench: MoE vs dense step time, interleaved in one process
 
 def bench(cfg, doms, device, n=20, warm=3):
     models = {}
@@ -988,7 +907,7 @@ def bench(cfg, doms, device, n=20, warm=3):
         for kind, (c, m, opt) in models.items():
             t0 = time.perf_counter()
             train_step(m, opt, c, doms, i, device)
-            if device == "cuda":
+            if torch.device(device).type == "cuda":
                 torch.cuda.synchronize()
             if i >= warm:
                 times[kind].append(time.perf_counter() - t0)
@@ -1022,13 +941,7 @@ def flops_note(cfg, device, tok_s):
     return f" | {tflops:.1f} model TFLOP/s" + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "")
 
 
-# ----------------------------------------------------------------------------------------------------
-# Plumbing: data, devices, data parallelism
-# ----------------------------------------------------------------------------------------------------
-
-class BadInput(ValueError):
-    """A user error: reported as one line, exit status 2."""
-
+# ---------------- Plumbing: data, devices, data parallelism
 
 def load_domains(cfg):
     if cfg.data_dir:                                       # only rank 0 writes the cache; the others re-read the text
@@ -1038,17 +951,6 @@ def load_domains(cfg):
         doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
     check_lengths(doms, cfg.seq_len)
     return doms
-
-
-def pick_device(name):
-    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if mps else "cpu"
-    if name not in ("cpu", "cuda", "mps"):
-        raise BadInput(f"unknown --device {name!r}")
-    if (name == "cuda" and not torch.cuda.is_available()) or (name == "mps" and not mps):
-        raise BadInput(f"--device {name} is not available on this machine")
-    return name
 
 
 def rank_world():
@@ -1081,16 +983,17 @@ def setup_distributed(device, world):
     missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
     if missing:
         raise BadInput(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
-    backend = {"cpu": "gloo", "cuda": "nccl"}.get(device)
+    device = torch.device(device)
+    backend = {"cpu": "gloo", "cuda": "nccl"}.get(device.type)
     if backend is None:
         raise BadInput(f"data parallelism runs on cpu (gloo) or cuda (nccl), not on {device}")
     if not (dist.is_available() and getattr(dist, f"is_{backend}_available")()):
         raise BadInput(f"torch.distributed backend {backend} is not available in this torch build")
-    if device == "cuda":
+    if device.type == "cuda":
         local, n_gpu = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
         if local >= n_gpu:
             raise BadInput(f"LOCAL_RANK {local} but {n_gpu} GPU(s): at most one process per GPU")
-        device = f"cuda:{local}"
+        device = torch.device(f"cuda:{local}")
         torch.cuda.set_device(device)
     dist.init_process_group(backend)
     return device
@@ -1145,114 +1048,132 @@ def cli(argv=None):
     sys.exit(code)
 
 
-# ----------------------------------------------------------------------------------------------------
-# CLI: help, validation, main
-# ----------------------------------------------------------------------------------------------------
+# ---------------- CLI: every flag (default, help, choices) in Config; presets, validation, main
 
-HELP = {
-    "experts": "number of experts E per MoE layer",
-    "top_k": "experts per token K (every router; expert choice takes T*K/E tokens per expert)",
-    "n_layer": "transformer blocks",
-    "moe_layers": "which blocks get an MoE FFN: 'upper' (upper half), 'all', or indices like '1,2'",
-    "d_model": "model width D",
-    "n_head": "attention heads",
-    "expert_hidden": "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)",
-    "seq_len": "bytes per training sequence",
-    "batch_size": "sequences per optimizer step, over all processes and micro-batches",
-    "accum": "micro-batches per optimizer step on each process (gradient accumulation): a micro-batch holds "
-             "batch-size/(processes*accum) sequences",
-    "steps": "optimizer steps",
-    "lr": "peak AdamW learning rate (linear warmup, cosine decay to 10%%)",
-    "warmup": "warmup steps",
-    "seed": "seed for weights and batch order (the procedural languages are fixed, generated from seed 0)",
-    "seeds": "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std",
-    "router": "reference (domain-label oracle) | topk (token choice) | expert_choice (not causal) | hash",
-    "reference_gate": "reference router: learned (top by router probability inside the group, gates = probs) "
-                      "| uniform (round-robin inside the group, gates 1/K)",
-    "balance": "topk only: none | aux (Switch/GShard aux loss) | aux_free (DeepSeek-V3 selection bias)",
-    "balance_scope": "tokens the balancing is computed over: sequence | micro (one micro-batch) | "
-                     "global (the optimizer step: every micro-batch on every process)",
-    "aux_coef": "aux loss coefficient alpha",
-    "z_coef": "router z-loss coefficient (learned routers)",
-    "bias_rate": "aux_free bias update rate gamma",
-    "capacity_factor": "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity slots dropped; 0 = dropless",
-    "capacity_scope": "tokens one capacity spans: sequence | micro | global (queues run across the step)",
-    "norm_topk": "renormalise the gates over the chosen k (Mixtral/DeepSeek form); default: raw softmax probs",
-    "dense": "train the dense baseline (FFN width K*H everywhere) instead of the MoE",
-    "batch_order": "mixed (random domain order in a batch) | by_domain (batch sorted by domain: a micro-batch "
-                   "holds few domains)",
-    "overlap": "procedural data: probability a word is a loanword shared by all languages (0..1)",
-    "train_bytes": "procedural data: training bytes per domain",
-    "data_dir": "real text instead of the procedural mix: DIR/<domain>/*.txt (UTF-8), >= 2 domains",
-    "eval_seqs": "held-out sequences per domain for evaluation",
-    "log_every": "steps between log lines and routing-history records",
-    "ckpt_every": "steps between checkpoints",
-    "sweep": "scopes (every router and scope) | balance (aux loss over groups of 1, 2, 4, ... sequences) | "
-             "capacity (cf 1.0/1.25 x capacity scope, batches sorted by domain)",
-    "jobs": "run a sweep's (or --seeds') configurations in this many worker processes",
-    "bench": "time MoE vs dense training steps side by side in this process and print the ratio",
-    "device": "auto (cuda, then mps, else cpu) | cpu | cuda | mps",
-    "dtype": "float32 | bfloat16 (bf16 autocast; the router stays fp32)",
-    "threads": "CPU threads for torch per process; 0 = torch's default. 1: every README number was measured so",
-    "compile": "torch.compile the attention blocks and the expert dispatch",
-    "impl": "expert dispatch in kernels.moe_ffn: grouped | loop",
-    "stop_at": "stop after this step as if interrupted (checkpoint only, no results); for testing --resume",
-    "out": "output folder: results.json and one subfolder per run with its checkpoint",
-    "resume": "continue each run from its checkpoint in --out (finished runs are reused)",
-    "preset": "cpu (the defaults) | gpu (d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, compile)",
+def opt(default, help, choices=None):
+    return field(default=default, metadata=dict(help=help, choices=choices))
+
+
+@dataclass
+class Config:
+    experts: int = opt(8, "number of experts E per MoE layer")
+    top_k: int = opt(2, "experts per token K (every router; expert choice takes T*K/E tokens per expert)")
+    n_layer: int = opt(2, "transformer blocks")
+    moe_layers: str = opt("upper", "which blocks get an MoE FFN: 'upper' (upper half), 'all', or indices like '1,2'")
+    d_model: int = opt(128, "model width D")
+    n_head: int = opt(4, "attention heads")
+    expert_hidden: int = opt(128, "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)")
+    seq_len: int = opt(128, "bytes per training sequence")
+    batch_size: int = opt(32, "sequences per optimizer step, over all processes and micro-batches")
+    accum: int = opt(1, "micro-batches per optimizer step on each process (gradient accumulation): a micro-batch "
+                        "holds batch-size/(processes*accum) sequences")
+    steps: int = opt(1000, "optimizer steps")
+    lr: float = opt(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%%)")
+    warmup: int = opt(100, "warmup steps")
+    seed: int = opt(0, "seed for weights and batch order (the procedural languages are fixed, generated from seed 0)")
+    seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std")
+    router: str = opt("topk", "reference = domain-label oracle, topk = token choice, expert_choice (not causal), "
+                              "hash", ("reference", "topk", "expert_choice", "hash"))
+    reference_gate: str = opt("learned", "reference router: learned (top by router probability inside the group, "
+                                         "gates = probs) | uniform (round-robin in the group, gates 1/K)",
+                              ("learned", "uniform"))
+    balance: str = opt("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 selection bias",
+                       ("none", "aux", "aux_free"))
+    balance_scope: str = opt("global", "tokens the balancing is computed over: one sequence, one micro-batch, or "
+                                       "global = the optimizer step (every micro-batch on every process)",
+                             ("sequence", "micro", "global"))
+    aux_coef: float = opt(0.01, "aux loss coefficient alpha")
+    z_coef: float = opt(0.001, "router z-loss coefficient (learned routers)")
+    bias_rate: float = opt(1e-3, "aux_free bias update rate gamma")
+    capacity_factor: float = opt(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity slots "
+                                      "dropped; 0 = dropless")
+    capacity_scope: str = opt("micro", "tokens one capacity spans (global: queues run across the step)",
+                              ("sequence", "micro", "global"))
+    norm_topk: bool = opt(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek form); default: raw "
+                                 "softmax probs")
+    dense: bool = opt(False, "train the dense baseline (FFN width K*H everywhere) instead of the MoE")
+    batch_order: str = opt("mixed", "mixed = random domain order in a batch, by_domain = batch sorted by domain "
+                                    "(a micro-batch holds few domains)", ("mixed", "by_domain"))
+    overlap: float = opt(0.1, "procedural data: probability a word is a loanword shared by all languages (0..1)")
+    train_bytes: int = opt(300_000, "procedural data: training bytes per domain")
+    data_dir: str = opt("", "real text instead of the procedural mix: DIR/<domain>/*.txt (UTF-8), >= 2 domains")
+    eval_seqs: int = opt(32, "held-out sequences per domain for evaluation")
+    log_every: int = opt(100, "steps between log lines, metrics.jsonl and routing-history records")
+    ckpt_every: int = opt(250, "steps between checkpoints")
+    sweep: str = opt("", "scopes = every router and scope, balance = aux loss over groups of 1, 2, 4, ... "
+                         "sequences, capacity = cf 1.0/1.25 x capacity scope with batches sorted by domain",
+                     ("scopes", "balance", "capacity"))
+    jobs: int = opt(1, "run a sweep's (or --seeds') configurations in this many worker processes")
+    bench: bool = opt(False, "time MoE vs dense training steps side by side in this process and print the ratio")
+    quick: bool = opt(False, "a tiny configuration, < 1 min on a 2-core CPU (same output; flags given win)")
+    stop_at: int = opt(0, "stop after this step as if interrupted (checkpoint only, no results); tests --resume")
+    out: str = opt(os.path.join("out", "moe_testbed"), "output folder: results.json, metrics.jsonl, PNGs (with "
+                                                       "matplotlib) and one subfolder per run with its checkpoint")
+    resume: bool = opt(False, "continue each run from its checkpoint in --out (finished runs are reused)")
+    device: str = opt("auto", "auto = cuda, then mps, else cpu", ("auto", "cpu", "cuda", "mps"))
+    dtype: str = opt("float32", "bfloat16 = bf16 autocast (the router stays fp32)", ("float32", "bfloat16"))
+    threads: int = opt(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N each worker "
+                          "max(1, cores // N). The docs' numbers were measured with --threads 1")
+    compile: bool = opt(False, "torch.compile the attention blocks and the expert dispatch")
+    impl: str = opt("grouped", "expert dispatch in kernels.moe_ffn", ("grouped", "loop"))
+    preset: str = opt("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, "
+                             "compile", ("cpu", "gpu"))
+
+
+GROUPS = {"model": "experts top_k n_layer moe_layers d_model n_head expert_hidden dense",
+          "routing and balancing": "router reference_gate balance balance_scope aux_coef z_coef bias_rate "
+                                   "capacity_factor capacity_scope norm_topk",
+          "training": "batch_size accum steps lr warmup seed seeds",
+          "data": "seq_len overlap train_bytes data_dir eval_seqs batch_order",
+          "runs and output": "quick sweep jobs bench out resume log_every ckpt_every stop_at",
+          "machine": "device dtype threads compile impl preset"}
+
+PRESETS = {  # --preset: defaults for one kind of machine; flags given on the command line still win
+    "cpu": {},
+    "gpu": dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, accum=2,
+                lr=1e-3, warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True),
 }
-
-CHOICES = dict(router=("reference", "topk", "expert_choice", "hash"), reference_gate=("learned", "uniform"),
-               balance=("none", "aux", "aux_free"), balance_scope=("sequence", "micro", "global"),
-               capacity_scope=("sequence", "micro", "global"), batch_order=("mixed", "by_domain"),
-               sweep=("scopes", "balance", "capacity"), dtype=("float32", "bfloat16"), impl=("grouped", "loop"),
-               preset=tuple(PRESETS))
+QUICK = dict(d_model=64, expert_hidden=64, seq_len=64, batch_size=16, steps=300, warmup=30, train_bytes=50_000,
+             eval_seqs=8, log_every=100, threads=1)  # --quick: < 1 min; flags given win. threads 1: such small
+# matrices gain nothing from a second thread, and on a busy 2-core machine 2 threads took 162 s instead of 14 s
 
 EPILOG = """examples:
-  python moe_testbed.py --experts 8                         one run, tables + heat map (~5 min, 2-core CPU)
+  python moe_testbed.py --quick                             a tiny run: tables + heat map in < 1 min
+  python moe_testbed.py --experts 8 --threads 1             one run, as in the docs (~5 min, 2-core CPU)
   python moe_testbed.py --sweep scopes --accum 8 --seeds 0,1,2 --jobs 2
-  python moe_testbed.py --sweep balance --steps 300         purity vs the sequences one balancing group spans
-  python moe_testbed.py --sweep capacity --accum 8          dropping at cf 1.0 / 1.25 per capacity scope
   torchrun --standalone --nproc_per_node 2 moe_testbed.py   data parallel (gloo on CPU, NCCL on GPUs)"""
 
 
 def seed_list(cfg):
-    if not cfg.seeds:
-        return [cfg.seed]
     try:
-        return [int(s) for s in cfg.seeds.split(",")]
+        return [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     except ValueError:
         raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
 
 
 def validate(cfg, world=1):
     """Every check that can fail, before any process group exists: all ranks see the same flags and
-    WORLD_SIZE, so they all fail alike and exit without waiting for each other."""
+    WORLD_SIZE, so they all fail alike and exit without waiting for each other. (choices: argparse)"""
     def need(ok, msg):
         if not ok:
             raise BadInput(msg)
     for f in ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len", "batch_size",
               "accum", "steps", "eval_seqs", "log_every", "ckpt_every", "train_bytes", "jobs"):
         need(getattr(cfg, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
-    need(min(cfg.warmup, cfg.stop_at, cfg.threads) >= 0, "--warmup, --stop-at and --threads must be >= 0")
+    need(min(cfg.warmup, cfg.stop_at) >= 0, "--warmup and --stop-at must be >= 0")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     need(cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} is larger than --experts {cfg.experts}")
     need(cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0,
          f"--d-model {cfg.d_model} must be a multiple of 2*--n-head ({2 * cfg.n_head}) for RoPE")
-    for key, options in CHOICES.items():
-        value = getattr(cfg, key)
-        need(value in options or (key == "sweep" and value == ""),
-             f"--{key.replace('_', '-')} must be one of {', '.join(options)}, got {value!r}")
     need(world >= 1 and cfg.batch_size % (world * cfg.accum) == 0,
          f"--batch-size {cfg.batch_size} must be divisible by --accum {cfg.accum} x the number of processes "
          f"(WORLD_SIZE={world})")
-    mu = cfg.batch_size // (world * cfg.accum)
     need(min(cfg.aux_coef, cfg.z_coef, cfg.bias_rate, cfg.capacity_factor) >= 0,
          "--aux-coef, --z-coef, --bias-rate and --capacity-factor must be >= 0")
     need(cfg.capacity_factor == 0 or cfg.router != "expert_choice",
          "--capacity-factor does not apply to expert_choice (every expert takes exactly T*K/E tokens)")
-    need(cfg.router != "expert_choice" or mu * cfg.seq_len * cfg.top_k >= cfg.experts,
-         "expert_choice needs a micro-batch of at least experts/top-k tokens")
+    need(cfg.router != "expert_choice" or cfg.batch_size // (world * cfg.accum) * cfg.seq_len * cfg.top_k
+         >= cfg.experts, "expert_choice needs a micro-batch of at least experts/top-k tokens")
     need(0.0 <= cfg.overlap <= 1.0, f"--overlap must be in [0, 1], got {cfg.overlap}")
     need(not (cfg.sweep and (cfg.dense or cfg.bench)), "--sweep cannot be combined with --dense or --bench")
     need(world == 1 or not cfg.bench, "--bench times two models in one process: run it without torchrun")
@@ -1264,39 +1185,26 @@ def validate(cfg, world=1):
             validate(Config(**{**asdict(cfg), **o, "sweep": ""}), world)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                                # one line from rank 0, exit 2 (not argparse's usage)
-        raise BadInput(message)
-
-
 def parse_args(argv):
-    """Flags -> Config: Config defaults, then the --preset's values, then the flags actually given."""
-    p = _Parser(prog="moe_testbed.py", description=__doc__.split("\n")[0], epilog=EPILOG, allow_abbrev=False,
-                formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = {g: p.add_argument_group(g) for g in ("model", "routing and balancing", "training", "data",
-                                                   "runs and output", "machine")}
-    where = dict(accum="training", steps="training", lr="training", warmup="training", seed="training",
-                 seeds="training", batch_size="training", overlap="data", train_bytes="data", data_dir="data",
-                 eval_seqs="data", batch_order="data", log_every="runs and output", ckpt_every="runs and output",
-                 sweep="runs and output", jobs="runs and output", bench="runs and output", stop_at="runs and output",
-                 out="runs and output", resume="runs and output", device="machine", dtype="machine",
-                 threads="machine", compile="machine", impl="machine", preset="machine")
-    routing = ("router", "reference_gate", "balance", "balance_scope", "aux_coef", "z_coef", "bias_rate",
-               "capacity_factor", "capacity_scope", "norm_topk")
+    """Flags -> Config: Config defaults, then the --preset's values, then --quick's, then the flags given."""
+    p = OneLineParser(prog="moe_testbed.py", description=__doc__.split("\n")[0], epilog=EPILOG, allow_abbrev=False,
+                      formatter_class=argparse.RawDescriptionHelpFormatter)
     preset_keys = {k for v in PRESETS.values() for k in v}
-    for f in fields(Config):
-        grp = groups["routing and balancing" if f.name in routing else where.get(f.name, "model")]
-        flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=HELP[f.name])
-        if f.type is bool or f.type == "bool":             # --compile / --no-compile: a preset's switch can be undone
-            act = argparse.BooleanOptionalAction if f.name in preset_keys else "store_true"
-            grp.add_argument(flag, action=act, **kw)
-        elif f.name == "sweep":
-            grp.add_argument(flag, nargs="?", const="scopes", **{**kw, "help": kw["help"] + " (bare: scopes)"})
-        else:
-            typ = {"int": int, "float": float, "str": str}.get(f.type, f.type) if isinstance(f.type, str) else f.type
-            grp.add_argument(flag, type=typ, **{**kw, "help": kw["help"] + f" (default: {f.default})"})
+    by_name = {f.name: f for f in fields(Config)}
+    for title, names in GROUPS.items():
+        grp = p.add_argument_group(title)
+        for f in (by_name[n] for n in names.split()):
+            flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
+            if f.type is bool:                             # --compile / --no-compile: a preset's switch can be undone
+                grp.add_argument(flag, action=argparse.BooleanOptionalAction if f.name in preset_keys else
+                                 "store_true", **kw)
+                continue
+            if f.name == "sweep":
+                kw.update(nargs="?", const="scopes", help=kw["help"] + "; bare --sweep: scopes")
+            kw["help"] = argparse.SUPPRESS if f.name == "stop_at" else kw["help"] + f" (default: {f.default!r})"
+            grp.add_argument(flag, type=f.type, choices=f.metadata["choices"], **kw)   # stop_at: for tests only
     given = vars(p.parse_args(argv))
-    return Config(**{**PRESETS.get(given.get("preset"), {}), **given})
+    return Config(**{**PRESETS[given.get("preset", "cpu")], **(QUICK if given.get("quick") else {}), **given})
 
 
 def main(argv=None):
@@ -1304,14 +1212,20 @@ def main(argv=None):
     grouped = False                                        # True once the ranks join the process group
     world = int(os.environ.get("WORLD_SIZE", "1"))         # set by torchrun
     try:
-        cfg = parse_args(argv)
+        try:                                               # argparse's one-line errors: from rank 0 only
+            with redirect_stderr(io.StringIO()) if rank_world()[0] else nullcontext():
+                cfg = parse_args(argv)
+        except SystemExit as e:
+            if e.code:
+                meet_before_exit(world)
+            raise
         validate(cfg, world)
         device = pick_device(cfg.device)
-        if cfg.preset == "gpu" and device != "cuda":
+        if cfg.preset == "gpu" and device.type != "cuda":
             raise BadInput(f"--preset gpu is sized for a CUDA GPU, but the device is {device}; "
                            "use the default --preset cpu")
-        if cfg.threads:
-            torch.set_num_threads(cfg.threads)
+        set_threads(cfg.threads)
+        writable_dirs(out=cfg.out)                         # every rank checks: they all fail alike
         doms = load_domains(cfg)
         grouped = True
         device = setup_distributed(device, world)          # after every check that can fail alike on all ranks
@@ -1337,8 +1251,6 @@ def _main(cfg, doms, device):
     say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: {', '.join(doms.names)} | "
         f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes | step = {cfg.accum} "
         f"micro-batch(es) of {mu} sequences" + (f" x {world} processes ({dist.get_backend()})" if world > 1 else ""))
-    if rank == 0:
-        os.makedirs(cfg.out, exist_ok=True)
     if cfg.bench:
         b = bench(cfg, doms, device)
         say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} ms"
@@ -1350,6 +1262,9 @@ def _main(cfg, doms, device):
     if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
         say("note: --accum 1: a micro-batch is the whole step, so micro and global scope are the same run")
     plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
+    if rank == 0 and not cfg.resume:                       # a rerun keeps the earlier run folders and figures
+        keep_previous(cfg.out, also=lambda f: f.endswith(".png") or os.path.isfile(
+            os.path.join(cfg.out, f, "result.json")) or os.path.isfile(os.path.join(cfg.out, f, "ckpt.pt")))
     runs = run_all(cfg, [(n, Config(**{**asdict(cfg), **o})) for n, o in plan], doms, device)
     if runs is None or rank != 0:
         return None
@@ -1376,14 +1291,11 @@ def run_name(cfg):
     return name + (f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else "")
 
 
-def _write_results(cfg, obj):                                 # rank 0 only (its callers see to that)
+def _write_results(cfg, obj):                             # rank 0 only (its callers see to that)
+    if not cfg.resume:                                     # reruns never silently replace earlier results
+        keep_previous(cfg.out)
     path = os.path.join(cfg.out, "results.json")
-    if os.path.exists(path) and not cfg.resume:              # reruns never silently replace earlier results
-        stamp = time.strftime("-%Y%m%d-%H%M%S", time.localtime(os.path.getmtime(path)))
-        os.replace(path, path[:-5] + stamp + ".json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
+    write_json(path, obj)
     say(f"wrote {path}")
 
 

@@ -369,9 +369,11 @@ def writable_dirs(**dirs):
             raise BadInput(f"{flag} {d}: not writable")
 
 
-def keep_previous(out):
-    """Reruns never silently replace results: an earlier results.json and its checkpoints move to previous_<k>/."""
-    old = [f for f in os.listdir(out) if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))]
+def keep_previous(out, also=None):
+    """Reruns never silently replace results: an earlier results.json, its checkpoints (bridge_*.pt) and the
+    entries `also(name)` picks (a file's run folders, figures) move to previous_<k>/."""
+    old = [f for f in os.listdir(out) if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))
+           or (also is not None and not f.startswith("previous_") and also(f))]
     if old:
         k = 1 + sum(d.startswith("previous_") for d in os.listdir(out))
         os.makedirs(os.path.join(out, f"previous_{k}"))

@@ -37,6 +37,8 @@ CASES = {   # name -> Config overrides on 2 ranks; one process runs the same wit
     "capacity-global": dict(balance="aux", balance_scope="global", capacity_factor=0.5, capacity_scope="global"),
 }
 
+CPU = torch.device("cpu")
+
 
 def _doms():
     """4 tiny domains, each its own byte range (no files, no generator: milliseconds)."""
@@ -55,15 +57,15 @@ def _measure(case, accum_scale=1):
     doms, (_, world) = _doms(), mt.rank_world()
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
-    _, aux, _ = mt.accumulate_grads(mt.wrap_ddp(model, cfg), cfg, doms, 3, "cpu", aux_only=True)
+    _, aux, _ = mt.accumulate_grads(mt.wrap_ddp(model, cfg), cfg, doms, 3, CPU, aux_only=True)
     out = dict(aux=(mt.all_ranks_sum(aux) / world).item(),
                aux_grads={n: p.grad.clone() for n, p in model.named_parameters()})
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
     net = mt.wrap_ddp(model, cfg)
-    opt = mt.make_optimizer(model, cfg, "cpu")
+    opt = mt.make_optimizer(model, cfg, CPU)
     for step in range(2):                                  # two steps: the second routes with the updated bias
-        ce, aux_logged, records = mt.train_step(net, opt, cfg, doms, step, "cpu")
+        ce, aux_logged, records = mt.train_step(net, opt, cfg, doms, step, CPU)
     drops = mt.all_ranks_sum(sum(st[0]["n_drop"] + st[1]["n_drop"] for st, _ in records))
     out.update(ce=ce.item(), aux_logged=aux_logged.item(), drops=int(drops),
                grads={n: p.grad.clone() for n, p in model.named_parameters()},
@@ -197,11 +199,14 @@ def test_torchrun_two_ranks_resume_writes_results_on_rank0(tmp_path):
     assert not (tmp_path / "o" / "results.json").exists()
     p = _torchrun(args + ["--resume"])
     assert p.returncode == 0, p.stderr[-3000:]
-    assert p.stdout.count("resuming at step 2") == 1 and p.stdout.count("wrote ") == 1   # rank 0 only
+    assert p.stdout.count("resuming at step 2") == 1 and p.stdout.count("results.json\n") == 1   # rank 0 only
     assert p.stdout.count("1 micro-batch(es) of 4 sequences x 2 processes (gloo)") == 1
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert res["world_size"] == 2 and res["runs"][0]["world_size"] == 2
-    assert sorted(os.listdir(tmp_path / "o")) == ["aux-global-s0", "data_cache", "results.json"]
+    assert sorted(f for f in os.listdir(tmp_path / "o") if not f.endswith(".png")) == [   # PNGs: with matplotlib
+        "aux-global-s0", "data_cache", "metrics.jsonl", "results.json"]
+    steps = [json.loads(ln)["step"] for ln in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]                                 # rank 0 alone logs: step 2 before --stop-at, 4 after
     assert sorted(os.listdir(tmp_path / "o" / "aux-global-s0")) == ["ckpt.pt", "result.json"]
     # the same global batches in one process: the same run up to gradient summation order
     one = mt.main(args[:-1] + [str(tmp_path / "one")])[0]
@@ -210,7 +215,8 @@ def test_torchrun_two_ranks_resume_writes_results_on_rank0(tmp_path):
 
 @pytest.mark.parametrize("bad,msg", [(["--batch-size", "7"], "x the number of processes (WORLD_SIZE=2)"),
                                      (["--device", "cuda"], "not available"),
-                                     (["--bench"], "without torchrun")])
+                                     (["--bench"], "without torchrun"),
+                                     (["--router", "oracle"], "--router: invalid choice")])   # argparse's
 def test_bad_input_every_rank_exits_2_one_line(tmp_path, bad, msg):
     if bad == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is available here")

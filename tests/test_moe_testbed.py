@@ -2,6 +2,7 @@
 gradient accumulation against the one-pass step; tiny end-to-end runs (history, sweeps with --jobs, resume,
 bad input)."""
 
+import concurrent.futures
 import itertools
 import json
 import math
@@ -20,6 +21,8 @@ sys.path.insert(0, ROOT)
 
 import moe_testbed as mt  # noqa: E402
 from kernels import moe_ffn  # noqa: E402
+
+CPU = torch.device("cpu")
 
 
 def _record(assign, top1, drop=0, slots=1):
@@ -80,9 +83,11 @@ def test_hungarian_matches_brute_force(n):
         assert cost[np.arange(n), perm].sum() == pytest.approx(sum(cost[i, best[i]] for i in range(n)))
 
 
-def test_mean_std_is_the_sample_std():
-    assert mt.mean_std([1.0, 2.0, 4.0]) == (pytest.approx(7 / 3), pytest.approx(np.std([1, 2, 4], ddof=1)))
-    assert mt.mean_std([5.0]) == (5.0, None)
+def test_table_cells_are_mean_and_sample_std():
+    runs = [dict(name="a", val_bpb=v, maxvio=None) for v in (1.0, 2.0, 4.0)] + [dict(name="b", val_bpb=5.0)]
+    (_, n_a, a), (_, n_b, b) = mt.table_rows(runs)
+    assert (n_a, a[0], a[2]) == (3, f"{7 / 3:.3f} ± {np.std([1, 2, 4], ddof=1):.3f}", "-")
+    assert (n_b, b[0]) == (1, "5.000")
 
 
 # ---------------------------------------------------------------- aux loss, aux-free bias
@@ -329,7 +334,7 @@ ACC = dict(experts=4, top_k=2, n_layer=2, moe_layers="all", d_model=16, n_head=2
 def _grads(cfg, aux_only=False, step=3):
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
-    ce, aux, _ = mt.accumulate_grads(model, cfg, _doms(), step, "cpu", aux_only=aux_only)
+    ce, aux, _ = mt.accumulate_grads(model, cfg, _doms(), step, CPU, aux_only=aux_only)
     return ce, aux, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
@@ -400,7 +405,7 @@ def test_global_capacity_with_accum_equals_one_pass():
     for accum in (1, 4):
         torch.manual_seed(0)
         model = mt.Model(mt.Config(**base, accum=accum), 4)
-        _, _, records = mt.accumulate_grads(model, mt.Config(**base, accum=accum), _doms(), 3, "cpu")
+        _, _, records = mt.accumulate_grads(model, mt.Config(**base, accum=accum), _doms(), 3, CPU)
         drops.append([int(sum(st[i]["n_drop"] for st, _ in records)) for i in range(2)])
     assert drops[0] == drops[1] and drops[0][0] > 0
 
@@ -439,8 +444,17 @@ def test_smoke_main_writes_results_and_history(tmp_path, capsys):
     for h in r["history"]:
         assert set(mt.HISTORY_KEYS) <= set(h) and 0 < h["utilization"] <= 1 and 0 < h["entropy"] <= 1
     assert "domain \\ expert" in capsys.readouterr().out        # the heat map (printed via tqdm.write)
+    metrics = [json.loads(ln) for ln in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["run"], m["seed"], m["step"]) for m in metrics] == [("aux-global", 0, 3), ("aux-global", 0, 6)]
+    for m, h in zip(metrics, r["history"]):
+        assert m["bpb"] == pytest.approx(m["loss"] / math.log(2)) and m["bpb"] == pytest.approx(h["train_bpb"], abs=1e-4)
+        assert m["lr"] == mt.lr_at(mt.parse_args(args), m["step"] - 1) and m["L1_purity"] == h["purity"]
+    first = (tmp_path / "o" / "results.json").read_bytes()
+    ckpt = (tmp_path / "o" / "aux-global-s0" / "ckpt.pt").read_bytes()
     mt.main(args)
-    assert len(list((tmp_path / "o").glob("results*.json"))) == 2                # the rerun kept the first
+    assert (tmp_path / "o" / "previous_1" / "results.json").read_bytes() == first   # the rerun kept the first
+    assert (tmp_path / "o" / "previous_1" / "aux-global-s0" / "ckpt.pt").read_bytes() == ckpt   # and its run folder
+    assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 4     # and added its lines
 
 
 @pytest.mark.parametrize("router", ["reference", "hash", "expert_choice"])
@@ -519,8 +533,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "must be positive" in _bad(["--d-model", "0"], tmp_path, capsys)
     assert "must be positive" in _bad(["--steps", "-3"], tmp_path, capsys)
     assert "divisible by --accum 3" in _bad(["--accum", "3"], tmp_path, capsys)
-    assert "--capacity-scope must be one of" in _bad(["--capacity-scope", "batch"], tmp_path, capsys)
-    assert "--sweep must be one of" in _bad(["--sweep", "all"], tmp_path, capsys)
+    assert "--capacity-scope: invalid choice" in _bad(["--capacity-scope", "batch"], tmp_path, capsys)
+    assert "--sweep: invalid choice" in _bad(["--sweep", "all"], tmp_path, capsys)
     assert "does not exist" in _bad(["--data-dir", str(tmp_path / "nope")], tmp_path, capsys)
     (tmp_path / "empty").mkdir()
     assert "at least 2 domain" in _bad(["--data-dir", str(tmp_path / "empty")], tmp_path, capsys)
@@ -538,3 +552,86 @@ def test_cli_bad_input_exit_code(tmp_path):
                         str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
     assert not (tmp_path / "o").exists()
+
+
+BAD = [(["--device", "cuda"], "not available"), (["--threads", "-1"], "--threads must be >= 0"),
+       (["--lr", "-0.1"], "--lr must be positive"), (["--overlap", "1.5"], "--overlap must be in [0, 1]"),
+       (["--router", "oracle"], "--router: invalid choice"), (["--top-k", "9"], "larger than --experts"),
+       (["--steps", "0"], "--steps must be positive"), (["--expert", "4"], "unrecognized arguments"),
+       (["--seeds", "0,x"], "comma-separated integers"), (["--jobs", "2.5"], "invalid int value")]
+
+
+@pytest.mark.parametrize("bad,msg", BAD, ids=[b[0] for b, _ in BAD])
+def test_bad_input_matrix_keeps_earlier_results(tmp_path, capsys, bad, msg):
+    """Each bad input: exit 2, one line, no traceback, before any work; an earlier results.json is untouched."""
+    if bad[:2] == ["--device", "cuda"] and torch.cuda.is_available():
+        pytest.skip("CUDA is available here")
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_text('{"runs": ["earlier"]}')
+    with pytest.raises(SystemExit) as e:
+        mt.main(TINY + bad + ["--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err and msg in err, err
+    assert os.listdir(out) == ["results.json"] and (out / "results.json").read_text() == '{"runs": ["earlier"]}'
+
+
+def test_unwritable_out_is_one_line_before_any_work(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("earlier")                          # --out below a file: it cannot be created
+    with pytest.raises(SystemExit) as e:
+        mt.main(TINY + ["--out", str(blocker / "o")])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "cannot create it" in err
+    assert blocker.read_text() == "earlier"
+
+
+def test_quick_defaults_and_explicit_flags_win(tmp_path, capsys):
+    q = mt.parse_args(["--quick"])
+    assert all(getattr(q, k) == v for k, v in mt.QUICK.items()) and q.steps < mt.Config().steps
+    q = mt.parse_args(["--quick", "--steps", "3", "--d-model", "32"])
+    assert (q.steps, q.d_model, q.seq_len) == (3, 32, mt.QUICK["seq_len"])
+    runs = mt.main(["--quick", "--steps", "3", "--eval-seqs", "2", "--threads", "1", "--out", str(tmp_path / "q"),
+                    "--data-dir", str(_data_dir(tmp_path))])                 # the quick model on tiny data
+    out = capsys.readouterr().out
+    assert "purity" in out and "domain \\ expert" in out and "1 run(s), 3 steps of 16x64 bytes" in out
+    assert runs[0]["purity"] > 0 and json.loads((tmp_path / "q" / "results.json").read_text())["config"]["quick"]
+
+
+def test_threads_zero_shares_the_cores_among_jobs(monkeypatch):
+    """--threads 0 with --jobs N: each worker gets max(1, cores // N) threads; a given --threads is kept."""
+    seen = []
+
+    class Pool:                                            # records what each worker would be given
+        def __init__(self, n, mp_context=None):
+            seen.append(("jobs", n))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def submit(self, fn, cfg_dict, name, doms):
+            seen.append(cfg_dict["threads"])
+            f = concurrent.futures.Future()
+            f.set_result(None)                             # as after --stop-at: run_all stops there
+            return f
+
+    monkeypatch.setattr(mt, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(mt.os, "cpu_count", lambda: 8)
+    for threads, jobs, want in ((0, 3, 2), (0, 16, 1), (0, 1, 8), (5, 3, 5)):
+        seen.clear()
+        cfg = mt.Config(threads=threads, jobs=jobs, seeds="0,1")
+        assert mt.worker_threads(cfg) == want
+        if jobs > 1:
+            assert mt.run_all(cfg, [("a", cfg)], None, CPU) is None and seen == [("jobs", jobs), want, want]   # one per seed
+
+
+def test_pictures_when_matplotlib_is_installed(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    mt.main(TINY + ["--steps", "2", "--out", str(tmp_path / "o"), "--data-dir", str(_data_dir(tmp_path))])
+    out = capsys.readouterr().out
+    for name in ("history.png", "routing.png"):
+        path = tmp_path / "o" / name
+        assert f"wrote {path}" in out and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
