@@ -452,7 +452,7 @@ def run(cfg):
     device = pick_device(cfg.device)
     start = time.perf_counter()
     world, vocab = load_world(cfg)
-    keep_previous(cfg.out)
+    keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
     metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and evaluations, as they happen
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, "
           f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, l in {layers}, seeds {seeds}")

@@ -589,7 +589,7 @@ def run(cfg):
     variants, seeds = validate(cfg)
     device, start = pick_device(cfg.device), time.perf_counter()
     world, vocab, refs = load_data(cfg)
-    keep_previous(cfg.out)
+    keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
     metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and the learning curves, as they go
     max_len = 2 + max(len(t.split()) for ds in world.values() for t in ds["captions"] + [d["q"] for qa in ds["qa"] for d in qa])
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, Q-Former "

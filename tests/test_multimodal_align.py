@@ -205,6 +205,7 @@ def test_quick_smoke_run_then_cached_rerun(tmp_path, monkeypatch, capsys):
     assert again["runs"][0]["overall"] == first["runs"][0]["overall"]
     assert again["runs"][0]["per_type"] == first["runs"][0]["per_type"]
     assert (tmp_path / "out" / "previous_1" / "results.json").exists()
+    assert all((tmp_path / "out" / "previous_1" / p.name).exists() == p.exists() for p in pngs)  # figures move too
 
 
 def write_dir(path, n=40, size=24, splits=None, drop_qa=False):
