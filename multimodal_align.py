@@ -42,59 +42,14 @@ import torch.nn.functional as F
 
 from data import vision
 from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, cli, encode, heatmap,
-                         keep_previous, mean_std, pad, pick_device, train_loop, validate_image_and_run, writable_dirs,
-                         write_json)
+                         keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
+                         set_threads, train_loop, validate_image_and_run, writable_dirs, write_results)
 from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled,
-                         generate)
+                         generate, scene_grid)
 from data.shapes import load_world as shapes_world
 
 
-@dataclass
-class Config:
-    # data
-    n_train: int = 6000
-    n_eval: int = 500            # test / hold-out scenes (about 5 questions each)
-    image_size: int = 48
-    data_dir: str = ""
-    # frozen ViT (data/vision.py)
-    patch: int = 8
-    vit_dim: int = 64
-    vit_layers: int = 4
-    vit_steps: int = 400
-    image_tokens: int = 9        # the patch grid average-pooled to a square: 9 = one ViT token per cell
-    tokens_per_cell: int = 4     # the projector writes each ViT token as this many LM tokens (M = 9 x 4)
-    # frozen LM
-    d_model: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    lm_mix: int = 3              # Primer's causal conv on q, k, v over this many tokens (1 = off)
-    lm_steps: int = 3000
-    lm_scenes: int = 50_000      # fresh text-only scenes for LM pretraining (not the bridge's training scenes)
-    lm_lr: float = 3e-3
-    # the bridge
-    stage1_steps: int = 200
-    stage2_steps: int = 800
-    batch_size: int = 64
-    lr: float = 3e-3
-    # the experiment
-    insert_layer: int = -1       # -1: the sweep {0, N/4, N/2, 3N/4} and the no-image control
-    seeds: str = "0"
-    align_groups: int = 128
-    knn_k: int = 10
-    prefill_batch: int = 256
-    device: str = "auto"
-    dtype: str = "float32"
-    compile: bool = False
-    quick: bool = False
-    out: str = os.path.join("out", "multimodal_align")
-    cache_dir: str = os.path.join("out", "cache")
-
-
-QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, n_layer=4, lm_steps=150,
-             lm_scenes=2000,
-             stage1_steps=20, stage2_steps=40, align_groups=16, knn_k=5, prefill_batch=16,
-             out=os.path.join("out", "multimodal_align_quick"))
-
+# Config, --quick and the command line: at the end of the file.
 
 # ----------------------------------------------------------------------------------------------------
 # The LM and the splice (the paper)
@@ -324,7 +279,7 @@ def answer_mask(ids_BT, vocab):
     return m
 
 
-def pretrain_lm(world, vocab, cfg, device):
+def pretrain_lm(world, vocab, cfg, device, metrics=None):
     """The recipe that reaches the text-ceiling gate (docs/multimodal_align.md has what did not):
     --lm-scenes fresh text-only scenes (the procedural world; --data-dir: its train split), all questions of a
     scene packed after its context in random order, loss = answer CE + 0.1 x next-token CE on every token
@@ -344,7 +299,7 @@ def pretrain_lm(world, vocab, cfg, device):
         ans = answer_mask(x, vocab)[:, 1:].flatten().float()
         return (ce * ans).sum() / ans.sum().clamp(min=1) + 0.1 * ce.sum() / (x[:, 1:] != pad_id).sum()
 
-    train_loop(list(lm.parameters()), loss_fn, cfg.lm_steps, cfg, "lm", device, lr=cfg.lm_lr)
+    train_loop(list(lm.parameters()), loss_fn, cfg.lm_steps, cfg, "lm", device, lr=cfg.lm_lr, metrics=metrics)
     return lm.eval()
 
 
@@ -375,9 +330,10 @@ def answer_hits(logits_fn, items, vocab, device, bs=256):
 # The bridge: training and evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device):
+def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metrics=None):
     """Stage 1 (projector only, captioning) then stage 2 (projector + LM, QA and captions), inserting at l.
-    feats with 0 tokens per scene: the no-image control, stage 2 alone (there is no projector output to train)."""
+    feats with 0 tokens per scene: the no-image control, stage 2 alone (there is no projector output to train).
+    name: the run's name in the progress lines and in metrics (a metrics.jsonl path)."""
     torch.manual_seed(seed)
     model = Bridge(copy.deepcopy(lm0), cfg).to(device)
     if cfg.compile:   # in place: parameter names (and checkpoints) keep no _orig_mod. prefix
@@ -403,11 +359,12 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device):
     model.lm.requires_grad_(False)
     t0 = time.perf_counter()
     train_loop(list(model.proj.parameters()), lambda s: caption_loss(next(it_cap)),
-               cfg.stage1_steps if feats.shape[1] else 0, cfg, f"l={l} stage1", device)
+               cfg.stage1_steps if feats.shape[1] else 0, cfg, f"{name} stage1", device, metrics=metrics)
     model.lm.requires_grad_(True)
     # QA, plus a quarter-size caption batch so the bridge keeps describing whole scenes
     train_loop(list(model.parameters()), lambda s: qa_loss([qas[i] for i in next(it_qa)])
-               + 0.5 * caption_loss(next(it_cap2)), cfg.stage2_steps, cfg, f"l={l} stage2", device)
+               + 0.5 * caption_loss(next(it_cap2)), cfg.stage2_steps, cfg, f"{name} stage2", device,
+               metrics=metrics)
     return model.eval(), time.perf_counter() - t0
 
 
@@ -467,11 +424,11 @@ ZERO_RETRAIN_SCENES = 200   # test scenes for the zero-retrain curve (N evaluati
 GATE_VISION, GATE_TEXT = 0.9, 0.95
 
 
-def frozen_lm(world, vocab, cfg, device):
+def frozen_lm(world, vocab, cfg, device, metrics=None):
     """Pretrain the LM or load it from --cache-dir (keyed by its config and a digest of its corpus)."""
-    return cached_lm(world, vocab, cfg, ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr",
-                                         "dtype"), "lm", lambda: LM(len(vocab), cfg), lambda: pretrain_lm(world, vocab, cfg,
-                                                                                                        device), device)
+    keys = ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr", "dtype")
+    return cached_lm(world, vocab, cfg, keys, "lm", lambda: LM(len(vocab), cfg),
+                     lambda: pretrain_lm(world, vocab, cfg, device, metrics), device)
 
 
 def cost_table(lm, world, vocab, cfg, layers, device):
@@ -495,7 +452,8 @@ def run(cfg):
     device = pick_device(cfg.device)
     start = time.perf_counter()
     world, vocab = load_world(cfg)
-    keep_previous(cfg.out)
+    keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
+    metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and evaluations, as they happen
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, "
           f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, l in {layers}, seeds {seeds}")
     # the baselines' tables: from the --data-dir train split, or from fresh scenes (not the training ones)
@@ -503,10 +461,10 @@ def run(cfg):
     base = {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
     print_baselines(base["test"])
 
-    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device)
+    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device, metrics=metrics)
     print(f"vision encoder: {vision.gate_line(vrep)} -> "
           f"{'PASS' if min(vrep['minimal_pairs'].values()) >= GATE_VISION else 'FAIL'}")
-    lm = frozen_lm(world, vocab, cfg, device)
+    lm = frozen_lm(world, vocab, cfg, device, metrics)
     ceiling = text_ceiling(lm, world["test"], vocab, device)
     print("frozen LM text ceiling (true caption as context; gate >= 0.95): "
           + ", ".join(f"{t} {v:.3f}" for t, v in ceiling.items())
@@ -523,7 +481,8 @@ def run(cfg):
         for l in layers:
             image = l is not None            # None: the no-image control: the same finetuning, no image tokens
             f = feats if image else {s: v[:, :0] for s, v in feats.items()}
-            model, train_s = train_bridge(lm, f["train"], world, vocab, cfg, l or 0, seed, device)
+            name = f"seed {seed} l={'none' if l is None else l}"
+            model, train_s = train_bridge(lm, f["train"], world, vocab, cfg, l or 0, seed, device, name, metrics)
             overall, per_type = qa_accuracy(model, f["test"], world["test"], vocab, l or 0, device)
             hold = qa_accuracy(model, f["holdout"], world["holdout"], vocab, l or 0, device)[0] if "holdout" in f else None
             c = cost.get(l, {}) if image else {}
@@ -534,16 +493,19 @@ def run(cfg):
                 sub = {k: v[:ZERO_RETRAIN_SCENES] for k, v in world["test"].items() if k != "images"}
                 r["zero_retrain"] = {lp: qa_accuracy(model, f["test"], sub, vocab, lp, device)[0]
                                      for lp in range(cfg.n_layer)}
-            print(f"seed {seed} l={'none' if l is None else l}: QA {overall:.3f} binding {r['binding_score']:.3f} "
+            log_metrics(metrics, run=name, step=cfg.stage2_steps, split="test", qa=overall,
+                        binding=r["binding_score"], per_type=per_type, holdout=hold, train_s=train_s,
+                        zero_retrain=r.get("zero_retrain"))
+            print(f"{name}: QA {overall:.3f} binding {r['binding_score']:.3f} "
                   f"hold-out {'-' if hold is None else f'{hold:.3f}'} ({train_s:.0f}s)")
             res["runs"].append(r)
             torch.save(dict(model=model.state_dict(), config=asdict(cfg), vocab=vocab),
                        os.path.join(cfg.out, f"bridge_l{'none' if l is None else l}_seed{seed}.pt"))
-            write_results(cfg, res)
+            write_results(cfg.out, res)
     res["alignment"] = alignment(vit, lm, vocab, cfg, device)
     res["wall_s"] = time.perf_counter() - start
-    write_results(cfg, res)
-    report(cfg, res, layers)
+    write_results(cfg.out, res)
+    report(cfg, res, layers, world)
     return res
 
 
@@ -551,17 +513,13 @@ def run(cfg):
 # Output
 # ----------------------------------------------------------------------------------------------------
 
-def write_results(cfg, res):
-    write_json(os.path.join(cfg.out, "results.json"), res)
-
-
 def print_baselines(b):
     for name in ("blind_prior", "bag_oracle"):
         if b[name] is not None:
             print(f"baseline {name:11s}: " + ", ".join(f"{t} {v:.3f}" for t, v in b[name].items()))
 
 
-def report(cfg, res, layers):
+def report(cfg, res, layers, world):
     a, N = res["alignment"], cfg.n_layer
     rows, cols = ["in"] + [f"v{i + 1}" for i in range(cfg.vit_layers)], ["e"] + [str(j + 1) for j in range(N)]
     print()
@@ -591,12 +549,115 @@ def report(cfg, res, layers):
     if zr:
         print("zero-retrain (l=0 model, insertion moved to l', no finetune): " +
               "  ".join(f"l'={lp}: {np.mean([z[lp] for z in zr]):.3f}" for lp in range(N)))
+    for path in figures(cfg, res, layers, world):
+        print(f"figure: {path}")
     print(f"results: {os.path.join(cfg.out, 'results.json')} ({res['wall_s']:.0f}s)")
+
+
+def figures(cfg, res, layers, world):
+    """PNGs under --out when matplotlib is installed (else none): test scenes, the alignment heat maps, and QA
+    against prefill compute. -> their paths."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    paths = [scene_grid(world["test"], os.path.join(cfg.out, "scenes.png"), title="test scenes (shapes world v2)")]
+    a, N = res["alignment"], cfg.n_layer
+    names = ("trained", "shuffled_null", "random_lm")
+    hi = max(float(np.max(a[f"knn_{n}"])) for n in names)
+    fig, axes = plt.subplots(1, 3, figsize=(4 * 3, 3.4), squeeze=False, constrained_layout=True)
+    for ax, name in zip(axes[0], names):
+        m = np.array(a[f"knn_{name}"])
+        im = ax.imshow(m, vmin=0, vmax=hi, cmap="viridis")
+        for (i, j), v in np.ndenumerate(m):
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color="w" if v < hi / 2 else "k")
+        ax.set(title=name, xlabel="LM layer (e = embedding)", ylabel="ViT layer" if name == names[0] else "",
+               xticks=range(N + 1), xticklabels=["e"] + [str(j + 1) for j in range(N)],
+               yticks=range(m.shape[0]), yticklabels=["in"] + [f"v{i + 1}" for i in range(m.shape[0] - 1)])
+    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
+    fig.suptitle(f"mutual k-NN, binding-controlled set (n {a['n']}, chance {a['chance_knn']:.3f})")
+    paths.append(save_png(fig, os.path.join(cfg.out, "alignment.png")))
+    # QA against prefill compute (the paper's formula, relative to l = 0), mean ± sample std over seeds
+    c0 = res["cost"]["0"]
+    rel = [prefill_flops(c0["T"], c0["M"], N, l, cfg.d_model, 4 * cfg.d_model) / c0["flops_formula"]
+           for l in range(N)]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sweep = [l for l in layers if l is not None]
+    for key, label in (("overall", "QA, all types"), ("binding_score", "binding score")):
+        ms = [mean_sd([r[key] for r in res["runs"] if r["insert_layer"] == l]) for l in sweep]
+        ax.errorbar([rel[l] for l in sweep], [m for m, _ in ms], yerr=[sd or 0 for _, sd in ms], marker="o",
+                    capsize=3, label=f"{label} (finetuned at l)")
+        for l, (m, _) in zip(sweep, ms):
+            ax.annotate(f"l={l}", (rel[l], m), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    zr = [r["zero_retrain"] for r in res["runs"] if "zero_retrain" in r]
+    if zr:
+        ax.plot(rel, [np.mean([z[lp] for z in zr]) for lp in range(N)], "k--", marker=".",
+                label="QA, l=0 model moved to l' (no finetune)")
+    none = [r["overall"] for r in res["runs"] if r["insert_layer"] is None]
+    lines = [("no-image control, QA", mean_sd(none)[0] if none else None, "r")]
+    lines += [(f"{n}, QA", (res["baselines"][n] or {}).get("overall"), "gray") for n in ("blind_prior", "bag_oracle")]
+    for label, y, colour in lines:
+        if y is not None:
+            ax.axhline(y, color=colour, ls=":", lw=1)
+            ax.annotate(label, (max(rel), y), textcoords="offset points", xytext=(0, 2), fontsize=7, color=colour,
+                        ha="right")
+    ax.set(xlabel="prefill FLOPs relative to l = 0 (formula)", ylabel="test accuracy",
+           title="DeepInsert: quality against prefill compute")
+    ax.legend(fontsize=7)
+    paths.append(save_png(fig, os.path.join(cfg.out, "qa_vs_compute.png")))
+    return [p for p in paths if p]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line and input checks
 # ----------------------------------------------------------------------------------------------------
+
+@dataclass
+class Config:
+    # data
+    n_train: int = 6000
+    n_eval: int = 500            # test / hold-out scenes (about 5 questions each)
+    image_size: int = 48
+    data_dir: str = ""
+    # frozen ViT (data/vision.py)
+    patch: int = 8
+    vit_dim: int = 64
+    vit_layers: int = 4
+    vit_steps: int = 400
+    image_tokens: int = 9        # the patch grid average-pooled to a square: 9 = one ViT token per cell
+    tokens_per_cell: int = 4     # the projector writes each ViT token as this many LM tokens (M = 9 x 4)
+    # frozen LM
+    d_model: int = 64
+    n_layer: int = 4
+    n_head: int = 4
+    lm_mix: int = 3              # Primer's causal conv on q, k, v over this many tokens (1 = off)
+    lm_steps: int = 3000
+    lm_scenes: int = 50_000      # fresh text-only scenes for LM pretraining (not the bridge's training scenes)
+    lm_lr: float = 3e-3
+    # the bridge
+    stage1_steps: int = 200
+    stage2_steps: int = 800
+    batch_size: int = 64
+    lr: float = 3e-3
+    # the experiment
+    insert_layer: int = -1       # -1: the sweep {0, N/4, N/2, 3N/4} and the no-image control
+    seeds: str = "0"
+    align_groups: int = 128
+    knn_k: int = 10
+    prefill_batch: int = 256
+    device: str = "auto"
+    dtype: str = "float32"
+    compile: bool = False
+    threads: int = 0             # torch's CPU threads; 0 = torch's default (one per physical core)
+    quick: bool = False
+    out: str = os.path.join("out", "multimodal_align")
+    cache_dir: str = os.path.join("out", "cache")
+
+
+QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, n_layer=4, lm_steps=150,
+             lm_scenes=2000,
+             stage1_steps=20, stage2_steps=40, align_groups=16, knn_k=5, prefill_batch=16,
+             out=os.path.join("out", "multimodal_align_quick"))
+
 
 HELP = dict(
     n_train="training scenes (procedural world)", n_eval="test and hold-out scenes (about 5 questions each)",
@@ -614,10 +675,12 @@ HELP = dict(
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
     seeds="comma-separated seeds for the bridge runs (the frozen backbones use seed 0)",
     align_groups="groups of 8 scenes in the binding-controlled alignment set", knn_k="k of the mutual k-NN",
-    prefill_batch="prompts in the prefill timing batch", device="auto | cpu | cuda | mps",
-    dtype="float32 | bfloat16 (autocast, opt-in)", compile="torch.compile the LM blocks (opt-in)",
+    prefill_batch="prompts in the prefill timing batch", device="auto: CUDA, then MPS, then CPU",
+    dtype="bfloat16: autocast (opt-in)", compile="torch.compile the LM blocks (opt-in)",
+    threads="torch's CPU threads (0 = torch's default, one per physical core)",
     quick="a tiny config that prints every section in under a minute",
-    out="output folder: results.json, bridge checkpoints (earlier ones move to previous_<k>/)",
+    out="output folder: results.json, metrics.jsonl, bridge checkpoints (earlier ones move to previous_<k>/), "
+        "PNGs (with matplotlib)",
     cache_dir="frozen backbones (shared ViT, LM), reused by every later run",
 )
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
@@ -625,11 +688,11 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
                                "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr"],
           "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "batch_size", "lr"],
           "experiment": ["insert_layer", "seeds", "align_groups", "knn_k", "prefill_batch"],
-          "run": ["device", "dtype", "compile", "quick", "out", "cache_dir"]}
+          "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
+CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("float32", "bfloat16")}
 EPILOG = """examples:
   python multimodal_align.py                     # the full sweep, seed 0 (pretrains and caches the backbones)
   python multimodal_align.py --seeds 0,1,2       # three seeds
-  python multimodal_align.py --insert-layer 2    # one l
   python multimodal_align.py --quick             # every section, tiny, under a minute
   python multimodal_align.py --data-dir DIR      # DIR/images.npy + DIR/annotations.jsonl"""
 
@@ -641,15 +704,19 @@ def validate(cfg):
                       "d_model", "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups",
                       "prefill_batch", "image_size", "lr", "lm_lr"):
         v = getattr(cfg, f)
-        if not (v >= 0 if f in steps else v > 0):                    # "not": a NaN fails too
-            raise BadInput(f"--{f.replace('_', '-')} must be {'>= 0' if f in steps else 'positive'}, got {v}")
+        if not (v >= 0 if f in steps else v > 0) or v == math.inf:    # "not": a NaN fails too
+            need = (">= 0" if f in steps else "positive") + (" and finite" if v == math.inf else "")
+            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
         raise BadInput(f"--d-model must be a multiple of 2*--n-head and --vit-dim of --n-head and 4")
+    if not cfg.data_dir and cfg.n_train < max(cfg.batch_size, vision.VisionConfig.batch_size):
+        raise BadInput(f"--n-train {cfg.n_train} must fill a batch (--batch-size, and the encoder's 64)")
     if cfg.image_size < 12:
         raise BadInput(f"--image-size must be at least 12, got {cfg.image_size}")
     seeds = validate_image_and_run(cfg)           # image/patch/tokens, dtype, --data-dir, --seeds
+    set_threads(cfg.threads)
     pick_device(cfg.device)
     writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
     N = cfg.n_layer
@@ -658,7 +725,8 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
+    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, epilog=EPILOG, quick=QUICK,
+               choices=CHOICES)
 
 
 if __name__ == "__main__":

@@ -56,65 +56,15 @@ import torch.nn.functional as F
 
 from data import t5lm, vision
 from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, cli, encode,
-                         keep_previous, mean_std, pad, pick_device, step_memory_mib, train_loop, validate_image_and_run,
-                         writable_dirs, write_json)
-from data.shapes import BINDING_TYPES, QUESTION_TYPES, ShapesDataError, baselines, generate
+                         keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
+                         set_threads, step_memory_mib, train_loop, validate_image_and_run, writable_dirs, write_results)
+from data.shapes import BINDING_TYPES, QUESTION_TYPES, ShapesDataError, baselines, generate, scene_grid
 from data.shapes import caption as shapes_caption
 from data.shapes import load_world as shapes_world
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
-VARIANTS = ("B1", "B2", "P", "P-a", "P-b", "C0")
+# Config, --quick and the command line: at the end of the file.
 
-
-@dataclass
-class Config:
-    # data (world v2 of data/shapes.py, or --data-dir)
-    n_train: int = 6000
-    n_eval: int = 500            # val / test / hold-out scenes, about 5 questions each
-    image_size: int = 48
-    data_dir: str = ""
-    # frozen ViT (data/vision.py; the same cache as multimodal_align.py)
-    patch: int = 8
-    vit_dim: int = 64
-    vit_layers: int = 4
-    vit_steps: int = 400
-    image_tokens: int = 9        # the patch grid pooled to 3x3: one token per cell
-    # frozen T5-style LM
-    d_model: int = 64
-    enc_layers: int = 3
-    dec_layers: int = 2
-    n_head: int = 4
-    lm_mix: int = 3              # Primer's causal conv on q, k, v in the encoder (1 = off)
-    lm_steps: int = 3000
-    lm_scenes: int = 50_000
-    lm_batch: int = 256
-    lm_lr: float = 3e-3
-    # Q-Former
-    queries: int = 32
-    q_dim: int = 64
-    q_layers: int = 4
-    # the experiment
-    variants: str = "B1,B2,P"
-    stage1_steps: int = 300
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-3
-    caption_frac: float = 0.25
-    eval_every: int = 200
-    target_em: float = -1.0      # -1: 0.9 x the best final validation binding score of any variant
-    seeds: str = "0"
-    device: str = "auto"
-    dtype: str = "float32"
-    compile: bool = False
-    quick: bool = False
-    out: str = os.path.join("out", "qformer_efficient")
-    cache_dir: str = os.path.join("out", "cache")
-
-
-QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, enc_layers=2, dec_layers=1,
-             lm_steps=400, lm_scenes=2000, lm_batch=64, queries=8, q_dim=32, q_layers=2, stage1_steps=20, steps=150,
-             batch_size=32, eval_every=30,
-             out=os.path.join("out", "qformer_efficient_quick"))
 EXTRA_TOKENS = ("<cls>", "<dec>")    # the Q-Former's BERT/BLIP-2 specials
 N_REFS = 5                           # reference captions per test image (procedural: other object orders)
 GATE_TEXT = 0.95
@@ -376,8 +326,8 @@ def stage2_stream(ds, cfg, seed):
     return out
 
 
-def run_stage1(qf, feats, ds, vocab, cfg, seed, device):
-    """B1's stage 1 -> (ITC heads, stats). The Q-Former is trained in place."""
+def run_stage1(qf, feats, ds, vocab, cfg, seed, device, metrics=None):
+    """B1's stage 1 -> (ITC heads, stats). The Q-Former is trained in place. metrics: a metrics.jsonl path."""
     heads, pad_id = Stage1Heads(cfg.q_dim).to(device), vocab["<pad>"]
     caps = [encode(vocab, c, bos=False) for c in ds["captions"]]
     it = batches(len(caps), cfg.batch_size, seed=seed * 10 + 1)
@@ -389,7 +339,8 @@ def run_stage1(qf, feats, ds, vocab, cfg, seed, device):
                            vocab, gen)[0]
 
     t = time.perf_counter()
-    train_loop(list(qf.parameters()) + list(heads.parameters()), loss_fn, cfg.stage1_steps, cfg, "B1 stage 1", device)
+    train_loop(list(qf.parameters()) + list(heads.parameters()), loss_fn, cfg.stage1_steps, cfg,
+               f"B1 seed {seed} stage 1", device, metrics=metrics)
     return heads, dict(stage1_s=time.perf_counter() - t, stage1_samples=cfg.stage1_steps * cfg.batch_size)
 
 
@@ -435,13 +386,14 @@ def vqa(model, feats, items, vocab, device):
     return exact_match(lambda ix, prompts: model.answer(feats[ix].to(device), prompts), items, vocab)
 
 
-def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, max_len):
-    """Stage 1 (B1 only), then stage 2 on `stream`; -> (bridge, result dict with the learning curve)."""
+def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, max_len, metrics=None):
+    """Stage 1 (B1 only), then stage 2 on `stream`; -> (bridge, result dict with the learning curve). metrics: a
+    metrics.jsonl path for the training losses and the validation points of the curve."""
     torch.manual_seed(seed)
     qf = QFormer(len(vocab), cfg, max_len).to(device)
     res = dict(variant=variant, seed=seed, stage1_s=0.0, stage1_samples=0)
     if variant == "B1" and cfg.stage1_steps:
-        heads, st = run_stage1(qf, feats["train"], world["train"], vocab, cfg, seed, device)
+        heads, st = run_stage1(qf, feats["train"], world["train"], vocab, cfg, seed, device, metrics)
         res.update(st, itc_r1=itc_recall_at_1(qf, heads, feats["val"], world["val"]["captions"], vocab, device))
         print(f"  B1 stage 1: {st['stage1_s']:.0f} s, ITC image->text R@1 {res['itc_r1']:.3f} (chunks of 100 val pairs)")
     model = Bridge(qf, lm, variant, vocab, cfg, device).to(device)
@@ -456,7 +408,7 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
     with autocast(cfg, device):
         res["mem_mib"] = step_memory_mib(lambda: loss_on(stream[0]).backward(), params, device)
     model.zero_grad(set_to_none=True)
-    curve, stamps, eval_s = [], [], [0.0]
+    curve, stamps, eval_s, name = [], [], [0.0], f"{variant} seed {seed}"
 
     def evaluate(step):
         t = time.perf_counter()
@@ -464,6 +416,8 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
         eval_s[0] += time.perf_counter() - t
         curve.append(dict(step=step, samples=step * cfg.batch_size, train_s=time.perf_counter() - t0 - eval_s[0],
                           vqa=em, binding_score=binding_score(per_type), per_type=per_type))
+        if metrics:
+            log_metrics(metrics, run=name, split="val", **curve[-1])
 
     def loss_fn(step):
         if step and step % cfg.eval_every == 0:
@@ -472,7 +426,7 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
         return loss_on(stream[step])
 
     t0 = time.perf_counter()
-    train_loop(params, loss_fn, cfg.steps, cfg, f"{variant} seed {seed}", device)
+    train_loop(params, loss_fn, cfg.steps, cfg, name, device, metrics=metrics)
     evaluate(cfg.steps)
     gaps = [(b[0] - a[0]) - (b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
     res.update(curve=curve, stage2_s=curve[-1]["train_s"], step_ms=float(np.median(gaps) * 1e3) if gaps else None,
@@ -635,16 +589,17 @@ def run(cfg):
     variants, seeds = validate(cfg)
     device, start = pick_device(cfg.device), time.perf_counter()
     world, vocab, refs = load_data(cfg)
-    keep_previous(cfg.out)
+    keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
+    metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and the learning curves, as they go
     max_len = 2 + max(len(t.split()) for ds in world.values() for t in ds["captions"] + [d["q"] for qa in ds["qa"] for d in qa])
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, Q-Former "
           f"{cfg.q_layers}x{cfg.q_dim} with {cfg.queries} queries, LM {cfg.enc_layers}+{cfg.dec_layers}x{cfg.d_model}, "
           f"variants {variants}, seeds {seeds}")
     ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
     base = {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
-    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device)
+    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device, metrics=metrics)
     print(f"vision encoder: {vision.gate_line(vrep)}")
-    lm = t5lm.load_or_pretrain(world, vocab, cfg, device).requires_grad_(False)
+    lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics).requires_grad_(False)
     if cfg.compile:
         for m in list(lm.enc) + list(lm.dec):
             m.compile()
@@ -660,7 +615,7 @@ def run(cfg):
     for seed in seeds:
         stream, models = stage2_stream(world["train"], cfg, seed), {}
         for v in variants:
-            model, r = train_variant(v, seed, lm, feats, world, vocab, stream, cfg, device, max_len)
+            model, r = train_variant(v, seed, lm, feats, world, vocab, stream, cfg, device, max_len, metrics)
             r.update(final_eval(model, feats, world, refs, vocab, device))
             print(f"  {v} seed {seed}: VQA {r['vqa']:.3f}, binding {mean_std([r['binding_score']])} ("
                   + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
@@ -670,20 +625,16 @@ def run(cfg):
             res["runs"].append(r)
             torch.save(dict(model=model.state_dict(), config=asdict(cfg), vocab=vocab, max_len=max_len),
                        os.path.join(cfg.out, f"bridge_{v}_seed{seed}.pt"))
-            write_results(cfg, res)
+            write_results(cfg.out, res)
         rounds = 3 if cfg.quick else 15
         for v, ms in interleaved_step_ms(models, stream, feats["train"], cfg, device, rounds).items():
             next(r for r in res["runs"] if r["seed"] == seed and r["variant"] == v)["fwd_bwd_ms"] = ms
         res["summary"] = summarise(res["runs"], cfg)
-        write_results(cfg, res)
+        write_results(cfg.out, res)
     res["wall_s"] = time.perf_counter() - start
-    write_results(cfg, res)
-    report(cfg, res, variants)
+    write_results(cfg.out, res)
+    report(cfg, res, variants, world)
     return res
-
-
-def write_results(cfg, res):
-    write_json(os.path.join(cfg.out, "results.json"), res)
 
 
 CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
@@ -697,7 +648,7 @@ CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
           "B1_minus_B2_binding": "B1 - B2: test binding score"}
 
 
-def report(cfg, res, variants):
+def report(cfg, res, variants, world):
     runs = res["runs"]
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in runs)]
     cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
@@ -743,12 +694,98 @@ def report(cfg, res, variants):
     r1 = [r["itc_r1"] for r in runs if "itc_r1" in r]
     if r1:
         print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
+    for path in figures(cfg, res, variants, world):
+        print(f"figure: {path}")
     print(f"results: {os.path.join(cfg.out, 'results.json')} ({res['wall_s']:.0f} s)")
+
+
+def figures(cfg, res, variants, world):
+    """PNGs under --out when matplotlib is installed (else none): test scenes, and the validation binding score
+    against samples seen and against training seconds (B1's stage 1 counted, as in 'to target'), mean ± sample
+    std over seeds. -> their paths."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    paths = [scene_grid(world["test"], os.path.join(cfg.out, "scenes.png"), title="test scenes (shapes world v2)")]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for v in variants:
+        rs = [r for r in res["runs"] if r["variant"] == v]
+        for ax, x, s1 in ((axes[0], "samples", "stage1_samples"), (axes[1], "train_s", "stage1_s")):
+            xs = [np.mean([r["curve"][k][x] + r[s1] for r in rs]) for k in range(len(rs[0]["curve"]))]
+            ms = [mean_sd([score(r["curve"][k]) for r in rs]) for k in range(len(rs[0]["curve"]))]
+            line, = ax.plot(xs, [m for m, _ in ms], marker=".", label=v)
+            if len(rs) > 1:
+                ax.fill_between(xs, [m - sd for m, sd in ms], [m + sd for m, sd in ms], alpha=0.2,
+                                color=line.get_color())
+    target = np.mean([s["target"] for s in res["summary"].values()])
+    for ax, xlabel in zip(axes, ("samples seen (B1: stage 1 included)", "training seconds (B1: stage 1 included)")):
+        ax.axhline(target, color="gray", ls=":", lw=1)
+        ax.set(xlabel=xlabel)
+    axes[0].set(ylabel="validation binding score")
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"quality against training compute (dotted: the target, {target:.3f}; "
+                 f"{len(res['summary'])} seed(s))")
+    paths.append(save_png(fig, os.path.join(cfg.out, "binding_vs_compute.png")))
+    return [p for p in paths if p]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Command line and input checks
 # ----------------------------------------------------------------------------------------------------
+
+VARIANTS = ("B1", "B2", "P", "P-a", "P-b", "C0")
+
+
+@dataclass
+class Config:
+    # data (world v2 of data/shapes.py, or --data-dir)
+    n_train: int = 6000
+    n_eval: int = 500            # val / test / hold-out scenes, about 5 questions each
+    image_size: int = 48
+    data_dir: str = ""
+    # frozen ViT (data/vision.py; the same cache as multimodal_align.py)
+    patch: int = 8
+    vit_dim: int = 64
+    vit_layers: int = 4
+    vit_steps: int = 400
+    image_tokens: int = 9        # the patch grid pooled to 3x3: one token per cell
+    # frozen T5-style LM
+    d_model: int = 64
+    enc_layers: int = 3
+    dec_layers: int = 2
+    n_head: int = 4
+    lm_mix: int = 3              # Primer's causal conv on q, k, v in the encoder (1 = off)
+    lm_steps: int = 3000
+    lm_scenes: int = 50_000
+    lm_batch: int = 256
+    lm_lr: float = 3e-3
+    # Q-Former
+    queries: int = 32
+    q_dim: int = 64
+    q_layers: int = 4
+    # the experiment
+    variants: str = "B1,B2,P"
+    stage1_steps: int = 300
+    steps: int = 2000
+    batch_size: int = 64
+    lr: float = 2e-3
+    caption_frac: float = 0.25
+    eval_every: int = 200
+    target_em: float = -1.0      # -1: 0.9 x the best final validation binding score of any variant
+    seeds: str = "0"
+    device: str = "auto"
+    dtype: str = "float32"
+    compile: bool = False
+    threads: int = 0             # torch's CPU threads; 0 = torch's default (one per physical core)
+    quick: bool = False
+    out: str = os.path.join("out", "qformer_efficient")
+    cache_dir: str = os.path.join("out", "cache")
+
+
+QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, enc_layers=2, dec_layers=1,
+             lm_steps=400, lm_scenes=2000, lm_batch=64, queries=8, q_dim=32, q_layers=2, stage1_steps=20, steps=150,
+             batch_size=32, eval_every=30,
+             out=os.path.join("out", "qformer_efficient_quick"))
 
 HELP = dict(
     n_train="training scenes (procedural world)", n_eval="val / test / hold-out scenes (about 5 questions each)",
@@ -766,9 +803,12 @@ HELP = dict(
     eval_every="stage 2 steps between validation evaluations (the learning curve)",
     target_em="binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant",
     seeds="comma-separated seeds of the Q-Former runs (the frozen backbones use seed 0)",
-    device="auto | cpu | cuda | mps", dtype="float32 | bfloat16 (autocast, opt-in)",
-    compile="torch.compile the Q-Former and LM blocks (opt-in)", quick="a tiny config that prints every section in under a minute",
-    out="output folder: results.json, bridge checkpoints (earlier ones move to previous_<k>/)",
+    device="auto: CUDA, then MPS, then CPU", dtype="bfloat16: autocast (opt-in)",
+    compile="torch.compile the Q-Former and LM blocks (opt-in)",
+    threads="torch's CPU threads (0 = torch's default, one per physical core)",
+    quick="a tiny config that prints every section in under a minute",
+    out="output folder: results.json, metrics.jsonl, bridge checkpoints (earlier ones move to previous_<k>/), "
+        "PNGs (with matplotlib)",
     cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py",
 )
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
@@ -777,11 +817,11 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "Q-Former and its training": ["queries", "q_dim", "q_layers", "variants", "stage1_steps", "steps",
                                         "batch_size", "lr", "caption_frac"],
           "experiment": ["eval_every", "target_em", "seeds"],
-          "run": ["device", "dtype", "compile", "quick", "out", "cache_dir"]}
+          "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
+CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("float32", "bfloat16")}
 EPILOG = """examples:
   python qformer_efficient.py                                  # B1, B2, P, seed 0 (pretrains and caches the LM)
   python qformer_efficient.py --seeds 1,2                      # more seeds (backbones from the cache)
-  python qformer_efficient.py --variants B1,B2,P,P-a,P-b,C0
   python qformer_efficient.py --quick                          # every section, tiny, under a minute
   python qformer_efficient.py --data-dir DIR                   # DIR/images.npy + DIR/annotations.jsonl"""
 
@@ -793,8 +833,9 @@ def validate(cfg):
                       "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim", "q_layers",
                       "steps", "batch_size", "lr", "eval_every"):
         v = getattr(cfg, f)
-        if not (v >= 0 if f in steps else v > 0):                     # "not": a NaN fails too
-            raise BadInput(f"--{f.replace('_', '-')} must be {'>= 0' if f in steps else 'positive'}, got {v}")
+        if not (v >= 0 if f in steps else v > 0) or v == math.inf:     # "not": a NaN fails too
+            need = (">= 0" if f in steps else "positive") + (" and finite" if v == math.inf else "")
+            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
     if not 0 <= cfg.caption_frac <= 1:
         raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:
@@ -812,13 +853,15 @@ def validate(cfg):
     if cfg.image_size < 12:
         raise BadInput(f"--image-size must be at least 12, got {cfg.image_size}")
     seeds = validate_image_and_run(cfg)                               # image/patch/tokens, dtype, --data-dir, --seeds
+    set_threads(cfg.threads)
     pick_device(cfg.device)
     writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
     return variants, seeds
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
+    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, epilog=EPILOG, quick=QUICK,
+               choices=CHOICES)
 
 
 if __name__ == "__main__":

@@ -351,6 +351,11 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
+def write_results(out, res):
+    """<out>/results.json, atomically (rewritten after every run, so an interrupted sweep keeps what it had)."""
+    write_json(os.path.join(out, "results.json"), res)
+
+
 def writable_dirs(**dirs):
     """Output folders (flag name -> path), created before any work; a BadInput if one cannot be created or
     written to, so a run never trains for minutes and then fails to save."""
@@ -392,6 +397,26 @@ def mean_std(xs, spec=".3f"):
     return format(m, spec) + (f" ± {format(sd, spec)}" if sd is not None else "")
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None: matplotlib is optional, and without it the
+    paper files print what they always printed and save no PNG. Imported here, on first use, not at start."""
+    try:
+        import matplotlib
+    except ImportError:
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def save_png(fig, path):
+    """Write a matplotlib figure as a PNG and free it. -> path."""
+    import matplotlib.pyplot as plt
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def heatmap(mat, rows, cols, title):
     """A terminal heat map: one shade character per cell, values printed to the right."""
     shades = " .:-=+*#%@"
@@ -412,10 +437,11 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, quick=None):
+def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, quick=None, choices=None):
     """One --flag per Config field (help from `helps`), then run_fn(cfg); a BadInput is one line on stderr and
     exit status 2. groups: {title: [field, ...]} for --help sections. quick: the defaults that a `quick`
-    field (a bool in the Config) switches to; flags given explicitly still win. Shared by the paper files."""
+    field (a bool in the Config) switches to; flags given explicitly still win. choices: {field: values} for
+    the flags with a fixed set (argparse's `choices`). Shared by the paper files."""
     ap = OneLineParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     defaults = asdict(config_cls())
@@ -428,7 +454,8 @@ def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, qu
         if isinstance(v, bool):
             g.add_argument(flag, action="store_true", help=helps[k])
         else:
-            g.add_argument(flag, type=type(v), default=v, help=f"{helps[k]} (default: {v})")
+            g.add_argument(flag, type=type(v), default=v, choices=(choices or {}).get(k),
+                           help=f"{helps[k]} (default: {v})")
     args = ap.parse_args(argv)
     if quick and getattr(args, "quick", False):
         ap.set_defaults(**quick)

@@ -37,6 +37,7 @@ import functools
 import json
 import os
 import re
+import textwrap
 from collections import Counter
 
 import numpy as np
@@ -369,3 +370,25 @@ def load_dir(path):
         raise ShapesDataError(f"{ann_path}: {len(caps)} annotation lines for {len(images)} images in {img_path}")
     ds = dict(images=images, captions=caps, qa=qas, objects=None)
     return ds, (splits if any(s is not None for s in splits) else None)
+
+
+def scene_grid(ds, path, n=8, cols=4, title=""):
+    """A PNG of the first n scenes of a dataset dict, each with its caption and first question and answer
+    (what the models see). -> path, or None when matplotlib is not installed (it is optional)."""
+    from data.common import pyplot, save_png  # here, not at the top: data/common.py imports this module
+    plt = pyplot()
+    n = min(n, len(ds["images"]))
+    if plt is None or n == 0:
+        return None
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.8 * cols, 3.9 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < n:
+            ax.imshow(ds["images"][k], interpolation="nearest")
+            qa = ds["qa"][k][:1]
+            text = textwrap.wrap(ds["captions"][k], 44) + [f"Q: {d['q']} A: {d['a']}" for d in qa]
+            ax.set_title("\n".join(text), fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    return save_png(fig, path)

@@ -214,8 +214,8 @@ def cell_probe(vit, train, test, device):
     return res
 
 
-def pretrain(vc, device, seed=0):
-    """Train the ViT and its cell heads; -> (vit, heads, report with the gates)."""
+def pretrain(vc, device, seed=0, metrics=None):
+    """Train the ViT and its cell heads; -> (vit, heads, report with the gates). metrics: a metrics.jsonl path."""
     torch.manual_seed(seed)
     tr = generate(vc.n_train, "train", seed=seed + 7, size=vc.image_size)
     vit, heads = ViT(vc).to(device), CellHeads(vc.dim).to(device)
@@ -227,7 +227,8 @@ def pretrain(vc, device, seed=0):
         lp = heads(pool_grid(vit(imgs[b].to(device))[-1], GRID))
         return sum(F.nll_loss(lp[a].flatten(0, 1), tgt[a][b].flatten().to(device)) for a in ATTRS)
 
-    train_loop(list(vit.parameters()) + list(heads.parameters()), loss_fn, vc.steps, vc, "vision", device)
+    train_loop(list(vit.parameters()) + list(heads.parameters()), loss_fn, vc.steps, vc, "vision", device,
+               metrics=metrics)
     vit.eval()
     heads.eval()
     return vit, heads, gates(vit, heads, vc, device, seed, probe_train=tr)
@@ -244,7 +245,7 @@ def gates(vit, heads, vc, device, seed=0, probe_train=None):
     return dict(minimal_pairs=mp, cell_probe=cell_probe(vit, sub, held, device))
 
 
-def load_or_pretrain(vc, cache_dir, device, seed=0, log=print):
+def load_or_pretrain(vc, cache_dir, device, seed=0, log=print, metrics=None):
     """The shared encoder: loaded from cache_dir when a checkpoint for this exact config exists, else
     pretrained and saved there. -> (vit, heads, report); report['trained'] says which happened."""
     tag = "_".join(f"{k}={v}" for k, v in asdict(vc).items()) + f"_seed={seed}"
@@ -256,7 +257,7 @@ def load_or_pretrain(vc, cache_dir, device, seed=0, log=print):
         heads.load_state_dict(ck["heads"])
         log(f"vision encoder: loaded {path}")
         return vit.eval(), heads.eval(), dict(ck["report"], trained=False, path=path)
-    vit, heads, report = pretrain(vc, device, seed)
+    vit, heads, report = pretrain(vc, device, seed, metrics=metrics)
     os.makedirs(cache_dir, exist_ok=True)
     torch.save(dict(vit=vit.state_dict(), heads=heads.state_dict(), report=report, config=asdict(vc)), path + ".tmp")
     os.replace(path + ".tmp", path)

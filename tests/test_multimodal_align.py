@@ -185,6 +185,19 @@ def test_quick_smoke_run_then_cached_rerun(tmp_path, monkeypatch, capsys):
     assert res["runs"][2]["flops_saved_counted"] > res["runs"][1]["flops_saved_counted"] > 0
     assert len(res["alignment"]["knn_trained"]) == 2 and len(res["alignment"]["knn_trained"][0]) == 5
     assert "zero_retrain" in res["runs"][0]
+    # metrics.jsonl: every training loop's losses under a name that tells the runs apart, and each test evaluation
+    recs = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    names = {r["run"] for r in recs if "loss" in r}
+    assert {"vision", "lm", "seed 0 l=0 stage1", "seed 0 l=3 stage2", "seed 0 l=none stage2"} <= names
+    assert "seed 0 l=none stage1" not in names                      # the no-image control has no projector
+    tests = {r["run"]: r for r in recs if r.get("split") == "test"}
+    assert [tests[f"seed 0 l={l}"]["qa"] for l in (0, 1, 2, 3, "none")] == [r["overall"] for r in res["runs"]]
+    # the PNGs, named in the output, exactly when matplotlib is there
+    pngs = [tmp_path / "out" / f for f in ("scenes.png", "alignment.png", "qa_vs_compute.png")]
+    if mma.pyplot() is None:
+        assert "figure:" not in printed and not any(p.exists() for p in pngs)
+    else:
+        assert all(f"figure: {p}" in printed and p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
     # the rerun trains no backbone, keeps the earlier results, and gives the same numbers (CPU, same seed)
     monkeypatch.setattr(vision, "pretrain", lambda *a, **k: pytest.fail("vision retrained"))
     monkeypatch.setattr(mma, "pretrain_lm", lambda *a, **k: pytest.fail("LM retrained"))
@@ -192,6 +205,7 @@ def test_quick_smoke_run_then_cached_rerun(tmp_path, monkeypatch, capsys):
     assert again["runs"][0]["overall"] == first["runs"][0]["overall"]
     assert again["runs"][0]["per_type"] == first["runs"][0]["per_type"]
     assert (tmp_path / "out" / "previous_1" / "results.json").exists()
+    assert all((tmp_path / "out" / "previous_1" / p.name).exists() == p.exists() for p in pngs)  # figures move too
 
 
 def write_dir(path, n=40, size=24, splits=None, drop_qa=False):
@@ -217,6 +231,7 @@ def test_data_dir_smoke(tmp_path):
     (lambda p: ["--tokens-per-cel", "2"], "unrecognized arguments: --tokens-per-cel"),   # no abbreviations
     (lambda p: ["--lr", "0"], "--lr"),
     (lambda p: ["--lr=-1e-3"], "--lr"),
+    (lambda p: ["--lm-lr", "inf"], "--lm-lr must be positive and finite, got inf"),
     (lambda p: ["--image-size", "50"], "image-size"),
     (lambda p: ["--data-dir", str(p / "no-such-dir")], "data-dir"),
     (lambda p: ["--out", str(p / "afile" / "out")], "--out"),
@@ -225,16 +240,30 @@ def test_data_dir_smoke(tmp_path):
     (lambda p: ["--data-dir", write_dir(p / "d3", size=30)], "multiple of --patch"),
     (lambda p: ["--device", "mps"] if not torch.backends.mps.is_available() else ["--lr", "0"], "--"),
     (lambda p: ["--device", "cuda"] if not torch.cuda.is_available() else ["--lr", "0"], "--"),
+    (lambda p: ["--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    (lambda p: ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+    (lambda p: ["--threads", "-1"], "--threads must be >= 0"),
+    (lambda p: ["--knn-k", "0"], "--knn-k must be positive"),
+    (lambda p: ["--n-train", "10"], "--n-train 10 must fill a batch"),
 ])
 def test_bad_input_exits_2_before_training(make, word, tmp_path, capsys, monkeypatch):
+    """Each user error: exit 2, one line on stderr and no traceback, nothing trained, and the results of an earlier
+    run in that --out untouched (byte for byte, nothing moved to previous_<k>/, no metrics.jsonl)."""
     (tmp_path / "afile").write_text("a file, not a folder")
-    monkeypatch.setattr(mma, "train_bridge", lambda *a, **k: pytest.fail("trained on bad input"))
-    monkeypatch.setattr(vision, "pretrain", lambda *a, **k: pytest.fail("trained on bad input"))
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "results.json").write_bytes(b'{"earlier": 1}')
+    (out / "bridge_l0_seed0.pt").write_bytes(b"earlier")
+    for mod, name in ((mma, "train_bridge"), (mma, "pretrain_lm"), (vision, "pretrain")):
+        monkeypatch.setattr(mod, name, lambda *a, **k: pytest.fail("trained on bad input"))
     with pytest.raises(SystemExit) as e:   # the last --out wins
-        mma.main(SMOKE + ["--out", str(tmp_path / "o"), "--cache-dir", str(tmp_path / "c")] + make(tmp_path))
+        mma.main(SMOKE + ["--out", str(out), "--cache-dir", str(tmp_path / "c")] + make(tmp_path))
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert word in err and len(err.splitlines()) == 1
+    assert word in err and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert sorted(p.name for p in out.iterdir()) == ["bridge_l0_seed0.pt", "results.json"]
+    assert (out / "results.json").read_bytes() == b'{"earlier": 1}'
+    assert (out / "bridge_l0_seed0.pt").read_bytes() == b"earlier"
 
 
 def test_qa_batch_targets_the_answer_after_the_prompt():
@@ -278,3 +307,35 @@ def test_zero_step_stages_run(tmp_path):
                     "--insert-layer", "0", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
     res = mma.main(args)
     assert [r["insert_layer"] for r in res["runs"]] == [0] and 0 <= res["runs"][0]["overall"] <= 1
+
+
+def test_figures_without_matplotlib_are_none(monkeypatch, tmp_path):
+    """matplotlib is optional: without it (pyplot() gives None) no PNG is written and none is named."""
+    monkeypatch.setattr(mma, "pyplot", lambda: None)
+    assert mma.figures(mma.Config(out=str(tmp_path)), {}, [], {}) == [] and not list(tmp_path.iterdir())
+
+
+def test_figures_from_a_results_dict(tmp_path):
+    """The three PNGs from results of the run's shape (hand-made numbers): scenes, alignment maps, QA vs compute."""
+    pytest.importorskip("matplotlib")
+    cfg = mma.Config(n_layer=4, vit_layers=1, d_model=16, out=str(tmp_path))
+    knn = [[0.1, 0.2, 0.3, 0.4, 0.5]] * 2
+    zero = {0: 0.5, 1: 0.4, 2: 0.3, 3: 0.2}
+    res = dict(alignment=dict(n=16, chance_knn=0.2, knn_trained=knn, knn_shuffled_null=knn, knn_random_lm=knn),
+               cost={"0": dict(T=12, M=36, flops_formula=mma.prefill_flops(12, 36, 4, 0, 16, 64))},
+               baselines=dict(blind_prior=dict(overall=0.3), bag_oracle=None),
+               runs=[dict(insert_layer=l, overall=0.5, binding_score=0.4, **({"zero_retrain": zero} if l == 0 else {}))
+                     for l in (0, 1, 2, 3, None)])
+    paths = mma.figures(cfg, res, [0, 1, 2, 3, None], {"test": shapes.generate(5, "test", size=24)})
+    assert [os.path.basename(p) for p in paths] == ["scenes.png", "alignment.png", "qa_vs_compute.png"]
+    assert all(open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n" for p in paths)
+
+
+def test_quick_switches_the_defaults_and_explicit_flags_win(monkeypatch, tmp_path):
+    """--quick sets every QUICK value; a flag given with it still wins; without it the defaults are Config()'s."""
+    monkeypatch.setattr(mma, "run", lambda cfg: cfg)
+    cfg = mma.main(["--quick"])
+    assert cfg.quick and all(getattr(cfg, k) == v for k, v in mma.QUICK.items())
+    cfg = mma.main(["--quick", "--stage2-steps", "7", "--threads", "1", "--out", str(tmp_path)])
+    assert (cfg.stage2_steps, cfg.threads, cfg.out) == (7, 1, str(tmp_path)) and cfg.n_train == mma.QUICK["n_train"]
+    assert mma.main([]) == mma.Config()

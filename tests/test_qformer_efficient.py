@@ -598,6 +598,34 @@ def test_smoke_prints_every_section(smoke):
     assert lines[-1].startswith(f"results: {smoke.out / 'results.json'} (")
 
 
+def test_smoke_logs_metrics_of_every_training_loop(smoke):
+    """metrics.jsonl: the losses of every training loop under a name that tells variants and seeds apart, and each
+    validation point of the learning curves as the run measured it (the rerun appends its own lines)."""
+    recs = [json.loads(line) for line in (smoke.out / "metrics.jsonl").read_text().splitlines()]
+    names = [r["run"] for r in recs if "loss" in r]
+    assert {"vision", "T5 LM", "B1 seed 0 stage 1"} | {f"{v} seed 0" for v in qfe.VARIANTS} <= set(names)
+    starts = [r["run"] for r in recs if r.get("step") == 1 and "loss" in r]
+    assert starts.count("vision") == starts.count("T5 LM") == 1             # the rerun loads both backbones
+    assert starts.count("P seed 0") == 2                                      # and trains every variant again
+    for r in smoke.first["runs"]:
+        val = [x for x in recs if x["run"] == f"{r['variant']} seed 0" and x.get("split") == "val"]
+        first = val[:len(r["curve"])]                                   # the first run's points
+        assert [(x["step"], x["binding_score"]) for x in first] == [(c["step"], c["binding_score"]) for c in r["curve"]]
+
+
+def test_figures_without_matplotlib_are_none(monkeypatch, tmp_path):
+    """matplotlib is optional: without it (pyplot() gives None) no PNG is written and none is named."""
+    monkeypatch.setattr(qfe, "pyplot", lambda: None)
+    assert qfe.figures(qfe.Config(out=str(tmp_path)), {}, [], {}) == [] and not list(tmp_path.iterdir())
+
+
+def test_smoke_writes_and_names_the_figures(smoke):
+    pytest.importorskip("matplotlib")
+    for name in ("scenes.png", "binding_vs_compute.png"):
+        assert f"figure: {smoke.out / name}" in smoke.stdout
+        assert (smoke.out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_rerun_keeps_earlier_results_and_repeats_the_numbers(smoke):
     """The second run loads both backbones (pretraining is patched to fail), moves the first run's results and
     checkpoints to previous_1/, and, on CPU with the same seed, gives the same numbers and the same weights."""
@@ -605,6 +633,7 @@ def test_rerun_keeps_earlier_results_and_repeats_the_numbers(smoke):
     assert "vision encoder: loaded" in smoke.stdout2 and "frozen LM: loaded" in smoke.stdout2
     prev = smoke.out / "previous_1"
     want = ["results.json"] + [f"bridge_{v}_seed0.pt" for v in qfe.VARIANTS]
+    want += [] if qfe.pyplot() is None else ["binding_vs_compute.png", "scenes.png"]      # the figures move too
     assert sorted(p.name for p in prev.iterdir()) == sorted(want)
     assert json.loads((prev / "results.json").read_text()) == json.loads(json.dumps(smoke.first))
     a, b = smoke.first, smoke.second
@@ -689,6 +718,7 @@ BAD = [
     pytest.param(lambda p: ["--lr", "0"], "--lr must be positive", id="lr-0"),
     pytest.param(lambda p: ["--lr=-1"], "--lr must be positive", id="lr-negative"),
     pytest.param(lambda p: ["--lr", "nan"], "--lr must be positive", id="lr-nan"),
+    pytest.param(lambda p: ["--lr", "inf"], "--lr must be positive and finite, got inf", id="lr-inf"),
     pytest.param(lambda p: ["--device", "cuda"], "CUDA is not available", id="cuda-missing",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
     pytest.param(lambda p: ["--target-em", "0"], "--target-em must be in (0, 1]", id="target-em-0"),
@@ -703,6 +733,9 @@ BAD = [
     pytest.param(lambda p: ["--data-dir", str(p / "no-such-dir")], "no such directory", id="missing-data-dir"),
     pytest.param(lambda p: ["--data-dir", broken_dir(p)], "bad annotation line", id="malformed-data-dir"),
     pytest.param(lambda p: ["--quer", "4"], "unrecognized arguments: --quer 4", id="abbreviated-flag"),
+    pytest.param(lambda p: ["--threads", "-1"], "--threads must be >= 0", id="threads-negative"),
+    pytest.param(lambda p: ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'", id="unknown-dtype"),
+    pytest.param(lambda p: ["--device", "tpu"], "argument --device: invalid choice: 'tpu'", id="unknown-device"),
 ]
 
 
@@ -718,26 +751,20 @@ def bad_run(p, extra, capsys, monkeypatch):
 @pytest.mark.parametrize("make, msg", BAD)
 def test_bad_input_exits_2_with_one_line_before_training(make, msg, tmp_path, capsys, monkeypatch):
     """Each user error: exit status 2, exactly one line on stderr naming the problem, no traceback, nothing trained
-    (the training functions are patched to fail), no results and no backbone written."""
+    (the training functions are patched to fail), no backbone written, and an earlier run's results in that --out
+    untouched: byte for byte, nothing moved to previous_<k>/, no metrics.jsonl (even for an error caught only when
+    the data is read)."""
     (tmp_path / "f").write_text("a file, not a folder")
-    code, err = bad_run(tmp_path, make(tmp_path), capsys, monkeypatch)
-    assert code == 2
-    assert len(err.splitlines()) == 1 and err.startswith("qformer_efficient.py: error:"), err
-    assert msg in err and "Traceback" not in err
-    assert not list(tmp_path.rglob("results.json")) and not list(tmp_path.rglob("*.pt"))
-    assert (tmp_path / "f").is_file()
-
-
-@pytest.mark.parametrize("extra", [lambda p: ["--lr", "0"], lambda p: ["--data-dir", broken_dir(p)]],
-                         ids=["caught-by-validate", "caught-by-loading-data"])
-def test_bad_input_leaves_earlier_results_intact(extra, tmp_path, capsys, monkeypatch):
-    """A bad-input run, even one caught only when the data is read, moves and overwrites nothing in --out."""
     out = tmp_path / "out"
     out.mkdir()
     (out / "results.json").write_text('{"earlier": true}')
     (out / "bridge_P_seed0.pt").write_bytes(b"earlier")
-    code, err = bad_run(tmp_path, extra(tmp_path), capsys, monkeypatch)
-    assert code == 2 and len(err.splitlines()) == 1
+    code, err = bad_run(tmp_path, make(tmp_path), capsys, monkeypatch)
+    assert code == 2
+    assert len(err.splitlines()) == 1 and err.startswith("qformer_efficient.py: error:"), err
+    assert msg in err and "Traceback" not in err
     assert sorted(p.name for p in out.iterdir()) == ["bridge_P_seed0.pt", "results.json"]
     assert (out / "results.json").read_text() == '{"earlier": true}'
     assert (out / "bridge_P_seed0.pt").read_bytes() == b"earlier"
+    assert len(list(tmp_path.rglob("results.json"))) == 1 and len(list(tmp_path.rglob("*.pt"))) == 1
+    assert (tmp_path / "f").is_file()
