@@ -53,8 +53,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import digits
-from data.common import (BadInput, OneLineParser, log_metrics, mean_std, pick_device, progress, set_threads,
-                         writable_dirs, write_json)
+from data.common import (BadInput, OneLineParser, log_metrics, mean_std, pick_device, progress, pyplot, save_png,
+                         set_threads, writable_dirs, write_json)
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
@@ -481,17 +481,6 @@ def margin_table(runs):
     return "\n".join(lines)
 
 
-def pyplot():
-    """matplotlib.pyplot when it is importable (it stays optional: without it the output is text only)."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    return plt
-
-
 def plot_acc_vs_conflicting(runs, out_dir, plt):
     """count_table as a curve: unbiased accuracy (best val, mean over seeds) per method against the number of
     conflicting training images (the ceiling row left out)."""
@@ -504,8 +493,7 @@ def plot_acc_vs_conflicting(runs, out_dir, plt):
     ax.legend()
     fig.tight_layout()
     path = os.path.join(out_dir, "acc_vs_conflicting.png")
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_png(plt, fig, path)
     return path
 
 
@@ -525,8 +513,7 @@ def plot_samples(x_N, y_N, a_N, ratio, out_dir, plt):
     fig.suptitle(f"training images at rho = {ratio:g} % (y = digit, a = colour)", fontsize=10)
     fig.tight_layout()
     path = os.path.join(out_dir, "samples.png")
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_png(plt, fig, path)
     return path
 
 

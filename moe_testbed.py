@@ -48,7 +48,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from data.common import (BadInput, OneLineParser, RMSNorm, autocast, keep_previous, log_metrics, mean_sd, mean_std,
-                         pick_device, progress, rope, set_threads, writable_dirs, write_json)
+                         pick_device, progress, pyplot, rope, save_png, set_threads, writable_dirs,
+                         write_json)
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
 from kernels import moe_ffn
 
@@ -758,11 +759,8 @@ def table(runs, header=True):
 def plots(runs, out_dir):
     """PNG curves when matplotlib is importable: routing over training, and (balance sweep) purity vs the
     sequences a balancing group spans. Returns the paths written."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
+    plt = pyplot()
+    if plt is None:
         return []
     paths = []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -776,8 +774,7 @@ def plots(runs, out_dir):
         ax.set_title(f"train-batch {key}")
     axes[0].legend(fontsize=6)
     paths.append(os.path.join(out_dir, "history.png"))
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    save_png(plt, fig, paths[-1])
     sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk" and r["balance"] != "none"})
     if len(sizes) > 2:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -788,8 +785,7 @@ def plots(runs, out_dir):
         ax.set_xlabel("tokens per balancing group")
         ax.legend()
         paths.append(os.path.join(out_dir, "balance.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save_png(plt, fig, paths[-1])
     first = {}                                             # routing heat map: the first seed of each configuration
     for r in runs:
         first.setdefault(r["name"], r)
@@ -810,8 +806,7 @@ def plots(runs, out_dir):
             ax.axis("off")
         fig.colorbar(im, ax=axes, label="share of the domain's routing slots")
         paths.append(os.path.join(out_dir, "routing.png"))
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        save_png(plt, fig, paths[-1])
     return paths
 
 

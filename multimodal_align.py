@@ -575,7 +575,7 @@ def figures(cfg, res, layers, world):
                yticks=range(m.shape[0]), yticklabels=["in"] + [f"v{i + 1}" for i in range(m.shape[0] - 1)])
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
     fig.suptitle(f"mutual k-NN, binding-controlled set (n {a['n']}, chance {a['chance_knn']:.3f})")
-    paths.append(save_png(fig, os.path.join(cfg.out, "alignment.png")))
+    paths.append(save_png(plt, fig, os.path.join(cfg.out, "alignment.png")))
     # QA against prefill compute (the paper's formula, relative to l = 0), mean ± sample std over seeds
     c0 = res["cost"]["0"]
     rel = [prefill_flops(c0["T"], c0["M"], N, l, cfg.d_model, 4 * cfg.d_model) / c0["flops_formula"]
@@ -603,7 +603,7 @@ def figures(cfg, res, layers, world):
     ax.set(xlabel="prefill FLOPs relative to l = 0 (formula)", ylabel="test accuracy",
            title="DeepInsert: quality against prefill compute")
     ax.legend(fontsize=7)
-    paths.append(save_png(fig, os.path.join(cfg.out, "qa_vs_compute.png")))
+    paths.append(save_png(plt, fig, os.path.join(cfg.out, "qa_vs_compute.png")))
     return [p for p in paths if p]
 
 

@@ -725,7 +725,7 @@ def figures(cfg, res, variants, world):
     axes[0].legend(fontsize=8)
     fig.suptitle(f"quality against training compute (dotted: the target, {target:.3f}; "
                  f"{len(res['summary'])} seed(s))")
-    paths.append(save_png(fig, os.path.join(cfg.out, "binding_vs_compute.png")))
+    paths.append(save_png(plt, fig, os.path.join(cfg.out, "binding_vs_compute.png")))
     return [p for p in paths if p]
 
 

@@ -409,9 +409,8 @@ def pyplot():
     return plt
 
 
-def save_png(fig, path):
-    """Write a matplotlib figure as a PNG and free it. -> path."""
-    import matplotlib.pyplot as plt
+def save_png(plt, fig, path):
+    """Write a figure as a PNG and free it (plt: what pyplot() returned). -> path."""
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path

@@ -391,4 +391,4 @@ def scene_grid(ds, path, n=8, cols=4, title=""):
             ax.set_title("\n".join(text), fontsize=6)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    return save_png(fig, path)
+    return save_png(plt, fig, path)
