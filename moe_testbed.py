@@ -1129,11 +1129,11 @@ PRESETS = {  # --preset: defaults for one kind of machine; flags given on the co
                 lr=1e-3, warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True),
 }
 QUICK = dict(d_model=64, expert_hidden=64, seq_len=64, batch_size=16, steps=300, warmup=30, train_bytes=50_000,
-             eval_seqs=8, log_every=100, threads=1)  # --quick: < 1 min; flags given win. threads 1: such small
-# matrices gain nothing from a second thread, and on a busy 2-core machine 2 threads took 162 s instead of 14 s
+             eval_seqs=8, log_every=100, out=os.path.join("out", "moe_testbed_quick"))   # --quick; flags given win
 
 EPILOG = """examples:
   python moe_testbed.py --quick                             a tiny run: tables + heat map in < 1 min
+  python moe_testbed.py --quick --sweep balance             purity vs the sequences balancing spans, < 1 min
   python moe_testbed.py --experts 8 --threads 1             one run, as in the docs (~5 min, 2-core CPU)
   python moe_testbed.py --sweep scopes --accum 8 --seeds 0,1,2 --jobs 2
   torchrun --standalone --nproc_per_node 2 moe_testbed.py   data parallel (gloo on CPU, NCCL on GPUs)"""
