@@ -6,7 +6,7 @@ Paper: "MoE Routing Testbed" (Falke et al., Amazon AGI, arXiv 2604.07030, 2026);
 that routes each token by its known domain label -- the upper bound on specialization.
 
     python moe_testbed.py --quick                           # a tiny run of the same (< 1 min CPU)
-    python moe_testbed.py --experts 8 --threads 1           # top-2, aux loss at global scope (~5 min CPU)
+    python moe_testbed.py --experts 8 --threads 1           # top-2, aux loss at global scope (~2.5 min CPU)
     python moe_testbed.py --sweep scopes --accum 8          # every router / scope, micro-batches of 4 sequences
     python moe_testbed.py --sweep balance --steps 300       # purity vs sequences the balancing spans
     torchrun --nproc_per_node 2 moe_testbed.py              # data parallel, same global batch
@@ -1134,7 +1134,7 @@ QUICK = dict(d_model=64, expert_hidden=64, seq_len=64, batch_size=16, steps=300,
 EPILOG = """examples:
   python moe_testbed.py --quick                             a tiny run: tables + heat map in < 1 min
   python moe_testbed.py --quick --sweep balance             purity vs the sequences balancing spans, < 1 min
-  python moe_testbed.py --experts 8 --threads 1             one run, as in the docs (~5 min, 2-core CPU)
+  python moe_testbed.py --experts 8 --threads 1             one run, as in the docs (~2.5 min, 2-core CPU)
   python moe_testbed.py --sweep scopes --accum 8 --seeds 0,1,2 --jobs 2
   torchrun --standalone --nproc_per_node 2 moe_testbed.py   data parallel (gloo on CPU, NCCL on GPUs)"""
 

@@ -227,6 +227,8 @@ def main(argv=None):
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: CUDA is not available on this machine")
+    if args.threads < 0:
+        ap.error(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
     if args.threads:
         torch.set_num_threads(args.threads)
     default_shapes = "a" if args.quick else ("a,b,c,gpu,gpu_e64" if device.type == "cuda" else "a,b,c")

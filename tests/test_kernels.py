@@ -377,3 +377,12 @@ def test_bench_refuses_to_time_a_wrong_implementation(monkeypatch, tmp_path, cap
     bad = [r for r in rows if r["impl"] == impl]
     assert bad and all(r["ms"] is None and r["speedup_vs_loop"] is None for r in bad)
     assert all(r["ms"] == 1.0 for r in rows if r["impl"] != impl)    # the others are still timed
+
+
+@pytest.mark.parametrize("bad", [["--threads", "-1"], ["--shapes", "zz"], ["--dtypes", "fp16"], ["--impls", "x"],
+                                 ["--bogus"]])
+def test_bench_bad_input_one_line_exit_2(bad, capsys):
+    with pytest.raises(SystemExit) as e:
+        bench.main(bad)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert e.value.code == 2 and len(err) == 1 and err[0].startswith("kernels.bench: error:")
