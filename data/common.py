@@ -333,12 +333,13 @@ def cached_lm(world, vocab, cfg, keys, name, make, train, device):
     path = os.path.join(cfg.cache_dir, f"{name}_{tag}.pt")
     if os.path.exists(path):
         lm = make().to(device)
-        lm.load_state_dict(torch.load(path, map_location=device, weights_only=True))
+        ck = torch.load(path, map_location=device, weights_only=True)
+        lm.load_state_dict(ck["model"] if "config" in ck else ck)   # caches from before the config was stored: bare
         print(f"frozen LM: loaded {path}")
         return lm.eval()
     t = time.perf_counter()
     lm = train()
-    torch.save(lm.state_dict(), path + ".tmp")
+    torch.save(dict(model=lm.state_dict(), config={k: getattr(cfg, k) for k in keys}, vocab=vocab), path + ".tmp")
     os.replace(path + ".tmp", path)
     print(f"frozen LM: pretrained in {time.perf_counter() - t:.0f}s, saved {path}")
     return lm.eval()

@@ -56,3 +56,26 @@ def test_device_and_threads_bad_input():
             pick_device("cuda")
     with pytest.raises(BadInput, match="--threads"):
         set_threads(-1)
+
+
+def test_cached_lm_saves_its_config_and_still_reads_bare_caches(tmp_path):
+    from types import SimpleNamespace
+
+    from data.common import cached_lm
+    cfg = SimpleNamespace(cache_dir=str(tmp_path), data_dir="", d_model=4)
+    calls = []
+
+    def train():
+        calls.append(1)
+        torch.manual_seed(len(calls))
+        return torch.nn.Linear(2, 2)
+
+    args = (None, {"<unk>": 0}, cfg, ["d_model"], "lm", lambda: torch.nn.Linear(2, 2), train, torch.device("cpu"))
+    a = cached_lm(*args)
+    (path,) = tmp_path.glob("lm_*.pt")
+    ck = torch.load(path, weights_only=True)
+    assert ck["config"] == {"d_model": 4} and ck["vocab"] == {"<unk>": 0}
+    b = cached_lm(*args)                                   # loaded, not retrained
+    assert len(calls) == 1 and torch.equal(a.weight, b.weight)
+    torch.save(a.state_dict(), path)                       # a cache written before configs were stored
+    assert torch.equal(cached_lm(*args).weight, a.weight) and len(calls) == 1
