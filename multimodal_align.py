@@ -675,12 +675,8 @@ HELP = dict(
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
     seeds="comma-separated seeds for the bridge runs (the frozen backbones use seed 0)",
     align_groups="groups of 8 scenes in the binding-controlled alignment set", knn_k="k of the mutual k-NN",
-    prefill_batch="prompts in the prefill timing batch", device="auto: CUDA, then MPS, then CPU",
-    dtype="bfloat16: autocast (opt-in)", compile="torch.compile the LM blocks (opt-in)",
-    threads="torch's CPU threads (0 = torch's default, one per physical core)",
-    quick="a tiny config that prints every section in under a minute",
-    out="output folder: results.json, metrics.jsonl, bridge checkpoints (earlier ones move to previous_<k>/), "
-        "PNGs (with matplotlib)",
+    prefill_batch="prompts in the prefill timing batch",
+    compile="torch.compile the LM blocks (opt-in)",
     cache_dir="frozen backbones (shared ViT, LM), reused by every later run",
 )
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
@@ -689,7 +685,6 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "batch_size", "lr"],
           "experiment": ["insert_layer", "seeds", "align_groups", "knn_k", "prefill_batch"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
-CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("float32", "bfloat16")}
 EPILOG = """examples:
   python multimodal_align.py                     # the full sweep, seed 0 (pretrains and caches the backbones)
   python multimodal_align.py --seeds 0,1,2       # three seeds
@@ -725,8 +720,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, epilog=EPILOG, quick=QUICK,
-               choices=CHOICES)
+    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
 
 
 if __name__ == "__main__":

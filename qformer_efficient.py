@@ -803,12 +803,7 @@ HELP = dict(
     eval_every="stage 2 steps between validation evaluations (the learning curve)",
     target_em="binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant",
     seeds="comma-separated seeds of the Q-Former runs (the frozen backbones use seed 0)",
-    device="auto: CUDA, then MPS, then CPU", dtype="bfloat16: autocast (opt-in)",
     compile="torch.compile the Q-Former and LM blocks (opt-in)",
-    threads="torch's CPU threads (0 = torch's default, one per physical core)",
-    quick="a tiny config that prints every section in under a minute",
-    out="output folder: results.json, metrics.jsonl, bridge checkpoints (earlier ones move to previous_<k>/), "
-        "PNGs (with matplotlib)",
     cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py",
 )
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
@@ -818,7 +813,6 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
                                         "batch_size", "lr", "caption_frac"],
           "experiment": ["eval_every", "target_em", "seeds"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
-CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("float32", "bfloat16")}
 EPILOG = """examples:
   python qformer_efficient.py                                  # B1, B2, P, seed 0 (pretrains and caches the LM)
   python qformer_efficient.py --seeds 1,2                      # more seeds (backbones from the cache)
@@ -860,8 +854,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, epilog=EPILOG, quick=QUICK,
-               choices=CHOICES)
+    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
 
 
 if __name__ == "__main__":

@@ -437,6 +437,15 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
+RUN_HELP = dict(  # the run flags both multimodal files share; a file's own `helps` entry wins
+    device="auto: CUDA, then MPS, then CPU", dtype="bfloat16: autocast (opt-in)",
+    threads="torch's CPU threads (0 = torch's default, one per physical core)",
+    quick="a tiny config that prints every section in under a minute",
+    out="output folder: results.json, metrics.jsonl, bridge checkpoints (earlier ones move to previous_<k>/), "
+        "PNGs (with matplotlib)")
+RUN_CHOICES = {"device": ("auto", "cpu", "cuda", "mps"), "dtype": ("float32", "bfloat16")}
+
+
 def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, quick=None, choices=None):
     """One --flag per Config field (help from `helps`), then run_fn(cfg); a BadInput is one line on stderr and
     exit status 2. groups: {title: [field, ...]} for --help sections. quick: the defaults that a `quick`
@@ -444,6 +453,7 @@ def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, qu
     the flags with a fixed set (argparse's `choices`). Shared by the paper files."""
     ap = OneLineParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
+    helps, choices = {**RUN_HELP, **helps}, {**RUN_CHOICES, **(choices or {})}
     defaults = asdict(config_cls())
     where = {}
     for title, ks in (groups or {}).items():
