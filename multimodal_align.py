@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from data import vision
 from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, cli, encode, heatmap,
                          keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
-                         set_threads, train_loop, validate_image_and_run, writable_dirs, write_results)
+                         train_loop, validate_image_and_run, write_results)
 from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled,
                          generate, scene_grid)
 from data.shapes import load_world as shapes_world
@@ -706,14 +706,7 @@ def validate(cfg):
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
         raise BadInput(f"--d-model must be a multiple of 2*--n-head and --vit-dim of --n-head and 4")
-    if not cfg.data_dir and cfg.n_train < max(cfg.batch_size, vision.VisionConfig.batch_size):
-        raise BadInput(f"--n-train {cfg.n_train} must fill a batch (--batch-size, and the encoder's 64)")
-    if cfg.image_size < 12:
-        raise BadInput(f"--image-size must be at least 12, got {cfg.image_size}")
-    seeds = validate_image_and_run(cfg)           # image/patch/tokens, dtype, --data-dir, --seeds
-    set_threads(cfg.threads)
-    pick_device(cfg.device)
-    writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
+    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)   # sizes, dtype, data, seeds, device, out
     N = cfg.n_layer
     layers = [cfg.insert_layer] if cfg.insert_layer >= 0 else sorted({0, N // 4, N // 2, 3 * N // 4}) + [None]
     return seeds, layers

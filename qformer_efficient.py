@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from data import t5lm, vision
 from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, cli, encode,
                          keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
-                         set_threads, step_memory_mib, train_loop, validate_image_and_run, writable_dirs, write_results)
+                         step_memory_mib, train_loop, validate_image_and_run, write_results)
 from data.shapes import BINDING_TYPES, QUESTION_TYPES, ShapesDataError, baselines, generate, scene_grid
 from data.shapes import caption as shapes_caption
 from data.shapes import load_world as shapes_world
@@ -840,16 +840,9 @@ def validate(cfg):
         raise BadInput(f"--variants: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose from {', '.join(VARIANTS)}")
     if cfg.d_model % (2 * cfg.n_head) or cfg.q_dim % cfg.n_head or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
         raise BadInput("--d-model must be a multiple of 2 x --n-head, --q-dim and --vit-dim of --n-head, --vit-dim of 4")
-    if not cfg.data_dir and cfg.n_train < max(cfg.batch_size, vision.VisionConfig.batch_size):
-        raise BadInput(f"--n-train {cfg.n_train} must fill a batch (--batch-size, and the encoder's 64)")
     if cfg.batch_size < 2 and "B1" in variants:
         raise BadInput("--batch-size must be at least 2 for B1 (ITC and ITM need in-batch negatives)")
-    if cfg.image_size < 12:
-        raise BadInput(f"--image-size must be at least 12, got {cfg.image_size}")
-    seeds = validate_image_and_run(cfg)                               # image/patch/tokens, dtype, --data-dir, --seeds
-    set_threads(cfg.threads)
-    pick_device(cfg.device)
-    writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
+    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)   # sizes, dtype, data, seeds, device, out
     return variants, seeds
 
 

@@ -306,8 +306,14 @@ def hash_str(s):
     return h
 
 
-def validate_image_and_run(cfg):
-    """Checks shared by the multimodal paper files (image, dtype, data, seeds) -> the list of seeds."""
+def validate_image_and_run(cfg, encoder_batch):
+    """Checks shared by the multimodal paper files (data size, image, dtype, data, seeds), then --threads,
+    --device and the output folders, all before any work -> the list of seeds. encoder_batch: the shared
+    ViT's pretraining batch, which --n-train must fill too."""
+    if not cfg.data_dir and cfg.n_train < max(cfg.batch_size, encoder_batch):
+        raise BadInput(f"--n-train {cfg.n_train} must fill a batch (--batch-size, and the encoder's {encoder_batch})")
+    if cfg.image_size < 12:
+        raise BadInput(f"--image-size must be at least 12, got {cfg.image_size}")
     if cfg.image_size % cfg.patch:
         raise BadInput(f"--image-size {cfg.image_size} must be a multiple of --patch {cfg.patch}")
     m = int(round(math.sqrt(cfg.image_tokens)))
@@ -318,9 +324,13 @@ def validate_image_and_run(cfg):
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
         raise BadInput(f"--data-dir {cfg.data_dir}: no such directory")
     try:
-        return [int(s) for s in cfg.seeds.split(",")]
+        seeds = [int(s) for s in cfg.seeds.split(",")]
     except ValueError:
         raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
+    set_threads(cfg.threads)
+    pick_device(cfg.device)
+    writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
+    return seeds
 
 
 def cached_lm(world, vocab, cfg, keys, name, make, train, device):
