@@ -44,7 +44,7 @@ from data import vision
 from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, cli, encode, heatmap,
                          keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
                          train_loop, validate_image_and_run, write_results)
-from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled,
+from data.shapes import (QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled, binding_score,
                          generate, scene_grid)
 from data.shapes import load_world as shapes_world
 
@@ -372,11 +372,6 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metric
 def qa_accuracy(model, feats, ds, vocab, l, device, bs=256):
     """Exact match of the one-word answer (argmax at the last prompt position): overall, per type."""
     return answer_hits(lambda ix, x: model(feats[ix].to(device), x, l), qa_items(ds, vocab), vocab, device, bs)
-
-
-def binding_score(per_type):
-    got = [per_type[t] for t in BINDING_TYPES if t in per_type]
-    return float(np.mean(got)) if got else None
 
 
 @torch.no_grad()

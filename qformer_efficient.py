@@ -58,7 +58,7 @@ from data import t5lm, vision
 from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, cli, encode,
                          keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
                          step_memory_mib, train_loop, validate_image_and_run, write_results)
-from data.shapes import BINDING_TYPES, QUESTION_TYPES, ShapesDataError, baselines, generate, scene_grid
+from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, binding_score, generate, scene_grid
 from data.shapes import caption as shapes_caption
 from data.shapes import load_world as shapes_world
 from data.t5lm import CAPTION_PROMPT, qa_prompt
@@ -346,12 +346,6 @@ def run_stage1(qf, feats, ds, vocab, cfg, seed, device, metrics=None):
 
 def vqa_items(ds):
     return [(i, qa_prompt(d["q"]), d["a"], d.get("type", "other")) for i, qa in enumerate(ds["qa"]) for d in qa]
-
-
-def binding_score(per_type):
-    """Mean accuracy over the question types a bag of words cannot answer (colour, shape, position, exist)."""
-    xs = [per_type[t] for t in BINDING_TYPES if t in per_type]
-    return float(np.mean(xs)) if xs else None
 
 
 def score(point):
