@@ -55,12 +55,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import t5lm, vision
-from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, cli, encode,
-                         keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
-                         step_memory_mib, train_loop, validate_image_and_run, write_results)
-from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, binding_score, generate, scene_grid
+from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, check_numbers, cli,
+                         encode, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, print_outputs, pyplot,
+                         save_bridge, save_png, shapes_baselines, shapes_world, step_memory_mib, text_ceiling_line, train_loop,
+                         validate_image_and_run, write_results)
+from data.shapes import QUESTION_TYPES, binding_score, scene_grid
 from data.shapes import caption as shapes_caption
-from data.shapes import load_world as shapes_world
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
 # Config, --quick and the command line: at the end of the file.
@@ -557,10 +557,7 @@ def cider(hyps, refs):
 
 def load_data(cfg):
     """-> world (split -> dataset dict), vocabulary (+ the Q-Former's specials), reference captions per split."""
-    try:
-        world, vocab = shapes_world(cfg.data_dir, cfg.n_train, cfg.n_eval, cfg.image_size, cfg.patch, cfg.batch_size)
-    except ShapesDataError as e:
-        raise BadInput(str(e))
+    world, vocab = shapes_world(cfg)
     if not world["val"]["captions"]:
         raise BadInput("--data-dir: no 'val' split (the learning curves are measured on it)")
     for w in EXTRA_TOKENS:
@@ -589,23 +586,15 @@ def run(cfg):
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, Q-Former "
           f"{cfg.q_layers}x{cfg.q_dim} with {cfg.queries} queries, LM {cfg.enc_layers}+{cfg.dec_layers}x{cfg.d_model}, "
           f"variants {variants}, seeds {seeds}")
-    ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
-    base = {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
-    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device, metrics=metrics)
-    print(f"vision encoder: {vision.gate_line(vrep)}")
+    base = shapes_baselines(world, cfg)                              # the data-only rows of the tables
+    _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics)    # split -> (N, P, C)
     lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics).requires_grad_(False)
     if cfg.compile:
         for m in list(lm.enc) + list(lm.dec):
             m.compile()
     ceiling = text_ceiling(lm, world["test"], vocab, device)
-    print("frozen LM text ceiling (true caption as context; gate >= 0.95 per type): "
-          + ", ".join(f"{t} {v:.3f}" for t, v in ceiling.items())
-          + f" -> {'PASS' if min(ceiling.values()) >= GATE_TEXT else 'FAIL'}")
-    side = int(round(math.sqrt(cfg.image_tokens)))
-    feats = {s: vision.tokens(vit, ds["images"], side, device) for s, ds in world.items() if ds["captions"]}
-    res = dict(config=asdict(cfg), baselines=base, runs=[], summary={},
-               gates=dict(vision_minimal_pairs=vrep["minimal_pairs"], vision_cell_probe=vrep["cell_probe"],
-                          lm_text_ceiling=ceiling))
+    print(text_ceiling_line(ceiling, GATE_TEXT))
+    res = dict(config=asdict(cfg), baselines=base, runs=[], summary={}, gates=dict(gates, lm_text_ceiling=ceiling))
     for seed in seeds:
         stream, models = stage2_stream(world["train"], cfg, seed), {}
         for v in variants:
@@ -617,8 +606,7 @@ def run(cfg):
                   f"{r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'")
             models[v] = model
             res["runs"].append(r)
-            torch.save(dict(model=model.state_dict(), config=asdict(cfg), vocab=vocab, max_len=max_len),
-                       os.path.join(cfg.out, f"bridge_{v}_seed{seed}.pt"))
+            save_bridge(cfg, f"{v}_seed{seed}", model, vocab, max_len=max_len)
             write_results(cfg.out, res)
         rounds = 3 if cfg.quick else 15
         for v, ms in interleaved_step_ms(models, stream, feats["train"], cfg, device, rounds).items():
@@ -688,9 +676,7 @@ def report(cfg, res, variants, world):
     r1 = [r["itc_r1"] for r in runs if "itc_r1" in r]
     if r1:
         print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
-    for path in figures(cfg, res, variants, world):
-        print(f"figure: {path}")
-    print(f"results: {os.path.join(cfg.out, 'results.json')} ({res['wall_s']:.0f} s)")
+    print_outputs(figures(cfg, res, variants, world), cfg.out, res["wall_s"])
 
 
 def figures(cfg, res, variants, world):
@@ -816,14 +802,10 @@ EPILOG = """examples:
 
 def validate(cfg):
     """Every user error, before any training -> (variants, seeds)."""
-    steps = ("vit_steps", "lm_steps", "stage1_steps")                  # 0 skips that training
-    for f in steps + ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "enc_layers",
-                      "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim", "q_layers",
-                      "steps", "batch_size", "lr", "eval_every"):
-        v = getattr(cfg, f)
-        if not (v >= 0 if f in steps else v > 0) or v == math.inf:     # "not": a NaN fails too
-            need = (">= 0" if f in steps else "positive") + (" and finite" if v == math.inf else "")
-            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
+    check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "enc_layers",
+                        "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim",
+                        "q_layers", "steps", "batch_size", "lr", "eval_every"),
+                  at_least_0=("vit_steps", "lm_steps", "stage1_steps"))               # 0 skips that training
     if not 0 <= cfg.caption_frac <= 1:
         raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:

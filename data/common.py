@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.shapes import generate
+from data.shapes import ShapesDataError, baselines, generate, load_world
 
 
 class BadInput(ValueError):
@@ -306,6 +306,16 @@ def hash_str(s):
     return h
 
 
+def check_numbers(cfg, positive, at_least_0=()):
+    """Each named Config field must be positive (at_least_0: >= 0, where 0 skips that training) and finite; the
+    first that is not is a BadInput, fields in the order given (at_least_0 first)."""
+    for f in at_least_0 + positive:
+        v = getattr(cfg, f)
+        if not (v >= 0 if f in at_least_0 else v > 0) or v == math.inf:     # "not": a NaN fails too
+            need = (">= 0" if f in at_least_0 else "positive") + (" and finite" if v == math.inf else "")
+            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
+
+
 def validate_image_and_run(cfg, encoder_batch):
     """Checks shared by the multimodal paper files (data size, image, dtype, data, seeds), then --threads,
     --device and the output folders, all before any work -> the list of seeds. encoder_batch: the shared
@@ -355,6 +365,36 @@ def cached_lm(world, vocab, cfg, keys, name, make, train, device):
     return lm.eval()
 
 
+def shapes_world(cfg):
+    """The data of both multimodal files -> (split -> dataset dict, vocabulary): world v2 or --data-dir
+    (data/shapes.py); a data error is a BadInput."""
+    try:
+        return load_world(cfg.data_dir, cfg.n_train, cfg.n_eval, cfg.image_size, cfg.patch, cfg.batch_size)
+    except ShapesDataError as e:
+        raise BadInput(str(e))
+
+
+def shapes_baselines(world, cfg):
+    """The data-only baselines on test and hold-out (where there are scenes), their tables fitted on the
+    --data-dir train split or on fresh scenes (not the training ones)."""
+    ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
+    return {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
+
+
+def text_ceiling_line(ceiling, gate):
+    """The frozen LM's gate, {question type: accuracy given the true caption} -> one printable line."""
+    return (f"frozen LM text ceiling (true caption as context; gate >= {gate} per type): "
+            + ", ".join(f"{t} {v:.3f}" for t, v in ceiling.items())
+            + f" -> {'PASS' if min(ceiling.values()) >= gate else 'FAIL'}")
+
+
+def save_bridge(cfg, tag, model, vocab, **extra):
+    """<out>/bridge_<tag>.pt (keep_previous moves these aside on a rerun): the trained weights with the config and
+    vocabulary that rebuild them, plain data that torch.load(..., weights_only=True) reads."""
+    torch.save(dict(model=model.state_dict(), config=asdict(cfg), vocab=vocab, **extra),
+               os.path.join(cfg.out, f"bridge_{tag}.pt"))
+
+
 def write_json(path, obj):
     """Atomically: a crash mid-write never leaves a truncated file."""
     with open(path + ".tmp", "w") as f:
@@ -391,6 +431,13 @@ def keep_previous(out, also=None):
         for f in old:
             os.replace(os.path.join(out, f), os.path.join(out, f"previous_{k}", f))
         print(f"earlier results moved to {os.path.join(out, f'previous_{k}')}")
+
+
+def print_outputs(figure_paths, out, wall_s):
+    """The last lines of a run: its figures, then where results.json is and how long the run took."""
+    for path in figure_paths:
+        print(f"figure: {path}")
+    print(f"results: {os.path.join(out, 'results.json')} ({wall_s:.0f} s)")
 
 
 def mean_sd(xs):
