@@ -22,6 +22,7 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
     python multimodal_align.py                    # l in {0, N/4, N/2, 3N/4} + no-image, seed 0
     python multimodal_align.py --seeds 0,1,2      # three seeds (the backbones come from the cache)
     python multimodal_align.py --quick            # every section on a tiny config, under a minute
+    python multimodal_align.py --data-dir DIR     # real data: DIR/images.npy + DIR/annotations.jsonl
 
 Shape legend:
     B = batch   M = image tokens   T = text tokens   L = sequence length (M + T)
@@ -658,11 +659,6 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "batch_size", "lr"],
           "experiment": ["insert_layer", "seeds", "align_groups", "knn_k", "prefill_batch"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
-EPILOG = """examples:
-  python multimodal_align.py                     # the full sweep, seed 0 (pretrains and caches the backbones)
-  python multimodal_align.py --seeds 0,1,2       # three seeds
-  python multimodal_align.py --quick             # every section, tiny, under a minute
-  python multimodal_align.py --data-dir DIR      # DIR/images.npy + DIR/annotations.jsonl"""
 
 
 def validate(cfg):
@@ -682,7 +678,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
+    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, quick=QUICK)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
      seconds to target (B1's stage 1 counted); step time, training memory; captions (BLEU-4, CIDEr-style).
 
     python qformer_efficient.py                       # B1, B2, P, seed 0: 13 min on 2 CPU cores (backbones cached)
-    python qformer_efficient.py --seeds 1,2           # more seeds
+    python qformer_efficient.py --seeds 1,2           # more seeds (the backbones come from the cache)
     python qformer_efficient.py --variants B1,B2,P,P-a,P-b,C0
     python qformer_efficient.py --quick               # every section on a tiny config, under a minute
+    python qformer_efficient.py --data-dir DIR        # real data: DIR/images.npy + DIR/annotations.jsonl
 
 Attention masks of the Q-Former in stage 1 ("may attend", rows attend to columns; Q queries, T text):
     ITC  unimodal     Q->Q, T->T           queries and text never see each other
@@ -793,11 +794,6 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
                                         "batch_size", "lr", "caption_frac"],
           "experiment": ["eval_every", "target_em", "seeds"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
-EPILOG = """examples:
-  python qformer_efficient.py                                  # B1, B2, P, seed 0 (pretrains and caches the LM)
-  python qformer_efficient.py --seeds 1,2                      # more seeds (backbones from the cache)
-  python qformer_efficient.py --quick                          # every section, tiny, under a minute
-  python qformer_efficient.py --data-dir DIR                   # DIR/images.npy + DIR/annotations.jsonl"""
 
 
 def validate(cfg):
@@ -823,7 +819,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
+    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, quick=QUICK)
 
 
 if __name__ == "__main__":

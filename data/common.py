@@ -507,7 +507,11 @@ def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, qu
     """One --flag per Config field (help from `helps`), then run_fn(cfg); a BadInput is one line on stderr and
     exit status 2. groups: {title: [field, ...]} for --help sections. quick: the defaults that a `quick`
     field (a bool in the Config) switches to; flags given explicitly still win. choices: {field: values} for
-    the flags with a fixed set (argparse's `choices`). Shared by the paper files."""
+    the flags with a fixed set (argparse's `choices`). epilog: by default the docstring's `python ...` example
+    lines, so that the examples are written once. Shared by the paper files."""
+    examples = [line[2:] for line in doc.splitlines() if line.lstrip().startswith("python ")]
+    if epilog is None and examples:
+        epilog = "\n".join(["examples:"] + examples)
     ap = OneLineParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     helps, choices = {**RUN_HELP, **helps}, {**RUN_CHOICES, **(choices or {})}
