@@ -633,21 +633,17 @@ QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_
              out=os.path.join("out", "multimodal_align_quick"))
 
 
-HELP = dict(
-    n_train="training scenes (procedural world)", n_eval="test and hold-out scenes (about 5 questions each)",
+HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files share (n_train, patch, device, ...)
+    n_eval="test and hold-out scenes (about 5 questions each)",
     image_size="image side in pixels (procedural world; the ViT is pretrained at this size)",
-    data_dir="real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl (see data/shapes.py)",
-    patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
     image_tokens="ViT tokens given to the bridge (a square; the patch grid is average-pooled; 9 = one per cell)",
     tokens_per_cell="LM tokens the projector writes per ViT token (M = image_tokens x this)",
     d_model="LM width D", n_layer="LM blocks N", n_head="attention heads (LM and ViT)",
     lm_mix="Primer conv over this many tokens in every LM block (1 = off)", lm_steps="LM pretraining steps",
-    lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
     stage1_steps="stage 1 steps: projector only, captioning",
     stage2_steps="stage 2 steps: projector + LM, QA and captions", batch_size="batch size of the bridge stages",
     lr="AdamW learning rate of the bridge stages (the LM has --lm-lr)",
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
-    seeds="comma-separated seeds for the bridge runs (the frozen backbones use seed 0)",
     align_groups="groups of 8 scenes in the binding-controlled alignment set", knn_k="k of the mutual k-NN",
     prefill_batch="prompts in the prefill timing batch",
     compile="torch.compile the LM blocks (opt-in)",

@@ -768,25 +768,20 @@ QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_
              batch_size=32, eval_every=30,
              out=os.path.join("out", "qformer_efficient_quick"))
 
-HELP = dict(
-    n_train="training scenes (procedural world)", n_eval="val / test / hold-out scenes (about 5 questions each)",
-    image_size="image side in pixels", data_dir="real data: DIR/images.npy + DIR/annotations.jsonl (see data/shapes.py)",
-    patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
+HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files share (n_train, patch, device, ...)
+    n_eval="val / test / hold-out scenes (about 5 questions each)", image_size="image side in pixels",
     image_tokens="image tokens P the Q-Former attends to (a square; the patch grid is pooled; 9 = one per cell)",
     d_model="LM width E", enc_layers="LM encoder blocks", dec_layers="LM decoder blocks",
     n_head="attention heads (all models)", lm_mix="Primer conv over this many tokens in the LM encoder (1 = off)",
-    lm_steps="text-only LM pretraining steps", lm_scenes="fresh text-only scenes for LM pretraining",
-    lm_batch="LM pretraining batch (QA pairs; a quarter as many caption pairs)", lm_lr="LM pretraining learning rate",
+    lm_steps="text-only LM pretraining steps", lm_batch="LM pretraining batch (QA pairs; a quarter as many captions)",
     queries="learnable queries N_q", q_dim="Q-Former width D", q_layers="Q-Former blocks (cross-attention in every other one)",
     variants=f"comma-separated, from {', '.join(VARIANTS)}", stage1_steps="B1's stage 1 steps (ITC + ITM + ITG)",
     steps="stage 2 steps of every variant", batch_size="batch size of stage 1 and stage 2", lr="AdamW learning rate (stages 1, 2)",
     caption_frac="fraction of stage 2 items that are captions (the rest are questions)",
     eval_every="stage 2 steps between validation evaluations (the learning curve)",
     target_em="binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant",
-    seeds="comma-separated seeds of the Q-Former runs (the frozen backbones use seed 0)",
     compile="torch.compile the Q-Former and LM blocks (opt-in)",
-    cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py",
-)
+    cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py")
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "enc_layers",
                                "dec_layers", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_batch", "lm_lr"],

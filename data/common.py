@@ -494,7 +494,12 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-RUN_HELP = dict(  # the run flags both multimodal files share; a file's own `helps` entry wins
+SHARED_HELP = dict(  # the flags both multimodal files share, said once; a file's own `helps` entry wins
+    n_train="training scenes (procedural world)",
+    data_dir="real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl (see data/shapes.py)",
+    patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
+    lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
+    seeds="comma-separated seeds of the bridge runs (the frozen backbones use seed 0)",
     device="auto: CUDA, then MPS, then CPU", dtype="bfloat16: autocast (opt-in)",
     threads="torch's CPU threads (0 = torch's default, one per physical core)",
     quick="a tiny config that prints every section in under a minute",
@@ -514,7 +519,7 @@ def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, qu
         epilog = "\n".join(["examples:"] + examples)
     ap = OneLineParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps, choices = {**RUN_HELP, **helps}, {**RUN_CHOICES, **(choices or {})}
+    helps, choices = {**SHARED_HELP, **helps}, {**RUN_CHOICES, **(choices or {})}
     defaults = asdict(config_cls())
     where = {}
     for title, ks in (groups or {}).items():
