@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from data import vision
 from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, check_numbers, cli, encode,
-                         heatmap, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, print_outputs,
-                         pyplot, save_bridge, save_png, shapes_baselines, shapes_world, text_ceiling_line, train_loop,
-                         validate_image_and_run, write_results)
+                         exact_match, heatmap, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
+                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world,
+                         text_ceiling_line, train_loop, validate_image_and_run, write_results)
 from data.shapes import QUESTION_TYPES, binding_controlled, binding_score, generate, scene_grid
 
 
@@ -304,17 +304,13 @@ def text_ceiling(lm, ds, vocab, device, bs=256):
 
 
 def answer_hits(logits_fn, items, vocab, device, bs=256):
-    """Exact match of a one-word answer: argmax at each prompt's last position. items: (index, prompt ids,
-    answer id, type); logits_fn(indices, padded prompts) -> (B, T, V). -> overall, {type: accuracy}."""
-    hit = {}
-    for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
+    """Exact match of a one-word answer, the argmax at each prompt's last position (data/common.exact_match).
+    items: (index, prompt ids, answer id, type); logits_fn(indices, padded prompts) -> (B, T, V)."""
+    def predict(chunk):
         logits = logits_fn([j for j, *_ in chunk], pad([p for _, p, _, _ in chunk], vocab["<pad>"]).to(device))
         last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk], device=device)
-        pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1).cpu().tolist()
-        for (_, _, a, t), p in zip(chunk, pred):
-            hit.setdefault(t, []).append(p == a)
-    return float(np.mean([x for v in hit.values() for x in v])), {t: float(np.mean(v)) for t, v in hit.items()}
+        return logits[torch.arange(len(chunk), device=device), last].argmax(-1)
+    return exact_match(predict, items, bs)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -57,9 +57,9 @@ import torch.nn.functional as F
 
 from data import t5lm, vision
 from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, check_numbers, cli,
-                         encode, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, print_outputs, pyplot,
-                         save_bridge, save_png, shapes_baselines, shapes_world, step_memory_mib, text_ceiling_line, train_loop,
-                         validate_image_and_run, write_results)
+                         encode, exact_match, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
+                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world, step_memory_mib,
+                         text_ceiling_line, train_loop, validate_image_and_run, write_results)
 from data.shapes import QUESTION_TYPES, binding_score, scene_grid
 from data.shapes import caption as shapes_caption
 from data.t5lm import CAPTION_PROMPT, qa_prompt
@@ -354,31 +354,18 @@ def score(point):
     return point["vqa"] if point["binding_score"] is None else point["binding_score"]
 
 
-@torch.no_grad()
-def exact_match(answer_fn, items, vocab, bs=512):
-    """Exact match of the one-word answer, overall and per question type. items: (scene index, prompt, answer,
-    type); answer_fn(scene indices, prompts) -> predicted token ids."""
-    hit = {}
-    for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
-        pred = answer_fn([j for j, *_ in chunk], [p for _, p, _, _ in chunk]).tolist()
-        for (_, _, a, t), p in zip(chunk, pred):
-            hit.setdefault(t, []).append(p == vocab.get(a, -1))
-    order = {t: k for k, t in enumerate(QUESTION_TYPES)}
-    per_type = {t: float(np.mean(hit[t])) for t in sorted(hit, key=lambda t: order.get(t, len(order)))}
-    return float(np.mean([x for v in hit.values() for x in v])), per_type
-
-
 def text_ceiling(lm, ds, vocab, device):
     """The frozen LM given the true caption: 'context: <c> question: <q>' -> first decoded word == answer, per
     question type. The best a bridge could do if its queries were as good as the caption."""
-    items = [(0, f"context: {c} {qa_prompt(d['q'])}", d["a"], d["type"]) for c, qs in zip(ds["captions"], ds["qa"])
-             for d in qs]
-    return exact_match(lambda ix, texts: t5lm.first_word(lm, texts, vocab, device), items, vocab)[1]
+    items = [(0, f"context: {c} {qa_prompt(d['q'])}", vocab.get(d["a"], -1), d["type"])
+             for c, qs in zip(ds["captions"], ds["qa"]) for d in qs]
+    return exact_match(lambda c: t5lm.first_word(lm, [p for _, p, _, _ in c], vocab, device), items, bs=512)[1]
 
 
 def vqa(model, feats, items, vocab, device):
-    return exact_match(lambda ix, prompts: model.answer(feats[ix].to(device), prompts), items, vocab)
+    """Exact match of the first answer word on vqa_items: overall, per type (data/common.exact_match)."""
+    ids = [(i, p, vocab.get(a, -1), t) for i, p, a, t in items]
+    return exact_match(lambda c: model.answer(feats[[i for i, *_ in c]].to(device), [p for _, p, _, _ in c]), ids, 512)
 
 
 def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, max_len, metrics=None):

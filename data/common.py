@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.shapes import ShapesDataError, baselines, generate, load_world
+from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, generate, load_world
 
 
 class BadInput(ValueError):
@@ -237,6 +237,20 @@ def batches(n, bs, seed):
         perm = g.permutation(n)
         for i in range(0, n - bs + 1, bs):
             yield perm[i:i + bs]
+
+
+@torch.no_grad()
+def exact_match(predict, items, bs):
+    """Exact match of one-word answers, overall and per question type (in QUESTION_TYPES order), in chunks of bs
+    items: (scene index, prompt, answer id, type); predict(chunk of items) -> predicted ids (B,)."""
+    hit = {}
+    for i in range(0, len(items), bs):
+        chunk = items[i:i + bs]
+        for (_, _, a, t), p in zip(chunk, predict(chunk).tolist()):
+            hit.setdefault(t, []).append(p == a)
+    order = {t: k for k, t in enumerate(QUESTION_TYPES)}
+    per_type = {t: float(np.mean(hit[t])) for t in sorted(hit, key=lambda t: order.get(t, len(order)))}
+    return float(np.mean([x for v in hit.values() for x in v])), per_type
 
 
 def pick_device(name):
