@@ -48,6 +48,7 @@ Shape legend:
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -297,11 +298,8 @@ class Bridge(nn.Module):
         mem, keep = self.memory(img_BPC, prompts)
         out = self.lm[0].generate(mem, keep, self.vocab["<bos>"], self.vocab["<eos>"], max_new)
         inv = {i: w for w, i in self.vocab.items()}
-        texts = []
-        for row in out.tolist():
-            words = [inv[t] for t in row]
-            texts.append(" ".join(words[: words.index("<eos>")] if "<eos>" in words else words))
-        return texts
+        words = [[inv[t] for t in row] for row in out.tolist()]
+        return [" ".join(w[: w.index("<eos>")] if "<eos>" in w else w) for w in words]      # up to <eos>
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -453,8 +451,7 @@ def summarise(runs, cfg):
             r["samples_to_target"], r["seconds_to_target"] = to_target(r, target)
         s = dict(target=target)
         b2 = rs.get("B2")
-        if b2:
-            end = b2["curve"][-1]
+        end = b2["curve"][-1] if b2 else None                 # B2's final validation point
         if "P" in rs and b2:
             p = rs["P"]
             s["P_over_B2_samples_to_target"] = ratio(p["samples_to_target"], b2["samples_to_target"])
@@ -475,14 +472,12 @@ def summarise(runs, cfg):
 def interleaved_step_ms(models, stream, feats, cfg, device, rounds):
     """Forward + backward (ms) of each variant on the same batches, interleaved so that a busy spell of the
     machine hits every variant alike (data/common.best_of_rounds_ms)."""
-    def step(m):
-        def f(r):
-            items = stream[r % len(stream)]
-            with autocast(cfg, device):
-                m.loss(feats[[i for i, _, _ in items]].to(device), [p for _, p, _ in items], [y for _, _, y in items]).backward()
-            m.zero_grad(set_to_none=True)
-        return f
-    return best_of_rounds_ms({v: step(m) for v, m in models.items()}, device, rounds)
+    def step(m, r):
+        items = stream[r % len(stream)]
+        with autocast(cfg, device):
+            m.loss(feats[[i for i, _, _ in items]].to(device), [p for _, p, _ in items], [y for _, _, y in items]).backward()
+        m.zero_grad(set_to_none=True)
+    return best_of_rounds_ms({v: lambda r, m=m: step(m, r) for v, m in models.items()}, device, rounds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -490,10 +485,7 @@ def interleaved_step_ms(models, stream, feats, cfg, device, rounds):
 # ----------------------------------------------------------------------------------------------------
 
 def ngrams(words, n):
-    out = {}
-    for i in range(len(words) - n + 1):
-        out[tuple(words[i:i + n])] = out.get(tuple(words[i:i + n]), 0) + 1
-    return out
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
 def bleu4(hyps, refs):
@@ -620,14 +612,13 @@ CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
 
 def report(cfg, res, variants, world):
     runs = res["runs"]
+    by = {v: [r for r in runs if r["variant"] == v] for v in variants}
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in runs)]
     cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
     print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}" + "".join(f"{c:>14s}" for c in cols))
-    for v in variants:
-        rs = [r for r in runs if r["variant"] == v]
-        vals = [[r["vqa"] for r in rs], [r["binding_score"] for r in rs]] + [[r["per_type"].get(t) for r in rs]
-                                                                            for t in types]
-        vals += [[r["holdout"] for r in rs], [r["bleu4"] for r in rs], [r["cider"] for r in rs]]
+    for v, rs in by.items():
+        vals = [[r[k] for r in rs] for k in ("vqa", "binding_score")] + [[r["per_type"].get(t) for r in rs] for t in types]
+        vals += [[r[k] for r in rs] for k in ("holdout", "bleu4", "cider")]
         print(f"{v:>11s}" + "".join(f"{mean_std(x):>14s}" for x in vals))
     for name in ("blind_prior", "bag_oracle"):
         b = res["baselines"]["test"][name]
@@ -637,8 +628,7 @@ def report(cfg, res, variants, world):
     print(f"\ncost (target: 0.9 x the best final val binding score per seed, "
           f"{mean_std([s['target'] for s in res['summary'].values()])})\n" + f"{'':>11s}"
           + "".join(f"{c:>17s}" for c in ("samples to target", "s to target", "train ms/step", "fwd+bwd ms", "memory MiB")))
-    for v in variants:
-        rs = [r for r in runs if r["variant"] == v]
+    for v, rs in by.items():
         reached = f" ({sum(r['samples_to_target'] is not None for r in rs)}/{len(rs)})"
         print(f"{v:>11s}" + "".join(f"{x:>17s}" for x in (
             mean_std([r["samples_to_target"] for r in rs], ".0f") + reached, mean_std([r["seconds_to_target"] for r in rs], ".0f"),
@@ -648,8 +638,7 @@ def report(cfg, res, variants, world):
     pick = steps[:: max(1, len(steps) // 8)] + ([steps[-1]] if (len(steps) - 1) % max(1, len(steps) // 8) else [])
     print("\nvalidation binding score against samples seen (mean over seeds)\n" + f"{'samples':>11s}"
           + "".join(f"{s:>7d}" for s in pick))
-    for v in variants:
-        rs = [r for r in runs if r["variant"] == v]
+    for v, rs in by.items():
         curve = {c["samples"]: [] for c in rs[0]["curve"]}
         for r in rs:
             for c in r["curve"]:
@@ -752,8 +741,7 @@ class Config:
 
 QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, enc_layers=2, dec_layers=1,
              lm_steps=400, lm_scenes=2000, lm_batch=64, queries=8, q_dim=32, q_layers=2, stage1_steps=20, steps=150,
-             batch_size=32, eval_every=30,
-             out=os.path.join("out", "qformer_efficient_quick"))
+             batch_size=32, eval_every=30, out=os.path.join("out", "qformer_efficient_quick"))
 
 HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files share (n_train, patch, device, ...)
     n_eval="val / test / hold-out scenes (about 5 questions each)", image_size="image side in pixels",
