@@ -1,5 +1,6 @@
-"""Plumbing shared by the paper files: the transformer block, tokenising and padding, index batches and
-the AdamW loop of the two multimodal files; and, for all four, the habits a user meets in each of them --
+"""Plumbing shared by the paper files: the transformer block, tokenising and padding, index batches, the
+AdamW loop, loading the shapes world with its baselines, exact-match scoring, the frozen-LM cache and bridge
+checkpoints of the two multimodal files; and, for all four, the habits a user meets in each of them --
 device choice, --threads, progress output, metrics.jsonl, mean ± sample std, the one-line errors and the
 CLI. Nothing here is paper-specific, so each piece lives in one place."""
 
