@@ -362,8 +362,9 @@ def text_ceiling(lm, ds, vocab, device):
 
 def vqa(model, feats, items, vocab, device):
     """Exact match of the first answer word on vqa_items: overall, per type (data/common.exact_match)."""
-    ids = [(i, p, vocab.get(a, -1), t) for i, p, a, t in items]
-    return exact_match(lambda c: model.answer(feats[[i for i, *_ in c]].to(device), [p for _, p, _, _ in c]), ids, 512)
+    def predict(c):
+        return model.answer(feats[[i for i, *_ in c]].to(device), [p for _, p, _, _ in c])
+    return exact_match(predict, [(i, p, vocab.get(a, -1), t) for i, p, a, t in items], bs=512)
 
 
 def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, max_len, metrics=None):
@@ -473,9 +474,9 @@ def interleaved_step_ms(models, stream, feats, cfg, device, rounds):
     """Forward + backward (ms) of each variant on the same batches, interleaved so that a busy spell of the
     machine hits every variant alike (data/common.best_of_rounds_ms)."""
     def step(m, r):
-        items = stream[r % len(stream)]
+        scenes, prompts, targets = zip(*stream[r % len(stream)])
         with autocast(cfg, device):
-            m.loss(feats[[i for i, _, _ in items]].to(device), [p for _, p, _ in items], [y for _, _, y in items]).backward()
+            m.loss(feats[list(scenes)].to(device), list(prompts), list(targets)).backward()
         m.zero_grad(set_to_none=True)
     return best_of_rounds_ms({v: lambda r, m=m: step(m, r) for v, m in models.items()}, device, rounds)
 
@@ -617,7 +618,8 @@ def report(cfg, res, variants, world):
     cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
     print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}" + "".join(f"{c:>14s}" for c in cols))
     for v, rs in by.items():
-        vals = [[r[k] for r in rs] for k in ("vqa", "binding_score")] + [[r["per_type"].get(t) for r in rs] for t in types]
+        vals = [[r[k] for r in rs] for k in ("vqa", "binding_score")]
+        vals += [[r["per_type"].get(t) for r in rs] for t in types]
         vals += [[r[k] for r in rs] for k in ("holdout", "bleu4", "cider")]
         print(f"{v:>11s}" + "".join(f"{mean_std(x):>14s}" for x in vals))
     for name in ("blind_prior", "bag_oracle"):
