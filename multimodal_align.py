@@ -22,6 +22,7 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
     python multimodal_align.py                    # l in {0, N/4, N/2, 3N/4} + no-image, seed 0
     python multimodal_align.py --seeds 0,1,2      # three seeds (the backbones come from the cache)
     python multimodal_align.py --quick            # every section on a tiny config, under a minute
+    python multimodal_align.py --data-dir DIR     # real data: DIR/images.npy + DIR/annotations.jsonl
 
 Shape legend:
     B = batch   M = image tokens   T = text tokens   L = sequence length (M + T)
@@ -30,7 +31,6 @@ Sequence layout (LLaVA): [<bos>] [image x M] [question: ... answer:] [answer] [<
 """
 
 import copy
-import math
 import os
 import time
 from dataclasses import asdict, dataclass
@@ -41,12 +41,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import vision
-from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, cli, encode, heatmap,
-                         keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
-                         train_loop, validate_image_and_run, write_results)
-from data.shapes import (BINDING_TYPES, QUESTION_TYPES, SPLITS, ShapesDataError, baselines, binding_controlled,
-                         generate, scene_grid)
-from data.shapes import load_world as shapes_world
+from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, check_numbers, cli, encode,
+                         exact_match, heatmap, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
+                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world,
+                         text_ceiling_line, train_loop, validate_image_and_run, write_results)
+from data.shapes import QUESTION_TYPES, binding_controlled, binding_score, generate, scene_grid
 
 
 # Config, --quick and the command line: at the end of the file.
@@ -225,14 +224,6 @@ def linear_cka(a_ND, b_ND):
 # Data: the world, the texts, the QA batches
 # ----------------------------------------------------------------------------------------------------
 
-def load_world(cfg):
-    """-> dict split -> dataset dict, and the vocabulary (procedural world v2, or --data-dir; data/shapes.py)."""
-    try:
-        return shapes_world(cfg.data_dir, cfg.n_train, cfg.n_eval, cfg.image_size, cfg.patch, cfg.batch_size)
-    except ShapesDataError as e:
-        raise BadInput(str(e))
-
-
 def qa_prompt(q):
     return f"question: {q} answer:"
 
@@ -313,17 +304,13 @@ def text_ceiling(lm, ds, vocab, device, bs=256):
 
 
 def answer_hits(logits_fn, items, vocab, device, bs=256):
-    """Exact match of a one-word answer: argmax at each prompt's last position. items: (index, prompt ids,
-    answer id, type); logits_fn(indices, padded prompts) -> (B, T, V). -> overall, {type: accuracy}."""
-    hit = {}
-    for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
+    """Exact match of a one-word answer, the argmax at each prompt's last position (data/common.exact_match).
+    items: (index, prompt ids, answer id, type); logits_fn(indices, padded prompts) -> (B, T, V)."""
+    def predict(chunk):
         logits = logits_fn([j for j, *_ in chunk], pad([p for _, p, _, _ in chunk], vocab["<pad>"]).to(device))
         last = torch.tensor([len(p) - 1 for _, p, _, _ in chunk], device=device)
-        pred = logits[torch.arange(len(chunk), device=device), last].argmax(-1).cpu().tolist()
-        for (_, _, a, t), p in zip(chunk, pred):
-            hit.setdefault(t, []).append(p == a)
-    return float(np.mean([x for v in hit.values() for x in v])), {t: float(np.mean(v)) for t, v in hit.items()}
+        return logits[torch.arange(len(chunk), device=device), last].argmax(-1)
+    return exact_match(predict, items, bs)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -374,11 +361,6 @@ def qa_accuracy(model, feats, ds, vocab, l, device, bs=256):
     return answer_hits(lambda ix, x: model(feats[ix].to(device), x, l), qa_items(ds, vocab), vocab, device, bs)
 
 
-def binding_score(per_type):
-    got = [per_type[t] for t in BINDING_TYPES if t in per_type]
-    return float(np.mean(got)) if got else None
-
-
 @torch.no_grad()
 def prefill_ms(lm, img_BMD, ids_BT, layers, rounds=15):
     """Wall time (ms) of the block-stack prefill at each l, the l's interleaved (data/common.py)."""
@@ -421,7 +403,7 @@ def alignment(vit, lm, vocab, cfg, device):
 # ----------------------------------------------------------------------------------------------------
 
 ZERO_RETRAIN_SCENES = 200   # test scenes for the zero-retrain curve (N evaluations of the l = 0 model)
-GATE_VISION, GATE_TEXT = 0.9, 0.95
+GATE_TEXT = 0.95
 
 
 def frozen_lm(world, vocab, cfg, device, metrics=None):
@@ -451,30 +433,21 @@ def run(cfg):
     seeds, layers = validate(cfg)
     device = pick_device(cfg.device)
     start = time.perf_counter()
-    world, vocab = load_world(cfg)
+    world, vocab = shapes_world(cfg)
     keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
     metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and evaluations, as they happen
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, "
           f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, l in {layers}, seeds {seeds}")
-    # the baselines' tables: from the --data-dir train split, or from fresh scenes (not the training ones)
-    ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
-    base = {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
+    base = shapes_baselines(world, cfg)
     print_baselines(base["test"])
 
-    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device, metrics=metrics)
-    print(f"vision encoder: {vision.gate_line(vrep)} -> "
-          f"{'PASS' if min(vrep['minimal_pairs'].values()) >= GATE_VISION else 'FAIL'}")
+    vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics)     # split -> (N, P, C)
     lm = frozen_lm(world, vocab, cfg, device, metrics)
     ceiling = text_ceiling(lm, world["test"], vocab, device)
-    print("frozen LM text ceiling (true caption as context; gate >= 0.95): "
-          + ", ".join(f"{t} {v:.3f}" for t, v in ceiling.items())
-          + f" -> {'PASS' if min(ceiling.values()) >= GATE_TEXT else 'FAIL'}")
-    side = int(round(math.sqrt(cfg.image_tokens)))
-    feats = {s: vision.tokens(vit, world[s]["images"], side, device) for s in SPLITS if world[s]["captions"]}
+    print(text_ceiling_line(ceiling, GATE_TEXT))
     cost = cost_table(lm, world, vocab, cfg, sorted((set(layers) - {None}) | {0}), device)
     res = dict(config=asdict(cfg), baselines=base["test"], baselines_holdout=base.get("holdout"),
-               gates=dict(vision_minimal_pairs=vrep["minimal_pairs"], vision_cell_probe=vrep["cell_probe"],
-                          lm_text_ceiling=ceiling),
+               gates=dict(gates, lm_text_ceiling=ceiling),
                cost={str(k): v for k, v in cost.items()}, runs=[])
 
     for seed in seeds:
@@ -499,8 +472,7 @@ def run(cfg):
             print(f"{name}: QA {overall:.3f} binding {r['binding_score']:.3f} "
                   f"hold-out {'-' if hold is None else f'{hold:.3f}'} ({train_s:.0f}s)")
             res["runs"].append(r)
-            torch.save(dict(model=model.state_dict(), config=asdict(cfg), vocab=vocab),
-                       os.path.join(cfg.out, f"bridge_l{'none' if l is None else l}_seed{seed}.pt"))
+            save_bridge(cfg, f"l{'none' if l is None else l}_seed{seed}", model, vocab)
             write_results(cfg.out, res)
     res["alignment"] = alignment(vit, lm, vocab, cfg, device)
     res["wall_s"] = time.perf_counter() - start
@@ -549,9 +521,7 @@ def report(cfg, res, layers, world):
     if zr:
         print("zero-retrain (l=0 model, insertion moved to l', no finetune): " +
               "  ".join(f"l'={lp}: {np.mean([z[lp] for z in zr]):.3f}" for lp in range(N)))
-    for path in figures(cfg, res, layers, world):
-        print(f"figure: {path}")
-    print(f"results: {os.path.join(cfg.out, 'results.json')} ({res['wall_s']:.0f}s)")
+    print_outputs(figures(cfg, res, layers, world), cfg.out, res["wall_s"])
 
 
 def figures(cfg, res, layers, world):
@@ -659,21 +629,17 @@ QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_
              out=os.path.join("out", "multimodal_align_quick"))
 
 
-HELP = dict(
-    n_train="training scenes (procedural world)", n_eval="test and hold-out scenes (about 5 questions each)",
+HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files share (n_train, patch, device, ...)
+    n_eval="test and hold-out scenes (about 5 questions each)",
     image_size="image side in pixels (procedural world; the ViT is pretrained at this size)",
-    data_dir="real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl (see data/shapes.py)",
-    patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
     image_tokens="ViT tokens given to the bridge (a square; the patch grid is average-pooled; 9 = one per cell)",
     tokens_per_cell="LM tokens the projector writes per ViT token (M = image_tokens x this)",
     d_model="LM width D", n_layer="LM blocks N", n_head="attention heads (LM and ViT)",
     lm_mix="Primer conv over this many tokens in every LM block (1 = off)", lm_steps="LM pretraining steps",
-    lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
     stage1_steps="stage 1 steps: projector only, captioning",
     stage2_steps="stage 2 steps: projector + LM, QA and captions", batch_size="batch size of the bridge stages",
     lr="AdamW learning rate of the bridge stages (the LM has --lm-lr)",
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
-    seeds="comma-separated seeds for the bridge runs (the frozen backbones use seed 0)",
     align_groups="groups of 8 scenes in the binding-controlled alignment set", knn_k="k of the mutual k-NN",
     prefill_batch="prompts in the prefill timing batch",
     compile="torch.compile the LM blocks (opt-in)",
@@ -685,23 +651,14 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "batch_size", "lr"],
           "experiment": ["insert_layer", "seeds", "align_groups", "knn_k", "prefill_batch"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
-EPILOG = """examples:
-  python multimodal_align.py                     # the full sweep, seed 0 (pretrains and caches the backbones)
-  python multimodal_align.py --seeds 0,1,2       # three seeds
-  python multimodal_align.py --quick             # every section, tiny, under a minute
-  python multimodal_align.py --data-dir DIR      # DIR/images.npy + DIR/annotations.jsonl"""
 
 
 def validate(cfg):
     """Every user error, before any training -> (seeds, layers)."""
-    steps = ("vit_steps", "lm_steps", "stage1_steps", "stage2_steps")   # 0 skips a stage
-    for f in steps + ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "tokens_per_cell",
-                      "d_model", "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups",
-                      "prefill_batch", "image_size", "lr", "lm_lr"):
-        v = getattr(cfg, f)
-        if not (v >= 0 if f in steps else v > 0) or v == math.inf:    # "not": a NaN fails too
-            need = (">= 0" if f in steps else "positive") + (" and finite" if v == math.inf else "")
-            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
+    check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "tokens_per_cell",
+                        "d_model", "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups",
+                        "prefill_batch", "image_size", "lr", "lm_lr"),
+                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "stage2_steps"))     # 0 skips a stage
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
@@ -713,7 +670,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
+    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, quick=QUICK)
 
 
 if __name__ == "__main__":

@@ -30,9 +30,10 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
      seconds to target (B1's stage 1 counted); step time, training memory; captions (BLEU-4, CIDEr-style).
 
     python qformer_efficient.py                       # B1, B2, P, seed 0: 13 min on 2 CPU cores (backbones cached)
-    python qformer_efficient.py --seeds 1,2           # more seeds
+    python qformer_efficient.py --seeds 1,2           # more seeds (the backbones come from the cache)
     python qformer_efficient.py --variants B1,B2,P,P-a,P-b,C0
     python qformer_efficient.py --quick               # every section on a tiny config, under a minute
+    python qformer_efficient.py --data-dir DIR        # real data: DIR/images.npy + DIR/annotations.jsonl
 
 Attention masks of the Q-Former in stage 1 ("may attend", rows attend to columns; Q queries, T text):
     ITC  unimodal     Q->Q, T->T           queries and text never see each other
@@ -47,6 +48,7 @@ Shape legend:
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -55,12 +57,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import t5lm, vision
-from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, cli, encode,
-                         keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device, pyplot, save_png,
-                         step_memory_mib, train_loop, validate_image_and_run, write_results)
-from data.shapes import BINDING_TYPES, QUESTION_TYPES, ShapesDataError, baselines, generate, scene_grid
+from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, check_numbers, cli,
+                         encode, exact_match, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
+                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world, step_memory_mib,
+                         text_ceiling_line, train_loop, validate_image_and_run, write_results)
+from data.shapes import QUESTION_TYPES, binding_score, scene_grid
 from data.shapes import caption as shapes_caption
-from data.shapes import load_world as shapes_world
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
 # Config, --quick and the command line: at the end of the file.
@@ -296,11 +298,8 @@ class Bridge(nn.Module):
         mem, keep = self.memory(img_BPC, prompts)
         out = self.lm[0].generate(mem, keep, self.vocab["<bos>"], self.vocab["<eos>"], max_new)
         inv = {i: w for w, i in self.vocab.items()}
-        texts = []
-        for row in out.tolist():
-            words = [inv[t] for t in row]
-            texts.append(" ".join(words[: words.index("<eos>")] if "<eos>" in words else words))
-        return texts
+        words = [[inv[t] for t in row] for row in out.tolist()]
+        return [" ".join(w[: w.index("<eos>")] if "<eos>" in w else w) for w in words]      # up to <eos>
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -348,42 +347,24 @@ def vqa_items(ds):
     return [(i, qa_prompt(d["q"]), d["a"], d.get("type", "other")) for i, qa in enumerate(ds["qa"]) for d in qa]
 
 
-def binding_score(per_type):
-    """Mean accuracy over the question types a bag of words cannot answer (colour, shape, position, exist)."""
-    xs = [per_type[t] for t in BINDING_TYPES if t in per_type]
-    return float(np.mean(xs)) if xs else None
-
-
 def score(point):
     """What the target is set on: the binding score (data without those question types: overall VQA)."""
     return point["vqa"] if point["binding_score"] is None else point["binding_score"]
 
 
-@torch.no_grad()
-def exact_match(answer_fn, items, vocab, bs=512):
-    """Exact match of the one-word answer, overall and per question type. items: (scene index, prompt, answer,
-    type); answer_fn(scene indices, prompts) -> predicted token ids."""
-    hit = {}
-    for i in range(0, len(items), bs):
-        chunk = items[i:i + bs]
-        pred = answer_fn([j for j, *_ in chunk], [p for _, p, _, _ in chunk]).tolist()
-        for (_, _, a, t), p in zip(chunk, pred):
-            hit.setdefault(t, []).append(p == vocab.get(a, -1))
-    order = {t: k for k, t in enumerate(QUESTION_TYPES)}
-    per_type = {t: float(np.mean(hit[t])) for t in sorted(hit, key=lambda t: order.get(t, len(order)))}
-    return float(np.mean([x for v in hit.values() for x in v])), per_type
-
-
 def text_ceiling(lm, ds, vocab, device):
     """The frozen LM given the true caption: 'context: <c> question: <q>' -> first decoded word == answer, per
     question type. The best a bridge could do if its queries were as good as the caption."""
-    items = [(0, f"context: {c} {qa_prompt(d['q'])}", d["a"], d["type"]) for c, qs in zip(ds["captions"], ds["qa"])
-             for d in qs]
-    return exact_match(lambda ix, texts: t5lm.first_word(lm, texts, vocab, device), items, vocab)[1]
+    items = [(0, f"context: {c} {qa_prompt(d['q'])}", vocab.get(d["a"], -1), d["type"])
+             for c, qs in zip(ds["captions"], ds["qa"]) for d in qs]
+    return exact_match(lambda c: t5lm.first_word(lm, [p for _, p, _, _ in c], vocab, device), items, bs=512)[1]
 
 
 def vqa(model, feats, items, vocab, device):
-    return exact_match(lambda ix, prompts: model.answer(feats[ix].to(device), prompts), items, vocab)
+    """Exact match of the first answer word on vqa_items: overall, per type (data/common.exact_match)."""
+    def predict(c):
+        return model.answer(feats[[i for i, *_ in c]].to(device), [p for _, p, _, _ in c])
+    return exact_match(predict, [(i, p, vocab.get(a, -1), t) for i, p, a, t in items], bs=512)
 
 
 def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, max_len, metrics=None):
@@ -471,8 +452,7 @@ def summarise(runs, cfg):
             r["samples_to_target"], r["seconds_to_target"] = to_target(r, target)
         s = dict(target=target)
         b2 = rs.get("B2")
-        if b2:
-            end = b2["curve"][-1]
+        end = b2["curve"][-1] if b2 else None                 # B2's final validation point
         if "P" in rs and b2:
             p = rs["P"]
             s["P_over_B2_samples_to_target"] = ratio(p["samples_to_target"], b2["samples_to_target"])
@@ -493,14 +473,12 @@ def summarise(runs, cfg):
 def interleaved_step_ms(models, stream, feats, cfg, device, rounds):
     """Forward + backward (ms) of each variant on the same batches, interleaved so that a busy spell of the
     machine hits every variant alike (data/common.best_of_rounds_ms)."""
-    def step(m):
-        def f(r):
-            items = stream[r % len(stream)]
-            with autocast(cfg, device):
-                m.loss(feats[[i for i, _, _ in items]].to(device), [p for _, p, _ in items], [y for _, _, y in items]).backward()
-            m.zero_grad(set_to_none=True)
-        return f
-    return best_of_rounds_ms({v: step(m) for v, m in models.items()}, device, rounds)
+    def step(m, r):
+        scenes, prompts, targets = zip(*stream[r % len(stream)])
+        with autocast(cfg, device):
+            m.loss(feats[list(scenes)].to(device), list(prompts), list(targets)).backward()
+        m.zero_grad(set_to_none=True)
+    return best_of_rounds_ms({v: lambda r, m=m: step(m, r) for v, m in models.items()}, device, rounds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -508,10 +486,7 @@ def interleaved_step_ms(models, stream, feats, cfg, device, rounds):
 # ----------------------------------------------------------------------------------------------------
 
 def ngrams(words, n):
-    out = {}
-    for i in range(len(words) - n + 1):
-        out[tuple(words[i:i + n])] = out.get(tuple(words[i:i + n]), 0) + 1
-    return out
+    return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
 def bleu4(hyps, refs):
@@ -563,10 +538,7 @@ def cider(hyps, refs):
 
 def load_data(cfg):
     """-> world (split -> dataset dict), vocabulary (+ the Q-Former's specials), reference captions per split."""
-    try:
-        world, vocab = shapes_world(cfg.data_dir, cfg.n_train, cfg.n_eval, cfg.image_size, cfg.patch, cfg.batch_size)
-    except ShapesDataError as e:
-        raise BadInput(str(e))
+    world, vocab = shapes_world(cfg)
     if not world["val"]["captions"]:
         raise BadInput("--data-dir: no 'val' split (the learning curves are measured on it)")
     for w in EXTRA_TOKENS:
@@ -595,23 +567,15 @@ def run(cfg):
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, Q-Former "
           f"{cfg.q_layers}x{cfg.q_dim} with {cfg.queries} queries, LM {cfg.enc_layers}+{cfg.dec_layers}x{cfg.d_model}, "
           f"variants {variants}, seeds {seeds}")
-    ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
-    base = {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
-    vit, _, vrep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device, metrics=metrics)
-    print(f"vision encoder: {vision.gate_line(vrep)}")
+    base = shapes_baselines(world, cfg)                              # the data-only rows of the tables
+    _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics)    # split -> (N, P, C)
     lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics).requires_grad_(False)
     if cfg.compile:
         for m in list(lm.enc) + list(lm.dec):
             m.compile()
     ceiling = text_ceiling(lm, world["test"], vocab, device)
-    print("frozen LM text ceiling (true caption as context; gate >= 0.95 per type): "
-          + ", ".join(f"{t} {v:.3f}" for t, v in ceiling.items())
-          + f" -> {'PASS' if min(ceiling.values()) >= GATE_TEXT else 'FAIL'}")
-    side = int(round(math.sqrt(cfg.image_tokens)))
-    feats = {s: vision.tokens(vit, ds["images"], side, device) for s, ds in world.items() if ds["captions"]}
-    res = dict(config=asdict(cfg), baselines=base, runs=[], summary={},
-               gates=dict(vision_minimal_pairs=vrep["minimal_pairs"], vision_cell_probe=vrep["cell_probe"],
-                          lm_text_ceiling=ceiling))
+    print(text_ceiling_line(ceiling, GATE_TEXT))
+    res = dict(config=asdict(cfg), baselines=base, runs=[], summary={}, gates=dict(gates, lm_text_ceiling=ceiling))
     for seed in seeds:
         stream, models = stage2_stream(world["train"], cfg, seed), {}
         for v in variants:
@@ -623,8 +587,7 @@ def run(cfg):
                   f"{r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'")
             models[v] = model
             res["runs"].append(r)
-            torch.save(dict(model=model.state_dict(), config=asdict(cfg), vocab=vocab, max_len=max_len),
-                       os.path.join(cfg.out, f"bridge_{v}_seed{seed}.pt"))
+            save_bridge(cfg, f"{v}_seed{seed}", model, vocab, max_len=max_len)
             write_results(cfg.out, res)
         rounds = 3 if cfg.quick else 15
         for v, ms in interleaved_step_ms(models, stream, feats["train"], cfg, device, rounds).items():
@@ -650,14 +613,14 @@ CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
 
 def report(cfg, res, variants, world):
     runs = res["runs"]
+    by = {v: [r for r in runs if r["variant"] == v] for v in variants}
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in runs)]
     cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
     print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}" + "".join(f"{c:>14s}" for c in cols))
-    for v in variants:
-        rs = [r for r in runs if r["variant"] == v]
-        vals = [[r["vqa"] for r in rs], [r["binding_score"] for r in rs]] + [[r["per_type"].get(t) for r in rs]
-                                                                            for t in types]
-        vals += [[r["holdout"] for r in rs], [r["bleu4"] for r in rs], [r["cider"] for r in rs]]
+    for v, rs in by.items():
+        vals = [[r[k] for r in rs] for k in ("vqa", "binding_score")]
+        vals += [[r["per_type"].get(t) for r in rs] for t in types]
+        vals += [[r[k] for r in rs] for k in ("holdout", "bleu4", "cider")]
         print(f"{v:>11s}" + "".join(f"{mean_std(x):>14s}" for x in vals))
     for name in ("blind_prior", "bag_oracle"):
         b = res["baselines"]["test"][name]
@@ -667,8 +630,7 @@ def report(cfg, res, variants, world):
     print(f"\ncost (target: 0.9 x the best final val binding score per seed, "
           f"{mean_std([s['target'] for s in res['summary'].values()])})\n" + f"{'':>11s}"
           + "".join(f"{c:>17s}" for c in ("samples to target", "s to target", "train ms/step", "fwd+bwd ms", "memory MiB")))
-    for v in variants:
-        rs = [r for r in runs if r["variant"] == v]
+    for v, rs in by.items():
         reached = f" ({sum(r['samples_to_target'] is not None for r in rs)}/{len(rs)})"
         print(f"{v:>11s}" + "".join(f"{x:>17s}" for x in (
             mean_std([r["samples_to_target"] for r in rs], ".0f") + reached, mean_std([r["seconds_to_target"] for r in rs], ".0f"),
@@ -678,8 +640,7 @@ def report(cfg, res, variants, world):
     pick = steps[:: max(1, len(steps) // 8)] + ([steps[-1]] if (len(steps) - 1) % max(1, len(steps) // 8) else [])
     print("\nvalidation binding score against samples seen (mean over seeds)\n" + f"{'samples':>11s}"
           + "".join(f"{s:>7d}" for s in pick))
-    for v in variants:
-        rs = [r for r in runs if r["variant"] == v]
+    for v, rs in by.items():
         curve = {c["samples"]: [] for c in rs[0]["curve"]}
         for r in rs:
             for c in r["curve"]:
@@ -694,9 +655,7 @@ def report(cfg, res, variants, world):
     r1 = [r["itc_r1"] for r in runs if "itc_r1" in r]
     if r1:
         print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
-    for path in figures(cfg, res, variants, world):
-        print(f"figure: {path}")
-    print(f"results: {os.path.join(cfg.out, 'results.json')} ({res['wall_s']:.0f} s)")
+    print_outputs(figures(cfg, res, variants, world), cfg.out, res["wall_s"])
 
 
 def figures(cfg, res, variants, world):
@@ -784,28 +743,22 @@ class Config:
 
 QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, enc_layers=2, dec_layers=1,
              lm_steps=400, lm_scenes=2000, lm_batch=64, queries=8, q_dim=32, q_layers=2, stage1_steps=20, steps=150,
-             batch_size=32, eval_every=30,
-             out=os.path.join("out", "qformer_efficient_quick"))
+             batch_size=32, eval_every=30, out=os.path.join("out", "qformer_efficient_quick"))
 
-HELP = dict(
-    n_train="training scenes (procedural world)", n_eval="val / test / hold-out scenes (about 5 questions each)",
-    image_size="image side in pixels", data_dir="real data: DIR/images.npy + DIR/annotations.jsonl (see data/shapes.py)",
-    patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
+HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files share (n_train, patch, device, ...)
+    n_eval="val / test / hold-out scenes (about 5 questions each)", image_size="image side in pixels",
     image_tokens="image tokens P the Q-Former attends to (a square; the patch grid is pooled; 9 = one per cell)",
     d_model="LM width E", enc_layers="LM encoder blocks", dec_layers="LM decoder blocks",
     n_head="attention heads (all models)", lm_mix="Primer conv over this many tokens in the LM encoder (1 = off)",
-    lm_steps="text-only LM pretraining steps", lm_scenes="fresh text-only scenes for LM pretraining",
-    lm_batch="LM pretraining batch (QA pairs; a quarter as many caption pairs)", lm_lr="LM pretraining learning rate",
+    lm_steps="text-only LM pretraining steps", lm_batch="LM pretraining batch (QA pairs; a quarter as many captions)",
     queries="learnable queries N_q", q_dim="Q-Former width D", q_layers="Q-Former blocks (cross-attention in every other one)",
     variants=f"comma-separated, from {', '.join(VARIANTS)}", stage1_steps="B1's stage 1 steps (ITC + ITM + ITG)",
     steps="stage 2 steps of every variant", batch_size="batch size of stage 1 and stage 2", lr="AdamW learning rate (stages 1, 2)",
     caption_frac="fraction of stage 2 items that are captions (the rest are questions)",
     eval_every="stage 2 steps between validation evaluations (the learning curve)",
     target_em="binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant",
-    seeds="comma-separated seeds of the Q-Former runs (the frozen backbones use seed 0)",
     compile="torch.compile the Q-Former and LM blocks (opt-in)",
-    cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py",
-)
+    cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py")
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "enc_layers",
                                "dec_layers", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_batch", "lm_lr"],
@@ -813,23 +766,14 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
                                         "batch_size", "lr", "caption_frac"],
           "experiment": ["eval_every", "target_em", "seeds"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
-EPILOG = """examples:
-  python qformer_efficient.py                                  # B1, B2, P, seed 0 (pretrains and caches the LM)
-  python qformer_efficient.py --seeds 1,2                      # more seeds (backbones from the cache)
-  python qformer_efficient.py --quick                          # every section, tiny, under a minute
-  python qformer_efficient.py --data-dir DIR                   # DIR/images.npy + DIR/annotations.jsonl"""
 
 
 def validate(cfg):
     """Every user error, before any training -> (variants, seeds)."""
-    steps = ("vit_steps", "lm_steps", "stage1_steps")                  # 0 skips that training
-    for f in steps + ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "enc_layers",
-                      "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim", "q_layers",
-                      "steps", "batch_size", "lr", "eval_every"):
-        v = getattr(cfg, f)
-        if not (v >= 0 if f in steps else v > 0) or v == math.inf:     # "not": a NaN fails too
-            need = (">= 0" if f in steps else "positive") + (" and finite" if v == math.inf else "")
-            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
+    check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "enc_layers",
+                        "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim",
+                        "q_layers", "steps", "batch_size", "lr", "eval_every"),
+                  at_least_0=("vit_steps", "lm_steps", "stage1_steps"))               # 0 skips that training
     if not 0 <= cfg.caption_frac <= 1:
         raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:
@@ -847,7 +791,7 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, epilog=EPILOG, quick=QUICK)
+    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, quick=QUICK)
 
 
 if __name__ == "__main__":

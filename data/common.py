@@ -1,5 +1,6 @@
-"""Plumbing shared by the paper files: the transformer block, tokenising and padding, index batches and
-the AdamW loop of the two multimodal files; and, for all four, the habits a user meets in each of them --
+"""Plumbing shared by the paper files: the transformer block, tokenising and padding, index batches, the
+AdamW loop, loading the shapes world with its baselines, exact-match scoring, the frozen-LM cache and bridge
+checkpoints of the two multimodal files; and, for all four, the habits a user meets in each of them --
 device choice, --threads, progress output, metrics.jsonl, mean ± sample std, the one-line errors and the
 CLI. Nothing here is paper-specific, so each piece lives in one place."""
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data.shapes import generate
+from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, generate, load_world
 
 
 class BadInput(ValueError):
@@ -239,6 +240,20 @@ def batches(n, bs, seed):
             yield perm[i:i + bs]
 
 
+@torch.no_grad()
+def exact_match(predict, items, bs):
+    """Exact match of one-word answers, overall and per question type (in QUESTION_TYPES order), in chunks of bs
+    items: (scene index, prompt, answer id, type); predict(chunk of items) -> predicted ids (B,)."""
+    hit = {}
+    for i in range(0, len(items), bs):
+        chunk = items[i:i + bs]
+        for (_, _, a, t), p in zip(chunk, predict(chunk).tolist()):
+            hit.setdefault(t, []).append(p == a)
+    order = {t: k for k, t in enumerate(QUESTION_TYPES)}
+    per_type = {t: float(np.mean(hit[t])) for t in sorted(hit, key=lambda t: order.get(t, len(order)))}
+    return float(np.mean([x for v in hit.values() for x in v])), per_type
+
+
 def pick_device(name):
     """--device auto | cpu | cuda | mps -> a torch.device; a BadInput (checked before any work) when the asked
     one is not on this machine."""
@@ -306,6 +321,16 @@ def hash_str(s):
     return h
 
 
+def check_numbers(cfg, positive, at_least_0=()):
+    """Each named Config field must be positive (at_least_0: >= 0, where 0 skips that training) and finite; the
+    first that is not is a BadInput, fields in the order given (at_least_0 first)."""
+    for f in at_least_0 + positive:
+        v = getattr(cfg, f)
+        if not (v >= 0 if f in at_least_0 else v > 0) or v == math.inf:     # "not": a NaN fails too
+            need = (">= 0" if f in at_least_0 else "positive") + (" and finite" if v == math.inf else "")
+            raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
+
+
 def validate_image_and_run(cfg, encoder_batch):
     """Checks shared by the multimodal paper files (data size, image, dtype, data, seeds), then --threads,
     --device and the output folders, all before any work -> the list of seeds. encoder_batch: the shared
@@ -355,6 +380,36 @@ def cached_lm(world, vocab, cfg, keys, name, make, train, device):
     return lm.eval()
 
 
+def shapes_world(cfg):
+    """The data of both multimodal files -> (split -> dataset dict, vocabulary): world v2 or --data-dir
+    (data/shapes.py); a data error is a BadInput."""
+    try:
+        return load_world(cfg.data_dir, cfg.n_train, cfg.n_eval, cfg.image_size, cfg.patch, cfg.batch_size)
+    except ShapesDataError as e:
+        raise BadInput(str(e))
+
+
+def shapes_baselines(world, cfg):
+    """The data-only baselines on test and hold-out (where there are scenes), their tables fitted on the
+    --data-dir train split or on fresh scenes (not the training ones)."""
+    ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
+    return {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
+
+
+def text_ceiling_line(ceiling, gate):
+    """The frozen LM's gate, {question type: accuracy given the true caption} -> one printable line."""
+    return (f"frozen LM text ceiling (true caption as context; gate >= {gate} per type): "
+            + ", ".join(f"{t} {v:.3f}" for t, v in ceiling.items())
+            + f" -> {'PASS' if min(ceiling.values()) >= gate else 'FAIL'}")
+
+
+def save_bridge(cfg, tag, model, vocab, **extra):
+    """<out>/bridge_<tag>.pt (keep_previous moves these aside on a rerun): the trained weights with the config and
+    vocabulary that rebuild them, plain data that torch.load(..., weights_only=True) reads."""
+    torch.save(dict(model=model.state_dict(), config=asdict(cfg), vocab=vocab, **extra),
+               os.path.join(cfg.out, f"bridge_{tag}.pt"))
+
+
 def write_json(path, obj):
     """Atomically: a crash mid-write never leaves a truncated file."""
     with open(path + ".tmp", "w") as f:
@@ -391,6 +446,13 @@ def keep_previous(out, also=None):
         for f in old:
             os.replace(os.path.join(out, f), os.path.join(out, f"previous_{k}", f))
         print(f"earlier results moved to {os.path.join(out, f'previous_{k}')}")
+
+
+def print_outputs(figure_paths, out, wall_s):
+    """The last lines of a run: its figures, then where results.json is and how long the run took."""
+    for path in figure_paths:
+        print(f"figure: {path}")
+    print(f"results: {os.path.join(out, 'results.json')} ({wall_s:.0f} s)")
 
 
 def mean_sd(xs):
@@ -447,7 +509,12 @@ class OneLineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-RUN_HELP = dict(  # the run flags both multimodal files share; a file's own `helps` entry wins
+SHARED_HELP = dict(  # the flags both multimodal files share, said once; a file's own `helps` entry wins
+    n_train="training scenes (procedural world)",
+    data_dir="real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl (see data/shapes.py)",
+    patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
+    lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
+    seeds="comma-separated seeds of the bridge runs (the frozen backbones use seed 0)",
     device="auto: CUDA, then MPS, then CPU", dtype="bfloat16: autocast (opt-in)",
     threads="torch's CPU threads (0 = torch's default, one per physical core)",
     quick="a tiny config that prints every section in under a minute",
@@ -460,10 +527,14 @@ def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, qu
     """One --flag per Config field (help from `helps`), then run_fn(cfg); a BadInput is one line on stderr and
     exit status 2. groups: {title: [field, ...]} for --help sections. quick: the defaults that a `quick`
     field (a bool in the Config) switches to; flags given explicitly still win. choices: {field: values} for
-    the flags with a fixed set (argparse's `choices`). Shared by the paper files."""
+    the flags with a fixed set (argparse's `choices`). epilog: by default the docstring's `python ...` example
+    lines, so that the examples are written once. Shared by the paper files."""
+    examples = [line[2:] for line in doc.splitlines() if line.lstrip().startswith("python ")]
+    if epilog is None and examples:
+        epilog = "\n".join(["examples:"] + examples)
     ap = OneLineParser(prog=prog, description=doc.split("\n\n")[0], epilog=epilog, allow_abbrev=False,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    helps, choices = {**RUN_HELP, **helps}, {**RUN_CHOICES, **(choices or {})}
+    helps, choices = {**SHARED_HELP, **helps}, {**RUN_CHOICES, **(choices or {})}
     defaults = asdict(config_cls())
     where = {}
     for title, ks in (groups or {}).items():

@@ -269,6 +269,13 @@ def baseline_accuracy(tables, ds):
     return out
 
 
+def binding_score(per_type):
+    """Mean accuracy over the question types a bag of words cannot answer (colour, shape, position, exist);
+    None when the data has none of them."""
+    xs = [per_type[t] for t in BINDING_TYPES if t in per_type]
+    return float(np.mean(xs)) if xs else None
+
+
 def baselines(test, seed=0, n_ref=20_000, ref=None):
     """The two data-only baselines on `test`, their tables fitted on n_ref fresh train-split scenes (no
     rendering; a seed the model's training data does not use), or on `ref` (e.g. a --data-dir train split)."""

@@ -33,6 +33,7 @@ from data.common import Block, RMSNorm, batches, hash_str, train_loop
 from data.shapes import COLOURS, SHAPES, SIZES, generate, parse_caption
 
 GRID = 3                      # cells per side
+GATE = 0.9                    # every minimal-pair kind must reach this (chance 0.5)
 ATTRS = ("colour", "shape", "size")
 CLASSES = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}   # class 0 is "empty"
 
@@ -266,6 +267,17 @@ def load_or_pretrain(vc, cache_dir, device, seed=0, log=print, metrics=None):
 
 def gate_line(report):
     mp, pr = report["minimal_pairs"], report["cell_probe"]
-    return ("minimal pairs (chance 0.5, gate >= 0.9): " + ", ".join(f"{k} {v:.3f}" for k, v in mp.items())
+    return (f"minimal pairs (chance 0.5, gate >= {GATE}): " + ", ".join(f"{k} {v:.3f}" for k, v in mp.items())
             + " | per-cell linear probe: " + ", ".join(f"{k} {v:.3f}" for k, v in pr.items()))
+
+
+def frozen_tokens(cfg, world, device, metrics=None):
+    """The encoder as both paper files use it: loaded from --cache-dir (or pretrained and saved there), its gates
+    printed with PASS / FAIL, and its tokens for every split with scenes, the patch grid pooled to
+    cfg.image_tokens (a square). -> (vit, {split: (N, P, C)}, the gates for results.json)."""
+    vit, _, rep = load_or_pretrain(config_for(cfg), cfg.cache_dir, device, metrics=metrics)
+    print(f"vision encoder: {gate_line(rep)} -> {'PASS' if min(rep['minimal_pairs'].values()) >= GATE else 'FAIL'}")
+    side = int(round(math.sqrt(cfg.image_tokens)))
+    feats = {s: tokens(vit, ds["images"], side, device) for s, ds in world.items() if ds["captions"]}
+    return vit, feats, dict(vision_minimal_pairs=rep["minimal_pairs"], vision_cell_probe=rep["cell_probe"])
 

@@ -79,3 +79,25 @@ def test_cached_lm_saves_its_config_and_still_reads_bare_caches(tmp_path):
     assert len(calls) == 1 and torch.equal(a.weight, b.weight)
     torch.save(a.state_dict(), path)                       # a cache written before configs were stored
     assert torch.equal(cached_lm(*args).weight, a.weight) and len(calls) == 1
+
+
+def test_cli_help_lists_the_docstring_examples_and_check_numbers(capsys):
+    """The --help epilog is the docstring's `python ...` lines (written once); check_numbers names the flag."""
+    from dataclasses import dataclass
+
+    from data.common import check_numbers, cli
+
+    @dataclass
+    class Cfg:
+        steps: int = 0
+        lr: float = 1.0
+
+    doc = "Title.\n\n    python x.py --lr 2   # an example\nnot an example: python\n"
+    with pytest.raises(SystemExit):
+        cli(["--help"], Cfg, dict(steps="s", lr="l"), doc, print, "x.py")
+    assert capsys.readouterr().out.endswith("examples:\n  python x.py --lr 2   # an example\n")
+    check_numbers(Cfg(), ("lr",), at_least_0=("steps",))
+    for cfg, msg in ((Cfg(steps=-1), "--steps must be >= 0, got -1"), (Cfg(lr=float("nan")), "--lr must be positive"),
+                     (Cfg(lr=float("inf")), "--lr must be positive and finite, got inf")):
+        with pytest.raises(BadInput, match=msg):
+            check_numbers(cfg, ("lr",), at_least_0=("steps",))
