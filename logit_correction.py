@@ -36,14 +36,13 @@ matplotlib is importable.
 Measured tables, commands and dates: docs/logit_correction.md.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import dataclass, field, fields
+from functools import lru_cache, partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -55,6 +54,7 @@ from tqdm import tqdm
 from data import digits
 from data.common import (BadInput, OneLineParser, log_metrics, mean_std, pick_device, progress, pyplot, save_png,
                          set_threads, writable_dirs, write_json)
+from data.runs import by_protocol, load_results, parse_list, protocol_key
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
@@ -379,40 +379,11 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Data: grey digits once per invocation (cached), coloured per (ratio, seed); val/test coloured once.
+# Data: grey digits once per invocation (cached), coloured per (ratio, seed); val/test coloured once. The
+# splits and their seeds live in data/digits.py (grey_splits, coloured_eval, coloured_train).
 
-def load_grey(cfg):
-    """dict of numpy arrays: train/val/test grey images (N, 28, 28) and labels (N,)."""
-    if cfg.data_dir:
-        try:
-            tx, ty, sx, sy = digits.load_idx_dataset(cfg.data_dir)
-        except digits.IDXError as e:
-            raise BadInput(str(e)) from None
-        if len(tx) <= cfg.n_val:
-            raise BadInput(f"--data-dir {cfg.data_dir}: {len(tx)} training images, need more than --n-val {cfg.n_val}")
-        perm = np.random.default_rng(cfg.data_seed).permutation(len(tx))
-        tr, va = perm[cfg.n_val:], perm[:cfg.n_val]
-        return dict(train_x=tx[tr], train_y=ty[tr], val_x=tx[va], val_y=ty[va], test_x=sx, test_y=sy)
-    d, cache = {}, os.path.join(cfg.out, "cache")
-    for i, (split, n) in enumerate((("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test))):
-        d[split + "_x"], d[split + "_y"] = digits.procedural_split_cached(n, cfg.data_seed * 1000 + i, cache)
-    return d
-
-
-def colour_eval_splits(grey, cfg, device):
-    out = {}
-    for i, split in enumerate(("val", "test")):
-        rng = np.random.default_rng([cfg.data_seed, 100 + i])
-        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], rng)
-        out[split] = [torch.from_numpy(v).to(device) for v in (x, grey[split + "_y"], a)]   # x (n, 3, 28, 28)
-    return out
-
-
-def colour_train(grey, ratio, seed, device):
-    """Biased training split for one (ratio, seed): x (N, 3, 28, 28), y (N,), true colour a (N,)."""
-    rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
-    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
-    return [torch.from_numpy(v).to(device) for v in (x, grey["train_y"], a)]
+def on(device, arrays):
+    return [torch.from_numpy(v).to(device) for v in arrays]
 
 
 def check_ratios(y, ratios):
@@ -518,26 +489,18 @@ def plot_samples(x_N, y_N, a_N, ratio, out_dir, plt):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main: the grid of runs (skipping finished ones), --report, then the CLI (Config, parsing, checks).
+# main: the grid of runs (results.json and skipping finished runs: data/runs.py), --report, then the CLI.
 
 def protocol_of(cfg, dataset):
-    """The settings that change a run's numbers, and a short hash of them (runs are keyed by it)."""
-    p = {k: v for k, v in asdict(cfg).items() if k not in NOT_PROTOCOL}
+    """The settings that change a run's numbers (the data, optimisation and method flags), and a short hash of
+    them: runs are keyed by it, and runs that differ only in the other flags are the same run."""
+    p = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.metadata["group"] in PROTOCOL_GROUPS}
     p["dataset"] = dataset
-    return p, hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]
+    return p, protocol_key(p)
 
 
-def load_results(path):
-    if not os.path.exists(path):
-        return {"runs": []}
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{path} exists but is not readable JSON ({e}); move it away") from None
-    if not isinstance(res, dict) or not isinstance(res.get("runs"), list):
-        raise BadInput(f"{path} exists but is not a results.json (no list of runs); move it away")
-    return res
+def tables(runs, with_margins):
+    return "\n\n".join([summary_table(runs), count_table(runs)] + ([margin_table(runs)] if with_margins else []))
 
 
 def run(cfg, methods, ratios, seeds, device):
@@ -545,28 +508,30 @@ def run(cfg, methods, ratios, seeds, device):
     path = os.path.join(cfg.out, "results.json")
     res = load_results(path)                               # earlier runs are kept, never replaced
     t0 = time.time()
-    grey = load_grey(cfg)                                  # raises BadInput on a bad --data-dir
+    try:
+        grey = digits.grey_splits(cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed,
+                                  os.path.join(cfg.out, "cache"))
+    except digits.IDXError as e:                           # a bad --data-dir
+        raise BadInput(str(e)) from None
     check_ratios(grey["train_y"], ratios)
     dataset = f"idx:{os.path.basename(os.path.normpath(cfg.data_dir))}" if cfg.data_dir else "procedural"
     protocol, key = protocol_of(cfg, dataset)
     print(f"data: {dataset}, train {len(grey['train_y'])} / val {len(grey['val_y'])} / test {len(grey['test_y'])} "
           f"images ({time.time() - t0:.1f} s); device {device}, {torch.get_num_threads()} threads; protocol {key}")
-    evalsets = colour_eval_splits(grey, cfg, device)
+    evalsets = {k: on(device, v) for k, v in digits.coloured_eval(grey, cfg.data_seed).items()}
     grid = [(rho, s, m) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else []) for m in methods
             if rho != CEILING or m == "erm"]              # seed-major: an interrupted sweep has whole seeds
     done = {(r["method"], r["ratio"], r["seed"]) for r in res["runs"] if r.get("protocol") == key}
     res["protocols"] = {**res.get("protocols", {}), key: protocol}
     log = partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"), protocol=key)
     os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
-    train = None
+    coloured = lru_cache(1)(lambda rho, s: on(device, digits.coloured_train(grey, rho, s)))  # the methods of a (rho, s)
     for i, (rho, s, m) in enumerate(grid):
         tag = f"[{i + 1}/{len(grid)}] "
         if (m, rho, s) in done:
             print(f"{tag}{m} rho={rho:g} seed={s}: finished earlier with protocol {key}, kept")
             continue
-        if train is None or train[0] != (rho, s):          # same coloured data for every method of (rho, seed)
-            train = ((rho, s), colour_train(grey, rho, s, device))
-        rec, states = train_run(m, rho, s, train[1], evalsets, cfg, device, tag=tag, log=log)
+        rec, states = train_run(m, rho, s, coloured(rho, s), evalsets, cfg, device, tag=tag, log=log)
         rec.update(dataset=dataset, protocol=key)
         print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} (best val, ep "
               f"{rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), conflicting {rec['conflicting_acc']:.2f}"
@@ -577,14 +542,11 @@ def run(cfg, methods, ratios, seeds, device):
         write_json(path, res)                              # after every run: an interrupt keeps finished runs
     mine = [r for r in res["runs"] if r.get("protocol") == key and (r["method"], r["ratio"], r["seed"]) in
             {(m, rho, s) for rho, s, m in grid}]
-    print("\n" + summary_table(mine) + "\n\n" + count_table(mine))
-    if cfg.margins:
-        print("\n" + margin_table(mine))
+    print("\n" + tables(mine, cfg.margins))
     plt = pyplot()
     if plt:                                                # the first (rho, seed) of the grid's training images
-        if train is None or train[0] != grid[0][:2]:
-            train = (grid[0][:2], colour_train(grey, *grid[0][:2], device))
-        for p in (plot_acc_vs_conflicting(mine, cfg.out, plt), plot_samples(*train[1], grid[0][0], cfg.out, plt)):
+        samples = plot_samples(*coloured(*grid[0][:2]), grid[0][0], cfg.out, plt)
+        for p in (plot_acc_vs_conflicting(mine, cfg.out, plt), samples):
             print(f"picture: {p}")
     print(f"\n{path}: {len(res['runs'])} runs in all ({time.time() - t0:.0f} s)")
     return {**res, "runs": mine}
@@ -594,12 +556,9 @@ def report(cfg):
     if not os.path.isfile(cfg.report):
         raise BadInput(f"--report {cfg.report}: no such file")
     res = load_results(cfg.report)
-    for key in sorted({r.get("protocol") for r in res["runs"]}, key=str):
-        runs = [r for r in res["runs"] if r.get("protocol") == key]
-        print(f"protocol {key}: {json.dumps(res.get('protocols', {}).get(key, {}), sort_keys=True)}\n")
-        print(summary_table(runs) + "\n\n" + count_table(runs) + "\n")
-        if cfg.margins:
-            print(margin_table(runs) + "\n")
+    for key, protocol, runs in by_protocol(res):
+        print(f"protocol {key}: {json.dumps(protocol, sort_keys=True)}\n")
+        print(tables(runs, cfg.margins) + "\n")
     return res
 
 
@@ -649,21 +608,7 @@ class Config:
                    "output")
 
 
-# fields that do not change a run's numbers: runs that differ only in these are the same run
-NOT_PROTOCOL = {"methods", "ratios", "seeds", "quick", "sweep", "explain", "margins", "report", "device", "threads",
-                "log_every", "out"}
-
-
-
-
-def parse_list(s, typ, name):
-    try:
-        vals = [typ(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise BadInput(f"--{name}: cannot parse {s!r} as a comma list of {typ.__name__}") from None
-    if not vals:
-        raise BadInput(f"--{name}: empty list")
-    return vals
+PROTOCOL_GROUPS = ("data", "optimisation", "method")   # the flags that change a run's numbers (protocol_of)
 
 
 def parse_config(argv):
@@ -671,10 +616,9 @@ def parse_config(argv):
     p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0],
                       epilog=__doc__[__doc__.index("Examples:"):],
                       allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups, fields = {}, Config.__dataclass_fields__
-    for f in fields.values():
-        g = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
-        flag = "--" + f.name.replace("_", "-")
+    groups = {k: p.add_argument_group(k) for k in dict.fromkeys(f.metadata["group"] for f in fields(Config))}
+    for f in fields(Config):
+        g, flag = groups[f.metadata["group"]], "--" + f.name.replace("_", "-")
         if isinstance(f.default, bool):
             g.add_argument(flag, action="store_true", help=f.metadata["help"])
         else:                                              # None: filled in below (--sweep, --quick or the default)
@@ -684,7 +628,7 @@ def parse_config(argv):
     for k, v in args.items():                              # flags given explicitly win over --sweep and --quick
         if v is None:
             args[k] = (SWEEP[k] if args["sweep"] and k in SWEEP else QUICK[k] if args["quick"] and k in QUICK
-                       else fields[k].default)
+                       else Config.__dataclass_fields__[k].default)
     cfg = Config(**args)
     methods = parse_list(cfg.methods, str, "methods")
     bad = [m for m in methods if m not in METHODS]

@@ -12,6 +12,7 @@ Shapes: N = images, H = W = 28, C = 3 colour channels. Grey images are float32 i
   exactly round(rho * n_y) samples get one of the other 9 colours (spread evenly over them).
 - `colour_uniform(grey, y, rng)`  validation/test: every (class, colour) cell equally often.
 - `procedural_split_cached(n, seed, cache_dir)`  the same digits as uint8, rendered once and cached.
+- `grey_splits`, `coloured_eval`, `coloured_train`  logit_correction.py's train/val/test splits, seeds included.
 """
 import gzip
 import os
@@ -275,3 +276,39 @@ def procedural_split_cached(n, seed, cache_dir):
         os.replace(tmp, path)
     with np.load(path, allow_pickle=False) as f:
         return f["x"].astype(np.float32) / 255.0, f["y"].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The splits of logit_correction.py's protocol: grey digits once (cached), val/test coloured once, the
+# training split coloured per (ratio, seed). Every seed below is part of the protocol: keep them.
+
+def grey_splits(data_dir, n_train, n_val, n_test, data_seed, cache_dir):
+    """dict of train/val/test grey images (N, 28, 28) and labels (N,). IDX data: n_val images held out of the
+    training file (a data_seed permutation), the test file as it is; else procedural, cached in cache_dir."""
+    if data_dir:
+        tx, ty, sx, sy = load_idx_dataset(data_dir)
+        if len(tx) <= n_val:
+            raise IDXError(f"--data-dir {data_dir}: {len(tx)} training images, need more than --n-val {n_val}")
+        perm = np.random.default_rng(data_seed).permutation(len(tx))
+        tr, va = perm[n_val:], perm[:n_val]
+        return dict(train_x=tx[tr], train_y=ty[tr], val_x=tx[va], val_y=ty[va], test_x=sx, test_y=sy)
+    d = {}
+    for i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        d[split + "_x"], d[split + "_y"] = procedural_split_cached(n, data_seed * 1000 + i, cache_dir)
+    return d
+
+
+def coloured_eval(grey, data_seed):
+    """{"val": (x, y, a), "test": (x, y, a)}: every colour equally often in every class; x (n, 3, 28, 28)."""
+    out = {}
+    for i, split in enumerate(("val", "test")):
+        x, a = colour_uniform(grey[split + "_x"], grey[split + "_y"], np.random.default_rng([data_seed, 100 + i]))
+        out[split] = (x, grey[split + "_y"], a)
+    return out
+
+
+def coloured_train(grey, ratio, seed):
+    """The biased training split for one (ratio %, seed): x (N, 3, 28, 28), y (N,), true colour a (N,)."""
+    rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
+    x, a = colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
+    return x, grey["train_y"], a
