@@ -65,6 +65,7 @@ PAPER = {"erm": (35.19, 52.09, 65.86, 82.17), "lff": (52.50, 61.89, 71.03, 80.57
          "lc": (71.25, 82.25, 86.21, 91.15), "groupdro": (63.12, 68.78, 76.30, 84.20)}
 DENETDM = {"erm": (35.34, 50.34, 62.29, 77.63), "lff": (63.39, 74.01, 80.48, 85.39), "lc": (63.48, 78.41, 83.63, 88.18)}
 PAPER_RATIOS = (0.5, 1.0, 2.0, 5.0)
+GROUP_ACCS = ("aligned", "conflicting", "worst_group")   # evaluate()'s accuracies besides the unbiased one
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,13 +306,12 @@ def new_state(method, train, cfg, device, seed):
     S = SimpleNamespace(cfg=cfg, x_N=x_N, y_N=y_N, a_N=a_N, gen=torch.Generator().manual_seed(seed), ramp=0.0,
                         pools=None, net=mlp().to(device), net_b=None, opt_b=None)
     S.opt = torch.optim.Adam(S.net.parameters(), lr=cfg.lr)
-    opts = [S.opt]
     if method in TWO_NETS:
         S.net_b = mlp().to(device)
         lr_b = cfg.lr_b or (cfg.lr if method == "lff" else cfg.lr / 10)
         S.opt_b = torch.optim.Adam(S.net_b.parameters(), lr=lr_b)
-        opts.append(S.opt_b)
-    S.scheds = [torch.optim.lr_scheduler.StepLR(o, cfg.decay_every or cfg.epochs + 1, 0.5) for o in opts]
+    S.scheds = [torch.optim.lr_scheduler.StepLR(o, cfg.decay_every or cfg.epochs + 1, 0.5)
+                for o in (S.opt, S.opt_b) if o is not None]
     N = len(y_N)
     S.a_mem = y_N.clone()                                  # latest pseudo-attribute per image
     S.num, S.den = torch.zeros(10, 10, device=device), 0.0     # group prior Delta = num / den
@@ -370,31 +370,11 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
     bt = best["test"]
     rec = {"method": method, "ratio": ratio, "seed": seed, "n_conflicting": int((S.a_N != S.y_N).sum()),
            "unbiased_acc_last": t["unbiased"], "unbiased_acc_best_val": bt["unbiased"],
-           "aligned_acc": bt["aligned"], "conflicting_acc": bt["conflicting"], "worst_group_acc": bt["worst_group"],
-           "aligned_acc_last": t["aligned"], "conflicting_acc_last": t["conflicting"],
-           "worst_group_acc_last": t["worst_group"], "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
+           **{f"{k}_acc": bt[k] for k in GROUP_ACCS}, **{f"{k}_acc_last": t[k] for k in GROUP_ACCS},
+           "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
            "epochs": cfg.epochs, "wall_s": time.time() - t0, "history": hist, "explain": explained,
            "margins_train": margin_stats(S.net, *train), "margins_test": margin_stats(S.net, *evalsets["test"])}
     return rec, {"last": cpu_state(S.net), "best_val": best["state"]}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: grey digits once per invocation (cached), coloured per (ratio, seed); val/test coloured once. The
-# splits and their seeds live in data/digits.py (grey_splits, coloured_eval, coloured_train).
-
-def on(device, arrays):
-    return [torch.from_numpy(v).to(device) for v in arrays]
-
-
-def check_ratios(y, ratios):
-    """Refuse a rho so small that some class would get no bias-conflicting image at all."""
-    n_min = int(np.bincount(y, minlength=10).min())
-    if n_min == 0:
-        raise BadInput(f"the training split has a class without images ({len(y)} images); use more of them")
-    for r in ratios:
-        if round(r / 100 * n_min) == 0:
-            raise BadInput(f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
-                             f"no bias-conflicting image; use rho >= {100 * 0.5 / n_min:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -404,7 +384,7 @@ def grouped(runs):
     g = {}
     for r in runs:
         g.setdefault((r["method"], r["ratio"]), []).append(r)
-    return sorted(g.items(), key=lambda kv: (kv[0][0] != "erm" or kv[0][1] != CEILING, kv[0][1], METHODS.index(kv[0][0])))
+    return sorted(g.items(), key=lambda kv: (kv[0] != ("erm", CEILING), kv[0][1], METHODS.index(kv[0][0])))
 
 
 def paper_value(table, method, ratio):
@@ -443,12 +423,12 @@ def count_table(runs):
 
 
 def margin_table(runs):
+    cols = [(f"margins_{s}", k, f"{s} {k[:3]}" if k != "ratio" else k) for s in ("train", "test")
+            for k in ("majority", "minority", "ratio")]
     lines = ["mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group (paper Fig. 4); ratio = min/maj",
-             f"{'method':10s} {'rho%':>4s} " + " ".join(f"{s:>9s}" for s in ("train maj", "train min", "ratio",
-                                                                               "test maj", "test min", "ratio"))]
+             f"{'method':10s} {'rho%':>4s} " + " ".join(f"{h:>9s}" for _, _, h in cols)]
     for (m, rho), rs in grouped(runs):
-        c = [np.mean([r[s][k] for r in rs]) for s in ("margins_train", "margins_test") for k in ("majority", "minority", "ratio")]
-        lines.append(f"{m:10s} {rho:4g} " + " ".join(f"{v:9.2f}" for v in c))
+        lines.append(f"{m:10s} {rho:4g} " + " ".join(f"{np.mean([r[s][k] for r in rs]):9.2f}" for s, k, _ in cols))
     return "\n".join(lines)
 
 
@@ -463,29 +443,7 @@ def plot_acc_vs_conflicting(runs, out_dir, plt):
     ax.set(xscale="log", xlabel="conflicting training images", ylabel="unbiased test acc %")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(out_dir, "acc_vs_conflicting.png")
-    save_png(plt, fig, path)
-    return path
-
-
-def plot_samples(x_N, y_N, a_N, ratio, out_dir, plt):
-    """What the nets see: per class the first bias-aligned training image (top row: the class's own colour) and
-    the first bias-conflicting one (bottom row: another colour), titled digit y / colour a."""
-    fig, axes = plt.subplots(2, 10, figsize=(10, 2.8))
-    for k in range(10):
-        for row, mask in enumerate(((y_N == k) & (a_N == k), (y_N == k) & (a_N != k))):
-            ax, i = axes[row, k], torch.nonzero(mask).flatten()
-            ax.set(xticks=[], yticks=[])
-            if len(i):
-                ax.imshow(x_N[i[0]].permute(1, 2, 0).cpu().numpy())
-                ax.set_title(f"y={k} a={int(a_N[i[0]])}", fontsize=8)
-    axes[0, 0].set_ylabel("aligned")
-    axes[1, 0].set_ylabel("conflicting")
-    fig.suptitle(f"training images at rho = {ratio:g} % (y = digit, a = colour)", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "samples.png")
-    save_png(plt, fig, path)
-    return path
+    return save_png(plt, fig, os.path.join(out_dir, "acc_vs_conflicting.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -508,24 +466,26 @@ def run(cfg, methods, ratios, seeds, device):
     path = os.path.join(cfg.out, "results.json")
     res = load_results(path)                               # earlier runs are kept, never replaced
     t0 = time.time()
-    try:
+    try:                                                   # grey digits once per invocation (cached in OUT/cache)
         grey = digits.grey_splits(cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed,
                                   os.path.join(cfg.out, "cache"))
     except digits.IDXError as e:                           # a bad --data-dir
         raise BadInput(str(e)) from None
-    check_ratios(grey["train_y"], ratios)
+    if problem := digits.ratio_problem(grey["train_y"], ratios):   # a class without conflicting images: refused
+        raise BadInput(problem)
     dataset = f"idx:{os.path.basename(os.path.normpath(cfg.data_dir))}" if cfg.data_dir else "procedural"
     protocol, key = protocol_of(cfg, dataset)
     print(f"data: {dataset}, train {len(grey['train_y'])} / val {len(grey['val_y'])} / test {len(grey['test_y'])} "
           f"images ({time.time() - t0:.1f} s); device {device}, {torch.get_num_threads()} threads; protocol {key}")
-    evalsets = {k: on(device, v) for k, v in digits.coloured_eval(grey, cfg.data_seed).items()}
+    on = lambda arrays: [torch.from_numpy(v).to(device) for v in arrays]
+    evalsets = {k: on(v) for k, v in digits.coloured_eval(grey, cfg.data_seed).items()}   # coloured once
     grid = [(rho, s, m) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else []) for m in methods
             if rho != CEILING or m == "erm"]              # seed-major: an interrupted sweep has whole seeds
     done = {(r["method"], r["ratio"], r["seed"]) for r in res["runs"] if r.get("protocol") == key}
     res["protocols"] = {**res.get("protocols", {}), key: protocol}
     log = partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"), protocol=key)
     os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
-    coloured = lru_cache(1)(lambda rho, s: on(device, digits.coloured_train(grey, rho, s)))  # the methods of a (rho, s)
+    coloured = lru_cache(1)(lambda rho, s: on(digits.coloured_train(grey, rho, s)))   # one colouring per (rho, seed)
     for i, (rho, s, m) in enumerate(grid):
         tag = f"[{i + 1}/{len(grid)}] "
         if (m, rho, s) in done:
@@ -544,10 +504,11 @@ def run(cfg, methods, ratios, seeds, device):
             {(m, rho, s) for rho, s, m in grid}]
     print("\n" + tables(mine, cfg.margins))
     plt = pyplot()
-    if plt:                                                # the first (rho, seed) of the grid's training images
-        samples = plot_samples(*coloured(*grid[0][:2]), grid[0][0], cfg.out, plt)
-        for p in (plot_acc_vs_conflicting(mine, cfg.out, plt), samples):
-            print(f"picture: {p}")
+    if plt:
+        print(f"picture: {plot_acc_vs_conflicting(mine, cfg.out, plt)}")
+        x, y, a = (t.cpu().numpy() for t in coloured(*grid[0][:2]))   # the grid's first (rho, seed) training images
+        fig = digits.samples_figure(x, y, a, f"training images at rho = {grid[0][0]:g} % (y = digit, a = colour)", plt)
+        print(f"picture: {save_png(plt, fig, os.path.join(cfg.out, 'samples.png'))}")
     print(f"\n{path}: {len(res['runs'])} runs in all ({time.time() - t0:.0f} s)")
     return {**res, "runs": mine}
 
@@ -613,9 +574,8 @@ PROTOCOL_GROUPS = ("data", "optimisation", "method")   # the flags that change a
 
 def parse_config(argv):
     """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work (BadInput)."""
-    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0],
-                      epilog=__doc__[__doc__.index("Examples:"):],
-                      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                      epilog=__doc__[__doc__.index("Examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
     groups = {k: p.add_argument_group(k) for k in dict.fromkeys(f.metadata["group"] for f in fields(Config))}
     for f in fields(Config):
         g, flag = groups[f.metadata["group"]], "--" + f.name.replace("_", "-")

@@ -12,7 +12,8 @@ Shapes: N = images, H = W = 28, C = 3 colour channels. Grey images are float32 i
   exactly round(rho * n_y) samples get one of the other 9 colours (spread evenly over them).
 - `colour_uniform(grey, y, rng)`  validation/test: every (class, colour) cell equally often.
 - `procedural_split_cached(n, seed, cache_dir)`  the same digits as uint8, rendered once and cached.
-- `grey_splits`, `coloured_eval`, `coloured_train`  logit_correction.py's train/val/test splits, seeds included.
+- `grey_splits`, `coloured_eval`, `coloured_train`  logit_correction.py's train/val/test splits, seeds included;
+  `ratio_problem` refuses a ratio that leaves a class without conflicting images; `samples_figure` shows them.
 """
 import gzip
 import os
@@ -312,3 +313,34 @@ def coloured_train(grey, ratio, seed):
     rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
     x, a = colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
     return x, grey["train_y"], a
+
+
+def ratio_problem(y, ratios):
+    """None, or why a ratio (%) is too small for labels y: biased_attributes gives class k round(ratio/100 * n_k)
+    bias-conflicting images, so the smallest class would get none (or a class has no image at all)."""
+    n_min = int(np.bincount(y, minlength=10).min())
+    if n_min == 0:
+        return f"the training split has a class without images ({len(y)} images); use more of them"
+    for r in ratios:
+        if round(r / 100 * n_min) == 0:
+            return (f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
+                    f"no bias-conflicting image; use rho >= {100 * 0.5 / n_min:.3g}")
+    return None
+
+
+def samples_figure(x, y, a, title, plt):
+    """What the nets see: per class the first bias-aligned image (top row: the class's own colour) and the first
+    bias-conflicting one (bottom row: another colour), titled digit y / colour a. plt: matplotlib.pyplot."""
+    fig, axes = plt.subplots(2, 10, figsize=(10, 2.8))
+    for k in range(10):
+        for row, mask in enumerate(((y == k) & (a == k), (y == k) & (a != k))):
+            ax, i = axes[row, k], np.flatnonzero(mask)
+            ax.set(xticks=[], yticks=[])
+            if len(i):
+                ax.imshow(x[i[0]].transpose(1, 2, 0))
+                ax.set_title(f"y={k} a={int(a[i[0]])}", fontsize=8)
+    axes[0, 0].set_ylabel("aligned")
+    axes[1, 0].set_ylabel("conflicting")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
