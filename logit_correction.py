@@ -41,7 +41,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from functools import lru_cache, partial
 from types import SimpleNamespace
 
@@ -54,7 +54,7 @@ from tqdm import tqdm
 from data import digits
 from data.common import (BadInput, OneLineParser, log_metrics, mean_std, pick_device, progress, pyplot, save_png,
                          set_threads, writable_dirs, write_json)
-from data.runs import by_protocol, load_results, parse_list, protocol_key
+from data.runs import by_protocol, flag, load_results, parse_flags, parse_list, protocol_key
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
@@ -527,46 +527,43 @@ SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seed
 QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 3}   # its own protocol key, recorded as such
 
 
-def arg(default, help, group="run", choices=None):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
-
-
 @dataclass
 class Config:
-    methods: str = arg("erm,lc", "comma list of " + ", ".join(METHODS))
-    ratios: str = arg("1", "comma list of bias-conflicting percentages rho in (0, 100)")
-    seeds: str = arg("1", "comma list of integer seeds (one run per method x ratio x seed)")
-    quick: bool = arg(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs "
-                      "(explicit flags win)")
-    sweep: bool = arg(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
-                      % tuple(SWEEP.values()))
-    data_dir: str = arg("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural", "data")
-    n_train: int = arg(55000, "procedural training images", "data")
-    n_val: int = arg(5000, "validation images (IDX data: held out of the 60k training images)", "data")
-    n_test: int = arg(10000, "procedural test images", "data")
-    data_seed: int = arg(0, "seed of the grey digits and of the val/test colours", "data")
-    epochs: int = arg(20, "training epochs per run", "optimisation")
-    batch_size: int = arg(256, "minibatch size", "optimisation")
-    lr: float = arg(1e-2, "Adam learning rate of the main network", "optimisation")
-    lr_b: float = arg(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
-    decay_every: int = arg(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
-    q: float = arg(0.7, "GCE exponent q in (0, 1]", "method")
-    prior_momentum: float = arg(0.995, "momentum of the bias-corrected moving average of Delta", "method")
-    prior_eps: float = arg(1e-4, "floor of Delta before the log", "method")
-    mix_ramp: int = arg(2, "epochs over which Group MixUp's minority weight ramps up", "method")
-    mix_pool: str = arg("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
-                   ("batch", "global"))
-    lff_ema: float = arg(0.7, "LfF's per-sample loss EMA", "method")
-    dro_eta: float = arg(0.01, "GroupDRO step size for the group weights", "method")
-    explain: bool = arg(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
-                        "ln Delta, corrected logits and gradient size", "output")
-    margins: bool = arg(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
-    report: str = arg("", "path of a results.json: print its tables, train nothing", "output")
-    device: str = arg("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
-    threads: int = arg(0, "torch CPU threads; 0 = torch's default (one per physical core)", "output")
-    log_every: int = arg(5, "epochs between log lines (0 = none)", "output")
-    out: str = arg("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, pictures, the digit cache",
-                   "output")
+    methods: str = flag("erm,lc", "comma list of " + ", ".join(METHODS))
+    ratios: str = flag("1", "comma list of bias-conflicting percentages rho in (0, 100)")
+    seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
+    quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs "
+                       "(explicit flags win)")
+    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
+                       % tuple(SWEEP.values()))
+    data_dir: str = flag("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural",
+                         "data")
+    n_train: int = flag(55000, "procedural training images", "data")
+    n_val: int = flag(5000, "validation images (IDX data: held out of the 60k training images)", "data")
+    n_test: int = flag(10000, "procedural test images", "data")
+    data_seed: int = flag(0, "seed of the grey digits and of the val/test colours", "data")
+    epochs: int = flag(20, "training epochs per run", "optimisation")
+    batch_size: int = flag(256, "minibatch size", "optimisation")
+    lr: float = flag(1e-2, "Adam learning rate of the main network", "optimisation")
+    lr_b: float = flag(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
+    decay_every: int = flag(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
+    q: float = flag(0.7, "GCE exponent q in (0, 1]", "method")
+    prior_momentum: float = flag(0.995, "momentum of the bias-corrected moving average of Delta", "method")
+    prior_eps: float = flag(1e-4, "floor of Delta before the log", "method")
+    mix_ramp: int = flag(2, "epochs over which Group MixUp's minority weight ramps up", "method")
+    mix_pool: str = flag("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
+                    ("batch", "global"))
+    lff_ema: float = flag(0.7, "LfF's per-sample loss EMA", "method")
+    dro_eta: float = flag(0.01, "GroupDRO step size for the group weights", "method")
+    explain: bool = flag(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
+                         "ln Delta, corrected logits and gradient size", "output")
+    margins: bool = flag(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
+    report: str = flag("", "path of a results.json: print its tables, train nothing", "output")
+    device: str = flag("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
+    threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per physical core)", "output")
+    log_every: int = flag(5, "epochs between log lines (0 = none)", "output")
+    out: str = flag("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, pictures, the digit cache",
+                    "output")
 
 
 PROTOCOL_GROUPS = ("data", "optimisation", "method")   # the flags that change a run's numbers (protocol_of)
@@ -576,20 +573,7 @@ def parse_config(argv):
     """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work (BadInput)."""
     p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
                       epilog=__doc__[__doc__.index("Examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups = {k: p.add_argument_group(k) for k in dict.fromkeys(f.metadata["group"] for f in fields(Config))}
-    for f in fields(Config):
-        g, flag = groups[f.metadata["group"]], "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:                                              # None: filled in below (--sweep, --quick or the default)
-            g.add_argument(flag, type=type(f.default), default=None, choices=f.metadata["choices"],
-                           help=f"{f.metadata['help']} (default {f.default if f.default != '' else '-'})")
-    args = vars(p.parse_args(argv))
-    for k, v in args.items():                              # flags given explicitly win over --sweep and --quick
-        if v is None:
-            args[k] = (SWEEP[k] if args["sweep"] and k in SWEEP else QUICK[k] if args["quick"] and k in QUICK
-                       else Config.__dataclass_fields__[k].default)
-    cfg = Config(**args)
+    cfg = parse_flags(Config, p, argv, presets=[("sweep", SWEEP), ("quick", QUICK)])   # explicit flags win
     methods = parse_list(cfg.methods, str, "methods")
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -1,11 +1,37 @@
-"""A grid of runs that survives reruns: comma lists from the command line, a protocol key (a short hash of the
-settings that change a run's numbers), and a results.json that a rerun adds to -- runs finished under the same
-protocol are skipped, none is ever replaced. Used by logit_correction.py; nothing here is paper-specific."""
+"""Plumbing of a paper file that trains a grid of runs and keeps them across reruns: its command line (a --flag
+per Config field, presets that explicit flags override, comma lists), a protocol key (a short hash of the settings
+that change a run's numbers), and a results.json that a rerun adds to -- runs finished under the same protocol
+are skipped, none is ever replaced. Used by logit_correction.py; nothing here is paper-specific."""
 import hashlib
 import json
 import os
+from dataclasses import field, fields
 
 from data.common import BadInput
+
+
+def flag(default, help, group="run", choices=None):
+    """A Config field that is also a --flag: its help text, its --help group, and (optionally) its choices."""
+    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
+
+
+def parse_flags(cls, parser, argv, presets=()):
+    """argv -> cls(...): one --flag per field of the dataclass cls (declared with flag()), in --help groups, each
+    help ending in its default; a bool is a switch. presets: [(switch, {field: value})]: a given switch sets the
+    fields that are not on the command line (the first such preset wins); flags given explicitly always win."""
+    groups = {k: parser.add_argument_group(k) for k in dict.fromkeys(f.metadata["group"] for f in fields(cls))}
+    for f in fields(cls):
+        g, name = groups[f.metadata["group"]], "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            g.add_argument(name, action="store_true", help=f.metadata["help"])
+        else:                                              # None: filled in below (a preset's value or the default)
+            g.add_argument(name, type=type(f.default), default=None, choices=f.metadata["choices"],
+                           help=f"{f.metadata['help']} (default {f.default if f.default != '' else '-'})")
+    args = vars(parser.parse_args(argv))
+    for f in fields(cls):
+        if args[f.name] is None:
+            args[f.name] = next((vals[f.name] for on, vals in presets if args[on] and f.name in vals), f.default)
+    return cls(**args)
 
 
 def parse_list(s, typ, name):
