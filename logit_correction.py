@@ -432,6 +432,11 @@ def margin_table(runs):
     return "\n".join(lines)
 
 
+def tables(runs, with_margins):
+    """What a run and --report print: the summary and count tables, and the margins (paper Fig. 4) on request."""
+    return "\n\n".join([summary_table(runs), count_table(runs)] + ([margin_table(runs)] if with_margins else []))
+
+
 def plot_acc_vs_conflicting(runs, out_dir, plt):
     """count_table as a curve: unbiased accuracy (best val, mean over seeds) per method against the number of
     conflicting training images (the ceiling row left out)."""
@@ -455,10 +460,6 @@ def protocol_of(cfg, dataset):
     p = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.metadata["group"] in PROTOCOL_GROUPS}
     p["dataset"] = dataset
     return p, protocol_key(p)
-
-
-def tables(runs, with_margins):
-    return "\n\n".join([summary_table(runs), count_table(runs)] + ([margin_table(runs)] if with_margins else []))
 
 
 def run(cfg, methods, ratios, seeds, device):
