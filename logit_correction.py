@@ -36,14 +36,13 @@ matplotlib is importable.
 Measured tables, commands and dates: docs/logit_correction.md.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, field
-from functools import partial
+from dataclasses import dataclass, fields
+from functools import lru_cache, partial
 from types import SimpleNamespace
 
 import numpy as np
@@ -55,6 +54,7 @@ from tqdm import tqdm
 from data import digits
 from data.common import (BadInput, OneLineParser, log_metrics, mean_std, pick_device, progress, pyplot, save_png,
                          set_threads, writable_dirs, write_json)
+from data.runs import by_protocol, flag, load_results, parse_flags, parse_list, protocol_key
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
@@ -65,6 +65,7 @@ PAPER = {"erm": (35.19, 52.09, 65.86, 82.17), "lff": (52.50, 61.89, 71.03, 80.57
          "lc": (71.25, 82.25, 86.21, 91.15), "groupdro": (63.12, 68.78, 76.30, 84.20)}
 DENETDM = {"erm": (35.34, 50.34, 62.29, 77.63), "lff": (63.39, 74.01, 80.48, 85.39), "lc": (63.48, 78.41, 83.63, 88.18)}
 PAPER_RATIOS = (0.5, 1.0, 2.0, 5.0)
+GROUP_ACCS = ("aligned", "conflicting", "worst_group")   # evaluate()'s accuracies besides the unbiased one
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -305,13 +306,12 @@ def new_state(method, train, cfg, device, seed):
     S = SimpleNamespace(cfg=cfg, x_N=x_N, y_N=y_N, a_N=a_N, gen=torch.Generator().manual_seed(seed), ramp=0.0,
                         pools=None, net=mlp().to(device), net_b=None, opt_b=None)
     S.opt = torch.optim.Adam(S.net.parameters(), lr=cfg.lr)
-    opts = [S.opt]
     if method in TWO_NETS:
         S.net_b = mlp().to(device)
         lr_b = cfg.lr_b or (cfg.lr if method == "lff" else cfg.lr / 10)
         S.opt_b = torch.optim.Adam(S.net_b.parameters(), lr=lr_b)
-        opts.append(S.opt_b)
-    S.scheds = [torch.optim.lr_scheduler.StepLR(o, cfg.decay_every or cfg.epochs + 1, 0.5) for o in opts]
+    S.scheds = [torch.optim.lr_scheduler.StepLR(o, cfg.decay_every or cfg.epochs + 1, 0.5)
+                for o in (S.opt, S.opt_b) if o is not None]
     N = len(y_N)
     S.a_mem = y_N.clone()                                  # latest pseudo-attribute per image
     S.num, S.den = torch.zeros(10, 10, device=device), 0.0     # group prior Delta = num / den
@@ -370,60 +370,11 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
     bt = best["test"]
     rec = {"method": method, "ratio": ratio, "seed": seed, "n_conflicting": int((S.a_N != S.y_N).sum()),
            "unbiased_acc_last": t["unbiased"], "unbiased_acc_best_val": bt["unbiased"],
-           "aligned_acc": bt["aligned"], "conflicting_acc": bt["conflicting"], "worst_group_acc": bt["worst_group"],
-           "aligned_acc_last": t["aligned"], "conflicting_acc_last": t["conflicting"],
-           "worst_group_acc_last": t["worst_group"], "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
+           **{f"{k}_acc": bt[k] for k in GROUP_ACCS}, **{f"{k}_acc_last": t[k] for k in GROUP_ACCS},
+           "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
            "epochs": cfg.epochs, "wall_s": time.time() - t0, "history": hist, "explain": explained,
            "margins_train": margin_stats(S.net, *train), "margins_test": margin_stats(S.net, *evalsets["test"])}
     return rec, {"last": cpu_state(S.net), "best_val": best["state"]}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# Data: grey digits once per invocation (cached), coloured per (ratio, seed); val/test coloured once.
-
-def load_grey(cfg):
-    """dict of numpy arrays: train/val/test grey images (N, 28, 28) and labels (N,)."""
-    if cfg.data_dir:
-        try:
-            tx, ty, sx, sy = digits.load_idx_dataset(cfg.data_dir)
-        except digits.IDXError as e:
-            raise BadInput(str(e)) from None
-        if len(tx) <= cfg.n_val:
-            raise BadInput(f"--data-dir {cfg.data_dir}: {len(tx)} training images, need more than --n-val {cfg.n_val}")
-        perm = np.random.default_rng(cfg.data_seed).permutation(len(tx))
-        tr, va = perm[cfg.n_val:], perm[:cfg.n_val]
-        return dict(train_x=tx[tr], train_y=ty[tr], val_x=tx[va], val_y=ty[va], test_x=sx, test_y=sy)
-    d, cache = {}, os.path.join(cfg.out, "cache")
-    for i, (split, n) in enumerate((("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test))):
-        d[split + "_x"], d[split + "_y"] = digits.procedural_split_cached(n, cfg.data_seed * 1000 + i, cache)
-    return d
-
-
-def colour_eval_splits(grey, cfg, device):
-    out = {}
-    for i, split in enumerate(("val", "test")):
-        rng = np.random.default_rng([cfg.data_seed, 100 + i])
-        x, a = digits.colour_uniform(grey[split + "_x"], grey[split + "_y"], rng)
-        out[split] = [torch.from_numpy(v).to(device) for v in (x, grey[split + "_y"], a)]   # x (n, 3, 28, 28)
-    return out
-
-
-def colour_train(grey, ratio, seed, device):
-    """Biased training split for one (ratio, seed): x (N, 3, 28, 28), y (N,), true colour a (N,)."""
-    rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
-    x, a = digits.colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
-    return [torch.from_numpy(v).to(device) for v in (x, grey["train_y"], a)]
-
-
-def check_ratios(y, ratios):
-    """Refuse a rho so small that some class would get no bias-conflicting image at all."""
-    n_min = int(np.bincount(y, minlength=10).min())
-    if n_min == 0:
-        raise BadInput(f"the training split has a class without images ({len(y)} images); use more of them")
-    for r in ratios:
-        if round(r / 100 * n_min) == 0:
-            raise BadInput(f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
-                             f"no bias-conflicting image; use rho >= {100 * 0.5 / n_min:.3g}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -433,7 +384,7 @@ def grouped(runs):
     g = {}
     for r in runs:
         g.setdefault((r["method"], r["ratio"]), []).append(r)
-    return sorted(g.items(), key=lambda kv: (kv[0][0] != "erm" or kv[0][1] != CEILING, kv[0][1], METHODS.index(kv[0][0])))
+    return sorted(g.items(), key=lambda kv: (kv[0] != ("erm", CEILING), kv[0][1], METHODS.index(kv[0][0])))
 
 
 def paper_value(table, method, ratio):
@@ -472,13 +423,18 @@ def count_table(runs):
 
 
 def margin_table(runs):
+    cols = [(f"margins_{s}", k, f"{s} {k[:3]}" if k != "ratio" else k) for s in ("train", "test")
+            for k in ("majority", "minority", "ratio")]
     lines = ["mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group (paper Fig. 4); ratio = min/maj",
-             f"{'method':10s} {'rho%':>4s} " + " ".join(f"{s:>9s}" for s in ("train maj", "train min", "ratio",
-                                                                               "test maj", "test min", "ratio"))]
+             f"{'method':10s} {'rho%':>4s} " + " ".join(f"{h:>9s}" for _, _, h in cols)]
     for (m, rho), rs in grouped(runs):
-        c = [np.mean([r[s][k] for r in rs]) for s in ("margins_train", "margins_test") for k in ("majority", "minority", "ratio")]
-        lines.append(f"{m:10s} {rho:4g} " + " ".join(f"{v:9.2f}" for v in c))
+        lines.append(f"{m:10s} {rho:4g} " + " ".join(f"{np.mean([r[s][k] for r in rs]):9.2f}" for s, k, _ in cols))
     return "\n".join(lines)
+
+
+def tables(runs, with_margins):
+    """What a run and --report print: the summary and count tables, and the margins (paper Fig. 4) on request."""
+    return "\n\n".join([summary_table(runs), count_table(runs)] + ([margin_table(runs)] if with_margins else []))
 
 
 def plot_acc_vs_conflicting(runs, out_dir, plt):
@@ -492,52 +448,18 @@ def plot_acc_vs_conflicting(runs, out_dir, plt):
     ax.set(xscale="log", xlabel="conflicting training images", ylabel="unbiased test acc %")
     ax.legend()
     fig.tight_layout()
-    path = os.path.join(out_dir, "acc_vs_conflicting.png")
-    save_png(plt, fig, path)
-    return path
-
-
-def plot_samples(x_N, y_N, a_N, ratio, out_dir, plt):
-    """What the nets see: per class the first bias-aligned training image (top row: the class's own colour) and
-    the first bias-conflicting one (bottom row: another colour), titled digit y / colour a."""
-    fig, axes = plt.subplots(2, 10, figsize=(10, 2.8))
-    for k in range(10):
-        for row, mask in enumerate(((y_N == k) & (a_N == k), (y_N == k) & (a_N != k))):
-            ax, i = axes[row, k], torch.nonzero(mask).flatten()
-            ax.set(xticks=[], yticks=[])
-            if len(i):
-                ax.imshow(x_N[i[0]].permute(1, 2, 0).cpu().numpy())
-                ax.set_title(f"y={k} a={int(a_N[i[0]])}", fontsize=8)
-    axes[0, 0].set_ylabel("aligned")
-    axes[1, 0].set_ylabel("conflicting")
-    fig.suptitle(f"training images at rho = {ratio:g} % (y = digit, a = colour)", fontsize=10)
-    fig.tight_layout()
-    path = os.path.join(out_dir, "samples.png")
-    save_png(plt, fig, path)
-    return path
+    return save_png(plt, fig, os.path.join(out_dir, "acc_vs_conflicting.png"))
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main: the grid of runs (skipping finished ones), --report, then the CLI (Config, parsing, checks).
+# main: the grid of runs (results.json and skipping finished runs: data/runs.py), --report, then the CLI.
 
 def protocol_of(cfg, dataset):
-    """The settings that change a run's numbers, and a short hash of them (runs are keyed by it)."""
-    p = {k: v for k, v in asdict(cfg).items() if k not in NOT_PROTOCOL}
+    """The settings that change a run's numbers (the data, optimisation and method flags), and a short hash of
+    them: runs are keyed by it, and runs that differ only in the other flags are the same run."""
+    p = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.metadata["group"] in PROTOCOL_GROUPS}
     p["dataset"] = dataset
-    return p, hashlib.sha1(json.dumps(p, sort_keys=True).encode()).hexdigest()[:8]
-
-
-def load_results(path):
-    if not os.path.exists(path):
-        return {"runs": []}
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (OSError, ValueError) as e:
-        raise BadInput(f"{path} exists but is not readable JSON ({e}); move it away") from None
-    if not isinstance(res, dict) or not isinstance(res.get("runs"), list):
-        raise BadInput(f"{path} exists but is not a results.json (no list of runs); move it away")
-    return res
+    return p, protocol_key(p)
 
 
 def run(cfg, methods, ratios, seeds, device):
@@ -545,28 +467,32 @@ def run(cfg, methods, ratios, seeds, device):
     path = os.path.join(cfg.out, "results.json")
     res = load_results(path)                               # earlier runs are kept, never replaced
     t0 = time.time()
-    grey = load_grey(cfg)                                  # raises BadInput on a bad --data-dir
-    check_ratios(grey["train_y"], ratios)
+    try:                                                   # grey digits once per invocation (cached in OUT/cache)
+        grey = digits.grey_splits(cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed,
+                                  os.path.join(cfg.out, "cache"))
+    except digits.IDXError as e:                           # a bad --data-dir
+        raise BadInput(str(e)) from None
+    if problem := digits.ratio_problem(grey["train_y"], ratios):   # a class without conflicting images: refused
+        raise BadInput(problem)
     dataset = f"idx:{os.path.basename(os.path.normpath(cfg.data_dir))}" if cfg.data_dir else "procedural"
     protocol, key = protocol_of(cfg, dataset)
     print(f"data: {dataset}, train {len(grey['train_y'])} / val {len(grey['val_y'])} / test {len(grey['test_y'])} "
           f"images ({time.time() - t0:.1f} s); device {device}, {torch.get_num_threads()} threads; protocol {key}")
-    evalsets = colour_eval_splits(grey, cfg, device)
+    on = lambda arrays: [torch.from_numpy(v).to(device) for v in arrays]
+    evalsets = {k: on(v) for k, v in digits.coloured_eval(grey, cfg.data_seed).items()}   # coloured once
     grid = [(rho, s, m) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else []) for m in methods
             if rho != CEILING or m == "erm"]              # seed-major: an interrupted sweep has whole seeds
     done = {(r["method"], r["ratio"], r["seed"]) for r in res["runs"] if r.get("protocol") == key}
     res["protocols"] = {**res.get("protocols", {}), key: protocol}
     log = partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"), protocol=key)
     os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
-    train = None
+    coloured = lru_cache(1)(lambda rho, s: on(digits.coloured_train(grey, rho, s)))   # one colouring per (rho, seed)
     for i, (rho, s, m) in enumerate(grid):
         tag = f"[{i + 1}/{len(grid)}] "
         if (m, rho, s) in done:
             print(f"{tag}{m} rho={rho:g} seed={s}: finished earlier with protocol {key}, kept")
             continue
-        if train is None or train[0] != (rho, s):          # same coloured data for every method of (rho, seed)
-            train = ((rho, s), colour_train(grey, rho, s, device))
-        rec, states = train_run(m, rho, s, train[1], evalsets, cfg, device, tag=tag, log=log)
+        rec, states = train_run(m, rho, s, coloured(rho, s), evalsets, cfg, device, tag=tag, log=log)
         rec.update(dataset=dataset, protocol=key)
         print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} (best val, ep "
               f"{rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), conflicting {rec['conflicting_acc']:.2f}"
@@ -577,15 +503,13 @@ def run(cfg, methods, ratios, seeds, device):
         write_json(path, res)                              # after every run: an interrupt keeps finished runs
     mine = [r for r in res["runs"] if r.get("protocol") == key and (r["method"], r["ratio"], r["seed"]) in
             {(m, rho, s) for rho, s, m in grid}]
-    print("\n" + summary_table(mine) + "\n\n" + count_table(mine))
-    if cfg.margins:
-        print("\n" + margin_table(mine))
+    print("\n" + tables(mine, cfg.margins))
     plt = pyplot()
-    if plt:                                                # the first (rho, seed) of the grid's training images
-        if train is None or train[0] != grid[0][:2]:
-            train = (grid[0][:2], colour_train(grey, *grid[0][:2], device))
-        for p in (plot_acc_vs_conflicting(mine, cfg.out, plt), plot_samples(*train[1], grid[0][0], cfg.out, plt)):
-            print(f"picture: {p}")
+    if plt:
+        print(f"picture: {plot_acc_vs_conflicting(mine, cfg.out, plt)}")
+        x, y, a = (t.cpu().numpy() for t in coloured(*grid[0][:2]))   # the grid's first (rho, seed) training images
+        fig = digits.samples_figure(x, y, a, f"training images at rho = {grid[0][0]:g} % (y = digit, a = colour)", plt)
+        print(f"picture: {save_png(plt, fig, os.path.join(cfg.out, 'samples.png'))}")
     print(f"\n{path}: {len(res['runs'])} runs in all ({time.time() - t0:.0f} s)")
     return {**res, "runs": mine}
 
@@ -594,12 +518,9 @@ def report(cfg):
     if not os.path.isfile(cfg.report):
         raise BadInput(f"--report {cfg.report}: no such file")
     res = load_results(cfg.report)
-    for key in sorted({r.get("protocol") for r in res["runs"]}, key=str):
-        runs = [r for r in res["runs"] if r.get("protocol") == key]
-        print(f"protocol {key}: {json.dumps(res.get('protocols', {}).get(key, {}), sort_keys=True)}\n")
-        print(summary_table(runs) + "\n\n" + count_table(runs) + "\n")
-        if cfg.margins:
-            print(margin_table(runs) + "\n")
+    for key, protocol, runs in by_protocol(res):
+        print(f"protocol {key}: {json.dumps(protocol, sort_keys=True)}\n")
+        print(tables(runs, cfg.margins) + "\n")
     return res
 
 
@@ -607,85 +528,53 @@ SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seed
 QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 3}   # its own protocol key, recorded as such
 
 
-def arg(default, help, group="run", choices=None):
-    return field(default=default, metadata={"help": help, "group": group, "choices": choices})
-
-
 @dataclass
 class Config:
-    methods: str = arg("erm,lc", "comma list of " + ", ".join(METHODS))
-    ratios: str = arg("1", "comma list of bias-conflicting percentages rho in (0, 100)")
-    seeds: str = arg("1", "comma list of integer seeds (one run per method x ratio x seed)")
-    quick: bool = arg(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs "
-                      "(explicit flags win)")
-    sweep: bool = arg(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
-                      % tuple(SWEEP.values()))
-    data_dir: str = arg("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural", "data")
-    n_train: int = arg(55000, "procedural training images", "data")
-    n_val: int = arg(5000, "validation images (IDX data: held out of the 60k training images)", "data")
-    n_test: int = arg(10000, "procedural test images", "data")
-    data_seed: int = arg(0, "seed of the grey digits and of the val/test colours", "data")
-    epochs: int = arg(20, "training epochs per run", "optimisation")
-    batch_size: int = arg(256, "minibatch size", "optimisation")
-    lr: float = arg(1e-2, "Adam learning rate of the main network", "optimisation")
-    lr_b: float = arg(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
-    decay_every: int = arg(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
-    q: float = arg(0.7, "GCE exponent q in (0, 1]", "method")
-    prior_momentum: float = arg(0.995, "momentum of the bias-corrected moving average of Delta", "method")
-    prior_eps: float = arg(1e-4, "floor of Delta before the log", "method")
-    mix_ramp: int = arg(2, "epochs over which Group MixUp's minority weight ramps up", "method")
-    mix_pool: str = arg("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
-                   ("batch", "global"))
-    lff_ema: float = arg(0.7, "LfF's per-sample loss EMA", "method")
-    dro_eta: float = arg(0.01, "GroupDRO step size for the group weights", "method")
-    explain: bool = arg(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
-                        "ln Delta, corrected logits and gradient size", "output")
-    margins: bool = arg(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
-    report: str = arg("", "path of a results.json: print its tables, train nothing", "output")
-    device: str = arg("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
-    threads: int = arg(0, "torch CPU threads; 0 = torch's default (one per physical core)", "output")
-    log_every: int = arg(5, "epochs between log lines (0 = none)", "output")
-    out: str = arg("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, pictures, the digit cache",
-                   "output")
+    methods: str = flag("erm,lc", "comma list of " + ", ".join(METHODS))
+    ratios: str = flag("1", "comma list of bias-conflicting percentages rho in (0, 100)")
+    seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
+    quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs "
+                       "(explicit flags win)")
+    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
+                       % tuple(SWEEP.values()))
+    data_dir: str = flag("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural",
+                         "data")
+    n_train: int = flag(55000, "procedural training images", "data")
+    n_val: int = flag(5000, "validation images (IDX data: held out of the 60k training images)", "data")
+    n_test: int = flag(10000, "procedural test images", "data")
+    data_seed: int = flag(0, "seed of the grey digits and of the val/test colours", "data")
+    epochs: int = flag(20, "training epochs per run", "optimisation")
+    batch_size: int = flag(256, "minibatch size", "optimisation")
+    lr: float = flag(1e-2, "Adam learning rate of the main network", "optimisation")
+    lr_b: float = flag(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
+    decay_every: int = flag(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
+    q: float = flag(0.7, "GCE exponent q in (0, 1]", "method")
+    prior_momentum: float = flag(0.995, "momentum of the bias-corrected moving average of Delta", "method")
+    prior_eps: float = flag(1e-4, "floor of Delta before the log", "method")
+    mix_ramp: int = flag(2, "epochs over which Group MixUp's minority weight ramps up", "method")
+    mix_pool: str = flag("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
+                    ("batch", "global"))
+    lff_ema: float = flag(0.7, "LfF's per-sample loss EMA", "method")
+    dro_eta: float = flag(0.01, "GroupDRO step size for the group weights", "method")
+    explain: bool = flag(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
+                         "ln Delta, corrected logits and gradient size", "output")
+    margins: bool = flag(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
+    report: str = flag("", "path of a results.json: print its tables, train nothing", "output")
+    device: str = flag("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
+    threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per physical core)", "output")
+    log_every: int = flag(5, "epochs between log lines (0 = none)", "output")
+    out: str = flag("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, pictures, the digit cache",
+                    "output")
 
 
-# fields that do not change a run's numbers: runs that differ only in these are the same run
-NOT_PROTOCOL = {"methods", "ratios", "seeds", "quick", "sweep", "explain", "margins", "report", "device", "threads",
-                "log_every", "out"}
-
-
-
-
-def parse_list(s, typ, name):
-    try:
-        vals = [typ(v) for v in s.split(",") if v.strip()]
-    except ValueError:
-        raise BadInput(f"--{name}: cannot parse {s!r} as a comma list of {typ.__name__}") from None
-    if not vals:
-        raise BadInput(f"--{name}: empty list")
-    return vals
+PROTOCOL_GROUPS = ("data", "optimisation", "method")   # the flags that change a run's numbers (protocol_of)
 
 
 def parse_config(argv):
     """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work (BadInput)."""
-    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0],
-                      epilog=__doc__[__doc__.index("Examples:"):],
-                      allow_abbrev=False, formatter_class=argparse.RawDescriptionHelpFormatter)
-    groups, fields = {}, Config.__dataclass_fields__
-    for f in fields.values():
-        g = groups.setdefault(f.metadata["group"], p.add_argument_group(f.metadata["group"]))
-        flag = "--" + f.name.replace("_", "-")
-        if isinstance(f.default, bool):
-            g.add_argument(flag, action="store_true", help=f.metadata["help"])
-        else:                                              # None: filled in below (--sweep, --quick or the default)
-            g.add_argument(flag, type=type(f.default), default=None, choices=f.metadata["choices"],
-                           help=f"{f.metadata['help']} (default {f.default if f.default != '' else '-'})")
-    args = vars(p.parse_args(argv))
-    for k, v in args.items():                              # flags given explicitly win over --sweep and --quick
-        if v is None:
-            args[k] = (SWEEP[k] if args["sweep"] and k in SWEEP else QUICK[k] if args["quick"] and k in QUICK
-                       else fields[k].default)
-    cfg = Config(**args)
+    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
+                      epilog=__doc__[__doc__.index("Examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
+    cfg = parse_flags(Config, p, argv, presets=[("sweep", SWEEP), ("quick", QUICK)])   # explicit flags win
     methods = parse_list(cfg.methods, str, "methods")
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -12,6 +12,8 @@ Shapes: N = images, H = W = 28, C = 3 colour channels. Grey images are float32 i
   exactly round(rho * n_y) samples get one of the other 9 colours (spread evenly over them).
 - `colour_uniform(grey, y, rng)`  validation/test: every (class, colour) cell equally often.
 - `procedural_split_cached(n, seed, cache_dir)`  the same digits as uint8, rendered once and cached.
+- `grey_splits`, `coloured_eval`, `coloured_train`  logit_correction.py's train/val/test splits, seeds included;
+  `ratio_problem` refuses a ratio that leaves a class without conflicting images; `samples_figure` shows them.
 """
 import gzip
 import os
@@ -275,3 +277,70 @@ def procedural_split_cached(n, seed, cache_dir):
         os.replace(tmp, path)
     with np.load(path, allow_pickle=False) as f:
         return f["x"].astype(np.float32) / 255.0, f["y"].astype(np.int64)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The splits of logit_correction.py's protocol: grey digits once (cached), val/test coloured once, the
+# training split coloured per (ratio, seed). Every seed below is part of the protocol: keep them.
+
+def grey_splits(data_dir, n_train, n_val, n_test, data_seed, cache_dir):
+    """dict of train/val/test grey images (N, 28, 28) and labels (N,). IDX data: n_val images held out of the
+    training file (a data_seed permutation), the test file as it is; else procedural, cached in cache_dir."""
+    if data_dir:
+        tx, ty, sx, sy = load_idx_dataset(data_dir)
+        if len(tx) <= n_val:
+            raise IDXError(f"--data-dir {data_dir}: {len(tx)} training images, need more than --n-val {n_val}")
+        perm = np.random.default_rng(data_seed).permutation(len(tx))
+        tr, va = perm[n_val:], perm[:n_val]
+        return dict(train_x=tx[tr], train_y=ty[tr], val_x=tx[va], val_y=ty[va], test_x=sx, test_y=sy)
+    d = {}
+    for i, (split, n) in enumerate((("train", n_train), ("val", n_val), ("test", n_test))):
+        d[split + "_x"], d[split + "_y"] = procedural_split_cached(n, data_seed * 1000 + i, cache_dir)
+    return d
+
+
+def coloured_eval(grey, data_seed):
+    """{"val": (x, y, a), "test": (x, y, a)}: every colour equally often in every class; x (n, 3, 28, 28)."""
+    out = {}
+    for i, split in enumerate(("val", "test")):
+        x, a = colour_uniform(grey[split + "_x"], grey[split + "_y"], np.random.default_rng([data_seed, 100 + i]))
+        out[split] = (x, grey[split + "_y"], a)
+    return out
+
+
+def coloured_train(grey, ratio, seed):
+    """The biased training split for one (ratio %, seed): x (N, 3, 28, 28), y (N,), true colour a (N,)."""
+    rng = np.random.default_rng([seed, int(round(ratio * 1000)), 7])
+    x, a = colour_biased(grey["train_x"], grey["train_y"], ratio, rng)
+    return x, grey["train_y"], a
+
+
+def ratio_problem(y, ratios):
+    """None, or why a ratio (%) is too small for labels y: biased_attributes gives class k round(ratio/100 * n_k)
+    bias-conflicting images, so the smallest class would get none (or a class has no image at all)."""
+    n_min = int(np.bincount(y, minlength=10).min())
+    if n_min == 0:
+        return f"the training split has a class without images ({len(y)} images); use more of them"
+    for r in ratios:
+        if round(r / 100 * n_min) == 0:
+            return (f"--ratios {r:g}: the smallest class has {n_min} training images, so {r:g} % gives it "
+                    f"no bias-conflicting image; use rho >= {100 * 0.5 / n_min:.3g}")
+    return None
+
+
+def samples_figure(x, y, a, title, plt):
+    """What the nets see: per class the first bias-aligned image (top row: the class's own colour) and the first
+    bias-conflicting one (bottom row: another colour), titled digit y / colour a. plt: matplotlib.pyplot."""
+    fig, axes = plt.subplots(2, 10, figsize=(10, 2.8))
+    for k in range(10):
+        for row, mask in enumerate(((y == k) & (a == k), (y == k) & (a != k))):
+            ax, i = axes[row, k], np.flatnonzero(mask)
+            ax.set(xticks=[], yticks=[])
+            if len(i):
+                ax.imshow(x[i[0]].transpose(1, 2, 0))
+                ax.set_title(f"y={k} a={int(a[i[0]])}", fontsize=8)
+    axes[0, 0].set_ylabel("aligned")
+    axes[1, 0].set_ylabel("conflicting")
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
