@@ -525,7 +525,8 @@ def report(cfg):
 
 
 SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
-QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 3}   # its own protocol key, recorded as such
+QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 3,   # its own protocol key, recorded as such
+         "out": "out/logit_correction_quick"}                              # and its own folder, as in the other files
 
 
 @dataclass
@@ -533,8 +534,8 @@ class Config:
     methods: str = flag("erm,lc", "comma list of " + ", ".join(METHODS))
     ratios: str = flag("1", "comma list of bias-conflicting percentages rho in (0, 100)")
     seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
-    quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs "
-                       "(explicit flags win)")
+    quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 3 epochs, into "
+                       "out/logit_correction_quick (explicit flags win)")
     sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
                        % tuple(SWEEP.values()))
     data_dir: str = flag("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural",

@@ -273,6 +273,8 @@ def test_quick_sets_smoke_sizes_and_keeps_the_default_protocol_key():
     assert (quick.n_train, quick.n_val, quick.n_test, quick.epochs) == (5000, 1000, 2000, 3)
     mine, *_ = lc.parse_config(["--quick", "--epochs", "5", "--n-val", "300"])    # explicit flags win
     assert (mine.n_train, mine.n_val, mine.n_test, mine.epochs) == (5000, 300, 2000, 5)
+    assert quick.out.endswith("logit_correction_quick") and lc.parse_config([])[0].out.endswith("logit_correction")
+    assert lc.parse_config(["--quick", "--out", "elsewhere"])[0].out == "elsewhere"   # its own folder, unless told
     sweep, methods, ratios, seeds = lc.parse_config(["--sweep", "--seeds", "7"])
     assert (methods, ratios, seeds) == ("erm,lff,lc_nomix,lc,groupdro".split(","), [0.5, 1.0, 2.0, 5.0], [7])
     full, *_ = lc.parse_config([])
