@@ -624,8 +624,7 @@ class Config:
 
 
 QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, n_layer=4, lm_steps=150,
-             lm_scenes=2000,
-             stage1_steps=20, stage2_steps=40, align_groups=16, knn_k=5, prefill_batch=16,
+             lm_scenes=2000, stage1_steps=20, stage2_steps=40, align_groups=16, knn_k=5, prefill_batch=16,
              out=os.path.join("out", "multimodal_align_quick"))
 
 
