@@ -47,9 +47,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.common import (BadInput, OneLineParser, RMSNorm, autocast, keep_previous, log_metrics, mean_sd, mean_std,
-                         pick_device, progress, pyplot, rope, save_png, set_threads, writable_dirs,
-                         write_json)
+from data.common import (BadInput, OneLineParser, RMSNorm, autocast, keep_previous, linear_probe, log_metrics,
+                         mean_sd, mean_std, pick_device, progress, pyplot, rope, save_png, set_threads,
+                         writable_dirs, write_json)
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
 from kernels import moe_ffn
 
@@ -152,11 +152,12 @@ class StepRouting:
     """What the MoE layers share across the micro-batches (and ranks) of one optimizer step:
     counts[layer]: the step's expert selections, (1, E), all ranks -- from the routing pre-pass, for the
         global-scope aux loss with accumulation (None: count this forward, summed over ranks);
-    carry[layer]: selections in the step's earlier chunks (global-scope capacity queues).
+    carry[layer]: selections in the step's earlier chunks (global-scope capacity queues);
+    index: the optimizer step (training only; --reference-steps reads it).
     Chunks are ordered micro-batch-major: chunk m*W + r is micro-batch m of rank r (see micro_batches)."""
 
-    def __init__(self, step_tokens, reduce, counts=None):
-        self.step_tokens, self.reduce, self.counts, self.carry = step_tokens, reduce, counts, {}
+    def __init__(self, step_tokens, reduce, counts=None, index=None):
+        self.step_tokens, self.reduce, self.counts, self.carry, self.index = step_tokens, reduce, counts, {}, index
 
     def global_counts(self, layer, counts_1E):
         return self.reduce(counts_1E) if self.counts is None else self.counts[layer]
@@ -200,7 +201,7 @@ class MoEFFN(nn.Module):
         ent_sum = torch.special.entr(probs_TE.detach()).sum() / math.log(E)   # router entropy, [0, 1] per token
         if cfg.router == "expert_choice":
             return self.expert_choice(x_TD, probs_TE, z, ent_sum, B, S)
-        idx_TK, gates_TK = self.route(probs_TE, ctx, S)
+        idx_TK, gates_TK = self.route(probs_TE, ctx, S, step)
         if cfg.router == "hash":                           # the router weight is not used
             z, ent_sum = z.detach() * 0, None
         # balancing groups of this forward: one per sequence, or one for the micro-batch (micro and global)
@@ -216,11 +217,13 @@ class MoEFFN(nn.Module):
                      n_drop=(~keep_TK).sum(), n_slots=idx_TK.numel())
         return y_TD.view(B, S, D), stats
 
-    def route(self, probs_TE, ctx, S):
+    def route(self, probs_TE, ctx, S, step):
         cfg = self.cfg
-        if cfg.router == "topk":
+        # --reference-steps N (a diagnostic, it reads the labels): top-k learns from step N on, after the reference
+        labels_first = self.training and step.index is not None and step.index < cfg.reference_steps
+        if cfg.router == "topk" and not labels_first:
             idx_TK, gates_TK = route_topk(probs_TE, self.bias_E, self.K)
-        elif cfg.router == "reference":
+        elif cfg.router in ("reference", "topk"):
             idx_TK, gates_TK = route_reference(probs_TE, ctx["dom_B"].repeat_interleave(S), self.home_LG,
                                                self.spill_LJ, self.K, cfg.reference_gate == "uniform")
         else:
@@ -480,13 +483,13 @@ def micro_batches(cfg, doms, step, device):
 
 
 @torch.no_grad()
-def prepass_counts(model, cfg, chunks, device):
+def prepass_counts(model, cfg, chunks, device, index):
     """Global-scope aux loss with accumulation: f must count every token of the step before the first
     backward. Megatron-core's global_aux_loss instead uses a running mean of the counts of the micro-batches
     seen so far (only the last micro-batch sees the whole step's f); Qwen (2501.11873) synchronises f over
     the parallel groups. We pay one no-grad forward per micro-batch for the exact one-pass gradient.
     Returns {layer: (1, E) counts over the step and all ranks}."""
-    routing, total = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum), {}
+    routing, total = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, index=index), {}
     for x, _, dom in chunks:
         with autocast(cfg, device):
             _, stats = model(x, dom, routing)
@@ -503,8 +506,8 @@ def accumulate_grads(net, cfg, doms, step, device, aux_only=False):
     chunks = list(micro_batches(cfg, doms, step, device))
     counts = None
     if cfg.router == "topk" and cfg.balance == "aux" and cfg.balance_scope == "global" and cfg.accum > 1:
-        counts = prepass_counts(raw, cfg, chunks, device)
-    routing = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, counts)
+        counts = prepass_counts(raw, cfg, chunks, device, step)
+    routing = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, counts, step)
     ce_sum = aux_sum = 0.0
     records = []
     for m, (x, y, dom) in enumerate(chunks):
@@ -685,6 +688,9 @@ def evaluate(model, cfg, doms, device):
     vx, vy, vdom = val_windows(doms, cfg.seq_len, cfg.eval_seqs)
     mu = cfg.batch_size // (rank_world()[1] * cfg.accum)
     nll_L, n_L, acc = np.zeros(L), np.zeros(L), {}
+    feats, wins = {}, []                                   # router inputs (every 4th byte) for the domain probe
+    hooks = [m.register_forward_hook(lambda m, i, o: feats.setdefault(m.layer_id, []).append(
+        i[0][:, ::4].float().reshape(-1, i[0].shape[-1]).cpu())) for m in model.modules() if isinstance(m, MoEFFN)]
     for s0 in range(0, len(vx), cfg.batch_size):
         rows = np.arange(s0, min(s0 + cfg.batch_size, len(vx)))
         if cfg.batch_order == "by_domain":
@@ -692,6 +698,7 @@ def evaluate(model, cfg, doms, device):
         routing = StepRouting(cfg.batch_size * cfg.seq_len, lambda t: t)        # this process only
         for i in range(0, len(rows), mu):
             x, y, dom = (torch.from_numpy(a[rows[i:i + mu]]).to(device) for a in (vx, vy, vdom))
+            wins.append(rows[i:i + mu])
             with autocast(cfg, device):
                 logits, layer_stats = model(x, dom, routing)
             nll_BS = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1), reduction="none").view(y.shape)
@@ -699,13 +706,16 @@ def evaluate(model, cfg, doms, device):
             np.add.at(n_L, dom.cpu().numpy(), y.shape[1])
             add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, E)
     model.train()
+    for h in hooks:
+        h.remove()
     bpb_L = nll_L / n_L / math.log(2)
     out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)),
                per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, bpb_L)})
     if not acc:
         return dict(out, **{k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[])
     home_LG = reference_groups(L, E, cfg.top_k)[0].numpy()
-    per_layer = [dict(layer=layer, **routing_metrics(a, home_LG)) for layer, a in acc.items()]
+    per_layer = [dict(layer=layer, **routing_metrics(a, home_LG), domain_probe=domain_probe(feats[layer], wins, vdom))
+                 for layer, a in acc.items()]
     for k in METRIC_KEYS:
         vals = [r[k] for r in per_layer if r[k] is not None]
         out[k] = float(np.mean(vals)) if vals else None
@@ -715,7 +725,21 @@ def evaluate(model, cfg, doms, device):
     return out
 
 
-METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac")
+METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac",
+               "domain_probe")
+
+
+def domain_probe(feats, wins, vdom):
+    """How well the domain can be read linearly from the router's input: a ridge probe fitted on half of
+    each domain's held-out windows, scored on the other half (every 4th byte). Near 1: the information a
+    router would need to route by domain is there, and a purity below it is the routing's own doing."""
+    x = torch.cat(feats)
+    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))            # window of each row
+    k = np.zeros(len(vdom), dtype=int)                                             # window's rank in its domain
+    for d in np.unique(vdom):
+        k[vdom == d] = np.arange((vdom == d).sum())
+    dom, even = torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
+    return linear_probe(x[even], dom[even], x[~even], dom[~even])
 
 
 # ---------------- Reports: heat map, table (mean +- sample std over seeds), optional plots
@@ -1069,6 +1093,9 @@ class Config:
     seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std")
     router: str = opt("topk", "reference = domain-label oracle, topk = token choice, expert_choice (not causal), "
                               "hash", ("reference", "topk", "expert_choice", "hash"))
+    reference_steps: int = opt(0, "topk only, a diagnostic: route by the domain label (as --router reference) "
+                                  "for the first N training steps, then learn (does a learned router keep a "
+                                  "domain routing it did not find?)")
     reference_gate: str = opt("learned", "reference router: learned (top by router probability inside the group, "
                                          "gates = probs) | uniform (round-robin in the group, gates 1/K)",
                               ("learned", "uniform"))
@@ -1116,8 +1143,8 @@ class Config:
 
 
 GROUPS = {"model": "experts top_k n_layer moe_layers d_model n_head expert_hidden dense",
-          "routing and balancing": "router reference_gate balance balance_scope aux_coef z_coef bias_rate "
-                                   "capacity_factor capacity_scope norm_topk",
+          "routing and balancing": "router reference_gate reference_steps balance balance_scope aux_coef "
+                                   "z_coef bias_rate capacity_factor capacity_scope norm_topk",
           "training": "batch_size accum steps lr warmup seed seeds",
           "data": "seq_len overlap train_bytes data_dir eval_seqs batch_order",
           "runs and output": "quick sweep jobs bench out resume log_every ckpt_every stop_at",
@@ -1155,7 +1182,9 @@ def validate(cfg, world=1):
     for f in ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len", "batch_size",
               "accum", "steps", "eval_seqs", "log_every", "ckpt_every", "train_bytes", "jobs"):
         need(getattr(cfg, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
-    need(min(cfg.warmup, cfg.stop_at) >= 0, "--warmup and --stop-at must be >= 0")
+    need(min(cfg.warmup, cfg.stop_at, cfg.reference_steps) >= 0,
+         "--warmup, --stop-at and --reference-steps must be >= 0")
+    need(cfg.reference_steps == 0 or cfg.router == "topk", "--reference-steps applies to --router topk only")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     need(cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} is larger than --experts {cfg.experts}")
     need(cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0,
@@ -1269,6 +1298,9 @@ def _main(cfg, doms, device):
     say(table(runs))
     if len(runs) == 1 and runs[0]["per_domain_bpb"]:
         say("val bpb per domain: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[0]["per_domain_bpb"].items()))
+        if runs[0]["domain_probe"] is not None:
+            say(f"domain read linearly from the router's input (ridge probe, held-out windows): "
+                f"{runs[0]['domain_probe']:.3f}, against purity {runs[0]['purity']:.3f}")
     for path in plots(runs, cfg.out):
         say(f"wrote {path}")
     _write_results(cfg, dict(config=asdict(cfg), world_size=world, runs=runs))
@@ -1283,6 +1315,7 @@ def run_name(cfg):
                                                cfg.reference_gate == "uniform" else "")
     else:
         name = "topk-none" if cfg.balance == "none" else f"{cfg.balance.replace('_', '')}-{cfg.balance_scope}"
+        name += f"-ref{cfg.reference_steps}" if cfg.reference_steps else ""
     return name + (f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else "")
 
 

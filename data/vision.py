@@ -29,7 +29,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import Block, RMSNorm, batches, hash_str, train_loop
+from data.common import Block, RMSNorm, batches, hash_str, linear_probe, train_loop
 from data.shapes import COLOURS, SHAPES, SIZES, generate, parse_caption
 
 GRID = 3                      # cells per side
@@ -179,17 +179,6 @@ def minimal_pair_accuracy(score, objects_list, seed=0):
                 hits.append(1.0 if s_true > s_alt else 0.5 if s_true == s_alt else 0.0)
         acc[kind] = float(np.mean(hits)) if hits else float("nan")
     return acc
-
-
-def linear_probe(x_tr, y_tr, x_te, y_te, ridge=1e-2):
-    """A linear read-out fitted in closed form (ridge regression onto one-hot labels, standardised
-    features), scored by argmax on held-out rows -> accuracy."""
-    mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-    a = torch.cat([(x_tr - mu) / sd, torch.ones(len(x_tr), 1)], 1).double()
-    y = F.one_hot(y_tr, int(max(y_tr.max(), y_te.max())) + 1).double()
-    w = torch.linalg.solve(a.T @ a + ridge * len(a) * torch.eye(a.shape[1], dtype=a.dtype), a.T @ y)
-    b = torch.cat([(x_te - mu) / sd, torch.ones(len(x_te), 1)], 1).double()
-    return float(((b @ w).argmax(1) == y_te).float().mean())
 
 
 @torch.no_grad()

@@ -457,6 +457,44 @@ def test_smoke_main_writes_results_and_history(tmp_path, capsys):
     assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 4     # and added its lines
 
 
+def test_domain_probe_reads_a_domain_that_is_there_and_not_one_that_is_not():
+    """The probe on hand-made router inputs, windows in val_windows' order (domains interleaved), fed in two
+    micro-batches: a domain direction under weaker noise -> 1.0; noise alone -> near chance (1/4)."""
+    L, n, S, D = 4, 8, 16, 8
+    vdom = np.tile(np.arange(L), n)
+    wins = [np.arange(0, 16), np.arange(16, 32)]
+    g = torch.Generator().manual_seed(0)
+    noise = [torch.randn(len(w) * S // 4, D, generator=g) for w in wins]
+    signal = [3 * F.one_hot(torch.from_numpy(vdom[w]).repeat_interleave(S // 4), D).float() for w in wins]
+    assert mt.domain_probe([0.3 * a + b for a, b in zip(noise, signal)], wins, vdom) == 1.0
+    assert mt.domain_probe(noise, wins, vdom) < 0.5
+
+
+def test_reference_steps_route_by_label_before_step_n_then_learn():
+    """--reference-steps N: training forwards of steps < N route as the reference; from step N on, and in
+    evaluation, as the learned top-k."""
+    cfg = mt.parse_args(TINY + ["--reference-steps", "3"])
+    ffn = mt.MoEFFN(cfg, n_domains=2, layer_id=1)
+    probs = torch.rand(16, 4, generator=torch.Generator().manual_seed(0)).softmax(-1)
+    ctx = dict(dom_B=torch.tensor([0, 1]), tok_BS=None)
+    ref = mt.route_reference(probs, ctx["dom_B"].repeat_interleave(8), ffn.home_LG, ffn.spill_LJ, 2, False)
+    top = mt.route_topk(probs, ffn.bias_E, 2)
+    assert not torch.equal(ref[0], top[0])                 # so the check below can fail
+    for index, training, want in [(0, True, ref), (2, True, ref), (3, True, top), (0, False, top),
+                                  (None, True, top)]:
+        ffn.train(training)
+        got = ffn.route(probs, ctx, 8, mt.StepRouting(16, lambda t: t, index=index))
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), (index, training)
+
+
+def test_reference_steps_history_is_pure_until_n(tmp_path):
+    args = TINY + ["--steps", "4", "--log-every", "1", "--data-dir", str(_data_dir(tmp_path))]
+    run = mt.main(args + ["--reference-steps", "2", "--out", str(tmp_path / "r")])[0]
+    plain = mt.main(args + ["--out", str(tmp_path / "p")])[0]
+    assert run["name"] == "aux-global-ref2" and [h["purity"] for h in run["history"][:2]] == [1.0, 1.0]
+    assert plain["history"][0]["purity"] < 1.0 and 0 < run["domain_probe"] <= 1
+
+
 @pytest.mark.parametrize("router", ["reference", "hash", "expert_choice"])
 def test_smoke_other_routers(tmp_path, router):
     runs = mt.main(TINY + ["--steps", "2", "--router", router, "--out", str(tmp_path / router),
@@ -558,7 +596,9 @@ BAD = [(["--device", "cuda"], "not available"), (["--threads", "-1"], "--threads
        (["--lr", "-0.1"], "--lr must be positive"), (["--overlap", "1.5"], "--overlap must be in [0, 1]"),
        (["--router", "oracle"], "--router: invalid choice"), (["--top-k", "9"], "larger than --experts"),
        (["--steps", "0"], "--steps must be positive"), (["--expert", "4"], "unrecognized arguments"),
-       (["--seeds", "0,x"], "comma-separated integers"), (["--jobs", "2.5"], "invalid int value")]
+       (["--seeds", "0,x"], "comma-separated integers"), (["--jobs", "2.5"], "invalid int value"),
+       (["--reference-steps", "-1"], "--reference-steps must be >= 0"),
+       (["--router", "hash", "--reference-steps", "2"], "applies to --router topk only")]
 
 
 @pytest.mark.parametrize("bad,msg", BAD, ids=[b[0] for b, _ in BAD])
