@@ -732,13 +732,16 @@ METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "
 def domain_probe(feats, wins, vdom):
     """How well the domain can be read linearly from the router's input: a ridge probe fitted on half of
     each domain's held-out windows, scored on the other half (every 4th byte). Near 1: the information a
-    router would need to route by domain is there, and a purity below it is the routing's own doing."""
+    router would need to route by domain is there, and a purity below it is the routing's own doing.
+    None with one window per domain (--eval-seqs 1): nothing to score on."""
     x = torch.cat(feats)
     w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))            # window of each row
     k = np.zeros(len(vdom), dtype=int)                                             # window's rank in its domain
     for d in np.unique(vdom):
         k[vdom == d] = np.arange((vdom == d).sum())
     dom, even = torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
+    if even.all():
+        return None
     return linear_probe(x[even], dom[even], x[~even], dom[~even])
 
 

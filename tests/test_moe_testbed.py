@@ -468,6 +468,8 @@ def test_domain_probe_reads_a_domain_that_is_there_and_not_one_that_is_not():
     signal = [3 * F.one_hot(torch.from_numpy(vdom[w]).repeat_interleave(S // 4), D).float() for w in wins]
     assert mt.domain_probe([0.3 * a + b for a, b in zip(noise, signal)], wins, vdom) == 1.0
     assert mt.domain_probe(noise, wins, vdom) < 0.5
+    one = np.arange(L)                                     # one window per domain: nothing to score on
+    assert mt.domain_probe([torch.randn(L * S // 4, D)], [one], one) is None
 
 
 def test_reference_steps_route_by_label_before_step_n_then_learn():
