@@ -410,7 +410,8 @@ def frozen_lm(world, vocab, cfg, device, metrics=None):
     """Pretrain the LM or load it from --cache-dir (keyed by its config and a digest of its corpus)."""
     keys = ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr", "dtype")
     return cached_lm(world, vocab, cfg, keys, "lm", lambda: LM(len(vocab), cfg),
-                     lambda: pretrain_lm(world, vocab, cfg, device, metrics), device)
+                     lambda: pretrain_lm(world, vocab, cfg, device, metrics), device,
+                     code=(LM, qa_prompt, lm_texts, answer_mask, pretrain_lm))
 
 
 def cost_table(lm, world, vocab, cfg, layers, device):
@@ -611,6 +612,8 @@ class Config:
     # the experiment
     insert_layer: int = -1       # -1: the sweep {0, N/4, N/2, 3N/4} and the no-image control
     seeds: str = "0"
+    vary_backbones: bool = False
+    ignore_gates: bool = False
     align_groups: int = 128
     knn_k: int = 10
     prefill_batch: int = 256
@@ -648,7 +651,8 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "n_layer",
                                "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr"],
           "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "batch_size", "lr"],
-          "experiment": ["insert_layer", "seeds", "align_groups", "knn_k", "prefill_batch"],
+          "experiment": ["insert_layer", "seeds", "vary_backbones", "ignore_gates", "align_groups", "knn_k",
+                         "prefill_batch"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
 
 

@@ -732,6 +732,8 @@ class Config:
     eval_every: int = 200
     target_em: float = -1.0      # -1: 0.9 x the best final validation binding score of any variant
     seeds: str = "0"
+    vary_backbones: bool = False
+    ignore_gates: bool = False
     device: str = "auto"
     dtype: str = "float32"
     compile: bool = False
@@ -764,7 +766,7 @@ GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
                                "dec_layers", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_batch", "lm_lr"],
           "Q-Former and its training": ["queries", "q_dim", "q_layers", "variants", "stage1_steps", "steps",
                                         "batch_size", "lr", "caption_frac"],
-          "experiment": ["eval_every", "target_em", "seeds"],
+          "experiment": ["eval_every", "target_em", "seeds", "vary_backbones", "ignore_gates"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
 
 

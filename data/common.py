@@ -6,6 +6,7 @@ CLI. Nothing here is paper-specific, so each piece lives in one place."""
 
 import argparse
 import hashlib
+import inspect
 import json
 import math
 import os
@@ -192,6 +193,9 @@ def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None, metrics=None)
     return loss.item()
 
 
+LAYER_CODE = (RMSNorm, rope, Block, Attention, FFN, autocast, train_loop)   # what every frozen backbone is built of
+
+
 def best_of_rounds_ms(fns, device, rounds=15):
     """Wall time (ms) of each fn(round) in {name: fn}: one warm-up call each, then `rounds` round-robin rounds, so
     that a busy spell of the machine hits every fn alike; the minimum shows the undisturbed time."""
@@ -358,13 +362,24 @@ def validate_image_and_run(cfg, encoder_batch):
     return seeds
 
 
-def cached_lm(world, vocab, cfg, keys, name, make, train, device):
-    """A frozen LM: loaded from cfg.cache_dir when one with this config (`keys` of cfg), vocabulary and corpus
-    exists, else train() and saved there. The corpus is the --data-dir train split, or stands for the procedural
-    generator (its first 50 captions). make() -> a fresh module to load into."""
+def build_key(*code):
+    """What decides how a frozen backbone comes out besides its config: the source of the functions, classes or
+    modules that build and train it, and the CPU thread count (float summation order: the same recipe can land
+    on either side of a plateau with 1 or 2 threads). Part of every backbone cache key, so that a backbone built
+    by other code or with other threads is trained anew, never reused silently."""
+    src = "".join(inspect.getsource(c) for c in code)
+    return f"code={hashlib.sha1(src.encode()).hexdigest()[:12]}_threads={torch.get_num_threads()}"
+
+
+def cached_lm(world, vocab, cfg, keys, name, make, train, device, code=()):
+    """A frozen LM: loaded from cfg.cache_dir when one with this config (`keys` of cfg), vocabulary, corpus and
+    build (build_key of `code`, plus the shared layers and training loop) exists, else train() and saved there.
+    The corpus is the --data-dir train split, or stands for the procedural generator (its first 50 captions).
+    make() -> a fresh module to load into."""
     corpus = json.dumps(vocab) + ("\n".join(world["train"]["captions"]) + json.dumps(world["train"]["qa"])
                                   if cfg.data_dir else "".join(generate(50, "train", seed=7, images=False)["captions"]))
-    tag = hashlib.sha1((corpus + str([getattr(cfg, k) for k in keys])).encode()).hexdigest()[:16]
+    build = build_key(*code, *LAYER_CODE)
+    tag = hashlib.sha1((corpus + str([getattr(cfg, k) for k in keys]) + build).encode()).hexdigest()[:16]
     path = os.path.join(cfg.cache_dir, f"{name}_{tag}.pt")
     if os.path.exists(path):
         lm = make().to(device)
@@ -374,7 +389,8 @@ def cached_lm(world, vocab, cfg, keys, name, make, train, device):
         return lm.eval()
     t = time.perf_counter()
     lm = train()
-    torch.save(dict(model=lm.state_dict(), config={k: getattr(cfg, k) for k in keys}, vocab=vocab), path + ".tmp")
+    torch.save(dict(model=lm.state_dict(), config={k: getattr(cfg, k) for k in keys}, vocab=vocab, build=build),
+               path + ".tmp")
     os.replace(path + ".tmp", path)
     print(f"frozen LM: pretrained in {time.perf_counter() - t:.0f}s, saved {path}")
     return lm.eval()
@@ -394,6 +410,25 @@ def shapes_baselines(world, cfg):
     --data-dir train split or on fresh scenes (not the training ones)."""
     ref = world["train"] if cfg.data_dir else generate(min(20_000, 4 * cfg.n_train), "train", seed=1000, images=False)
     return {s: baselines(world[s], ref=ref) for s in ("test", "holdout") if world[s]["captions"]}
+
+
+class GateFailed(RuntimeError):
+    """A frozen backbone failed its gate: the run stops before training bridges on it (exit status 3)."""
+
+
+def gate_or_stop(cfg, passed, line):
+    """Print a backbone's gate line; when it fails, stop the run (GateFailed) unless --ignore-gates (for study)
+    or --quick (whose tiny backbones cannot pass: it reports and goes on)."""
+    print(line)
+    if not passed and not (cfg.ignore_gates or cfg.quick):
+        raise GateFailed(f"{line.split(':')[0]} failed its gate; bridges trained on it would measure the "
+                         f"backbone, not the method (rerun with --ignore-gates to study it anyway)")
+
+
+def backbone_seed(cfg, seed):
+    """The seed of the world's training scenes and the frozen backbones for bridge seed `seed`: the seed itself
+    with --vary-backbones, else 0 (then --seeds varies the bridges only)."""
+    return seed if cfg.vary_backbones else 0
 
 
 def text_ceiling_line(ceiling, gate):
@@ -525,7 +560,12 @@ SHARED_HELP = dict(  # the flags both multimodal files share, said once; a file'
     data_dir="real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl (see data/shapes.py)",
     patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks", vit_steps="ViT pretraining steps",
     lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
-    seeds="comma-separated seeds of the bridge runs (the frozen backbones use seed 0)",
+    seeds="comma-separated seeds of the bridge runs (the world and frozen backbones use seed 0 unless "
+          "--vary-backbones)",
+    vary_backbones="each seed also re-draws the world's training scenes and retrains both frozen backbones, so "
+                   "mean +- std includes their variance",
+    ignore_gates="train bridges even on a backbone that fails its gate (for study; the verdicts then measure the "
+                 "backbone)",
     device="auto: CUDA, then MPS, then CPU", dtype="bfloat16: autocast (opt-in)",
     threads="torch's CPU threads (0 = torch's default, one per physical core)",
     quick="a tiny config that prints every section in under a minute",
@@ -568,3 +608,6 @@ def cli(argv, config_cls, helps, doc, run_fn, prog, groups=None, epilog=None, qu
     except BadInput as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         sys.exit(2)
+    except GateFailed as e:
+        print(f"{prog}: stopped: {e}", file=sys.stderr)
+        sys.exit(3)

@@ -19,6 +19,8 @@ cross-attention to the memory, FFN; tied output head, scaled as T5's.
 Shapes: B = batch, T = target tokens, L = memory (encoder) length, E = width, V = vocabulary.
 """
 
+import sys
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -129,4 +131,4 @@ def load_or_pretrain(world, vocab, cfg, device, metrics=None):
     metrics: a metrics.jsonl path for the pretraining loss."""
     return cached_lm(world, vocab, cfg, ("d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_steps",
                                          "lm_scenes", "lm_batch", "lm_lr", "dtype"), "t5lm", lambda: T5LM(len(vocab), cfg),
-                     lambda: pretrain(world, vocab, cfg, device, metrics), device)
+                     lambda: pretrain(world, vocab, cfg, device, metrics), device, code=(sys.modules[__name__],))

@@ -22,6 +22,7 @@ Shapes: B = batch, P = patches, C = width, K = cells (9).
 
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -29,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import Block, RMSNorm, batches, hash_str, linear_probe, train_loop
+from data.common import LAYER_CODE, Block, RMSNorm, batches, build_key, hash_str, linear_probe, train_loop
 from data.shapes import COLOURS, SHAPES, SIZES, generate, parse_caption
 
 GRID = 3                      # cells per side
@@ -238,7 +239,8 @@ def gates(vit, heads, vc, device, seed=0, probe_train=None):
 def load_or_pretrain(vc, cache_dir, device, seed=0, log=print, metrics=None):
     """The shared encoder: loaded from cache_dir when a checkpoint for this exact config exists, else
     pretrained and saved there. -> (vit, heads, report); report['trained'] says which happened."""
-    tag = "_".join(f"{k}={v}" for k, v in asdict(vc).items()) + f"_seed={seed}"
+    tag = "_".join(f"{k}={v}" for k, v in asdict(vc).items()) + f"_seed={seed}_" + build_key(sys.modules[__name__],
+                                                                                           *LAYER_CODE)
     path = os.path.join(cache_dir, f"vision_{hash_str(tag):016x}.pt")
     vit, heads = ViT(vc).to(device), CellHeads(vc.dim).to(device)
     if os.path.exists(path):

@@ -101,3 +101,31 @@ def test_cli_help_lists_the_docstring_examples_and_check_numbers(capsys):
                      (Cfg(lr=float("inf")), "--lr must be positive and finite, got inf")):
         with pytest.raises(BadInput, match=msg):
             check_numbers(cfg, ("lr",), at_least_0=("steps",))
+
+
+def test_build_key_changes_with_the_code_and_the_thread_count():
+    import data.t5lm as t5lm
+    from data.common import build_key
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = build_key(t5lm)
+        torch.set_num_threads(2)
+        two = build_key(t5lm)
+    finally:
+        torch.set_num_threads(before)
+    assert one != two and one.endswith("threads=1") and two.endswith("threads=2")
+    assert build_key(t5lm.T5LM) != build_key(t5lm.pretrain)          # the source is what is hashed
+    assert build_key(t5lm) == build_key(t5lm)
+
+
+def test_a_failed_gate_stops_unless_quick_or_ignore_gates(capsys):
+    from types import SimpleNamespace as NS
+
+    from data.common import GateFailed, gate_or_stop
+    with pytest.raises(GateFailed, match="frozen LM text ceiling failed its gate"):
+        gate_or_stop(NS(ignore_gates=False, quick=False), False, "frozen LM text ceiling (x): shape 0.5 -> FAIL")
+    for cfg in (NS(ignore_gates=True, quick=False), NS(ignore_gates=False, quick=True)):
+        gate_or_stop(cfg, False, "vision encoder: minimal pairs 0.5 -> FAIL")
+    gate_or_stop(NS(ignore_gates=False, quick=False), True, "ok -> PASS")
+    assert capsys.readouterr().out.count("\n") == 4
