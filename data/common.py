@@ -421,8 +421,8 @@ def gate_or_stop(cfg, passed, line):
     or --quick (whose tiny backbones cannot pass: it reports and goes on)."""
     print(line)
     if not passed and not (cfg.ignore_gates or cfg.quick):
-        raise GateFailed(f"{line.split(':')[0]} failed its gate; bridges trained on it would measure the "
-                         f"backbone, not the method (rerun with --ignore-gates to study it anyway)")
+        raise GateFailed(f"a frozen backbone failed its gate ({line}); bridges trained on it would measure "
+                         f"the backbone, not the method (--ignore-gates trains them anyway, for study)")
 
 
 def backbone_seed(cfg, seed):

@@ -123,7 +123,7 @@ def test_a_failed_gate_stops_unless_quick_or_ignore_gates(capsys):
     from types import SimpleNamespace as NS
 
     from data.common import GateFailed, gate_or_stop
-    with pytest.raises(GateFailed, match="frozen LM text ceiling failed its gate"):
+    with pytest.raises(GateFailed, match=r"failed its gate \(frozen LM text ceiling \(x\): shape 0.5 -> FAIL\)"):
         gate_or_stop(NS(ignore_gates=False, quick=False), False, "frozen LM text ceiling (x): shape 0.5 -> FAIL")
     for cfg in (NS(ignore_gates=True, quick=False), NS(ignore_gates=False, quick=True)):
         gate_or_stop(cfg, False, "vision encoder: minimal pairs 0.5 -> FAIL")
