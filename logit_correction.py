@@ -41,7 +41,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache, partial
 from types import SimpleNamespace
 
@@ -69,12 +69,20 @@ GROUP_ACCS = ("aligned", "conflicting", "worst_group")   # evaluate()'s accuraci
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model: LfF's Colored MNIST MLP, 2352 -> 100 -> 100 -> 100 -> 10, ReLU (~256k parameters). No torch.compile
-# or bf16 autocast: the network is tiny and fp32 keeps CPU runs bit-reproducible.
+# Model: an MLP on the 3 x 28 x 28 image, ReLU after every hidden layer, then a linear classifier. The default is
+# LC's reference MLP (its code, built on DisEnt's: 16 features before the classifier), LfF's is --mlp lff. No
+# torch.compile or bf16 autocast: the network is tiny and fp32 keeps CPU runs bit-reproducible.
 
-def mlp(C=10):
-    return nn.Sequential(nn.Flatten(), nn.Linear(3 * 28 * 28, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                         nn.Linear(100, 100), nn.ReLU(), nn.Linear(100, C))
+MLPS = {"lc": (100, 100, 16),      # LC / DisEnt Colored MNIST: 2352 -> 100 -> 100 -> 16 -> 10 (~247k parameters)
+        "lff": (100, 100, 100)}    # LfF module/mlp.py:        2352 -> 100 -> 100 -> 100 -> 10 (~256k parameters)
+
+
+def mlp(hidden=MLPS["lc"], C=10):
+    layers, d = [nn.Flatten()], 3 * 28 * 28
+    for h in hidden:
+        layers += [nn.Linear(d, h), nn.ReLU()]
+        d = h
+    return nn.Sequential(*layers, nn.Linear(d, C))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,6 +225,20 @@ def loss_lc(S, x, y, idx, mix=True, correct=True):
 LOSSES = {"erm": loss_erm, "groupdro": loss_groupdro, "lff": loss_lff, "lc": loss_lc,
           "lc_nomix": partial(loss_lc, mix=False), "mixup_only": partial(loss_lc, correct=False)}
 
+# Each method's own optimisation: its best unbiased VALIDATION accuracy over the grid lr {1e-2, 1e-3} x epochs
+# {20, 40} (lr x 0.5 every fifth of the epochs) at rho = 1 %, seed 1, with the default MLP -- the table
+# "Optimisation chosen on validation" in docs/logit_correction.md. --lr / --epochs override it for every method.
+TUNED = {"erm": {"lr": 1e-2, "epochs": 20}, "groupdro": {"lr": 1e-2, "epochs": 20}, "lff": {"lr": 1e-2, "epochs": 20},
+         "lc": {"lr": 1e-2, "epochs": 20}, "lc_nomix": {"lr": 1e-2, "epochs": 20},
+         "mixup_only": {"lr": 1e-2, "epochs": 20}}
+
+
+def method_config(cfg, method):
+    """cfg with the method's own lr and epochs where the flags left them at 0, and the decay period resolved."""
+    lr, epochs = cfg.lr or TUNED[method]["lr"], cfg.epochs or TUNED[method]["epochs"]
+    decay = cfg.decay_every if cfg.decay_every >= 0 else max(1, epochs // 5)
+    return replace(cfg, lr=lr, epochs=epochs, decay_every=decay)
+
 
 # ----------------------------------------------------------------------------------------------------------
 # Evaluation and the mechanism in numbers.
@@ -237,6 +259,13 @@ def evaluate(net, x, y, a, C=10):
     seen, al = n_g > 0, a == y
     return {"unbiased": 100 * acc_g[seen].mean().item(), "aligned": 100 * correct[al].mean().item(),
             "conflicting": 100 * correct[~al].mean().item(), "worst_group": 100 * acc_g[seen].min().item()}
+
+
+def diverged(history, chance=10.0, tol=2.0, warmup=2):
+    """The divergence guard: the first epoch after the first `warmup` whose unbiased validation accuracy is at
+    most chance + tol (12 % for 10 classes), or None. A collapsed network (one class for every input, or noise)
+    sits at chance, 10 %; a slow start is not flagged in the first `warmup` epochs."""
+    return next((h["epoch"] for h in history if h["epoch"] > warmup and h["val_unbiased"] <= chance + tol), None)
 
 
 def margins(logits_BC, y_B):
@@ -304,10 +333,10 @@ def new_state(method, train, cfg, device, seed):
     torch.manual_seed(seed)
     x_N, y_N, a_N = train
     S = SimpleNamespace(cfg=cfg, x_N=x_N, y_N=y_N, a_N=a_N, gen=torch.Generator().manual_seed(seed), ramp=0.0,
-                        pools=None, net=mlp().to(device), net_b=None, opt_b=None)
+                        pools=None, net=mlp(MLPS[cfg.mlp]).to(device), net_b=None, opt_b=None)
     S.opt = torch.optim.Adam(S.net.parameters(), lr=cfg.lr)
     if method in TWO_NETS:
-        S.net_b = mlp().to(device)
+        S.net_b = mlp(MLPS[cfg.mlp]).to(device)
         lr_b = cfg.lr_b or (cfg.lr if method == "lff" else cfg.lr / 10)
         S.opt_b = torch.optim.Adam(S.net_b.parameters(), lr=lr_b)
     S.scheds = [torch.optim.lr_scheduler.StepLR(o, cfg.decay_every or cfg.epochs + 1, 0.5)
@@ -322,7 +351,8 @@ def new_state(method, train, cfg, device, seed):
 
 
 def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=None):
-    """log: None or log_metrics bound to a metrics.jsonl path; it gets one record per epoch."""
+    """cfg: method_config's, the run's own lr and epochs. log: None or log_metrics bound to a metrics.jsonl path;
+    it gets one record per epoch."""
     S = new_state(method, train, cfg, device, seed)
     N, B = len(S.y_N), cfg.batch_size
     best, hist, t0, explained = {"val": -1.0}, [], time.time(), None
@@ -372,7 +402,9 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
            "unbiased_acc_last": t["unbiased"], "unbiased_acc_best_val": bt["unbiased"],
            **{f"{k}_acc": bt[k] for k in GROUP_ACCS}, **{f"{k}_acc_last": t[k] for k in GROUP_ACCS},
            "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
-           "epochs": cfg.epochs, "wall_s": time.time() - t0, "history": hist, "explain": explained,
+           "epochs": cfg.epochs, "lr": cfg.lr, "decay_every": cfg.decay_every, "wall_s": time.time() - t0,
+           "diverged": diverged(hist) is not None, "diverged_epoch": diverged(hist), "history": hist,
+           "explain": explained,
            "margins_train": margin_stats(S.net, *train), "margins_test": margin_stats(S.net, *evalsets["test"])}
     return rec, {"last": cpu_state(S.net), "best_val": best["state"]}
 
@@ -394,14 +426,18 @@ def paper_value(table, method, ratio):
 def summary_table(runs):
     keys = [("unbiased_acc_best_val", "unbiased (best val)"), ("unbiased_acc_last", "unbiased (last)"),
             ("aligned_acc", "aligned"), ("conflicting_acc", "conflicting"), ("worst_group_acc", "worst group")]
-    head = f"{'method':10s} {'rho%':>4s} {'n':>2s} " + " ".join(f"{h:>19s}" for _, h in keys) + f" {'paper':>6s} {'DeNetDM':>7s}"
+    head = (f"{'method':10s} {'rho%':>4s} {'n':>2s} " + " ".join(f"{h:>19s}" for _, h in keys) +
+            f" {'paper':>6s} {'DeNetDM':>7s} {'best val':>8s} {'diverged':>8s}")
     lines = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at the best-val epoch;",
-             "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST); rho 90 = ceiling",
+             "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST); rho 90 = ceiling;",
+             "best val = mean best unbiased validation accuracy; diverged = runs whose val fell to <= 12 % (chance)",
              head, "-" * len(head)]
     for (m, rho), rs in grouped(runs):
         cells = [f"{mean_std([r[k] for r in rs], '.2f'):>19s}" for k, _ in keys]
+        n_div = sum(diverged(r["history"]) is not None for r in rs)    # recomputed: older runs lack the field
         lines.append(f"{m:10s} {rho:4g} {len(rs):2d} " + " ".join(cells) +
-                     f" {paper_value(PAPER, m, rho):>6s} {paper_value(DENETDM, m, rho):>7s}")
+                     f" {paper_value(PAPER, m, rho):>6s} {paper_value(DENETDM, m, rho):>7s}"
+                     f" {np.mean([r['val_acc_best'] for r in rs]):8.2f} {f'{n_div}/{len(rs)}':>8s}")
     return "\n".join(lines)
 
 
@@ -459,6 +495,8 @@ def protocol_of(cfg, dataset):
     them: runs are keyed by it, and runs that differ only in the other flags are the same run."""
     p = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.metadata["group"] in PROTOCOL_GROUPS}
     p["dataset"] = dataset
+    if not (cfg.lr and cfg.epochs):                        # the per-method table decides: it is part of the protocol
+        p["tuned"] = TUNED
     return p, protocol_key(p)
 
 
@@ -492,12 +530,18 @@ def run(cfg, methods, ratios, seeds, device):
         if (m, rho, s) in done:
             print(f"{tag}{m} rho={rho:g} seed={s}: finished earlier with protocol {key}, kept")
             continue
-        rec, states = train_run(m, rho, s, coloured(rho, s), evalsets, cfg, device, tag=tag, log=log)
+        mcfg = method_config(cfg, m)
+        rec, states = train_run(m, rho, s, coloured(rho, s), evalsets, mcfg, device, tag=tag, log=log)
         rec.update(dataset=dataset, protocol=key)
+        div = f"  DIVERGED (val at chance from epoch {rec['diverged_epoch']})" if rec["diverged"] else ""
         print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} (best val, ep "
               f"{rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), conflicting {rec['conflicting_acc']:.2f}"
-              f"  [{rec['wall_s']:.0f} s]")
-        torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s}, **states},
+              f"  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, {mcfg.epochs} epochs]{div}")
+        if rec["diverged"]:
+            print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased validation accuracy "
+                  f"<= 12 % (chance 10 %) at epoch {rec['diverged_epoch']}", file=sys.stderr)
+        settings = {k: getattr(mcfg, k) for k in ("lr", "epochs", "decay_every")}
+        torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings}, **states},
                    os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
         res["runs"].append(rec)
         write_json(path, res)                              # after every run: an interrupt keeps finished runs
@@ -544,11 +588,14 @@ class Config:
     n_val: int = flag(5000, "validation images (IDX data: held out of the 60k training images)", "data")
     n_test: int = flag(10000, "procedural test images", "data")
     data_seed: int = flag(0, "seed of the grey digits and of the val/test colours", "data")
-    epochs: int = flag(20, "training epochs per run", "optimisation")
+    mlp: str = flag("lc", "MLP: lc = LC's reference 2352-100-100-16-10, lff = LfF's 2352-100-100-100-10", "model",
+                    tuple(MLPS))
+    epochs: int = flag(0, "training epochs per run; 0 = each method's own (TUNED)", "optimisation")
     batch_size: int = flag(256, "minibatch size", "optimisation")
-    lr: float = flag(1e-2, "Adam learning rate of the main network", "optimisation")
+    lr: float = flag(0.0, "Adam learning rate of the main network; 0 = each method's own (TUNED)", "optimisation")
     lr_b: float = flag(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
-    decay_every: int = flag(4, "halve the learning rates every this many epochs (0 = constant)", "optimisation")
+    decay_every: int = flag(-1, "halve the learning rates every this many epochs (0 = constant, -1 = every fifth "
+                            "of the run's epochs: 4 of 20, 8 of 40)", "optimisation")
     q: float = flag(0.7, "GCE exponent q in (0, 1]", "method")
     prior_momentum: float = flag(0.995, "momentum of the bias-corrected moving average of Delta", "method")
     prior_eps: float = flag(1e-4, "floor of Delta before the log", "method")
@@ -568,7 +615,7 @@ class Config:
                     "output")
 
 
-PROTOCOL_GROUPS = ("data", "optimisation", "method")   # the flags that change a run's numbers (protocol_of)
+PROTOCOL_GROUPS = ("data", "model", "optimisation", "method")   # the flags that change a run's numbers (protocol_of)
 
 
 def parse_config(argv):
@@ -583,17 +630,17 @@ def parse_config(argv):
     ratios, seeds = parse_list(cfg.ratios, float, "ratios"), parse_list(cfg.seeds, int, "seeds")
     checks = [(all(0 < r < 100 for r in ratios), f"--ratios {cfg.ratios}: each must be in (0, 100) percent"),
               (min(seeds) >= 0 and cfg.data_seed >= 0, "--seeds and --data-seed must be >= 0"),
-              (min(cfg.epochs, cfg.batch_size, cfg.n_train, cfg.n_val, cfg.n_test) >= 1,
-               "--epochs, --batch-size, --n-train, --n-val and --n-test must be >= 1"),
+              (min(cfg.batch_size, cfg.n_train, cfg.n_val, cfg.n_test) >= 1 and cfg.epochs >= 0,
+               "--batch-size, --n-train, --n-val and --n-test must be >= 1, --epochs >= 0"),
               (0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"),
-              (0 < cfg.lr < math.inf, f"--lr {cfg.lr:g} must be > 0 and finite"),
+              (0 <= cfg.lr < math.inf, f"--lr {cfg.lr:g} must be >= 0 (0 = each method's own) and finite"),
               (0 <= cfg.lr_b < math.inf, f"--lr-b {cfg.lr_b:g} must be >= 0 and finite"),
               (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"),
               (0 < cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),
               (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"),
               (0 <= cfg.dro_eta < math.inf, "--dro-eta must be >= 0 and finite"),
-              (min(cfg.decay_every, cfg.mix_ramp, cfg.log_every) >= 0,
-               "--decay-every, --mix-ramp and --log-every must be >= 0")]
+              (min(cfg.decay_every + 1, cfg.mix_ramp, cfg.log_every) >= 0,
+               "--decay-every must be >= -1, --mix-ramp and --log-every >= 0")]
     for ok, msg in checks:
         if not ok:
             raise BadInput(msg)
