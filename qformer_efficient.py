@@ -57,11 +57,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import t5lm, vision
-from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, batches, best_of_rounds_ms, check_numbers, cli,
-                         encode, exact_match, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
+from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, backbone_seed, batches, best_of_rounds_ms,
+                         check_numbers, cli, encode, gate_or_stop, exact_match, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
                          print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world, step_memory_mib,
                          text_ceiling_line, train_loop, validate_image_and_run, write_results)
-from data.shapes import QUESTION_TYPES, binding_score, scene_grid
+from data.shapes import QUESTION_TYPES, binding_score, generate, scene_grid
 from data.shapes import caption as shapes_caption
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
@@ -557,6 +557,33 @@ def load_data(cfg):
 # The experiment
 # ----------------------------------------------------------------------------------------------------
 
+def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
+    """The frozen ViT and LM of backbone seed `seed` (and, for seed > 0, the world's training scenes redrawn),
+    each gate printed and checked before any bridge trains on them: a failing backbone stops the run
+    (data/common.gate_or_stop). -> (world, ViT tokens {split: (N, P, C)}, LM, gates for results.json)."""
+    if seed and not cfg.data_dir:
+        world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
+        unknown = {w for t in world["train"]["captions"] for w in t.split()} - set(vocab)
+        if unknown:       # world v2's words are a closed set: more training scenes never add one
+            raise ValueError(f"training scenes of seed {seed} use words outside the vocabulary: {sorted(unknown)}")
+    vit, _, rep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device, seed=seed,
+                                          metrics=metrics)
+    ok = min(rep["minimal_pairs"].values()) >= vision.GATE
+    gate_or_stop(cfg, ok, f"vision encoder (seed {seed}): {vision.gate_line(rep)} -> {'PASS' if ok else 'FAIL'}")
+    side = int(round(math.sqrt(cfg.image_tokens)))
+    feats = {s: vision.tokens(vit, ds["images"], side, device) for s, ds in world.items() if ds["captions"]}
+    lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics, seed=seed).requires_grad_(False)
+    if cfg.compile:
+        for m in list(lm.enc) + list(lm.dec):
+            m.compile()
+    ceiling = text_ceiling(lm, world["val"], vocab, device)       # val: the gate is a decision, not a score
+    gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT)
+                 + f" (LM seed {seed}, val)")
+    gates = dict(vision_minimal_pairs=rep["minimal_pairs"], vision_cell_probe=rep["cell_probe"],
+                 lm_text_ceiling=ceiling)
+    return world, feats, lm, gates
+
+
 def run(cfg):
     variants, seeds = validate(cfg)
     device, start = pick_device(cfg.device), time.perf_counter()
@@ -568,19 +595,17 @@ def run(cfg):
           f"{cfg.q_layers}x{cfg.q_dim} with {cfg.queries} queries, LM {cfg.enc_layers}+{cfg.dec_layers}x{cfg.d_model}, "
           f"variants {variants}, seeds {seeds}")
     base = shapes_baselines(world, cfg)                              # the data-only rows of the tables
-    _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics)    # split -> (N, P, C)
-    lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics).requires_grad_(False)
-    if cfg.compile:
-        for m in list(lm.enc) + list(lm.dec):
-            m.compile()
-    ceiling = text_ceiling(lm, world["test"], vocab, device)
-    print(text_ceiling_line(ceiling, GATE_TEXT))
-    res = dict(config=asdict(cfg), baselines=base, runs=[], summary={}, gates=dict(gates, lm_text_ceiling=ceiling))
+    res, backbones = dict(config=asdict(cfg), baselines=base, runs=[], summary={}, gates={}), {}
     for seed in seeds:
-        stream, models = stage2_stream(world["train"], cfg, seed), {}
+        b = backbone_seed(cfg, seed)                             # 0 for every seed unless --vary-backbones
+        if b not in backbones:
+            backbones = {b: frozen_backbones(cfg, world, vocab, b, device, metrics)}
+            res["gates"][str(b)] = backbones[b][3]
+        world_b, feats, lm, _ = backbones[b]
+        stream, models = stage2_stream(world_b["train"], cfg, seed), {}
         for v in variants:
-            model, r = train_variant(v, seed, lm, feats, world, vocab, stream, cfg, device, max_len, metrics)
-            r.update(final_eval(model, feats, world, refs, vocab, device))
+            model, r = train_variant(v, seed, lm, feats, world_b, vocab, stream, cfg, device, max_len, metrics)
+            r.update(final_eval(model, feats, world_b, refs, vocab, device), backbone_seed=b)
             print(f"  {v} seed {seed}: VQA {r['vqa']:.3f}, binding {mean_std([r['binding_score']])} ("
                   + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
                   + f"), hold-out {'-' if r['holdout'] is None else format(r['holdout'], '.3f')}, BLEU-4 "

@@ -104,14 +104,16 @@ def seq2seq_loss(lm, pairs, vocab, device):
     return F.cross_entropy(logits.flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=pad_id)
 
 
-def pretrain(world, vocab, cfg, device, metrics=None):
+def pretrain(world, vocab, cfg, device, metrics=None, seed=0):
     """--lm-scenes fresh text-only scenes (--data-dir: its train split); each step a batch of --lm-batch QA pairs
-    and a quarter as many caption pairs; AdamW at cfg.lm_lr, 5% warm-up, cosine (data/common.train_loop)."""
-    torch.manual_seed(0)
+    and a quarter as many caption pairs; AdamW at cfg.lm_lr, 5% warm-up, cosine (data/common.train_loop).
+    seed: the initialisation, the scenes and the batch order (0: the default LM)."""
+    torch.manual_seed(seed)
     lm = T5LM(len(vocab), cfg).to(device)
-    qa, cap = lm_pairs(world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7, images=False))
+    scenes = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7 + seed, images=False)
+    qa, cap = lm_pairs(scenes)
     nq, nc = min(cfg.lm_batch, len(qa)), max(1, min(cfg.lm_batch // 4, len(cap)))
-    it_q, it_c = batches(len(qa), nq, seed=2), batches(len(cap), nc, seed=3)
+    it_q, it_c = batches(len(qa), nq, seed=[seed, 2]), batches(len(cap), nc, seed=[seed, 3])
     train_loop(list(lm.parameters()), lambda s: seq2seq_loss(lm, [qa[i] for i in next(it_q)], vocab, device)
                + seq2seq_loss(lm, [cap[i] for i in next(it_c)], vocab, device), cfg.lm_steps, cfg, "T5 LM", device,
                lr=cfg.lm_lr, metrics=metrics)
@@ -126,9 +128,10 @@ def first_word(lm, texts, vocab, device):
     return lm.decode(lm.encode_ids(x, vocab["<pad>"]), x != vocab["<pad>"], bos)[:, 0].argmax(-1)
 
 
-def load_or_pretrain(world, vocab, cfg, device, metrics=None):
-    """Pretrain the LM or load it from cfg.cache_dir (keyed by its config, the vocabulary and the corpus);
-    metrics: a metrics.jsonl path for the pretraining loss."""
+def load_or_pretrain(world, vocab, cfg, device, metrics=None, seed=0):
+    """Pretrain the LM or load it from cfg.cache_dir (keyed by its config, seed, the vocabulary, the corpus and
+    the build); metrics: a metrics.jsonl path for the pretraining loss."""
     return cached_lm(world, vocab, cfg, ("d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_steps",
-                                         "lm_scenes", "lm_batch", "lm_lr", "dtype"), "t5lm", lambda: T5LM(len(vocab), cfg),
-                     lambda: pretrain(world, vocab, cfg, device, metrics), device, code=(sys.modules[__name__],))
+                                         "lm_scenes", "lm_batch", "lm_lr", "dtype"), f"t5lm_seed{seed}",
+                     lambda: T5LM(len(vocab), cfg), lambda: pretrain(world, vocab, cfg, device, metrics, seed), device,
+                     code=(sys.modules[__name__],))
