@@ -23,28 +23,36 @@ Implementations (`impl=`):
                 Also compiles as one graph.
 Only "capacity" ever drops; for the others `dropped_TK` is all False.
 
-What a GPU training step needs from "grouped" (and how tests/test_kernels.py checks it on a CPU):
-  * no host syncs: expert ids are checked on the device (torch._assert_async); the synchronous check
-    with a readable ValueError runs only with debug=True. Group ends come from searchsorted on the sorted
-    ids, never from .tolist() / bincount. (Tested: no aten op that reads a tensor on the host runs, and
-    moe_testbed's whole MoE layer compiles with fullgraph=True.) "capacity" has no host reads either.
+What a GPU training step needs from "grouped" (and how tests/test_kernels.py checks it on a CPU;
+tests/test_gpu.py checks it on a GPU):
+  * no host syncs on the native route: expert ids are checked on the device
+    (torch._assert_async); the synchronous check with a readable ValueError runs only with
+    debug=True. Group ends come from searchsorted on the sorted ids, never from .tolist() /
+    bincount. (Tested: no aten op that reads a tensor on the host runs, and moe_testbed's whole
+    MoE layer compiles with fullgraph=True.) "capacity" has no host reads either.
   * deterministic: the combine is a gather by the inverse permutation and a sum over the K slots, and the
     dispatch gradient a gather back and a sum over a token's K copies -- no index_add / atomics.
   * grouped forward AND backward: both gradient GEMMs are grouped GEMMs too (dX = dY @ W^T per group,
     dW = X^T @ dY per group, the latter a 2D x 2D grouped GEMM); no per-expert Python loop.
 
-The grouped GEMM `grouped_mm(a, b, offs)` picks one of three routes, by dtype and device only (static
-under torch.compile):
-  1. torch._grouped_mm itself, with its own autograd (all three GEMMs grouped, visible to Inductor),
-     when it takes the operands: bf16 or fp32 on CPU with 16-byte-aligned rows (fp32 eagerly only:
-     its compile-time check accepts bf16 alone), bf16 on CUDA sm90+ (Hopper, Blackwell).
-  2. fp32 on CUDA: cast the operands to bf16 and run route 1 (the kernel accumulates in fp32; the
-     result is cast back). This is autocast's precision for the expert GEMMs, not exact fp32; torch's
-     CUDA kernel has no fp32 fast path, and the alternative was a per-expert loop with a host sync.
-     `FP32_VIA_BF16` lists the device types that take this route; tests add "cpu" to run it here.
-  3. otherwise a custom op (`moe_kernels::grouped_mm`, opaque to torch.compile, so the graph stays
-     whole): torch._grouped_mm inside when the operands allow it (fp32 on CPU under compile), else a
-     per-group loop -- the always-correct fallback for float64, odd widths and older GPUs.
+The grouped GEMM `grouped_mm(a, b, offs)` takes one of two routes, chosen by ONE pure function,
+`grouped_route(device_type, capability, dtype, aligned)`, from what is static under compile:
+  "native"  torch._grouped_mm: on CUDA only sm90 (Hopper), bf16, 16-byte-aligned rows; on the
+            CPU bf16 or fp32 with aligned rows. Eagerly (and in bf16 under compile) torch's own
+            autograd runs all three GEMMs grouped, visible to Inductor; fp32 on the CPU under
+            compile goes through the custom op below, with torch._grouped_mm inside (its
+            compile-time check accepts bf16 alone).
+  "loop"    a custom op (`moe_kernels::grouped_mm`, opaque to torch.compile, so the graph stays
+            whole) that loops over the groups: always correct, computed in the operands' dtype
+            (fp32 stays fp32), but it reads the group ends on the host: 6 host syncs per MoE
+            layer per forward + backward (one per grouped GEMM: 2 forward, 2 input-gradient,
+            2 weight-gradient). It serves float64, odd widths, fp32 on CUDA (torch's CUDA kernel
+            is bf16 only), GPUs before Hopper, and Blackwell (sm100, sm103), where torch's grouped
+            GEMM is reported to give experts that got no token non-zero weight gradients
+            (pytorch/pytorch#172439) and NaN gradients from the second backward on
+            (pytorch/pytorch#193633), both open when this was written.
+`dispatch_route(device, dtype, D, H)` names the route moe_ffn takes for contiguous weights:
+moe_testbed.py prints it and records it in results.json.
 """
 
 import math
@@ -52,30 +60,58 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["moe_ffn", "IMPLS", "grouped_mm", "capacity"]
+__all__ = ["moe_ffn", "IMPLS", "grouped_mm", "capacity", "grouped_route", "dispatch_route"]
 
 IMPLS = ("loop", "grouped", "capacity")
-FP32_VIA_BF16 = ("cuda",)    # device types whose fp32 expert GEMMs run as bf16 grouped GEMMs (route 2)
 
 
 # ----------------------------------------------------------------------------------------------------
 # The grouped GEMM: out[rows of group g] = a[rows of group g] @ b[g], groups delimited by int32 ends.
 # ----------------------------------------------------------------------------------------------------
 
+def grouped_route(device_type, capability, dtype, aligned):
+    """The grouped GEMM's route: "native" (torch._grouped_mm) or "loop" (the per-group fallback).
+    device_type: "cuda", "cpu", ...; capability: (major, minor) on CUDA, else None; aligned: every
+    non-unit stride of the operands is a multiple of 16 bytes. Pure: tested on the CPU."""
+    if not aligned:
+        return "loop"
+    if device_type == "cuda":
+        # Hopper only. Not sm100/sm103 (Blackwell): torch's grouped GEMM there is reported to give
+        # idle experts non-zero weight gradients (pytorch/pytorch#172439) and NaN gradients from
+        # the second backward on (pytorch/pytorch#193633), both open. fp32: the CUDA kernel is
+        # bf16 only, and fp32 run as bf16 would change the precision unasked: the loop, in fp32.
+        hopper = capability is not None and capability[0] == 9
+        return "native" if hopper and dtype == torch.bfloat16 else "loop"
+    if device_type == "cpu":
+        return "native" if dtype in (torch.bfloat16, torch.float32) else "loop"
+    return "loop"
+
+
+def _device_of(device):
+    """(device type, (major, minor) on CUDA else None). A function of its own so that tests can
+    pretend that CPU tensors sit on a given GPU: the route that GPU would take then runs here."""
+    if device.type != "cuda":
+        return device.type, None
+    props = torch.cuda.get_device_properties(device)
+    return "cuda", (props.major, props.minor)
+
+
 def _native_ok(*mats):
-    """Would torch._grouped_mm take these operands, and run fast? Decided from dtype, device and strides."""
+    """Does grouped_route send these operands to torch._grouped_mm? (dtype, device, strides)"""
     a = mats[0]
     if not hasattr(torch, "_grouped_mm") or any(m.dtype != a.dtype or m.device != a.device for m in mats):
         return False
-    if a.device.type == "cuda":
-        # torch's grouped kernels are Hopper+ and bf16; elsewhere torch loops over the groups itself
-        if a.dtype != torch.bfloat16 or torch.cuda.get_device_properties(a.device).major < 9:
-            return False
-    elif a.device.type != "cpu" or a.dtype not in (torch.bfloat16, torch.float32):
-        return False
     # every stride but the unit one must be a multiple of 16 bytes (row- or column-major operands)
-    return all(m.stride(-1) == 1 or m.stride(-2) == 1 for m in mats) and all(
+    aligned = all(m.stride(-1) == 1 or m.stride(-2) == 1 for m in mats) and all(
         (st * m.element_size()) % 16 == 0 for m in mats for st in m.stride()[-2:] if st != 1)
+    return grouped_route(*_device_of(a.device), a.dtype, aligned) == "native"
+
+
+def dispatch_route(device, dtype, D, H):
+    """The route of impl="grouped" for contiguous weights (E, D, H), (E, H, D) in dtype."""
+    aligned = all(n * dtype.itemsize % 16 == 0 for n in (D, H))
+    route = grouped_route(*_device_of(torch.device(device)), dtype, aligned)
+    return route if hasattr(torch, "_grouped_mm") else "loop"
 
 
 def _grouped_mm_loop(a_AD, b_EDH, offs_E):
@@ -145,15 +181,12 @@ _grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm
 
 def grouped_mm(a_AD, b_EDH, offs_E):
     """(A, D) x (E, D, H) -> (A, H): rows offs_E[g-1]:offs_E[g] of `a` multiply b[g] (offs_E int32, ends).
-    Differentiable in a and b. The route (see the module docstring) depends on dtype and device only.
-    Route 1 keeps torch's rule that the backward rejects a zero-stride gradient (that of y.sum())."""
-    if a_AD.dtype == torch.float32 and a_AD.device.type in FP32_VIA_BF16:             # route 2
-        a16, b16 = a_AD.to(torch.bfloat16), b_EDH.to(torch.bfloat16)
-        if _native_ok(a16, b16):
-            return torch._grouped_mm(a16, b16, offs=offs_E).to(torch.float32)
+    Differentiable in a and b, computed in the operands' dtype. The route (module docstring)
+    depends on device, dtype and strides only. The native route keeps torch's rule that the
+    backward rejects a zero-stride gradient (that of y.sum())."""
     if _native_ok(a_AD, b_EDH) and (a_AD.dtype == torch.bfloat16 or not torch.compiler.is_compiling()):
-        return torch._grouped_mm(a_AD, b_EDH, offs=offs_E)                             # route 1
-    return _grouped_mm_op(a_AD, b_EDH, offs_E)                                          # route 3
+        return torch._grouped_mm(a_AD, b_EDH, offs=offs_E)       # native, torch's autograd
+    return _grouped_mm_op(a_AD, b_EDH, offs_E)   # loop, or native inside (CPU fp32 compiled)
 
 
 # ----------------------------------------------------------------------------------------------------
