@@ -14,7 +14,8 @@ that routes each token by its known domain label -- the upper bound on specializ
 
 Scopes (the paper's, and Qwen's global-batch balancing, arXiv 2501.11873): an optimizer step is --accum
 micro-batches on each of W ranks. sequence = one sequence; micro = one micro-batch (one forward pass);
-global = every token of the optimizer step, all micro-batches on all ranks.
+global = every token of the optimizer step, all micro-batches on all ranks (exact: a pre-pass);
+running = Megatron-core's global_aux_loss: the step's micro-batches seen so far (no pre-pass).
 Other pieces: Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias balancing (DeepSeek-V3,
 2408.15664), router z-loss (ST-MoE, 2202.08906), expert choice (2202.09368), hash layers (2106.04426).
 Expert dispatch: kernels.moe_ffn.
@@ -51,7 +52,7 @@ from data.common import (BadInput, OneLineParser, RMSNorm, autocast, keep_previo
                          mean_sd, mean_std, pick_device, progress, pyplot, rope, save_png, set_threads,
                          writable_dirs, write_json)
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
-from kernels import moe_ffn
+from kernels import dispatch_route, moe_ffn
 
 
 # ---------------- Routers: one function each; each returns expert ids idx_TK (slot 0: the top-1) and gates_TK
@@ -153,14 +154,24 @@ class StepRouting:
     counts[layer]: the step's expert selections, (1, E), all ranks -- from the routing pre-pass, for the
         global-scope aux loss with accumulation (None: count this forward, summed over ranks);
     carry[layer]: selections in the step's earlier chunks (global-scope capacity queues);
+    running[layer]: selections in the step's micro-batches so far, all ranks (scope running);
     index: the optimizer step (training only; --reference-steps reads it).
     Chunks are ordered micro-batch-major: chunk m*W + r is micro-batch m of rank r (see micro_batches)."""
 
     def __init__(self, step_tokens, reduce, counts=None, index=None):
         self.step_tokens, self.reduce, self.counts, self.carry, self.index = step_tokens, reduce, counts, {}, index
+        self.running = {}
 
     def global_counts(self, layer, counts_1E):
         return self.reduce(counts_1E) if self.counts is None else self.counts[layer]
+
+    def running_counts(self, layer, counts_1E):
+        """Megatron-core's global_aux_loss: this micro-batch's counts (all ranks) added to those of
+        the step's earlier micro-batches; reset every step (a new StepRouting). Megatron keeps the
+        running MEAN of the counts: the same f, which is normalised. Only the last micro-batch of
+        the step sees all of it."""
+        self.running[layer] = self.running.get(layer, 0) + self.reduce(counts_1E)
+        return self.running[layer]
 
     def capacity_offset(self, layer, counts_E):
         """Selections of expert i queued before this chunk: earlier micro-batches (all ranks) + lower ranks."""
@@ -208,7 +219,11 @@ class MoEFFN(nn.Module):
         counts_GE = F.one_hot(idx_TK.reshape(B if cfg.balance_scope == "sequence" else 1, -1), E).sum(1).float()
         aux = z.new_zeros(())
         if cfg.router == "topk" and cfg.balance == "aux" and self.training and torch.is_grad_enabled():
-            scope_GE = step.global_counts(self.layer_id, counts_GE) if cfg.balance_scope == "global" else counts_GE
+            scope_GE = counts_GE
+            if cfg.balance_scope == "global":
+                scope_GE = step.global_counts(self.layer_id, counts_GE)
+            elif cfg.balance_scope == "running":
+                scope_GE = step.running_counts(self.layer_id, counts_GE)
             aux = aux_loss(probs_TE, scope_GE, cfg.aux_coef)
         keep_TK = self.capacity(idx_TK, B, S, step)
         y_TD = self.dispatch(x_TD, idx_TK, gates_TK * keep_TK.to(gates_TK.dtype))   # dropped: gate 0, no gradient
@@ -482,12 +497,21 @@ def micro_batches(cfg, doms, step, device):
         yield tuple(torch.from_numpy(np.ascontiguousarray(a[c:c + mu])).to(device) for a in arrays)
 
 
+def prepass_runs(cfg):
+    """Does a training step run the routing pre-pass below? Global-scope aux loss with > 1
+    micro-batch (and an MoE model: the dense baseline has nothing to count)."""
+    return (not cfg.dense and cfg.router == "topk" and cfg.balance == "aux"
+            and cfg.balance_scope == "global" and cfg.accum > 1)
+
+
 @torch.no_grad()
 def prepass_counts(model, cfg, chunks, device, index):
     """Global-scope aux loss with accumulation: f must count every token of the step before the first
     backward. Megatron-core's global_aux_loss instead uses a running mean of the counts of the micro-batches
-    seen so far (only the last micro-batch sees the whole step's f); Qwen (2501.11873) synchronises f over
-    the parallel groups. We pay one no-grad forward per micro-batch for the exact one-pass gradient.
+    seen so far (only the last micro-batch sees the whole step's f: --balance-scope running);
+    Qwen (2501.11873) synchronises f over the parallel groups. We pay one no-grad forward per
+    micro-batch for the exact one-pass gradient: ~1/3 more compute (a forward is ~1/3 of a
+    forward + backward; counted in train_flops_per_token).
     Returns {layer: (1, E) counts over the step and all ranks}."""
     routing, total = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, index=index), {}
     for x, _, dom in chunks:
@@ -505,7 +529,7 @@ def accumulate_grads(net, cfg, doms, step, device, aux_only=False):
     raw = getattr(net, "module", net)                      # under DDP the Model sits in .module
     chunks = list(micro_batches(cfg, doms, step, device))
     counts = None
-    if cfg.router == "topk" and cfg.balance == "aux" and cfg.balance_scope == "global" and cfg.accum > 1:
+    if prepass_runs(cfg):
         counts = prepass_counts(raw, cfg, chunks, device, step)
     routing = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, counts, step)
     ce_sum = aux_sum = 0.0
@@ -918,14 +942,20 @@ def report_run(res, doms):
 # ---------------- Bench: MoE vs dense step time, interleaved in one process
 
 def bench(cfg, doms, device, n=20, warm=3):
+    """Median step time of the MoE model and of the dense one (same active parameters),
+    interleaved. When the MoE step runs the routing pre-pass (prepass_runs), a third model times
+    the MoE step without it (--balance-scope running: the same step less the no-grad forwards)."""
+    variants = {"moe": {}, "dense": dict(dense=True)}
+    if prepass_runs(cfg):
+        variants["moe_no_prepass"] = dict(balance_scope="running")
     models = {}
-    for kind in ("moe", "dense"):
-        c = Config(**{**asdict(cfg), "dense": kind == "dense"})
+    for kind, over in variants.items():
+        c = Config(**{**asdict(cfg), **over})
         torch.manual_seed(cfg.seed)
         m = Model(c, len(doms.names)).to(device)
         models[kind] = (c, m, make_optimizer(m, c, device))
-    times = {"moe": [], "dense": []}
-    for i in range(warm + n):                               # alternate, so both see the same machine load
+    times = {kind: [] for kind in models}
+    for i in range(warm + n):                      # alternate, so all see the same machine load
         for kind, (c, m, opt) in models.items():
             t0 = time.perf_counter()
             train_step(m, opt, c, doms, i, device)
@@ -937,30 +967,38 @@ def bench(cfg, doms, device, n=20, warm=3):
     params = {k: sum(p.numel() for p in m.parameters()) for k, (_, m, _) in models.items()}
     tokens = cfg.batch_size * cfg.seq_len
     return dict(moe_step_s=med["moe"], dense_step_s=med["dense"], ratio=med["moe"] / med["dense"],
+                prepass=prepass_runs(cfg), moe_no_prepass_step_s=med.get("moe_no_prepass"),
+                ratio_no_prepass=(med["moe_no_prepass"] / med["dense"] if "moe_no_prepass" in med
+                                  else None),
                 moe_params=params["moe"], dense_params=params["dense"], steps_timed=n,
                 moe_tokens_per_s=tokens / med["moe"],
                 moe_model_tflops=train_flops_per_token(cfg) * tokens / med["moe"] / 1e12)
 
 
-def train_flops_per_token(cfg):
-    """6 x active parameters per token (the dense FFN width K*H = the MoE's active experts) + causal attention
-    (6 * 2 * S * D per layer, halved for causality); embeddings and router not counted."""
+def train_flops_per_token(cfg, prepass=True):
+    """6 x active parameters per token (the dense FFN width K*H = the MoE's active experts) + causal
+    attention (6 * 2 * S * D per layer, halved for causality); embeddings and router not counted.
+    When the step runs the routing pre-pass (prepass_runs), that is one more forward, 2 of the 6:
+    x 4/3 (prepass=False: the count without it)."""
     D, S = cfg.d_model, cfg.seq_len
     per_layer = 4 * D * D + 2 * D * cfg.top_k * cfg.expert_hidden
-    return 6 * (cfg.n_layer * per_layer + 256 * D) + cfg.n_layer * 6 * S * D
+    fwd_bwd = 6 * (cfg.n_layer * per_layer + 256 * D) + cfg.n_layer * 6 * S * D
+    return fwd_bwd * 4 / 3 if prepass and prepass_runs(cfg) else fwd_bwd
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, nominal (vendor sheets)
 
 
 def flops_note(cfg, device, tok_s):
-    """On CUDA: model TFLOP/s (train_flops_per_token x tokens/s) and MFU against the GPU's nominal bf16 peak."""
+    """On CUDA: model TFLOP/s (train_flops_per_token x tokens/s, the routing pre-pass included
+    when it runs) and MFU against the GPU's nominal bf16 peak."""
     if torch.device(device).type != "cuda":
         return ""
     tflops = train_flops_per_token(cfg) * tok_s / 1e12
     name = torch.cuda.get_device_name(torch.device(device))
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    return f" | {tflops:.1f} model TFLOP/s" + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else "")
+    return (f" | {tflops:.1f} model TFLOP/s" + (" (pre-pass incl.)" if prepass_runs(cfg) else "")
+            + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else ""))
 
 
 # ---------------- Plumbing: data, devices, data parallelism
@@ -1104,9 +1142,13 @@ class Config:
                               ("learned", "uniform"))
     balance: str = opt("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 selection bias",
                        ("none", "aux", "aux_free"))
-    balance_scope: str = opt("global", "tokens the balancing is computed over: one sequence, one micro-batch, or "
-                                       "global = the optimizer step (every micro-batch on every process)",
-                             ("sequence", "micro", "global"))
+    balance_scope: str = opt(
+        "global", "tokens the balancing is computed over: one sequence, one micro-batch, global = "
+        "the optimizer step (every micro-batch on every process; with --accum > 1 an extra no-grad "
+        "forward per micro-batch counts the step first: ~+1/3 compute per micro-batch), or "
+        "running = the step's micro-batches so far (Megatron-core's global_aux_loss; no extra "
+        "forward, only the last micro-batch sees the whole step)",
+        ("sequence", "micro", "global", "running"))
     aux_coef: float = opt(0.01, "aux loss coefficient alpha")
     z_coef: float = opt(0.001, "router z-loss coefficient (learned routers)")
     bias_rate: float = opt(1e-3, "aux_free bias update rate gamma")
@@ -1188,6 +1230,9 @@ def validate(cfg, world=1):
     need(min(cfg.warmup, cfg.stop_at, cfg.reference_steps) >= 0,
          "--warmup, --stop-at and --reference-steps must be >= 0")
     need(cfg.reference_steps == 0 or cfg.router == "topk", "--reference-steps applies to --router topk only")
+    need(cfg.balance_scope != "running" or cfg.balance != "aux_free",
+         "--balance-scope running counts the aux loss's f; aux_free moves its bias after the "
+         "step: use micro or global")
     need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
     need(cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} is larger than --experts {cfg.experts}")
     need(cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0,
@@ -1278,13 +1323,20 @@ def _main(cfg, doms, device):
     say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: {', '.join(doms.names)} | "
         f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes | step = {cfg.accum} "
         f"micro-batch(es) of {mu} sequences" + (f" x {world} processes ({dist.get_backend()})" if world > 1 else ""))
+    dispatch = run_dispatch(cfg, device)
+    say(f"expert dispatch: {dispatch['impl']}, grouped GEMM route {dispatch['route']}"
+        + dispatch["note"])
     if cfg.bench:
         b = bench(cfg, doms, device)
         say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} ms"
             f" -> ratio {b['ratio']:.2f} (median of {b['steps_timed']} interleaved steps; params total "
             f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
-            f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention)")
-        _write_results(cfg, dict(config=asdict(cfg), bench=b))
+            f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
+            + (", routing pre-pass included)" if b["prepass"] else ")"))
+        if b["prepass"]:
+            say(f"without the routing pre-pass (--balance-scope running): MoE step "
+                f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
+        _write_results(cfg, dict(config=asdict(cfg), dispatch=dispatch, bench=b))
         return b
     if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
         say("note: --accum 1: a micro-batch is the whole step, so micro and global scope are the same run")
@@ -1306,8 +1358,24 @@ def _main(cfg, doms, device):
                 f"{runs[0]['domain_probe']:.3f}, against purity {runs[0]['purity']:.3f}")
     for path in plots(runs, cfg.out):
         say(f"wrote {path}")
-    _write_results(cfg, dict(config=asdict(cfg), world_size=world, runs=runs))
+    _write_results(cfg, dict(config=asdict(cfg), world_size=world, dispatch=dispatch, runs=runs))
     return runs
+
+
+def run_dispatch(cfg, device):
+    """How the MoE layers' experts run on this device: impl, the grouped GEMM's route
+    (kernels.grouped_route: "native" = torch._grouped_mm, no host syncs; "loop" = a per-group loop,
+    6 host syncs per MoE layer per forward + backward) and a note. Printed once per run and
+    recorded in results.json."""
+    if cfg.impl == "loop":
+        return dict(impl="loop", route="loop", note=" (--impl loop: a matmul pair per expert)")
+    route = dispatch_route(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
+                           cfg.d_model, cfg.expert_hidden)
+    note = ""
+    if route == "loop" and device.type == "cuda":
+        note = (" (a per-group loop: 6 host syncs per MoE layer per step; torch._grouped_mm runs "
+                "on sm90 with --dtype bfloat16 and --d-model, --expert-hidden multiples of 8)")
+    return dict(impl=cfg.impl, route=route, note=note)
 
 
 def run_name(cfg):

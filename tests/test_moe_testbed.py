@@ -397,6 +397,64 @@ def test_accum_global_equals_accum_one_on_the_same_batch():
         torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-8, msg=n)
 
 
+def test_running_scope_counts_the_micro_batches_seen_so_far():
+    """--balance-scope running (Megatron-core's global_aux_loss): micro-batch m's aux loss uses the
+    counts of micro-batches 1..m of the step (reset every step) with its own P. Oracle: each
+    micro-batch's routing captured, then aux_loss with cumulative counts; loss and gradient."""
+    cfg = mt.Config(**ACC, balance="aux", balance_scope="running", accum=4)
+    _, aux4, g4 = _grads(cfg, aux_only=True)
+    torch.manual_seed(0)
+    model = mt.Model(cfg, 4)
+    real, probs, counts = mt.route_topk, [], []
+
+    def spy(probs_TE, bias_E, K):
+        out = real(probs_TE, bias_E, K)
+        probs.append(probs_TE)
+        counts.append(F.one_hot(out[0].reshape(1, -1), 4).sum(1).float())
+        return out
+    mt.route_topk = spy
+    try:
+        for x, _, dom in mt.micro_batches(cfg, _doms(), 3, CPU):
+            model(x, dom, mt.StepRouting(64, lambda t: t))
+    finally:
+        mt.route_topk = real
+    n_layers = 2                                              # moe_layers="all": order m*2 + layer
+    oracle = 0
+    for i in range(len(probs)):
+        seen = sum(counts[j] for j in range(i % n_layers, i + 1, n_layers))
+        oracle = oracle + mt.aux_loss(probs[i], seen, cfg.aux_coef) / cfg.accum
+    model.zero_grad()
+    oracle.backward()
+    assert aux4.item() == pytest.approx(oracle.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(g4[n], p.grad, rtol=1e-4, atol=1e-9, msg=n)
+    _, _, gg = _grads(mt.Config(**{**mt.asdict(cfg), "balance_scope": "global"}), aux_only=True)
+    assert any(not torch.allclose(gg[n], g4[n], rtol=1e-3)
+               for n in g4 if n.endswith("router.weight"))
+    _, _, g1r = _grads(mt.Config(**{**mt.asdict(cfg), "accum": 1}))      # one micro-batch: = global
+    _, _, g1g = _grads(mt.Config(**{**mt.asdict(cfg), "accum": 1, "balance_scope": "global"}))
+    assert all(torch.equal(g1r[n], g1g[n]) for n in g1g)
+
+
+@pytest.mark.parametrize("scope,accum,dense,runs", [
+    ("global", 2, False, True), ("global", 1, False, False), ("running", 2, False, False),
+    ("micro", 2, False, False), ("global", 2, True, False)])
+def test_prepass_runs_only_where_priced(monkeypatch, scope, accum, dense, runs):
+    """The routing pre-pass runs for global scope with > 1 micro-batch (MoE only), and the FLOPs
+    count (MFU) charges it there, one more forward: x 4/3."""
+    cfg = mt.Config(**{**ACC, "moe_layers": "upper"}, balance="aux", balance_scope=scope,
+                    accum=accum, dense=dense)
+    calls = []
+    real = mt.prepass_counts
+    monkeypatch.setattr(mt, "prepass_counts", lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    mt.accumulate_grads(mt.Model(cfg, 4), cfg, _doms(), 0, CPU)
+    assert mt.prepass_runs(cfg) == runs == bool(calls)
+    plain = mt.train_flops_per_token(cfg, prepass=False)
+    assert mt.train_flops_per_token(cfg) == pytest.approx(plain * (4 / 3 if runs else 1))
+
+
 def test_global_capacity_with_accum_equals_one_pass():
     """Global capacity: queues across the micro-batches of a step drop exactly what one pass drops."""
     base = dict(ACC, balance="none", capacity_factor=0.5, capacity_scope="global")
@@ -438,12 +496,15 @@ def test_smoke_main_writes_results_and_history(tmp_path, capsys):
               "per_domain_bpb", "routing_matrix", "tokens_per_s", "history"):
         assert k in r
     assert r["router"] == "topk" and r["scope"] == "global" and len(r["routing_matrix"]) == 3
+    assert res["dispatch"] == dict(impl="grouped", route="native", note="")   # fp32, 16 x 8, CPU
     assert r["accum"] == 2 and r["balance_tokens"] == 8 * 16                  # global: the whole step
     assert 0 < r["val_bpb"] < 9 and runs[0]["val_bpb"] == r["val_bpb"]
     assert [(h["step"], h["layer"]) for h in r["history"]] == [(3, 1), (6, 1)]
     for h in r["history"]:
         assert set(mt.HISTORY_KEYS) <= set(h) and 0 < h["utilization"] <= 1 and 0 < h["entropy"] <= 1
-    assert "domain \\ expert" in capsys.readouterr().out        # the heat map (printed via tqdm.write)
+    out = capsys.readouterr().out
+    assert "domain \\ expert" in out                         # the heat map (printed via tqdm.write)
+    assert out.count("expert dispatch: grouped, grouped GEMM route native") == 1   # once per run
     metrics = [json.loads(ln) for ln in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
     assert [(m["run"], m["seed"], m["step"]) for m in metrics] == [("aux-global", 0, 3), ("aux-global", 0, 6)]
     for m, h in zip(metrics, r["history"]):
@@ -528,6 +589,13 @@ def test_capacity_sweep_and_bench_smoke(tmp_path):
     assert runs[0]["dropped_frac"] == 0 and all(r["capacity_scope"] for r in runs[1:])
     b = mt.main(TINY + ["--bench", "--data-dir", data, "--out", str(tmp_path / "bench")])
     assert b["ratio"] > 0 and b["moe_tokens_per_s"] > 0
+    assert not b["prepass"] and b["ratio_no_prepass"] is None
+    b = mt.main(TINY + ["--bench", "--accum", "2", "--data-dir", data,
+                        "--out", str(tmp_path / "bench2")])
+    assert b["prepass"] and b["ratio_no_prepass"] > 0 and b["moe_no_prepass_step_s"] > 0
+    saved = json.loads((tmp_path / "bench2" / "results.json").read_text())
+    assert saved["bench"]["ratio_no_prepass"] == b["ratio_no_prepass"]
+    assert saved["dispatch"]["route"] == "native"
 
 
 def test_plots_when_matplotlib_is_importable(tmp_path, monkeypatch):
@@ -600,7 +668,8 @@ BAD = [(["--device", "cuda"], "not available"), (["--threads", "-1"], "--threads
        (["--steps", "0"], "--steps must be positive"), (["--expert", "4"], "unrecognized arguments"),
        (["--seeds", "0,x"], "comma-separated integers"), (["--jobs", "2.5"], "invalid int value"),
        (["--reference-steps", "-1"], "--reference-steps must be >= 0"),
-       (["--router", "hash", "--reference-steps", "2"], "applies to --router topk only")]
+       (["--router", "hash", "--reference-steps", "2"], "applies to --router topk only"),
+       (["--balance", "aux_free", "--balance-scope", "running"], "--balance-scope running counts")]
 
 
 @pytest.mark.parametrize("bad,msg", BAD, ids=[b[0] for b, _ in BAD])
