@@ -712,6 +712,7 @@ def evaluate(model, cfg, doms, device):
     vx, vy, vdom = val_windows(doms, cfg.seq_len, cfg.eval_seqs)
     mu = cfg.batch_size // (rank_world()[1] * cfg.accum)
     nll_L, n_L, acc = np.zeros(L), np.zeros(L), {}
+    nll_S = np.zeros(cfg.seq_len)                          # per position in the window, summed
     feats, wins = {}, []                                   # router inputs (every 4th byte) for the domain probe
     hooks = [m.register_forward_hook(lambda m, i, o: feats.setdefault(m.layer_id, []).append(
         i[0][:, ::4].float().reshape(-1, i[0].shape[-1]).cpu())) for m in model.modules() if isinstance(m, MoEFFN)]
@@ -727,18 +728,24 @@ def evaluate(model, cfg, doms, device):
                 logits, layer_stats = model(x, dom, routing)
             nll_BS = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1), reduction="none").view(y.shape)
             np.add.at(nll_L, dom.cpu().numpy(), nll_BS.sum(1).cpu().numpy())
+            nll_S += nll_BS.sum(0).cpu().numpy()
             np.add.at(n_L, dom.cpu().numpy(), y.shape[1])
             add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, E)
     model.train()
     for h in hooks:
         h.remove()
     bpb_L = nll_L / n_L / math.log(2)
+    bpb_S = nll_S / len(vx) / math.log(2)
     out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)),
+               bpb_by_position=bpb_S.round(4).tolist(),
                per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, bpb_L)})
     if not acc:
-        return dict(out, **{k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[])
+        return dict(out, **{k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[],
+                    probe_n=None, val_bpb_after_n=None)
     home_LG = reference_groups(L, E, cfg.top_k)[0].numpy()
-    per_layer = [dict(layer=layer, **routing_metrics(a, home_LG), domain_probe=domain_probe(feats[layer], wins, vdom))
+    per_layer = [dict(layer=layer, **routing_metrics(a, home_LG),
+                      domain_probe=domain_probe(feats[layer], wins, vdom),
+                      probe_by_position=probe_by_position(feats[layer], wins, vdom, cfg.seq_len))
                  for layer, a in acc.items()]
     for k in METRIC_KEYS:
         vals = [r[k] for r in per_layer if r[k] is not None]
@@ -746,6 +753,9 @@ def evaluate(model, cfg, doms, device):
     total = sum(a["assign"] for a in acc.values())
     out["routing_matrix"] = (total / total.sum(1, keepdims=True)).round(4).tolist()
     out["per_layer"] = per_layer
+    out["probe_n"] = probe_n([lay["probe_by_position"] for lay in per_layer])
+    n = out["probe_n"]
+    out["val_bpb_after_n"] = None if n is None else float(bpb_S[n:].mean())
     return out
 
 
@@ -769,6 +779,42 @@ def domain_probe(feats, wins, vdom):
     return linear_probe(x[even], dom[even], x[~even], dom[~even])
 
 
+def probe_by_position(feats, wins, vdom, S, stride=4):
+    """The domain probe scored at each sampled position of the window: [(position, accuracy)], the
+    probe fitted on every position of the even windows (as domain_probe), scored on the odd windows'
+    rows at that position. How far into a window the router's input tells the domain."""
+    x = torch.cat(feats)
+    n_pos = len(range(0, S, stride))
+    w = np.repeat(np.concatenate(wins), n_pos)           # window of each row, positions in order
+    pos = np.tile(np.arange(0, S, stride), len(w) // n_pos)
+    k = np.zeros(len(vdom), dtype=int)
+    for d in np.unique(vdom):
+        k[vdom == d] = np.arange((vdom == d).sum())
+    dom, even = torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
+    if even.all():
+        return None
+    out = []
+    for p in range(0, S, stride):
+        te = ~even & torch.from_numpy(pos == p)
+        out.append((p, round(linear_probe(x[even], dom[even], x[te], dom[te]), 4)))
+    return out
+
+
+def probe_n(curves, level=0.9):
+    """N: the first sampled position from which the probe scores >= level at every later sampled
+    position, in every MoE layer; the bytes before N are where a router cannot yet know the domain.
+    None when a layer never gets there (or has no curve)."""
+    ns = []
+    for curve in curves:
+        if not curve:
+            return None
+        later_ok = [all(a >= level for _, a in curve[i:]) for i in range(len(curve))]
+        if not any(later_ok):
+            return None
+        ns.append(curve[later_ok.index(True)][0])
+    return max(ns) if ns else None
+
+
 # ---------------- Reports: heat map, table (mean +- sample std over seeds), optional plots
 
 SHADES = " ░▒▓█"
@@ -786,7 +832,8 @@ def heat_map(matrix_LE, names, order):
     return "\n".join(lines)
 
 
-COLS = [("val_bpb", "val bpb", ".3f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
+COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f"),
+        ("probe_n", "N", ".0f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
         ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
         ("entropy", "entropy", ".3f"), ("dropped_frac", "dropped", ".3f"), ("tokens_per_s", "tok/s", ".0f")]
 
@@ -1356,6 +1403,10 @@ def _main(cfg, doms, device):
         if runs[0]["domain_probe"] is not None:
             say(f"domain read linearly from the router's input (ridge probe, held-out windows): "
                 f"{runs[0]['domain_probe']:.3f}, against purity {runs[0]['purity']:.3f}")
+        if runs[0]["probe_n"] is not None:
+            say(f"the probe scores >= 0.9 from byte N = {runs[0]['probe_n']} of a window on: "
+                f"val bpb after the first N bytes {runs[0]['val_bpb_after_n']:.3f} (all bytes "
+                f"{runs[0]['val_bpb']:.3f})")
     for path in plots(runs, cfg.out):
         say(f"wrote {path}")
     _write_results(cfg, dict(config=asdict(cfg), world_size=world, dispatch=dispatch, runs=runs))

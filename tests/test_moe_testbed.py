@@ -499,6 +499,10 @@ def test_smoke_main_writes_results_and_history(tmp_path, capsys):
     assert res["dispatch"] == dict(impl="grouped", route="native", note="")   # fp32, 16 x 8, CPU
     assert r["accum"] == 2 and r["balance_tokens"] == 8 * 16                  # global: the whole step
     assert 0 < r["val_bpb"] < 9 and runs[0]["val_bpb"] == r["val_bpb"]
+    assert len(r["bpb_by_position"]) == 16 and np.mean(r["bpb_by_position"]) == pytest.approx(
+        r["val_bpb"], abs=1e-3)
+    assert r["probe_n"] is None or r["val_bpb_after_n"] == pytest.approx(
+        np.mean(r["bpb_by_position"][r["probe_n"]:]), abs=1e-3)
     assert [(h["step"], h["layer"]) for h in r["history"]] == [(3, 1), (6, 1)]
     for h in r["history"]:
         assert set(mt.HISTORY_KEYS) <= set(h) and 0 < h["utilization"] <= 1 and 0 < h["entropy"] <= 1
@@ -531,6 +535,26 @@ def test_domain_probe_reads_a_domain_that_is_there_and_not_one_that_is_not():
     assert mt.domain_probe(noise, wins, vdom) < 0.5
     one = np.arange(L)                                     # one window per domain: nothing to score on
     assert mt.domain_probe([torch.randn(L * S // 4, D)], [one], one) is None
+
+
+def test_probe_by_position_and_n():
+    """The probe at each sampled position: a domain signal only from position 8 on -> near chance
+    before, 1.0 from 8; N = 8, the first position from which every later one passes 0.9."""
+    L, n, S, D = 4, 8, 16, 8
+    vdom = np.tile(np.arange(L), n)
+    wins = [np.arange(0, 16), np.arange(16, 32)]
+    g = torch.Generator().manual_seed(0)
+    feats = []
+    for w in wins:
+        sig = 3 * F.one_hot(torch.from_numpy(vdom[w]).repeat_interleave(S // 4), D).float()
+        sig = sig * torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(len(w))[:, None]   # positions 0, 4 blind
+        feats.append(sig + 0.3 * torch.randn(len(w) * S // 4, D, generator=g))
+    curve = mt.probe_by_position(feats, wins, vdom, S)
+    assert [p for p, _ in curve] == [0, 4, 8, 12]
+    assert curve[0][1] < 0.6 and curve[1][1] < 0.6 and curve[2][1] == curve[3][1] == 1.0
+    assert mt.probe_n([curve]) == 8
+    assert mt.probe_n([curve, [(0, 0.95), (4, 0.8), (8, 0.91), (12, 0.99)]]) == 8     # every layer
+    assert mt.probe_n([[(0, 0.95), (4, 0.5)]]) is None and mt.probe_n([None]) is None
 
 
 def test_reference_steps_route_by_label_before_step_n_then_learn():
