@@ -82,26 +82,78 @@ def test_holdout_pairs_only_in_holdout_split():
     assert all(any((c, s) in held for s, c, _, _ in objs) for objs in ds["objects"])
 
 
-def test_baselines_against_brute_force():
+def test_blind_prior_against_brute_force():
     ref, test = generate(300, "train", seed=4, images=False), generate(40, "test", seed=4, images=False)
     got = shapes.baselines(test, ref=ref)
-    # brute force: for every test question, scan the whole reference set for the same question (blind) or the
-    # same question with the same colour set and object count (bag), and take the most frequent answer
-    for name, same in (("blind_prior", lambda o1, o2: True),
-                       ("bag_oracle", lambda o1, o2: ({x[1] for x in o1}, len(o1)) == ({x[1] for x in o2}, len(o2)))):
-        hits = {}
-        for objs, qa in zip(test["objects"], test["qa"]):
-            for d in qa:
-                votes = Counter(r["a"] for ro, rqa in zip(ref["objects"], ref["qa"]) for r in rqa
-                                if r["q"] == d["q"] and same(objs, ro))
-                if not votes:                                # unseen: the blind answer, then the type majority
-                    votes = Counter(r["a"] for rqa in ref["qa"] for r in rqa if r["q"] == d["q"]) or Counter(
-                        x["a"] for tqa in test["qa"] for x in tqa if x["type"] == d["type"])
-                best = max(votes.values())
-                hits.setdefault(d["type"], []).append(min(a for a, v in votes.items() if v == best) == d["a"])
-        for t, h in hits.items():
-            assert got[name][t] == pytest.approx(np.mean(h))
+    # brute force: for every test question, scan the whole reference set for the same question and take the most
+    # frequent answer (unseen: the type's majority on the test set)
+    hits = {}
+    for qa in test["qa"]:
+        for d in qa:
+            votes = Counter(r["a"] for rqa in ref["qa"] for r in rqa if r["q"] == d["q"]) or Counter(
+                x["a"] for tqa in test["qa"] for x in tqa if x["type"] == d["type"])
+            best = max(votes.values())
+            hits.setdefault(d["type"], []).append(min(a for a, v in votes.items() if v == best) == d["a"])
+    for t, h in hits.items():
+        assert got["blind_prior"][t] == pytest.approx(np.mean(h))
     assert got["bag_oracle"]["count"] == 1.0 and got["blind_prior"]["count"] < 0.6
+
+
+def pairings(objs):
+    """Every scene the caption's words allow, as (colour, shape) lists: the shapes in a fixed order, each ordering
+    of the colours (objects are drawn i.i.d., so each is as likely), none with a hold-out pair (the generator
+    rejects those). Sizes and cells do not matter to any answer's chance but position's."""
+    shps = [o[0] for o in objs]
+    worlds = [list(zip(cols, shps)) for cols in itertools.permutations([o[1] for o in objs])]
+    return [w for w in worlds if not set(w) & set(HOLDOUT_PAIRS)]
+
+
+def exist_chances(pairs, colour, shape):
+    """(P(the question is 'is there a <colour> <shape> ?' and the answer yes), the same and no) in one scene,
+    read off the question generator's rules."""
+    have, banned = set(pairs), set(HOLDOUT_PAIRS)
+    yes = 0.5 * pairs.count((colour, shape)) / len(pairs)
+    swaps = {(c, s) for c, _ in pairs for _, s in pairs} - have - banned
+    absent = {(c, s) for c in COLOURS for s in SHAPES} - have - banned
+    p_absent = ((colour, shape) in absent) / len(absent)
+    if not swaps:
+        return yes, 0.5 * p_absent
+    return yes, 0.5 * (shapes.SWAP_NO * ((colour, shape) in swaps) / len(swaps) + (1 - shapes.SWAP_NO) * p_absent)
+
+
+def best_answer_from_words(objs, d):
+    """The Bayes answer given the question and the caption's words, from the generator's rules: what the fitted
+    majority tables of data/shapes.py estimate."""
+    w, t = d["q"].split(), d["type"]
+    if t == "count":
+        return shapes.COUNT_WORDS[len(objs)]
+    if t == "position":                              # any present cell: each is as likely
+        return CELLS[min(o[3] for o in objs)]
+    if t == "shape":                                 # the asked cell holds any of the objects, each as likely
+        n = Counter(o[0] for o in objs)
+        return max(sorted(n), key=n.get)
+    worlds = pairings(objs)
+    if t == "colour":
+        n = Counter(c for pairs in worlds for c, s in pairs if s == w[-2])
+        return max(sorted(n), key=n.get)
+    chances = [exist_chances(pairs, w[-3], w[-2]) for pairs in worlds]
+    return "yes" if sum(y for y, _ in chances) > sum(n for _, n in chances) else "no"
+
+
+def test_bag_of_words_oracle_reaches_the_bayes_answer_from_the_words():
+    """The fitted oracle (majority tables on 20,000 scenes) against the answer a perfect reader of the caption's
+    words would give, computed from the generator's rules: within 0.02 per type on 2,000 test scenes (measured:
+    colour 0.656 / 0.663, shape 0.518 / 0.520, position 0.362 / 0.364, exist 0.772 / 0.789; on 3,000 val
+    scenes exist 0.788 / 0.798)."""
+    test = generate(2000, "test", seed=3, images=False)
+    got = shapes.baselines(test)["bag_oracle"]
+    hits = {}
+    for objs, qa in zip(test["objects"], test["qa"]):
+        for d in qa:
+            hits.setdefault(d["type"], []).append(best_answer_from_words(objs, d) == d["a"])
+    for t, h in hits.items():
+        assert got[t] == pytest.approx(np.mean(h), abs=0.02), t
+    assert got["colour"] > 0.6 and got["exist"] > 0.75 and got["count"] == 1.0     # well above the blind prior
 
 
 def test_binding_controlled_groups_share_words_but_not_scenes():
