@@ -16,7 +16,8 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
          at layer l at their original positions (RoPE positions kept); the merged sequence runs l..N-1.
      A real skip, not a mask; the KV cache of layers < l holds text only;
   3. what it buys: prefill FLOPs (formula and counted), wall clock, QA per type against the data-only
-     baselines (blind prior, bag-of-attributes oracle), and a no-image control;
+     baselines (blind prior, bag-of-words oracle; a model row at or below the oracle is marked), and a
+     no-image control;
   4. how the two backbones' layers line up on a binding-controlled set (mutual k-NN, CKA, with nulls).
 
     python multimodal_align.py                    # l in {0, N/4, N/2, 3N/4} + no-image, seed 0
@@ -41,9 +42,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import vision
-from data.common import (BadInput, Block, RMSNorm, batches, best_of_rounds_ms, cached_lm, check_numbers, cli, encode,
-                         exact_match, heatmap, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
-                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world,
+from data.common import (BadInput, Block, RMSNorm, backbone_seed, batches, best_of_rounds_ms, cached_lm, check_numbers,
+                         cli, encode, exact_match, gate_or_stop, heatmap, keep_previous, log_metrics, mean_sd, mean_std,
+                         pad, pick_device, print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world,
                          text_ceiling_line, train_loop, validate_image_and_run, write_results)
 from data.shapes import QUESTION_TYPES, binding_controlled, binding_score, generate, scene_grid
 
@@ -270,16 +271,17 @@ def answer_mask(ids_BT, vocab):
     return m
 
 
-def pretrain_lm(world, vocab, cfg, device, metrics=None):
+def pretrain_lm(world, vocab, cfg, device, metrics=None, seed=0):
     """The recipe that reaches the text-ceiling gate (docs/multimodal_align.md has what did not):
     --lm-scenes fresh text-only scenes (the procedural world; --data-dir: its train split), all questions of a
     scene packed after its context in random order, loss = answer CE + 0.1 x next-token CE on every token
-    (an answer is ~1 target in 14), --lm-lr, and Primer's conv in every block (--lm-mix)."""
-    torch.manual_seed(0)
+    (an answer is ~1 target in 14), --lm-lr, and Primer's conv in every block (--lm-mix).
+    seed: the LM's own seed (initialisation, text scenes, order; data/common.backbone_seed)."""
+    torch.manual_seed(seed)
     lm = LM(len(vocab), cfg).to(device)
-    src = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7, images=False)
-    ids = pad([encode(vocab, t, eos=True) for t in lm_texts(src, np.random.default_rng(0))], vocab["<pad>"])
-    it = batches(len(ids), min(cfg.batch_size, len(ids)), seed=2)
+    src = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7 + seed, images=False)
+    ids = pad([encode(vocab, t, eos=True) for t in lm_texts(src, np.random.default_rng(seed))], vocab["<pad>"])
+    it = batches(len(ids), min(cfg.batch_size, len(ids)), seed=2 + seed)
     pad_id = vocab["<pad>"]
 
     def loss_fn(step):
@@ -292,6 +294,9 @@ def pretrain_lm(world, vocab, cfg, device, metrics=None):
 
     train_loop(list(lm.parameters()), loss_fn, cfg.lm_steps, cfg, "lm", device, lr=cfg.lm_lr, metrics=metrics)
     return lm.eval()
+
+
+LM_CODE = (LM, qa_prompt, lm_texts, answer_mask, pretrain_lm)    # what builds the LM: part of its cache key
 
 
 @torch.no_grad()
@@ -317,10 +322,13 @@ def answer_hits(logits_fn, items, vocab, device, bs=256):
 # The bridge: training and evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metrics=None):
+def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metrics=None, val_feats=None):
     """Stage 1 (projector only, captioning) then stage 2 (projector + LM, QA and captions), inserting at l.
     feats with 0 tokens per scene: the no-image control, stage 2 alone (there is no projector output to train).
-    name: the run's name in the progress lines and in metrics (a metrics.jsonl path)."""
+    val_feats (the val split's tokens): every --eval-every stage-2 steps and at the end, QA on val; the bridge
+    keeps the weights of its best val score (early stopping; the test split plays no part in it).
+    name: the run's name in the progress lines and in metrics (a metrics.jsonl path).
+    -> (model, training seconds, {'step': best step, 'qa': its val QA, 'curve': {step: val QA}} or None)."""
     torch.manual_seed(seed)
     model = Bridge(copy.deepcopy(lm0), cfg).to(device)
     if cfg.compile:   # in place: parameter names (and checkpoints) keep no _orig_mod. prefix
@@ -348,11 +356,29 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metric
     train_loop(list(model.proj.parameters()), lambda s: caption_loss(next(it_cap)),
                cfg.stage1_steps if feats.shape[1] else 0, cfg, f"{name} stage1", device, metrics=metrics)
     model.lm.requires_grad_(True)
-    # QA, plus a quarter-size caption batch so the bridge keeps describing whole scenes
-    train_loop(list(model.parameters()), lambda s: qa_loss([qas[i] for i in next(it_qa)])
-               + 0.5 * caption_loss(next(it_cap2)), cfg.stage2_steps, cfg, f"{name} stage2", device,
+    val = dict(step=None, qa=-1.0, curve={}, state=None) if val_feats is not None and cfg.eval_every else None
+
+    def check_val(step):
+        qa = qa_accuracy(model.eval(), val_feats, world["val"], vocab, l, device)[0]
+        model.train()
+        val["curve"][step] = qa
+        if metrics:
+            log_metrics(metrics, run=name, step=step, split="val", qa=qa)
+        if qa > val["qa"]:
+            val.update(step=step, qa=qa, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    def stage2_loss(step):
+        if val and step and step % cfg.eval_every == 0:      # train_loop has no hook: the loss sees the step
+            check_val(step)
+        # QA, plus a quarter-size caption batch so the bridge keeps describing whole scenes
+        return qa_loss([qas[i] for i in next(it_qa)]) + 0.5 * caption_loss(next(it_cap2))
+
+    train_loop(list(model.parameters()), stage2_loss, cfg.stage2_steps, cfg, f"{name} stage2", device,
                metrics=metrics)
-    return model.eval(), time.perf_counter() - t0
+    if val:
+        check_val(cfg.stage2_steps)
+        model.load_state_dict(val.pop("state"))
+    return model.eval(), time.perf_counter() - t0, val
 
 
 @torch.no_grad()
@@ -406,12 +432,13 @@ ZERO_RETRAIN_SCENES = 200   # test scenes for the zero-retrain curve (N evaluati
 GATE_TEXT = 0.95
 
 
-def frozen_lm(world, vocab, cfg, device, metrics=None):
-    """Pretrain the LM or load it from --cache-dir (keyed by its config and a digest of its corpus)."""
+def frozen_lm(world, vocab, cfg, device, metrics=None, seed=0):
+    """Pretrain the LM or load it from --cache-dir (keyed by its config, a digest of its corpus, its build and,
+    in the file name, its seed)."""
     keys = ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr", "dtype")
-    return cached_lm(world, vocab, cfg, keys, "lm", lambda: LM(len(vocab), cfg),
-                     lambda: pretrain_lm(world, vocab, cfg, device, metrics), device,
-                     code=(LM, qa_prompt, lm_texts, answer_mask, pretrain_lm))
+    return cached_lm(world, vocab, cfg, keys, "lm" if seed == 0 else f"lm_seed{seed}", lambda: LM(len(vocab), cfg),
+                     lambda: pretrain_lm(world, vocab, cfg, device, metrics, seed), device,
+                     code=LM_CODE)
 
 
 def cost_table(lm, world, vocab, cfg, layers, device):
@@ -430,6 +457,19 @@ def cost_table(lm, world, vocab, cfg, layers, device):
     return cost
 
 
+def backbones(cfg, world, vocab, device, metrics, seed):
+    """The world's training scenes and both frozen backbones for backbone seed `seed` (data/common.backbone_seed;
+    seed 0 = the world of load_world): the ViT (gate: minimal pairs) and the LM (gate: text ceiling). A failed gate
+    stops the run here, before any bridge trains on it. -> dict(seed, world, vit, feats, lm, gates)."""
+    if seed and not cfg.data_dir:
+        world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
+    vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)     # split -> (N, P, C)
+    lm = frozen_lm(world, vocab, cfg, device, metrics, seed=seed)
+    ceiling = text_ceiling(lm, world["test"], vocab, device)
+    gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT))
+    return dict(seed=seed, world=world, vit=vit, feats=feats, lm=lm, gates=dict(gates, lm_text_ceiling=ceiling))
+
+
 def run(cfg):
     seeds, layers = validate(cfg)
     device = pick_device(cfg.device)
@@ -438,30 +478,34 @@ def run(cfg):
     keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
     metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and evaluations, as they happen
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, "
-          f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, l in {layers}, seeds {seeds}")
+          f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, l in {layers}, seeds {seeds}"
+          + (", backbones per seed" if cfg.vary_backbones else ""))
     base = shapes_baselines(world, cfg)
     print_baselines(base["test"])
 
-    vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics)     # split -> (N, P, C)
-    lm = frozen_lm(world, vocab, cfg, device, metrics)
-    ceiling = text_ceiling(lm, world["test"], vocab, device)
-    print(text_ceiling_line(ceiling, GATE_TEXT))
-    cost = cost_table(lm, world, vocab, cfg, sorted((set(layers) - {None}) | {0}), device)
+    first = bb = backbones(cfg, world, vocab, device, metrics, backbone_seed(cfg, seeds[0]))
+    cost = cost_table(first["lm"], world, vocab, cfg, sorted((set(layers) - {None}) | {0}), device)
     res = dict(config=asdict(cfg), baselines=base["test"], baselines_holdout=base.get("holdout"),
-               gates=dict(gates, lm_text_ceiling=ceiling),
+               gates=first["gates"], backbone_gates={str(first["seed"]): first["gates"]},
                cost={str(k): v for k, v in cost.items()}, runs=[])
 
     for seed in seeds:
+        if backbone_seed(cfg, seed) != bb["seed"]:           # --vary-backbones: this seed's world and backbones
+            bb = backbones(cfg, world, vocab, device, metrics, backbone_seed(cfg, seed))
+            res["backbone_gates"][str(bb["seed"])] = bb["gates"]
         for l in layers:
             image = l is not None            # None: the no-image control: the same finetuning, no image tokens
-            f = feats if image else {s: v[:, :0] for s, v in feats.items()}
+            f = bb["feats"] if image else {s: v[:, :0] for s, v in bb["feats"].items()}
             name = f"seed {seed} l={'none' if l is None else l}"
-            model, train_s = train_bridge(lm, f["train"], world, vocab, cfg, l or 0, seed, device, name, metrics)
+            model, train_s, val = train_bridge(bb["lm"], f["train"], bb["world"], vocab, cfg, l or 0, seed, device,
+                                               name, metrics, val_feats=f.get("val"))
             overall, per_type = qa_accuracy(model, f["test"], world["test"], vocab, l or 0, device)
             hold = qa_accuracy(model, f["holdout"], world["holdout"], vocab, l or 0, device)[0] if "holdout" in f else None
             c = cost.get(l, {}) if image else {}
-            r = dict(insert_layer=l, image=image, seed=seed, overall=overall, binding_score=binding_score(per_type),
-                     per_type=per_type, holdout=hold, train_s=train_s,
+            r = dict(insert_layer=l, image=image, seed=seed, backbone_seed=bb["seed"], overall=overall,
+                     binding_score=binding_score(per_type), per_type=per_type, holdout=hold, train_s=train_s,
+                     val=val, at_or_below_oracle=at_or_below(dict(per_type, binding=binding_score(per_type),
+                                                                 overall=overall), base["test"]["bag_oracle"]),
                      **{k: c.get(k) for k in ("flops_saved_formula", "flops_saved_counted", "prefill_ms")})
             if l == 0:  # zero-retrain: the l = 0 model with the insertion moved deeper, no finetuning
                 sub = {k: v[:ZERO_RETRAIN_SCENES] for k, v in world["test"].items() if k != "images"}
@@ -471,25 +515,40 @@ def run(cfg):
                         binding=r["binding_score"], per_type=per_type, holdout=hold, train_s=train_s,
                         zero_retrain=r.get("zero_retrain"))
             print(f"{name}: QA {overall:.3f} binding {r['binding_score']:.3f} "
-                  f"hold-out {'-' if hold is None else f'{hold:.3f}'} ({train_s:.0f}s)")
+                  f"hold-out {'-' if hold is None else f'{hold:.3f}'} ({train_s:.0f}s)"
+                  + ("" if val is None else f", best val QA {val['qa']:.3f} at stage-2 step {val['step']}")
+                  + (f"; at or below the bag-of-words oracle: {', '.join(r['at_or_below_oracle'])}"
+                     if r["at_or_below_oracle"] else ""))
             res["runs"].append(r)
             save_bridge(cfg, f"l{'none' if l is None else l}_seed{seed}", model, vocab)
             write_results(cfg.out, res)
-    res["alignment"] = alignment(vit, lm, vocab, cfg, device)
+    res["alignment"] = alignment(first["vit"], first["lm"], vocab, cfg, device)
     res["wall_s"] = time.perf_counter() - start
     write_results(cfg.out, res)
     report(cfg, res, layers, world)
     return res
 
 
+def at_or_below(scores, oracle):
+    """scores: {question type, 'binding' or 'overall': accuracy} -> the keys where a model scores at or below the
+    bag-of-words oracle: there its score can come from the caption's words alone. [] without one (--data-dir)."""
+    if oracle is None:
+        return []
+    ref = dict(oracle, binding=binding_score(oracle))
+    return [k for k, v in scores.items() if k in ref and v is not None and v <= ref[k]]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------
 
+BASELINES = {"blind_prior": "blind prior", "bag_oracle": "bag-of-words oracle"}   # result key: printed name
+
+
 def print_baselines(b):
-    for name in ("blind_prior", "bag_oracle"):
+    for name, label in BASELINES.items():
         if b[name] is not None:
-            print(f"baseline {name:11s}: " + ", ".join(f"{t} {v:.3f}" for t, v in b[name].items()))
+            print(f"baseline {label}: " + ", ".join(f"{t} {v:.3f}" for t, v in b[name].items()))
 
 
 def report(cfg, res, layers, world):
@@ -501,23 +560,33 @@ def report(cfg, res, layers, world):
                       f"(rows) x LM layer (cols, e = embedding): {name} (chance {a['chance_knn']:.3f}, n {a['n']})"))
     print(f"alignment rises with LM depth: {'yes' if a['rises_with_lm_depth'] else 'no'}")
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in res["runs"])]
-    head = f"{'l':>5s} {'overall':>13s} {'binding':>13s} " + " ".join(f"{t:>13s}" for t in types) + \
+    head = f"{'l':>19s} {'overall':>14s} {'binding':>14s} " + " ".join(f"{t:>14s}" for t in types) + \
         f" {'hold-out':>13s} {'FLOPs saved form./count.':>24s} {'prefill ms':>10s}"
     print("\n" + head + "\n" + "-" * len(head))
+    oracle = res["baselines"]["bag_oracle"]
+    ref = {} if oracle is None else dict(oracle, binding_score=binding_score(oracle))
+
+    def cell(rs, key, get):
+        """mean ± std over seeds, * when the mean is at or below the bag-of-words oracle's score"""
+        xs = [x for x in map(get, rs) if x is not None]
+        return mean_std(xs) + ("*" if xs and key in ref and mean_sd(xs)[0] <= ref[key] else " ")
+
     for l in layers:
         rs = [r for r in res["runs"] if r["insert_layer"] == l]
         c = res["cost"].get(str(l))
         cost = f"{c['flops_saved_formula'] * 100:10.1f}% / {c['flops_saved_counted'] * 100:5.1f}%  {c['prefill_ms']:10.2f}" \
             if c else f"{'-':>24s} {'-':>10s}"
-        print(f"{'none' if l is None else l:>5} {mean_std([r['overall'] for r in rs]):>13s} "
-              f"{mean_std([r['binding_score'] for r in rs]):>13s} "
-              + " ".join(f"{mean_std([r['per_type'].get(t) for r in rs]):>13s}" for t in types)
+        print(f"{'no image' if l is None else l:>19} "
+              + " ".join(f"{cell(rs, k, lambda r: r[k]):>14s}" for k in ("overall", "binding_score"))
+              + " " + " ".join(f"{cell(rs, t, lambda r: r['per_type'].get(t)):>14s}" for t in types)
               + f" {mean_std([r['holdout'] for r in rs]):>13s} {cost}")
-    for name in ("blind_prior", "bag_oracle"):
+    for name, label in BASELINES.items():
         b = res["baselines"][name]
         if b is not None:
-            print(f"{name:>11s} {b['overall']:7.3f} {binding_score(b):13.3f} "
-                  + " ".join(f"{b.get(t, float('nan')):>13.3f}" for t in types))
+            print(f"{label:>19s} {b['overall']:13.3f}  {binding_score(b):13.3f}  "
+                  + " ".join(f"{b.get(t, float('nan')):13.3f} " for t in types))
+    if ref:
+        print("* at or below the bag-of-words oracle: the caption's words alone, without binding, score that much")
     zr = [r["zero_retrain"] for r in res["runs"] if "zero_retrain" in r]
     if zr:
         print("zero-retrain (l=0 model, insertion moved to l', no finetune): " +
@@ -565,7 +634,7 @@ def figures(cfg, res, layers, world):
                 label="QA, l=0 model moved to l' (no finetune)")
     none = [r["overall"] for r in res["runs"] if r["insert_layer"] is None]
     lines = [("no-image control, QA", mean_sd(none)[0] if none else None, "r")]
-    lines += [(f"{n}, QA", (res["baselines"][n] or {}).get("overall"), "gray") for n in ("blind_prior", "bag_oracle")]
+    lines += [(f"{label}, QA", (res["baselines"][n] or {}).get("overall"), "gray") for n, label in BASELINES.items()]
     for label, y, colour in lines:
         if y is not None:
             ax.axhline(y, color=colour, ls=":", lw=1)
@@ -607,6 +676,7 @@ class Config:
     # the bridge
     stage1_steps: int = 200
     stage2_steps: int = 800
+    eval_every: int = 100        # stage-2 steps between val evaluations; the bridge keeps its best-val weights
     batch_size: int = 64
     lr: float = 3e-3
     # the experiment
@@ -627,7 +697,7 @@ class Config:
 
 
 QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, n_layer=4, lm_steps=150,
-             lm_scenes=2000, stage1_steps=20, stage2_steps=40, align_groups=16, knn_k=5, prefill_batch=16,
+             lm_scenes=2000, stage1_steps=20, stage2_steps=40, eval_every=20, align_groups=16, knn_k=5, prefill_batch=16,
              out=os.path.join("out", "multimodal_align_quick"))
 
 
@@ -639,7 +709,10 @@ HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files sha
     d_model="LM width D", n_layer="LM blocks N", n_head="attention heads (LM and ViT)",
     lm_mix="Primer conv over this many tokens in every LM block (1 = off)", lm_steps="LM pretraining steps",
     stage1_steps="stage 1 steps: projector only, captioning",
-    stage2_steps="stage 2 steps: projector + LM, QA and captions", batch_size="batch size of the bridge stages",
+    stage2_steps="stage 2 steps: projector + LM, QA and captions (at most: see --eval-every)",
+    eval_every="stage-2 steps between QA evaluations on the val split; the bridge keeps the weights of its best val "
+               "score (early stopping; 0 = keep the last weights)",
+    batch_size="batch size of the bridge stages",
     lr="AdamW learning rate of the bridge stages (the LM has --lm-lr)",
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
     align_groups="groups of 8 scenes in the binding-controlled alignment set", knn_k="k of the mutual k-NN",
@@ -650,7 +723,7 @@ HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files sha
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "n_layer",
                                "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr"],
-          "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "batch_size", "lr"],
+          "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "eval_every", "batch_size", "lr"],
           "experiment": ["insert_layer", "seeds", "vary_backbones", "ignore_gates", "align_groups", "knn_k",
                          "prefill_batch"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
@@ -661,7 +734,7 @@ def validate(cfg):
     check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "tokens_per_cell",
                         "d_model", "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups",
                         "prefill_batch", "image_size", "lr", "lm_lr"),
-                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "stage2_steps"))     # 0 skips a stage
+                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "stage2_steps", "eval_every"))  # 0: skip
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
