@@ -1140,7 +1140,7 @@ def cli(argv=None):
     """The command line: main(), then a torchrun rank leaves with os._exit, skipping the interpreter's teardown.
     Even after the barrier and destroy_process_group above, a rank sometimes died at exit with SIGABRT
     ("terminate called without an active exception": a C++ thread object destroyed while still running) in
-    CI on torch 2.13, and in issue 17's report on 2.11; it never happened in 60+ loops on the dev machine. What
+    CI on torch 2.13, and in a report on 2.11; it never happened in 60+ loops on the dev machine. What
     is left to do at that point is only that teardown (results and checkpoints are written and closed), so a
     rank skips it. One process (WORLD_SIZE unset or 1) exits the normal way."""
     try:

@@ -299,7 +299,7 @@ mt.cli(sys.argv[1:])
 
 @pytest.mark.parametrize("stop", [["--stop-at", "2"], []])
 def test_torchrun_slow_rank0_every_rank_leaves_together(tmp_path, stop):
-    """The shutdown race (issue 17): rank 0 checkpoints slowly while rank 1 has nothing left to do. No rank may
+    """The shutdown race: rank 0 checkpoints slowly while rank 1 has nothing left to do. No rank may
     destroy the process group before rank 0's last checkpoint is written, and every rank exits 0."""
     events = tmp_path / "events"
     events.mkdir()
