@@ -287,14 +287,15 @@ def test_divergence_is_flagged_in_results_table_and_stderr(tmp_path, capsys):
 
 def test_lc_does_not_collapse_at_its_default_setting(tmp_path):
     """LC at its tuned lr (method_config), lr held constant (no decay, the harsher case), on 3k images: the
-    validation accuracy stays well above chance (10 %) at every epoch after the first two."""
+    validation accuracy stays well above chance (10 %) at every epoch after the first two. Measured at lr 1e-2
+    (2026-12-06): 24.2, 23.8, 27.8, 27.6, 31.4, 31.2, 33.6, 34.8; with the lr at 0.1 it sits at 10.0 from epoch 2."""
     grey = digits.grey_splits("", 3000, 500, 100, 0, str(tmp_path))
     train = [torch.from_numpy(v) for v in digits.coloured_train(grey, 1.0, 1)]
     evalsets = {k: [torch.from_numpy(a) for a in v] for k, v in digits.coloured_eval(grey, 0).items()}
     cfg = lc.method_config(lc.parse_config(["--epochs", "8", "--decay-every", "0", "--log-every", "0"])[0], "lc")
     rec, _ = lc.train_run("lc", 1.0, 1, train, evalsets, cfg, "cpu")
     vals = [h["val_unbiased"] for h in rec["history"]]
-    assert not rec["diverged"] and min(vals[2:]) > 25.0, vals
+    assert not rec["diverged"] and min(vals[2:]) > 20.0, vals
 
 
 def test_smoke_main_all_methods_and_determinism(tmp_path, capsys):
