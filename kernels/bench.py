@@ -19,6 +19,8 @@ implementation whose relative error ||got - want|| / ||want|| exceeds the dtype'
 its row says "refused", its JSON ms is null, and the exit status is 1.
 
 GPU (H200-sized) shapes, bf16: python -m kernels.bench --device cuda --shapes gpu,gpu_e64 --dtypes bf16
+Each shape's log names the grouped GEMM's route (kernels.grouped_route): on CUDA "native"
+(torch._grouped_mm) only on sm90 in bf16; fp32 "grouped" there times the per-group loop, in fp32.
 """
 
 import argparse
@@ -147,6 +149,7 @@ def bench_shape(name, dtype, device, impls, compiled_modes, log):
     params, inputs = (x, gates, w_in, w_out), (x, idx, gates, w_in, w_out)
     shape = f"T{T}_D{D}_H{H}_E{E}_K{K}"
     dt = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+    log(f"  {shape} {dt}: grouped GEMM route {kernels.dispatch_route(device, dtype, D, H)}")
 
     # dense reference: the same expert FLOPs as perfectly balanced groups, one bmm each
     x_dense = torch.randn(E, T * K // E, D, device=device, dtype=dtype, requires_grad=True)
