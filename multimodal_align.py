@@ -42,9 +42,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import vision
-from data.common import (BadInput, Block, RMSNorm, backbone_seed, batches, best_of_rounds_ms, cached_lm, check_numbers,
-                         cli, encode, exact_match, gate_or_stop, heatmap, keep_previous, log_metrics, mean_sd, mean_std,
-                         pad, pick_device, print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world,
+from data.common import (BadInput, Block, RMSNorm, backbone_seed, batches, best_of_rounds_ms, cached_lm,
+                         check_numbers, cli, encode, exact_match, gate_or_stop, heatmap, keep_previous,
+                         log_metrics, mean_sd, mean_std, pad, pick_device, print_outputs, pyplot, save_bridge,
+                         save_png, shapes_baselines, shapes_world,
                          text_ceiling_line, train_loop, validate_image_and_run, write_results)
 from data.shapes import QUESTION_TYPES, binding_controlled, binding_score, generate, scene_grid
 
@@ -322,11 +323,12 @@ def answer_hits(logits_fn, items, vocab, device, bs=256):
 # The bridge: training and evaluation
 # ----------------------------------------------------------------------------------------------------
 
-def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metrics=None, val_feats=None):
+def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metrics=None,
+                 val_feats=None):
     """Stage 1 (projector only, captioning) then stage 2 (projector + LM, QA and captions), inserting at l.
     feats with 0 tokens per scene: the no-image control, stage 2 alone (there is no projector output to train).
-    val_feats (the val split's tokens): every --eval-every stage-2 steps and at the end, QA on val; the bridge
-    keeps the weights of its best val score (early stopping; the test split plays no part in it).
+    val_feats (the val split's tokens): every --eval-every stage-2 steps and at the end, QA on val; the
+    bridge keeps the weights of its best val score (early stopping; the test split plays no part in it).
     name: the run's name in the progress lines and in metrics (a metrics.jsonl path).
     -> (model, training seconds, {'step': best step, 'qa': its val QA, 'curve': {step: val QA}} or None)."""
     torch.manual_seed(seed)
@@ -356,7 +358,7 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metric
     train_loop(list(model.proj.parameters()), lambda s: caption_loss(next(it_cap)),
                cfg.stage1_steps if feats.shape[1] else 0, cfg, f"{name} stage1", device, metrics=metrics)
     model.lm.requires_grad_(True)
-    val = dict(step=None, qa=-1.0, curve={}, state=None) if val_feats is not None and cfg.eval_every else None
+    val = None if val_feats is None or not cfg.eval_every else dict(step=None, qa=-1.0, curve={}, state=None)
 
     def check_val(step):
         qa = qa_accuracy(model.eval(), val_feats, world["val"], vocab, l, device)[0]
@@ -365,7 +367,7 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metric
         if metrics:
             log_metrics(metrics, run=name, step=step, split="val", qa=qa)
         if qa > val["qa"]:
-            val.update(step=step, qa=qa, state={k: v.detach().clone() for k, v in model.state_dict().items()})
+            val.update(step=step, qa=qa, state={k: v.clone() for k, v in model.state_dict().items()})
 
     def stage2_loss(step):
         if val and step and step % cfg.eval_every == 0:      # train_loop has no hook: the loss sees the step
@@ -433,10 +435,11 @@ GATE_TEXT = 0.95
 
 
 def frozen_lm(world, vocab, cfg, device, metrics=None, seed=0):
-    """Pretrain the LM or load it from --cache-dir (keyed by its config, a digest of its corpus, its build and,
-    in the file name, its seed)."""
+    """Pretrain the LM or load it from --cache-dir (keyed by its config, a digest of its corpus, its build
+    and, in the file name, its seed)."""
     keys = ("d_model", "n_layer", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr", "dtype")
-    return cached_lm(world, vocab, cfg, keys, "lm" if seed == 0 else f"lm_seed{seed}", lambda: LM(len(vocab), cfg),
+    return cached_lm(world, vocab, cfg, keys, "lm" if seed == 0 else f"lm_seed{seed}",
+                     lambda: LM(len(vocab), cfg),
                      lambda: pretrain_lm(world, vocab, cfg, device, metrics, seed), device,
                      code=LM_CODE)
 
@@ -458,16 +461,18 @@ def cost_table(lm, world, vocab, cfg, layers, device):
 
 
 def backbones(cfg, world, vocab, device, metrics, seed):
-    """The world's training scenes and both frozen backbones for backbone seed `seed` (data/common.backbone_seed;
-    seed 0 = the world of load_world): the ViT (gate: minimal pairs) and the LM (gate: text ceiling). A failed gate
-    stops the run here, before any bridge trains on it. -> dict(seed, world, vit, feats, lm, gates)."""
+    """The world's training scenes and both frozen backbones for backbone seed `seed`
+    (data/common.backbone_seed; seed 0 = the world of load_world): the ViT (gate: minimal pairs) and the
+    LM (gate: text ceiling). A failed gate stops the run here, before any bridge trains on it.
+    -> dict(seed, world, vit, feats, lm, gates)."""
     if seed and not cfg.data_dir:
         world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
-    vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)     # split -> (N, P, C)
+    vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)   # split -> (N, P, C)
     lm = frozen_lm(world, vocab, cfg, device, metrics, seed=seed)
     ceiling = text_ceiling(lm, world["test"], vocab, device)
     gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT))
-    return dict(seed=seed, world=world, vit=vit, feats=feats, lm=lm, gates=dict(gates, lm_text_ceiling=ceiling))
+    return dict(seed=seed, world=world, vit=vit, feats=feats, lm=lm,
+                gates=dict(gates, lm_text_ceiling=ceiling))
 
 
 def run(cfg):
@@ -478,8 +483,8 @@ def run(cfg):
     keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
     metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and evaluations, as they happen
     print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, "
-          f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, l in {layers}, seeds {seeds}"
-          + (", backbones per seed" if cfg.vary_backbones else ""))
+          f"LM N={cfg.n_layer} D={cfg.d_model}, image tokens M={cfg.image_tokens}x{cfg.tokens_per_cell}, "
+          f"l in {layers}, seeds {seeds}" + (", backbones per seed" if cfg.vary_backbones else ""))
     base = shapes_baselines(world, cfg)
     print_baselines(base["test"])
 
@@ -490,22 +495,23 @@ def run(cfg):
                cost={str(k): v for k, v in cost.items()}, runs=[])
 
     for seed in seeds:
-        if backbone_seed(cfg, seed) != bb["seed"]:           # --vary-backbones: this seed's world and backbones
+        if backbone_seed(cfg, seed) != bb["seed"]:      # --vary-backbones: this seed's world and backbones
             bb = backbones(cfg, world, vocab, device, metrics, backbone_seed(cfg, seed))
             res["backbone_gates"][str(bb["seed"])] = bb["gates"]
         for l in layers:
             image = l is not None            # None: the no-image control: the same finetuning, no image tokens
             f = bb["feats"] if image else {s: v[:, :0] for s, v in bb["feats"].items()}
             name = f"seed {seed} l={'none' if l is None else l}"
-            model, train_s, val = train_bridge(bb["lm"], f["train"], bb["world"], vocab, cfg, l or 0, seed, device,
-                                               name, metrics, val_feats=f.get("val"))
+            model, train_s, val = train_bridge(bb["lm"], f["train"], bb["world"], vocab, cfg, l or 0, seed,
+                                               device, name, metrics, val_feats=f.get("val"))
             overall, per_type = qa_accuracy(model, f["test"], world["test"], vocab, l or 0, device)
             hold = qa_accuracy(model, f["holdout"], world["holdout"], vocab, l or 0, device)[0] if "holdout" in f else None
             c = cost.get(l, {}) if image else {}
+            binding = binding_score(per_type)
             r = dict(insert_layer=l, image=image, seed=seed, backbone_seed=bb["seed"], overall=overall,
-                     binding_score=binding_score(per_type), per_type=per_type, holdout=hold, train_s=train_s,
-                     val=val, at_or_below_oracle=at_or_below(dict(per_type, binding=binding_score(per_type),
-                                                                 overall=overall), base["test"]["bag_oracle"]),
+                     binding_score=binding, per_type=per_type, holdout=hold, train_s=train_s, val=val,
+                     at_or_below_oracle=at_or_below(dict(per_type, binding=binding, overall=overall),
+                                                    base["test"]["bag_oracle"]),
                      **{k: c.get(k) for k in ("flops_saved_formula", "flops_saved_counted", "prefill_ms")})
             if l == 0:  # zero-retrain: the l = 0 model with the insertion moved deeper, no finetuning
                 sub = {k: v[:ZERO_RETRAIN_SCENES] for k, v in world["test"].items() if k != "images"}
@@ -530,8 +536,9 @@ def run(cfg):
 
 
 def at_or_below(scores, oracle):
-    """scores: {question type, 'binding' or 'overall': accuracy} -> the keys where a model scores at or below the
-    bag-of-words oracle: there its score can come from the caption's words alone. [] without one (--data-dir)."""
+    """scores: {question type, 'binding' or 'overall': accuracy} -> the keys where a model scores at or
+    below the bag-of-words oracle: there its score can come from the caption's words alone. [] without an
+    oracle (--data-dir)."""
     if oracle is None:
         return []
     ref = dict(oracle, binding=binding_score(oracle))
@@ -586,7 +593,8 @@ def report(cfg, res, layers, world):
             print(f"{label:>19s} {b['overall']:13.3f}  {binding_score(b):13.3f}  "
                   + " ".join(f"{b.get(t, float('nan')):13.3f} " for t in types))
     if ref:
-        print("* at or below the bag-of-words oracle: the caption's words alone, without binding, score that much")
+        print("* at or below the bag-of-words oracle: the caption's words alone, without binding, "
+              "score that much")
     zr = [r["zero_retrain"] for r in res["runs"] if "zero_retrain" in r]
     if zr:
         print("zero-retrain (l=0 model, insertion moved to l', no finetune): " +
@@ -634,7 +642,8 @@ def figures(cfg, res, layers, world):
                 label="QA, l=0 model moved to l' (no finetune)")
     none = [r["overall"] for r in res["runs"] if r["insert_layer"] is None]
     lines = [("no-image control, QA", mean_sd(none)[0] if none else None, "r")]
-    lines += [(f"{label}, QA", (res["baselines"][n] or {}).get("overall"), "gray") for n, label in BASELINES.items()]
+    lines += [(f"{label}, QA", (res["baselines"][n] or {}).get("overall"), "gray")
+              for n, label in BASELINES.items()]
     for label, y, colour in lines:
         if y is not None:
             ax.axhline(y, color=colour, ls=":", lw=1)
@@ -670,13 +679,13 @@ class Config:
     n_layer: int = 4
     n_head: int = 4
     lm_mix: int = 3              # Primer's causal conv on q, k, v over this many tokens (1 = off)
-    lm_steps: int = 3000
+    lm_steps: int = 4500
     lm_scenes: int = 50_000      # fresh text-only scenes for LM pretraining (not the bridge's training scenes)
     lm_lr: float = 3e-3
     # the bridge
     stage1_steps: int = 200
     stage2_steps: int = 800
-    eval_every: int = 100        # stage-2 steps between val evaluations; the bridge keeps its best-val weights
+    eval_every: int = 100        # stage-2 steps between val evaluations (the best-val weights are kept)
     batch_size: int = 64
     lr: float = 3e-3
     # the experiment
@@ -697,7 +706,8 @@ class Config:
 
 
 QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, n_layer=4, lm_steps=150,
-             lm_scenes=2000, stage1_steps=20, stage2_steps=40, eval_every=20, align_groups=16, knn_k=5, prefill_batch=16,
+             lm_scenes=2000, stage1_steps=20, stage2_steps=40, eval_every=20, align_groups=16, knn_k=5,
+             prefill_batch=16,
              out=os.path.join("out", "multimodal_align_quick"))
 
 
@@ -710,8 +720,8 @@ HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files sha
     lm_mix="Primer conv over this many tokens in every LM block (1 = off)", lm_steps="LM pretraining steps",
     stage1_steps="stage 1 steps: projector only, captioning",
     stage2_steps="stage 2 steps: projector + LM, QA and captions (at most: see --eval-every)",
-    eval_every="stage-2 steps between QA evaluations on the val split; the bridge keeps the weights of its best val "
-               "score (early stopping; 0 = keep the last weights)",
+    eval_every="stage-2 steps between QA evaluations on the val split; the bridge keeps the weights of its "
+               "best val score (early stopping; 0 = keep the last weights)",
     batch_size="batch size of the bridge stages",
     lr="AdamW learning rate of the bridge stages (the LM has --lm-lr)",
     insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
@@ -734,7 +744,7 @@ def validate(cfg):
     check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "tokens_per_cell",
                         "d_model", "n_layer", "n_head", "lm_mix", "lm_scenes", "batch_size", "knn_k", "align_groups",
                         "prefill_batch", "image_size", "lr", "lm_lr"),
-                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "stage2_steps", "eval_every"))  # 0: skip
+                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "stage2_steps", "eval_every"))
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), got {cfg.insert_layer}")
     if cfg.d_model % cfg.n_head or (cfg.d_model // cfg.n_head) % 2 or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:

@@ -22,10 +22,10 @@ BINDING_TYPES are the four that a bag of words cannot answer. Compositional hold
 never appear as objects in train/val/test; every "holdout" scene has at least one.
 
 Baselines from the data alone (`baselines`): the blind prior (majority answer to the question string,
-no scene) and the bag-of-words oracle (majority answer given the question and the caption's words with
-their counts -- colours, shapes, sizes, cells -- estimated on 20,000 fresh scenes; `bag_key` says how the
-tables stay dense): it knows everything a bag of words knows, not which word goes with which. A model
-row means something only above both, per question type.
+no scene) and the bag-of-words oracle (majority answer given the question and the caption's words
+with their counts -- colours, shapes, sizes, cells -- estimated on 20,000 fresh scenes; `bag_key`
+says how the tables stay dense): it knows everything a bag of words knows, not which word goes with
+which. A model row means something only above both, per question type.
 
 On disk (`load_dir`): DIR/images.npy (N, H, W, 3) uint8 and DIR/annotations.jsonl, one JSON object
 per line and per image, in image order:
@@ -223,33 +223,35 @@ def binding_controlled(n_groups, per_group=8, seed=0, size=48):
 # ----------------------------------------------------------------------------------------------------
 
 def word_bag(objects):
-    """What a bag-of-words reader of the caption knows: each kind of caption word as a multiset (word -> count)."""
+    """What a bag-of-words reader of the caption knows: each kind of caption word as a multiset
+    (word -> count)."""
     return dict(colour=Counter(o[1] for o in objects), shape=Counter(o[0] for o in objects),
                 size=Counter(o[2] for o in objects), cell=Counter(CELLS[o[3]] for o in objects))
 
 
-PARTNER = {**dict(HOLDOUT_PAIRS), **{s: c for c, s in HOLDOUT_PAIRS}}   # colour <-> shape of each hold-out pair
+PARTNER = {**dict(HOLDOUT_PAIRS), **{s: c for c, s in HOLDOUT_PAIRS}}   # colour <-> shape, hold-out pairs
 
 
 def bag_key(d, bag):
-    """-> (table keys, finest first; {answer word: its class} or None) for question d (dict q, type) and a
-    caption's word bag (word_bag).
+    """-> (table keys, finest first; {answer word: its class} or None) for question d (dict q, type)
+    and a caption's word bag (word_bag).
 
-    The majority answer given the question and the whole bag (sizes and cells included) would need a table far
-    larger than 20,000 scenes fill: most test keys would be unseen, and the oracle would fall back to the blind
-    prior. So the key keeps what can bear on the answer, and no name that cannot:
+    The majority answer given the question and the whole bag (sizes and cells included) would need a
+    table far larger than 20,000 scenes fill: most test keys would be unseen, and the oracle would fall
+    back to the blind prior. So the key keeps what can bear on the answer, and no name that cannot:
     - sizes are drawn independently of everything, cells independently of every attribute;
-    - colour and shape names are interchangeable as long as each hold-out pair is renamed together (red and
-      triangle never meet outside the hold-out split, so "red" and "triangle" rename as one). A bag is then
-      described by each hold-out pair's (colour count, shape count), the counts of the unpaired colours, and
-      which of these words the question names. The answer is kept as its class under the same renaming (its
-      counts and flags); every word of one class has the same chance of being right.
-    position answers are cells: the key is the set of cells and the class the cell itself (any present cell is as
-    likely as any other). Question types of other data (--data-dir) use the question and the whole bag.
-    exist has ~1,700 such keys, 1 in 8 test questions with fewer than MIN_VOTES reference votes: it backs off to
-    the counts of its two words and of their hold-out partners, the numbers of objects, distinct colours and
-    distinct shapes, and of hold-out pairs whose two words are both present (never a swapped "no"); then to the
-    counts of its two words and the numbers of objects, distinct colours and distinct shapes."""
+    - colour and shape names are interchangeable as long as each hold-out pair is renamed together
+      (red and triangle never meet outside the hold-out split, so "red" and "triangle" rename as one).
+      A bag is then described by each hold-out pair's (colour count, shape count), the counts of the
+      unpaired colours, and which of these words the question names. The answer is kept as its class
+      under the same renaming (its counts and flags); every word of one class is as likely to be right.
+    position answers are cells: the key is the set of cells and the class the cell itself (any present
+    cell is as likely as any other). Question types of other data (--data-dir) use the question and the
+    whole bag. exist has ~1,700 keys, 1 in 8 test questions with fewer than MIN_VOTES reference votes:
+    it backs off to the counts of its two words and of their hold-out partners, the numbers of objects,
+    distinct colours and distinct shapes, and of hold-out pairs whose two words are both present (never
+    a swapped "no"); then to the counts of its two words and the numbers of objects, distinct colours
+    and distinct shapes."""
     t, words = d["type"], d["q"].split()
     if t not in QUESTION_TYPES:
         return [(t, d["q"], tuple(tuple(sorted(c.items())) for c in bag.values()))], None
@@ -259,26 +261,27 @@ def bag_key(d, bag):
         return [(t, sum(bag["colour"].values()))], None
     named = {w for w in words if w in COLOURS or w in SHAPES}
 
-    def cls(word):                                     # the word's hold-out pair (or unpaired colour) under renaming
+    def cls(word):                            # the word's hold-out pair (or unpaired colour), renamed
         c, s = (word, PARTNER.get(word)) if word in COLOURS else (PARTNER[word], word)
         return bag["colour"][c], bag["shape"][s] if s else -1, c in named, s in named
 
     keys = [(t, tuple(sorted(cls(c) for c in COLOURS)))]
     if t == "exist":
         colour, shape = words[-3:-1]
-        coarse = (t, bag["colour"][colour], bag["shape"][shape], sum(bag["colour"].values()), len(bag["colour"]),
-                  len(bag["shape"]))
-        both = sum(bag["colour"][c] > 0 and bag["shape"][s] > 0 for c, s in HOLDOUT_PAIRS)    # never a swap
-        keys += [coarse + (bag["shape"][PARTNER.get(colour)], bag["colour"][PARTNER[shape]], both), coarse]
+        coarse = (t, bag["colour"][colour], bag["shape"][shape], sum(bag["colour"].values()),
+                  len(bag["colour"]), len(bag["shape"]))
+        both = sum(bag["colour"][c] > 0 and bag["shape"][s] > 0 for c, s in HOLDOUT_PAIRS)  # not swaps
+        partners = bag["shape"][PARTNER.get(colour)], bag["colour"][PARTNER[shape]]
+        keys += [coarse + partners + (both,), coarse]
     return keys, {w: cls(w) for w in bag[t]} if t in ("colour", "shape") else None
 
 
-MIN_VOTES = 20    # reference answers a bag key needs before its majority is used (else the next, coarser key)
+MIN_VOTES = 20    # reference answers a bag key needs for its majority to count (else the next, coarser)
 
 
 def bag_answer(table, keys, classes, default):
-    """The majority answer class of the first key with MIN_VOTES votes (else the last key seen, else default)
-    -> a word of that class (the first in sorted order)."""
+    """The majority answer class of the first key with MIN_VOTES votes (else of the last key seen, else
+    default) -> a word of that class (the first in sorted order)."""
     votes = [table[k] for k in keys if k in table]
     if not votes:
         return default
@@ -293,8 +296,8 @@ def _majority(counter):
 
 
 def fit_baselines(ref):
-    """From a reference set: the majority answer per question string (blind prior), and the answer (class)
-    votes per bag_key (bag-of-words oracle; empty without objects)."""
+    """From a reference set: the majority answer per question string (blind prior), and the answer
+    (class) votes per bag_key (bag-of-words oracle; empty without objects)."""
     blind, bag = {}, {}
     for objs, qa in zip(ref["objects"] or [None] * len(ref["qa"]), ref["qa"]):
         words = None if objs is None else word_bag(objs)
@@ -303,7 +306,8 @@ def fit_baselines(ref):
             if words is not None:
                 keys, classes = bag_key(d, words)
                 for k in keys:
-                    bag.setdefault(k, Counter())[d["a"] if classes is None else classes.get(d["a"])] += 1
+                    answer = d["a"] if classes is None else classes.get(d["a"])
+                    bag.setdefault(k, Counter())[answer] += 1
     return {q: _majority(c) for q, c in blind.items()}, bag
 
 
@@ -344,8 +348,8 @@ def binding_score(per_type):
 
 def baselines(test, seed=0, n_ref=20_000, ref=None):
     """The two data-only baselines on `test`, their tables fitted on n_ref fresh train-split scenes (no
-    rendering; a seed the model's training data does not use), or on `ref` (e.g. a --data-dir train split).
-    Result keys: 'blind_prior' and 'bag_oracle' (the bag-of-words oracle)."""
+    rendering; a seed the model's training data does not use), or on `ref` (e.g. a --data-dir train
+    split). Result keys: 'blind_prior' and 'bag_oracle' (the bag-of-words oracle)."""
     if ref is None:
         ref = generate(n_ref, "train", seed=seed + 1000, images=False)
     return baseline_accuracy(fit_baselines(ref), test)

@@ -3,8 +3,8 @@ shapes world (data/shapes.py) and cached on disk, the stand-in for a checkpoint 
 Both paper files load it from here; neither imports the other.
 
 Why this objective. The v1 encoder (CLIP, mean-pooled last layer) could not bind: a mean over patches
-forgets which patch held what, so captions with swapped colours scored alike (measured on world v1: binding
-0.53, cell 0.54). Here every 3x3 cell of the image has its own token (the mean of its 2x2 patches) and
+forgets which patch held what, so captions with swapped colours scored alike (measured on world v1:
+binding 0.53, cell 0.54). Here every 3x3 cell of the image has its own token (the mean of its 2x2 patches) and
 three linear heads read, from that token alone, the colour, shape and size of the object in the cell
 (or "empty"):
     L = sum over cells k of  CE(colour_k) + CE(shape_k) + CE(size_k)
@@ -30,8 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import (LAYER_CODE, Block, RMSNorm, batches, build_key, gate_or_stop, hash_str, linear_probe,
-                         train_loop)
+from data.common import (LAYER_CODE, Block, RMSNorm, batches, build_key, gate_or_stop, hash_str,
+                         linear_probe, train_loop)
 from data.shapes import COLOURS, SHAPES, SIZES, generate, parse_caption
 
 GRID = 3                      # cells per side
@@ -264,12 +264,13 @@ def gate_line(report):
 
 
 def frozen_tokens(cfg, world, device, metrics=None, seed=0):
-    """The encoder as both paper files use it: loaded from --cache-dir (or pretrained and saved there), its gate
-    printed with PASS / FAIL (a FAIL stops the run: data/common.gate_or_stop), and its tokens for every split
-    with scenes, the patch grid pooled to cfg.image_tokens (a square). seed: the encoder's own seed (its
-    initialisation, pretraining scenes and batches; data/common.backbone_seed).
+    """The encoder as both paper files use it: loaded from --cache-dir (or pretrained and saved there),
+    its gate printed with PASS / FAIL (a FAIL stops the run: data/common.gate_or_stop), and its tokens
+    for every split with scenes, the patch grid pooled to cfg.image_tokens (a square). seed: the
+    encoder's own seed (its initialisation, pretraining scenes and batches; data/common.backbone_seed).
     -> (vit, {split: (N, P, C)}, the gates for results.json)."""
-    vit, _, rep = load_or_pretrain(config_for(cfg), cfg.cache_dir, device, seed=seed, metrics=metrics)
+    vit, _, rep = load_or_pretrain(config_for(cfg), cfg.cache_dir, device, seed=seed,
+                                   metrics=metrics)
     passed = min(rep["minimal_pairs"].values()) >= GATE
     gate_or_stop(cfg, passed, f"vision encoder: {gate_line(rep)} -> {'PASS' if passed else 'FAIL'}")
     side = int(round(math.sqrt(cfg.image_tokens)))

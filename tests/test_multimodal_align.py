@@ -13,7 +13,8 @@ from data import shapes, vision
 
 TINY = dict(d_model=32, n_layer=4, n_head=2, vit_dim=16, vit_layers=2, image_tokens=4, image_size=16, patch=4)
 SMOKE = ["--n-train", "80", "--n-eval", "20", "--image-size", "24", "--vit-dim", "16", "--vit-layers", "1",
-         "--vit-steps", "2", "--d-model", "16", "--n-layer", "4", "--n-head", "2", "--lm-steps", "2", "--lm-scenes", "200",
+         "--vit-steps", "2", "--d-model", "16", "--n-layer", "4", "--n-head", "2", "--lm-steps", "2",
+         "--lm-scenes", "200",
          "--stage1-steps", "1", "--stage2-steps", "2", "--batch-size", "8", "--align-groups", "3", "--knn-k", "3",
          "--prefill-batch", "4", "--device", "cpu", "--ignore-gates"]        # backbones this small fail their gates
 
@@ -170,8 +171,8 @@ def test_quick_smoke_run_then_cached_rerun(tmp_path, monkeypatch, capsys):
     args = ["--quick"] + SMOKE + ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
     first = mma.main(args)
     printed = capsys.readouterr().out
-    for section in ("baseline blind prior", "baseline bag-of-words oracle", "minimal pairs", "text ceiling", "mutual k-NN",
-                    "zero-retrain", "rises with LM depth"):
+    for section in ("baseline blind prior", "baseline bag-of-words oracle", "minimal pairs", "text ceiling",
+                    "mutual k-NN", "zero-retrain", "rises with LM depth"):
         assert section in printed
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     assert set(res["gates"]["vision_minimal_pairs"]) == {"colour", "shape", "size", "cell", "binding"}
@@ -342,17 +343,20 @@ def test_quick_switches_the_defaults_and_explicit_flags_win(monkeypatch, tmp_pat
 
 
 def test_a_failed_gate_stops_before_any_bridge_trains(tmp_path, monkeypatch, capsys):
-    """Backbones this small fail their gates: without --ignore-gates the run stops (exit 3, one line on stderr)
-    before a bridge trains, at the vision gate, then (vision gate set to pass) at the LM's; --quick goes on."""
-    base = [a for a in SMOKE if a != "--ignore-gates"] + ["--insert-layer", "0", "--cache-dir", str(tmp_path / "c")]
+    """Backbones this small fail their gates: without --ignore-gates the run stops (exit 3, one line on
+    stderr) before a bridge trains, at the vision gate, then (vision gate set to pass) at the LM's; --quick
+    goes on."""
+    base = [a for a in SMOKE if a != "--ignore-gates"] + ["--insert-layer", "0", "--cache-dir",
+                                                          str(tmp_path / "c")]
     real = mma.train_bridge
-    monkeypatch.setattr(mma, "train_bridge", lambda *a, **k: pytest.fail("a bridge trained on a failed backbone"))
+    monkeypatch.setattr(mma, "train_bridge", lambda *a, **k: pytest.fail("a bridge trained on it"))
     for gate, word in ((vision.GATE, "vision encoder"), (0.0, "frozen LM text ceiling")):
         monkeypatch.setattr(vision, "GATE", gate)
         with pytest.raises(SystemExit) as e:
             mma.main(base + ["--out", str(tmp_path / "o")])
         err = capsys.readouterr().err.strip()
-        assert e.value.code == 3 and len(err.splitlines()) == 1 and f"failed its gate ({word}" in err
+        assert e.value.code == 3 and len(err.splitlines()) == 1
+        assert f"failed its gate ({word}" in err
     monkeypatch.setattr(mma, "train_bridge", real)
     res = mma.main(base + ["--quick", "--out", str(tmp_path / "q")])
     assert "FAIL" in capsys.readouterr().out and len(res["runs"]) == 1
@@ -373,7 +377,7 @@ def test_vary_backbones_draws_the_world_and_both_backbones_per_seed(tmp_path, mo
         return real_lm(*a, **k)
 
     def bridge(lm0, feats, world, *a, **k):
-        calls["train"].append((world["train"]["captions"][0], float(lm0.emb.weight.sum())))
+        calls["train"].append((world["train"]["captions"][0], float(lm0.emb.weight.detach().sum())))
         return real_bridge(lm0, feats, world, *a, **k)
 
     monkeypatch.setattr(vision, "load_or_pretrain", vis)
@@ -382,11 +386,13 @@ def test_vary_backbones_draws_the_world_and_both_backbones_per_seed(tmp_path, mo
     args = SMOKE + ["--insert-layer", "0", "--seeds", "0,1", "--cache-dir", str(tmp_path / "c")]
     res = mma.main(args + ["--out", str(tmp_path / "a")])
     assert calls["vision"] == [0] and calls["lm"] == [0] and calls["train"][0] == calls["train"][1]
-    assert [r["backbone_seed"] for r in res["runs"]] == [0, 0] and list(res["backbone_gates"]) == ["0"]
+    assert [r["backbone_seed"] for r in res["runs"]] == [0, 0]
+    assert list(res["backbone_gates"]) == ["0"]
     calls.update(vision=[], lm=[], train=[])
     res = mma.main(args + ["--vary-backbones", "--out", str(tmp_path / "b")])
-    assert calls["vision"] == [0, 1] and calls["lm"] == [1]            # seed 0's LM comes from the cache
+    assert calls["vision"] == [0, 1] and calls["lm"] == [1]        # seed 0's LM comes from the cache
     (cap0, w0), (cap1, w1) = calls["train"]
     assert cap0 != cap1 and w0 != w1
-    assert cap0 == shapes.generate(1, "train", seed=0)["captions"][0]                  # the world of load_world
-    assert [r["backbone_seed"] for r in res["runs"]] == [0, 1] and list(res["backbone_gates"]) == ["0", "1"]
+    assert cap0 == shapes.generate(1, "train", seed=0)["captions"][0]          # load_world's world
+    assert [r["backbone_seed"] for r in res["runs"]] == [0, 1]
+    assert list(res["backbone_gates"]) == ["0", "1"]
