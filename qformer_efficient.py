@@ -18,7 +18,8 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
        B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three attention masks, below).
             Stage 2: query outputs -> linear -> soft prefix of the LM *encoder input*; LM loss.
        B2   no stage 1: the same stage 2 from a fresh Q-Former. (B1 and B2 are instruction-aware in stage 2,
-            as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2 measures stage 1 alone.)
+            as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2 measures stage 1 alone.
+            Their word embeddings start from the frozen LM's input embeddings, as BLIP-2's from BERT.)
        P    grounded Q-Former (reconstruction): h_p = LM_encoder(prompt) once per prompt, frozen, no grad;
             z = QFormer([queries ; W_in h_p], image); decoder memory = [W_out z ; h_p]; one LM loss.
             The LM encoder never sees a visual token and nothing backpropagates through it.
@@ -246,6 +247,20 @@ class PromptCache:
         return out, keep
 
 
+def text_embeddings_from_lm(qf, lm):
+    """B1 and B2 read the prompt's words through the Q-Former's own embeddings, P through the frozen LM encoder.
+    A random start would give P a head start in knowing the words (BLIP-2 starts its Q-Former from BERT), so B1
+    and B2 start from the frozen LM's input embeddings (V, E): copied at equal widths, else through a fixed
+    orthonormal map (lengths and angles kept when D > E; D orthonormal directions of them when D < E)."""
+    w_VE = lm.emb.weight.detach()
+    E, D = w_VE.shape[1], qf.emb.weight.shape[1]
+    if E != D:
+        q, _ = torch.linalg.qr(torch.randn(max(E, D), min(E, D), generator=torch.Generator().manual_seed(0)))
+        w_VE = w_VE @ (q if E > D else q.T).to(w_VE)                # (V, E) @ (E, D) -> (V, D)
+    with torch.no_grad():
+        qf.emb.weight.copy_(w_VE)
+
+
 class Bridge(nn.Module):
     """Q-Former + projections around the frozen LM; `memory` builds the decoder memory of each variant."""
 
@@ -372,6 +387,8 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
     metrics.jsonl path for the training losses and the validation points of the curve."""
     torch.manual_seed(seed)
     qf = QFormer(len(vocab), cfg, max_len).to(device)
+    if variant in ("B1", "B2") and cfg.text_init == "lm":
+        text_embeddings_from_lm(qf, lm)
     res = dict(variant=variant, seed=seed, stage1_s=0.0, stage1_samples=0)
     if variant == "B1" and cfg.stage1_steps:
         heads, st = run_stage1(qf, feats["train"], world["train"], vocab, cfg, seed, device, metrics)
@@ -566,12 +583,7 @@ def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
         unknown = {w for t in world["train"]["captions"] for w in t.split()} - set(vocab)
         if unknown:       # world v2's words are a closed set: more training scenes never add one
             raise ValueError(f"training scenes of seed {seed} use words outside the vocabulary: {sorted(unknown)}")
-    vit, _, rep = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, device, seed=seed,
-                                          metrics=metrics)
-    ok = min(rep["minimal_pairs"].values()) >= vision.GATE
-    gate_or_stop(cfg, ok, f"vision encoder (seed {seed}): {vision.gate_line(rep)} -> {'PASS' if ok else 'FAIL'}")
-    side = int(round(math.sqrt(cfg.image_tokens)))
-    feats = {s: vision.tokens(vit, ds["images"], side, device) for s, ds in world.items() if ds["captions"]}
+    _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)     # split -> (N, P, C)
     lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics, seed=seed).requires_grad_(False)
     if cfg.compile:
         for m in list(lm.enc) + list(lm.dec):
@@ -579,9 +591,7 @@ def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
     ceiling = text_ceiling(lm, world["val"], vocab, device)       # val: the gate is a decision, not a score
     gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT)
                  + f" (LM seed {seed}, val)")
-    gates = dict(vision_minimal_pairs=rep["minimal_pairs"], vision_cell_probe=rep["cell_probe"],
-                 lm_text_ceiling=ceiling)
-    return world, feats, lm, gates
+    return world, feats, lm, dict(gates, lm_text_ceiling=ceiling)
 
 
 def run(cfg):
@@ -739,6 +749,7 @@ class Config:
     dec_layers: int = 2
     n_head: int = 4
     lm_mix: int = 3              # Primer's causal conv on q, k, v in the encoder (1 = off)
+    lm_mix_init: float = 0.5     # std of the conv's taps on the predecessors at init (0: starts as the identity)
     lm_steps: int = 3000
     lm_scenes: int = 50_000
     lm_batch: int = 256
@@ -754,6 +765,7 @@ class Config:
     batch_size: int = 64
     lr: float = 2e-3
     caption_frac: float = 0.25
+    text_init: str = "lm"        # B1/B2's word embeddings: the frozen LM's input embeddings, or random
     eval_every: int = 200
     target_em: float = -1.0      # -1: 0.9 x the best final validation binding score of any variant
     seeds: str = "0"
@@ -777,20 +789,24 @@ HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files sha
     image_tokens="image tokens P the Q-Former attends to (a square; the patch grid is pooled; 9 = one per cell)",
     d_model="LM width E", enc_layers="LM encoder blocks", dec_layers="LM decoder blocks",
     n_head="attention heads (all models)", lm_mix="Primer conv over this many tokens in the LM encoder (1 = off)",
+    lm_mix_init="std of the LM conv's random taps on the predecessors at init (0 = starts as the identity)",
     lm_steps="text-only LM pretraining steps", lm_batch="LM pretraining batch (QA pairs; a quarter as many captions)",
     queries="learnable queries N_q", q_dim="Q-Former width D", q_layers="Q-Former blocks (cross-attention in every other one)",
     variants=f"comma-separated, from {', '.join(VARIANTS)}", stage1_steps="B1's stage 1 steps (ITC + ITM + ITG)",
     steps="stage 2 steps of every variant", batch_size="batch size of stage 1 and stage 2", lr="AdamW learning rate (stages 1, 2)",
     caption_frac="fraction of stage 2 items that are captions (the rest are questions)",
+    text_init="B1/B2's Q-Former word embeddings start from the frozen LM's input embeddings (lm, as BLIP-2 starts "
+              "from BERT) or at random",
     eval_every="stage 2 steps between validation evaluations (the learning curve)",
     target_em="binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant",
     compile="torch.compile the Q-Former and LM blocks (opt-in)",
     cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py")
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "enc_layers",
-                               "dec_layers", "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_batch", "lm_lr"],
+                               "dec_layers", "n_head", "lm_mix", "lm_mix_init", "lm_steps", "lm_scenes", "lm_batch",
+                               "lm_lr"],
           "Q-Former and its training": ["queries", "q_dim", "q_layers", "variants", "stage1_steps", "steps",
-                                        "batch_size", "lr", "caption_frac"],
+                                        "batch_size", "lr", "caption_frac", "text_init"],
           "experiment": ["eval_every", "target_em", "seeds", "vary_backbones", "ignore_gates"],
           "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
 
@@ -800,7 +816,7 @@ def validate(cfg):
     check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "enc_layers",
                         "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim",
                         "q_layers", "steps", "batch_size", "lr", "eval_every"),
-                  at_least_0=("vit_steps", "lm_steps", "stage1_steps"))               # 0 skips that training
+                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "lm_mix_init"))               # 0 skips that training
     if not 0 <= cfg.caption_frac <= 1:
         raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:
@@ -818,7 +834,8 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, quick=QUICK)
+    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, quick=QUICK,
+               choices=dict(text_init=("lm", "random")))
 
 
 if __name__ == "__main__":

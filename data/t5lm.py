@@ -57,6 +57,9 @@ class T5LM(nn.Module):
         self.enc = nn.ModuleList(Block(E, cfg.n_head, causal=False, mix=cfg.lm_mix) for _ in range(cfg.enc_layers))
         self.dec = nn.ModuleList(DecoderLayer(E, cfg.n_head) for _ in range(cfg.dec_layers))
         self.norm_enc, self.norm_dec = RMSNorm(E), RMSNorm(E)
+        for blk in self.enc:                 # the conv starts mixing each position's two predecessors in at random,
+            if blk.mix_w is not None:        # not as the identity (data/common.Block): see pretrain's docstring
+                nn.init.normal_(blk.mix_w.data[:, 1:], std=cfg.lm_mix_init)
 
     def encode(self, x_BLE, keep_BL):
         """Encoder over input embeddings (so that a soft prefix can come first) -> memory (B, L, E)."""
@@ -113,7 +116,7 @@ def pretrain(world, vocab, cfg, device, metrics=None, seed=0):
     scenes = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7 + seed, images=False)
     qa, cap = lm_pairs(scenes)
     nq, nc = min(cfg.lm_batch, len(qa)), max(1, min(cfg.lm_batch // 4, len(cap)))
-    it_q, it_c = batches(len(qa), nq, seed=[seed, 2]), batches(len(cap), nc, seed=[seed, 3])
+    it_q, it_c = batches(len(qa), nq, seed=2 + 10 * seed), batches(len(cap), nc, seed=3 + 10 * seed)
     train_loop(list(lm.parameters()), lambda s: seq2seq_loss(lm, [qa[i] for i in next(it_q)], vocab, device)
                + seq2seq_loss(lm, [cap[i] for i in next(it_c)], vocab, device), cfg.lm_steps, cfg, "T5 LM", device,
                lr=cfg.lm_lr, metrics=metrics)
@@ -131,7 +134,7 @@ def first_word(lm, texts, vocab, device):
 def load_or_pretrain(world, vocab, cfg, device, metrics=None, seed=0):
     """Pretrain the LM or load it from cfg.cache_dir (keyed by its config, seed, the vocabulary, the corpus and
     the build); metrics: a metrics.jsonl path for the pretraining loss."""
-    return cached_lm(world, vocab, cfg, ("d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_steps",
-                                         "lm_scenes", "lm_batch", "lm_lr", "dtype"), f"t5lm_seed{seed}",
+    return cached_lm(world, vocab, cfg, ("d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_mix_init",
+                                         "lm_steps", "lm_scenes", "lm_batch", "lm_lr", "dtype"), f"t5lm_seed{seed}",
                      lambda: T5LM(len(vocab), cfg), lambda: pretrain(world, vocab, cfg, device, metrics, seed), device,
                      code=(sys.modules[__name__],))

@@ -396,6 +396,33 @@ def test_prefix_variants_train_the_qformer_through_the_frozen_encoder(variant):
         assert model.in_proj.weight.grad.abs().sum() > 0
 
 
+def test_lm_conv_starts_mixing_unless_told_not_to():
+    """--lm-mix-init: the LM encoder's conv taps on the two predecessors start random (std as given); 0 keeps
+    data/common.Block's identity start. The decoder has no conv."""
+    torch.manual_seed(0)
+    w = [b.mix_w for b in t5lm.T5LM(V, qfe.Config(**UNIT, lm_mix=3, lm_mix_init=0.5)).enc]
+    assert all(torch.equal(x[:, 0], torch.ones(len(x))) and 0.3 < x[:, 1:].std() < 0.7 for x in w)
+    w = [b.mix_w for b in t5lm.T5LM(V, qfe.Config(**UNIT, lm_mix=3, lm_mix_init=0.0)).enc]
+    assert all(torch.equal(x[:, 1:], torch.zeros_like(x[:, 1:])) for x in w)
+
+
+@pytest.mark.parametrize("q_dim", [16, 8, 32])
+def test_b1_b2_words_start_from_the_lm_input_embeddings(q_dim):
+    """text_embeddings_from_lm: at equal widths the Q-Former's word embeddings are the LM's; wider, every word
+    keeps its length and every pair its angle (an orthonormal map); narrower, a projection of them."""
+    cfg = qfe.Config(**dict(UNIT, q_dim=q_dim))
+    lm, qf = t5lm.T5LM(V, cfg), qfe.QFormer(V, cfg)
+    qfe.text_embeddings_from_lm(qf, lm)
+    w, e = qf.emb.weight.detach().double(), lm.emb.weight.detach().double()
+    if q_dim == cfg.d_model:
+        assert torch.equal(qf.emb.weight, lm.emb.weight)
+    gram = w @ w.T if q_dim >= cfg.d_model else None
+    if gram is not None:                                               # no information lost: lengths, angles
+        assert torch.allclose(gram, e @ e.T, atol=1e-4)
+    else:
+        assert w.shape == (V, q_dim) and not torch.allclose(w, torch.zeros_like(w))
+
+
 def test_prompt_encoded_once_per_prompt(monkeypatch):
     """P encodes each distinct prompt once, in one batch, then reuses it; a new prompt costs one more encoding."""
     lm, model, img = tiny_bridge("P")
@@ -578,7 +605,7 @@ def test_smoke_prints_every_section(smoke):
     cost table, the learning curve, every claim in the summary, and where the results went."""
     out, res = smoke.stdout, smoke.first
     lines, variants = out.splitlines(), list(qfe.VARIANTS)
-    assert "vision encoder (seed 0): minimal pairs" in out and "frozen LM: pretrained" in out
+    assert "vision encoder: minimal pairs" in out and "frozen LM: pretrained" in out
     assert "frozen LM text ceiling (true caption as context; gate >= 0.95 per type): colour" in out
     assert "B1 stage 1:" in out
     for v in variants:
