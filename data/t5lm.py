@@ -13,7 +13,10 @@ Why this shape (docs/qformer_efficient.md has the runs): the encoder's blocks ar
 bidirectional, with RoPE and Primer's *causal* depthwise conv on q, k, v (kernel 3). A key then also carries
 the two words before it, so "the shape word just before <cell>" is one attention hop. Without the conv the
 shape-at-cell and position lookups stay near 0.5; with a centred conv, position stalls near 0.8 (a key
-mixes both neighbours, and the next object's words leak in). The decoder: causal self-attention,
+mixes both neighbours, and the next object's words leak in). The conv's taps on the two predecessors start
+random (std cfg.lm_mix_init), not at the identity: from the identity, "the shape word before <cell>" sat on a
+plateau near 0.5 for most of pretraining and left it late or never, depending on the CPU thread count; with
+random taps every key and value carries its neighbours from step 0. The decoder: causal self-attention,
 cross-attention to the memory, FFN; tied output head, scaled as T5's.
 
 Shapes: B = batch, T = target tokens, L = memory (encoder) length, E = width, V = vocabulary.
@@ -57,8 +60,8 @@ class T5LM(nn.Module):
         self.enc = nn.ModuleList(Block(E, cfg.n_head, causal=False, mix=cfg.lm_mix) for _ in range(cfg.enc_layers))
         self.dec = nn.ModuleList(DecoderLayer(E, cfg.n_head) for _ in range(cfg.dec_layers))
         self.norm_enc, self.norm_dec = RMSNorm(E), RMSNorm(E)
-        for blk in self.enc:                 # the conv starts mixing each position's two predecessors in at random,
-            if blk.mix_w is not None:        # not as the identity (data/common.Block): see pretrain's docstring
+        for blk in self.enc:       # the conv's taps on the predecessors start random, not at the identity
+            if blk.mix_w is not None:
                 nn.init.normal_(blk.mix_w.data[:, 1:], std=cfg.lm_mix_init)
 
     def encode(self, x_BLE, keep_BL):
