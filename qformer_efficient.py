@@ -616,10 +616,14 @@ def run(cfg):
         for v in variants:
             model, r = train_variant(v, seed, lm, feats, world_b, vocab, stream, cfg, device, max_len, metrics)
             r.update(final_eval(model, feats, world_b, refs, vocab, device), backbone_seed=b)
+            r["at_or_below_oracle"] = at_or_below_oracle(dict(vqa=r["vqa"], binding_score=r["binding_score"],
+                                                              **r["per_type"]), base["test"])
             print(f"  {v} seed {seed}: VQA {r['vqa']:.3f}, binding {mean_std([r['binding_score']])} ("
                   + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
                   + f"), hold-out {'-' if r['holdout'] is None else format(r['holdout'], '.3f')}, BLEU-4 "
-                  f"{r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'")
+                  f"{r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'"
+                  + (f"; at or below the bag-of-words oracle: {', '.join(r['at_or_below_oracle'])}"
+                     if r["at_or_below_oracle"] else ""))
             models[v] = model
             res["runs"].append(r)
             save_bridge(cfg, f"{v}_seed{seed}", model, vocab, max_len=max_len)
@@ -633,6 +637,20 @@ def run(cfg):
     write_results(cfg.out, res)
     report(cfg, res, variants, world)
     return res
+
+
+def oracle_scores(base):
+    """The bag-of-words oracle's test scores under the keys of a run ('vqa', 'binding_score', question types);
+    {} without one (--data-dir)."""
+    o = base.get("bag_oracle")
+    return {} if o is None else dict(o, vqa=o["overall"], binding_score=binding_score(o))
+
+
+def at_or_below_oracle(scores, base):
+    """The keys of `scores` where a bridge scores at or below the bag-of-words oracle: there the caption's words
+    alone, without binding, score as much."""
+    ref = oracle_scores(base)
+    return [k for k, v in scores.items() if k in ref and v is not None and v <= ref[k]]
 
 
 CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
@@ -651,17 +669,27 @@ def report(cfg, res, variants, world):
     by = {v: [r for r in runs if r["variant"] == v] for v in variants}
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in runs)]
     cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
-    print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}" + "".join(f"{c:>14s}" for c in cols))
+    ref = oracle_scores(res["baselines"]["test"])
+
+    def cell(xs, key):
+        """mean ± std over seeds; * when the mean is at or below the bag-of-words oracle's"""
+        xs = [x for x in xs if x is not None]
+        return mean_std(xs) + ("*" if xs and key in ref and np.mean(xs) <= ref[key] else "")
+
+    print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}" + "".join(f"{c:>15s}" for c in cols))
     for v, rs in by.items():
-        vals = [[r[k] for r in rs] for k in ("vqa", "binding_score")]
-        vals += [[r["per_type"].get(t) for r in rs] for t in types]
-        vals += [[r[k] for r in rs] for k in ("holdout", "bleu4", "cider")]
-        print(f"{v:>11s}" + "".join(f"{mean_std(x):>14s}" for x in vals))
+        vals = [([r[k] for r in rs], k) for k in ("vqa", "binding_score")]
+        vals += [([r["per_type"].get(t) for r in rs], t) for t in types]
+        vals += [([r[k] for r in rs], k) for k in ("holdout", "bleu4", "cider")]
+        print(f"{v:>11s}" + "".join(f"{cell(x, k):>15s}" for x, k in vals))
     for name in ("blind_prior", "bag_oracle"):
         b = res["baselines"]["test"][name]
         if b is not None:
-            print(f"{name:>11s}{b['overall']:14.3f}{mean_std([binding_score(b)]):>14s}"
-                  + "".join(f"{b.get(t, float('nan')):14.3f}" for t in types))
+            print(f"{name:>11s}{b['overall']:15.3f}{mean_std([binding_score(b)]):>15s}"
+                  + "".join(f"{b.get(t, float('nan')):15.3f}" for t in types))
+    if ref:
+        print("* at or below the bag-of-words oracle (bag_oracle): the caption's words alone, without binding, "
+              "score as much")
     print(f"\ncost (target: 0.9 x the best final val binding score per seed, "
           f"{mean_std([s['target'] for s in res['summary'].values()])})\n" + f"{'':>11s}"
           + "".join(f"{c:>17s}" for c in ("samples to target", "s to target", "train ms/step", "fwd+bwd ms", "memory MiB")))

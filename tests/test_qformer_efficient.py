@@ -587,6 +587,8 @@ def test_smoke_results_cover_every_variant(smoke):
         assert (r["samples_to_target"], r["seconds_to_target"]) == qfe.to_target(r, res["summary"]["0"]["target"])
         assert r["stage1_samples"] == (TINY["stage1_steps"] * bs if r["variant"] == "B1" else 0)
         assert ("itc_r1" in r) == (r["variant"] == "B1")
+        assert r["at_or_below_oracle"] == qfe.at_or_below_oracle(
+            dict(vqa=r["vqa"], binding_score=r["binding_score"], **r["per_type"]), res["baselines"]["test"])
         assert (r["prompts_encoded"] > 0) == (r["variant"] in ("P", "P-a", "P-b", "C0"))
     best = max(r["curve"][-1]["binding_score"] for r in res["runs"])
     assert best > 0 and res["summary"]["0"]["target"] == pytest.approx(0.9 * best)
@@ -598,6 +600,15 @@ def test_smoke_results_cover_every_variant(smoke):
 def rows_after(lines, header, n):
     i = next(k for k, line in enumerate(lines) if line.startswith(header))
     return [line.split() for line in lines[i + 2:i + 2 + n]], lines[i + 1]
+
+
+def test_rows_at_or_below_the_bag_of_words_oracle_are_named():
+    """at_or_below_oracle: the keys (VQA, binding score, question types) where a bridge is not above the oracle;
+    none without an oracle (--data-dir)."""
+    oracle = dict(overall=0.6, colour=0.5, shape=0.5, position=0.4, count=1.0, exist=0.7)
+    scores = dict(vqa=0.6, binding_score=0.9, colour=0.9, shape=0.5, position=0.9, count=1.0, exist=0.71)
+    assert qfe.at_or_below_oracle(scores, dict(bag_oracle=oracle)) == ["vqa", "shape", "count"]
+    assert qfe.at_or_below_oracle(scores, dict(bag_oracle=None)) == []
 
 
 def test_smoke_prints_every_section(smoke):
@@ -614,7 +625,8 @@ def test_smoke_prints_every_section(smoke):
     assert cols.split()[:2] == ["VQA", "binding"] and cols.split()[-1] == "CIDEr"
     assert [r[0] for r in rows] == variants + ["blind_prior", "bag_oracle"]
     for row, r in zip(rows, res["runs"]):
-        assert row[1:3] == [f"{r['vqa']:.3f}", f"{r['binding_score']:.3f}"] and len(row) == 11
+        assert [c.rstrip("*") for c in row[1:3]] == [f"{r['vqa']:.3f}", f"{r['binding_score']:.3f}"]
+        assert len(row) == 11 and ("*" in row[1]) == ("vqa" in r["at_or_below_oracle"])
     rows, cols = rows_after(lines, "cost (target:", len(variants))
     assert [r[0] for r in rows] == variants and "samples to target" in cols and "memory MiB" in cols
     rows, cols = rows_after(lines, "validation binding score against samples seen", len(variants))
