@@ -18,8 +18,9 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
        B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three attention masks, below).
             Stage 2: query outputs -> linear -> soft prefix of the LM *encoder input*; LM loss.
        B2   no stage 1: the same stage 2 from a fresh Q-Former. (B1 and B2 are instruction-aware in stage 2,
-            as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2 measures stage 1 alone.
-            Their word embeddings start from the frozen LM's input embeddings, as BLIP-2's from BERT.)
+            as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2 measures
+            stage 1 alone. Their word embeddings start from the frozen LM's input embeddings, as
+            BLIP-2's from BERT.)
        P    grounded Q-Former (reconstruction): h_p = LM_encoder(prompt) once per prompt, frozen, no grad;
             z = QFormer([queries ; W_in h_p], image); decoder memory = [W_out z ; h_p]; one LM loss.
             The LM encoder never sees a visual token and nothing backpropagates through it.
@@ -58,10 +59,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import t5lm, vision
-from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, backbone_seed, batches, best_of_rounds_ms,
-                         check_numbers, cli, encode, gate_or_stop, exact_match, keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
-                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines, shapes_world, step_memory_mib,
-                         text_ceiling_line, train_loop, validate_image_and_run, write_results)
+from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, backbone_seed, batches,
+                         best_of_rounds_ms, check_numbers, cli, encode, exact_match, gate_or_stop,
+                         keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
+                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines,
+                         shapes_world, step_memory_mib, text_ceiling_line, train_loop,
+                         validate_image_and_run, write_results)
 from data.shapes import QUESTION_TYPES, binding_score, generate, scene_grid
 from data.shapes import caption as shapes_caption
 from data.t5lm import CAPTION_PROMPT, qa_prompt
@@ -248,14 +251,16 @@ class PromptCache:
 
 
 def text_embeddings_from_lm(qf, lm):
-    """B1 and B2 read the prompt's words through the Q-Former's own embeddings, P through the frozen LM encoder.
-    A random start would give P a head start in knowing the words (BLIP-2 starts its Q-Former from BERT), so B1
-    and B2 start from the frozen LM's input embeddings (V, E): copied at equal widths, else through a fixed
-    orthonormal map (lengths and angles kept when D > E; D orthonormal directions of them when D < E)."""
+    """B1 and B2 read the prompt's words through the Q-Former's own embeddings, P through the
+    frozen LM encoder. A random start would give P a head start in knowing the words (BLIP-2
+    starts its Q-Former from BERT), so B1 and B2 start from the frozen LM's input embeddings
+    (V, E): copied at equal widths, else through a fixed orthonormal map (lengths and angles
+    kept when D > E; D orthonormal directions of them when D < E)."""
     w_VE = lm.emb.weight.detach()
     E, D = w_VE.shape[1], qf.emb.weight.shape[1]
     if E != D:
-        q, _ = torch.linalg.qr(torch.randn(max(E, D), min(E, D), generator=torch.Generator().manual_seed(0)))
+        g = torch.Generator().manual_seed(0)
+        q, _ = torch.linalg.qr(torch.randn(max(E, D), min(E, D), generator=g))
         w_VE = w_VE @ (q if E > D else q.T).to(w_VE)                # (V, E) @ (E, D) -> (V, D)
     with torch.no_grad():
         qf.emb.weight.copy_(w_VE)
@@ -575,20 +580,22 @@ def load_data(cfg):
 # ----------------------------------------------------------------------------------------------------
 
 def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
-    """The frozen ViT and LM of backbone seed `seed` (and, for seed > 0, the world's training scenes redrawn),
-    each gate printed and checked before any bridge trains on them: a failing backbone stops the run
-    (data/common.gate_or_stop). -> (world, ViT tokens {split: (N, P, C)}, LM, gates for results.json)."""
+    """The frozen ViT and LM of backbone seed `seed` (and, for seed > 0, the world's training
+    scenes redrawn), each gate printed and checked before any bridge trains on them: a failing
+    backbone stops the run (data/common.gate_or_stop).
+    -> (world, ViT tokens {split: (N, P, C)}, LM, gates)."""
     if seed and not cfg.data_dir:
         world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
         unknown = {w for t in world["train"]["captions"] for w in t.split()} - set(vocab)
         if unknown:       # world v2's words are a closed set: more training scenes never add one
-            raise ValueError(f"training scenes of seed {seed} use words outside the vocabulary: {sorted(unknown)}")
-    _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)     # split -> (N, P, C)
+            raise ValueError(f"training scenes of seed {seed} use words outside the vocabulary: "
+                             f"{sorted(unknown)}")
+    _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)  # (N, P, C)
     lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics, seed=seed).requires_grad_(False)
     if cfg.compile:
         for m in list(lm.enc) + list(lm.dec):
             m.compile()
-    ceiling = text_ceiling(lm, world["val"], vocab, device)       # val: the gate is a decision, not a score
+    ceiling = text_ceiling(lm, world["val"], vocab, device)    # val: the gate is a decision
     gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT)
                  + f" (LM seed {seed}, val)")
     return world, feats, lm, dict(gates, lm_text_ceiling=ceiling)
@@ -607,21 +614,23 @@ def run(cfg):
     base = shapes_baselines(world, cfg)                              # the data-only rows of the tables
     res, backbones = dict(config=asdict(cfg), baselines=base, runs=[], summary={}, gates={}), {}
     for seed in seeds:
-        b = backbone_seed(cfg, seed)                             # 0 for every seed unless --vary-backbones
+        b = backbone_seed(cfg, seed)                  # 0 for every seed unless --vary-backbones
         if b not in backbones:
             backbones = {b: frozen_backbones(cfg, world, vocab, b, device, metrics)}
             res["gates"][str(b)] = backbones[b][3]
         world_b, feats, lm, _ = backbones[b]
         stream, models = stage2_stream(world_b["train"], cfg, seed), {}
         for v in variants:
-            model, r = train_variant(v, seed, lm, feats, world_b, vocab, stream, cfg, device, max_len, metrics)
+            model, r = train_variant(v, seed, lm, feats, world_b, vocab, stream, cfg, device,
+                                     max_len, metrics)
             r.update(final_eval(model, feats, world_b, refs, vocab, device), backbone_seed=b)
-            r["at_or_below_oracle"] = at_or_below_oracle(dict(vqa=r["vqa"], binding_score=r["binding_score"],
-                                                              **r["per_type"]), base["test"])
+            r["at_or_below_oracle"] = at_or_below_oracle(
+                dict(vqa=r["vqa"], binding_score=r["binding_score"], **r["per_type"]), base["test"])
             print(f"  {v} seed {seed}: VQA {r['vqa']:.3f}, binding {mean_std([r['binding_score']])} ("
                   + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
                   + f"), hold-out {'-' if r['holdout'] is None else format(r['holdout'], '.3f')}, BLEU-4 "
-                  f"{r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'"
+                  f"{r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; "
+                  f"e.g. '{r['examples'][0]}'"
                   + (f"; at or below the bag-of-words oracle: {', '.join(r['at_or_below_oracle'])}"
                      if r["at_or_below_oracle"] else ""))
             models[v] = model
@@ -640,15 +649,15 @@ def run(cfg):
 
 
 def oracle_scores(base):
-    """The bag-of-words oracle's test scores under the keys of a run ('vqa', 'binding_score', question types);
-    {} without one (--data-dir)."""
+    """The bag-of-words oracle's test scores under the keys of a run ('vqa', 'binding_score',
+    question types); {} without one (--data-dir)."""
     o = base.get("bag_oracle")
     return {} if o is None else dict(o, vqa=o["overall"], binding_score=binding_score(o))
 
 
 def at_or_below_oracle(scores, base):
-    """The keys of `scores` where a bridge scores at or below the bag-of-words oracle: there the caption's words
-    alone, without binding, score as much."""
+    """The keys of `scores` where a bridge scores at or below the bag-of-words oracle: there the
+    caption's words alone, without binding, score as much."""
     ref = oracle_scores(base)
     return [k for k, v in scores.items() if k in ref and v is not None and v <= ref[k]]
 
@@ -676,7 +685,8 @@ def report(cfg, res, variants, world):
         xs = [x for x in xs if x is not None]
         return mean_std(xs) + ("*" if xs and key in ref and np.mean(xs) <= ref[key] else "")
 
-    print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}" + "".join(f"{c:>15s}" for c in cols))
+    print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}"
+          + "".join(f"{c:>15s}" for c in cols))
     for v, rs in by.items():
         vals = [([r[k] for r in rs], k) for k in ("vqa", "binding_score")]
         vals += [([r["per_type"].get(t) for r in rs], t) for t in types]
@@ -688,8 +698,8 @@ def report(cfg, res, variants, world):
             print(f"{name:>11s}{b['overall']:15.3f}{mean_std([binding_score(b)]):>15s}"
                   + "".join(f"{b.get(t, float('nan')):15.3f}" for t in types))
     if ref:
-        print("* at or below the bag-of-words oracle (bag_oracle): the caption's words alone, without binding, "
-              "score as much")
+        print("* at or below the bag-of-words oracle (bag_oracle): the caption's words alone, "
+              "without binding, score as much")
     print(f"\ncost (target: 0.9 x the best final val binding score per seed, "
           f"{mean_std([s['target'] for s in res['summary'].values()])})\n" + f"{'':>11s}"
           + "".join(f"{c:>17s}" for c in ("samples to target", "s to target", "train ms/step", "fwd+bwd ms", "memory MiB")))
@@ -777,7 +787,7 @@ class Config:
     dec_layers: int = 2
     n_head: int = 4
     lm_mix: int = 3              # Primer's causal conv on q, k, v in the encoder (1 = off)
-    lm_mix_init: float = 0.5     # std of the conv's taps on the predecessors at init (0: starts as the identity)
+    lm_mix_init: float = 0.5     # std of the conv's taps on the predecessors at init (0: identity)
     lm_steps: int = 3000
     lm_scenes: int = 50_000
     lm_batch: int = 256
@@ -793,7 +803,7 @@ class Config:
     batch_size: int = 64
     lr: float = 2e-3
     caption_frac: float = 0.25
-    text_init: str = "lm"        # B1/B2's word embeddings: the frozen LM's input embeddings, or random
+    text_init: str = "lm"        # B1/B2's word embeddings start from the frozen LM's, or random
     eval_every: int = 200
     target_em: float = -1.0      # -1: 0.9 x the best final validation binding score of any variant
     seeds: str = "0"
@@ -817,22 +827,22 @@ HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files sha
     image_tokens="image tokens P the Q-Former attends to (a square; the patch grid is pooled; 9 = one per cell)",
     d_model="LM width E", enc_layers="LM encoder blocks", dec_layers="LM decoder blocks",
     n_head="attention heads (all models)", lm_mix="Primer conv over this many tokens in the LM encoder (1 = off)",
-    lm_mix_init="std of the LM conv's random taps on the predecessors at init (0 = starts as the identity)",
+    lm_mix_init="std of the LM conv's random taps on the predecessors at init (0 = the identity)",
     lm_steps="text-only LM pretraining steps", lm_batch="LM pretraining batch (QA pairs; a quarter as many captions)",
     queries="learnable queries N_q", q_dim="Q-Former width D", q_layers="Q-Former blocks (cross-attention in every other one)",
     variants=f"comma-separated, from {', '.join(VARIANTS)}", stage1_steps="B1's stage 1 steps (ITC + ITM + ITG)",
     steps="stage 2 steps of every variant", batch_size="batch size of stage 1 and stage 2", lr="AdamW learning rate (stages 1, 2)",
     caption_frac="fraction of stage 2 items that are captions (the rest are questions)",
-    text_init="B1/B2's Q-Former word embeddings start from the frozen LM's input embeddings (lm, as BLIP-2 starts "
-              "from BERT) or at random",
+    text_init="B1/B2's Q-Former word embeddings start from the frozen LM's input embeddings "
+              "(lm, as BLIP-2 starts from BERT) or at random",
     eval_every="stage 2 steps between validation evaluations (the learning curve)",
     target_em="binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant",
     compile="torch.compile the Q-Former and LM blocks (opt-in)",
     cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py")
 GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
           "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "enc_layers",
-                               "dec_layers", "n_head", "lm_mix", "lm_mix_init", "lm_steps", "lm_scenes", "lm_batch",
-                               "lm_lr"],
+                               "dec_layers", "n_head", "lm_mix", "lm_mix_init", "lm_steps",
+                               "lm_scenes", "lm_batch", "lm_lr"],
           "Q-Former and its training": ["queries", "q_dim", "q_layers", "variants", "stage1_steps", "steps",
                                         "batch_size", "lr", "caption_frac", "text_init"],
           "experiment": ["eval_every", "target_em", "seeds", "vary_backbones", "ignore_gates"],
@@ -844,7 +854,7 @@ def validate(cfg):
     check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "enc_layers",
                         "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim",
                         "q_layers", "steps", "batch_size", "lr", "eval_every"),
-                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "lm_mix_init"))               # 0 skips that training
+                  at_least_0=("vit_steps", "lm_steps", "stage1_steps", "lm_mix_init"))  # 0: skip
     if not 0 <= cfg.caption_frac <= 1:
         raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:

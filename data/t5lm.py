@@ -13,10 +13,11 @@ Why this shape (docs/qformer_efficient.md has the runs): the encoder's blocks ar
 bidirectional, with RoPE and Primer's *causal* depthwise conv on q, k, v (kernel 3). A key then also carries
 the two words before it, so "the shape word just before <cell>" is one attention hop. Without the conv the
 shape-at-cell and position lookups stay near 0.5; with a centred conv, position stalls near 0.8 (a key
-mixes both neighbours, and the next object's words leak in). The conv's taps on the two predecessors start
-random (std cfg.lm_mix_init), not at the identity: from the identity, "the shape word before <cell>" sat on a
-plateau near 0.5 for most of pretraining and left it late or never, depending on the CPU thread count; with
-random taps every key and value carries its neighbours from step 0. The decoder: causal self-attention,
+mixes both neighbours, and the next object's words leak in). The conv's taps on the two
+predecessors start random (std cfg.lm_mix_init), not at the identity: from the identity, "the
+shape word before <cell>" sat on a plateau near 0.5 for most of pretraining and left it late or
+never, depending on the CPU thread count; with random taps every key and value carries its
+neighbours from step 0. The decoder: causal self-attention,
 cross-attention to the memory, FFN; tied output head, scaled as T5's.
 
 Shapes: B = batch, T = target tokens, L = memory (encoder) length, E = width, V = vocabulary.
@@ -60,7 +61,7 @@ class T5LM(nn.Module):
         self.enc = nn.ModuleList(Block(E, cfg.n_head, causal=False, mix=cfg.lm_mix) for _ in range(cfg.enc_layers))
         self.dec = nn.ModuleList(DecoderLayer(E, cfg.n_head) for _ in range(cfg.dec_layers))
         self.norm_enc, self.norm_dec = RMSNorm(E), RMSNorm(E)
-        for blk in self.enc:       # the conv's taps on the predecessors start random, not at the identity
+        for blk in self.enc:     # the conv's taps on the predecessors start random (not identity)
             if blk.mix_w is not None:
                 nn.init.normal_(blk.mix_w.data[:, 1:], std=cfg.lm_mix_init)
 
@@ -111,13 +112,14 @@ def seq2seq_loss(lm, pairs, vocab, device):
 
 
 def pretrain(world, vocab, cfg, device, metrics=None, seed=0):
-    """--lm-scenes fresh text-only scenes (--data-dir: its train split); each step a batch of --lm-batch QA pairs
-    and a quarter as many caption pairs; AdamW at cfg.lm_lr, 5% warm-up, cosine (data/common.train_loop).
-    seed: the initialisation, the scenes and the batch order (0: the default LM)."""
+    """--lm-scenes fresh text-only scenes (--data-dir: its train split); each step a batch of
+    --lm-batch QA pairs and a quarter as many caption pairs; AdamW at cfg.lm_lr, 5% warm-up, cosine
+    (data/common.train_loop). seed: the initialisation, the scenes and the batch order (0: the
+    default LM)."""
     torch.manual_seed(seed)
     lm = T5LM(len(vocab), cfg).to(device)
-    scenes = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7 + seed, images=False)
-    qa, cap = lm_pairs(scenes)
+    qa, cap = lm_pairs(world["train"] if cfg.data_dir
+                       else generate(cfg.lm_scenes, "train", seed=7 + seed, images=False))
     nq, nc = min(cfg.lm_batch, len(qa)), max(1, min(cfg.lm_batch // 4, len(cap)))
     it_q, it_c = batches(len(qa), nq, seed=2 + 10 * seed), batches(len(cap), nc, seed=3 + 10 * seed)
     train_loop(list(lm.parameters()), lambda s: seq2seq_loss(lm, [qa[i] for i in next(it_q)], vocab, device)
@@ -135,9 +137,10 @@ def first_word(lm, texts, vocab, device):
 
 
 def load_or_pretrain(world, vocab, cfg, device, metrics=None, seed=0):
-    """Pretrain the LM or load it from cfg.cache_dir (keyed by its config, seed, the vocabulary, the corpus and
-    the build); metrics: a metrics.jsonl path for the pretraining loss."""
-    return cached_lm(world, vocab, cfg, ("d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_mix_init",
-                                         "lm_steps", "lm_scenes", "lm_batch", "lm_lr", "dtype"), f"t5lm_seed{seed}",
-                     lambda: T5LM(len(vocab), cfg), lambda: pretrain(world, vocab, cfg, device, metrics, seed), device,
+    """Pretrain the LM or load it from cfg.cache_dir (keyed by its config, seed, the vocabulary, the
+    corpus and the build); metrics: a metrics.jsonl path for the pretraining loss."""
+    keys = ("d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_mix_init", "lm_steps",
+            "lm_scenes", "lm_batch", "lm_lr", "dtype")
+    return cached_lm(world, vocab, cfg, keys, f"t5lm_seed{seed}", lambda: T5LM(len(vocab), cfg),
+                     lambda: pretrain(world, vocab, cfg, device, metrics, seed), device,
                      code=(sys.modules[__name__],))

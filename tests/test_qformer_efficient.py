@@ -27,8 +27,8 @@ UNIT = dict(queries=3, q_dim=16, q_layers=2, vit_dim=16, image_tokens=9, n_head=
 # every main() call: a 4x4 patch grid pooled to 2x2 image tokens, backbones of one block, a few steps
 TINY = dict(n_train=120, n_eval=30, image_size=16, patch=4, vit_dim=16, vit_layers=1, vit_steps=2, image_tokens=4,
             d_model=16, enc_layers=1, dec_layers=1, n_head=2, lm_steps=2, lm_scenes=100, lm_batch=16, queries=4,
-            q_dim=16, q_layers=2, stage1_steps=2, steps=3, batch_size=8, eval_every=1, seeds="0", device="cpu",
-            ignore_gates=True)    # backbones this small fail their gates: the mechanics are tested, not the gates
+            q_dim=16, q_layers=2, stage1_steps=2, steps=3, batch_size=8, eval_every=1, seeds="0",
+            device="cpu", ignore_gates=True)   # backbones this small fail their gates
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -43,8 +43,8 @@ def one_thread():
 
 def argv(out, cache, **kw):
     args = dict(TINY, **kw)
-    return ([x for k, v in args.items() if v is not False
-             for x in ((f"--{k.replace('_', '-')}",) if v is True else (f"--{k.replace('_', '-')}", str(v)))]
+    flags = [(f"--{k.replace('_', '-')}", v) for k, v in args.items() if v is not False]
+    return ([x for f, v in flags for x in ((f,) if v is True else (f, str(v)))]
             + ["--out", str(out), "--cache-dir", str(cache)])
 
 
@@ -397,8 +397,8 @@ def test_prefix_variants_train_the_qformer_through_the_frozen_encoder(variant):
 
 
 def test_lm_conv_starts_mixing_unless_told_not_to():
-    """--lm-mix-init: the LM encoder's conv taps on the two predecessors start random (std as given); 0 keeps
-    data/common.Block's identity start. The decoder has no conv."""
+    """--lm-mix-init: the LM encoder's conv taps on the two predecessors start random (std as
+    given); 0 keeps data/common.Block's identity start."""
     torch.manual_seed(0)
     w = [b.mix_w for b in t5lm.T5LM(V, qfe.Config(**UNIT, lm_mix=3, lm_mix_init=0.5)).enc]
     assert all(torch.equal(x[:, 0], torch.ones(len(x))) and 0.3 < x[:, 1:].std() < 0.7 for x in w)
@@ -408,8 +408,9 @@ def test_lm_conv_starts_mixing_unless_told_not_to():
 
 @pytest.mark.parametrize("q_dim", [16, 8, 32])
 def test_b1_b2_words_start_from_the_lm_input_embeddings(q_dim):
-    """text_embeddings_from_lm: at equal widths the Q-Former's word embeddings are the LM's; wider, every word
-    keeps its length and every pair its angle (an orthonormal map); narrower, a projection of them."""
+    """text_embeddings_from_lm: at equal widths the Q-Former's word embeddings are the LM's; wider,
+    every word keeps its length and every pair its angle (an orthonormal map); narrower, a
+    projection of them."""
     cfg = qfe.Config(**dict(UNIT, q_dim=q_dim))
     lm, qf = t5lm.T5LM(V, cfg), qfe.QFormer(V, cfg)
     qfe.text_embeddings_from_lm(qf, lm)
@@ -417,7 +418,7 @@ def test_b1_b2_words_start_from_the_lm_input_embeddings(q_dim):
     if q_dim == cfg.d_model:
         assert torch.equal(qf.emb.weight, lm.emb.weight)
     gram = w @ w.T if q_dim >= cfg.d_model else None
-    if gram is not None:                                               # no information lost: lengths, angles
+    if gram is not None:                                  # no information lost: lengths, angles
         assert torch.allclose(gram, e @ e.T, atol=1e-4)
     else:
         assert w.shape == (V, q_dim) and not torch.allclose(w, torch.zeros_like(w))
@@ -568,7 +569,8 @@ def test_smoke_results_cover_every_variant(smoke):
     res = json.loads((smoke.out / "results.json").read_text())
     assert set(res) == {"config", "baselines", "gates", "runs", "summary", "wall_s"}
     assert res == json.loads(json.dumps(smoke.second))
-    assert set(res["gates"]) == {"0"} and set(res["gates"]["0"]["lm_text_ceiling"]) == set(QUESTION_TYPES)
+    assert set(res["gates"]) == {"0"}
+    assert set(res["gates"]["0"]["lm_text_ceiling"]) == set(QUESTION_TYPES)
     assert all(0 <= v <= 1 for v in res["gates"]["0"]["lm_text_ceiling"].values())
     assert all(r["backbone_seed"] == 0 for r in res["runs"])
     assert set(res["baselines"]) == {"test", "holdout"}
@@ -588,7 +590,8 @@ def test_smoke_results_cover_every_variant(smoke):
         assert r["stage1_samples"] == (TINY["stage1_steps"] * bs if r["variant"] == "B1" else 0)
         assert ("itc_r1" in r) == (r["variant"] == "B1")
         assert r["at_or_below_oracle"] == qfe.at_or_below_oracle(
-            dict(vqa=r["vqa"], binding_score=r["binding_score"], **r["per_type"]), res["baselines"]["test"])
+            dict(vqa=r["vqa"], binding_score=r["binding_score"], **r["per_type"]),
+            res["baselines"]["test"])
         assert (r["prompts_encoded"] > 0) == (r["variant"] in ("P", "P-a", "P-b", "C0"))
     best = max(r["curve"][-1]["binding_score"] for r in res["runs"])
     assert best > 0 and res["summary"]["0"]["target"] == pytest.approx(0.9 * best)
@@ -603,10 +606,11 @@ def rows_after(lines, header, n):
 
 
 def test_rows_at_or_below_the_bag_of_words_oracle_are_named():
-    """at_or_below_oracle: the keys (VQA, binding score, question types) where a bridge is not above the oracle;
-    none without an oracle (--data-dir)."""
+    """at_or_below_oracle: the keys (VQA, binding score, question types) where a bridge is not
+    above the oracle; none without an oracle (--data-dir)."""
     oracle = dict(overall=0.6, colour=0.5, shape=0.5, position=0.4, count=1.0, exist=0.7)
-    scores = dict(vqa=0.6, binding_score=0.9, colour=0.9, shape=0.5, position=0.9, count=1.0, exist=0.71)
+    scores = dict(vqa=0.6, binding_score=0.9, colour=0.9, shape=0.5, position=0.9, count=1.0,
+                  exist=0.71)
     assert qfe.at_or_below_oracle(scores, dict(bag_oracle=oracle)) == ["vqa", "shape", "count"]
     assert qfe.at_or_below_oracle(scores, dict(bag_oracle=None)) == []
 
@@ -732,8 +736,9 @@ def test_quick_switches_the_defaults_and_explicit_flags_win(monkeypatch, tmp_pat
 
 @pytest.mark.parametrize("vision_passes", [False, True])
 def test_a_failed_gate_stops_before_any_bridge_trains(vision_passes, tmp_path, capsys, monkeypatch):
-    """Backbones of TINY size fail their gates (the ViT's minimal pairs; with the ViT's gate lowered to 0, the
-    LM's text ceiling): the run says so in one line on stderr and exits 3 before any bridge trains."""
+    """Backbones of TINY size fail their gates (the ViT's minimal pairs; with the ViT's gate lowered
+    to 0, the LM's text ceiling): the run says so in one line on stderr and exits 3 before any
+    bridge trains."""
     monkeypatch.setattr(qfe, "train_variant", fail)
     if vision_passes:
         monkeypatch.setattr(vision, "GATE", 0.0)
@@ -745,26 +750,31 @@ def test_a_failed_gate_stops_before_any_bridge_trains(vision_passes, tmp_path, c
 
 
 def test_quick_reports_a_failed_gate_and_goes_on(tmp_path, capsys):
-    """--quick's tiny backbones cannot pass: the gate line says FAIL, and the bridges train anyway."""
-    res = qfe.main(argv(tmp_path / "out", tmp_path / "cache", ignore_gates=False, variants="P") + ["--quick"])
+    """--quick's tiny backbones cannot pass: the gate line says FAIL, and the bridges train."""
+    res = qfe.main(argv(tmp_path / "out", tmp_path / "cache", ignore_gates=False, variants="P")
+                   + ["--quick"])
     assert "-> FAIL" in capsys.readouterr().out and [r["variant"] for r in res["runs"]] == ["P"]
 
 
 def test_vary_backbones_redraws_the_world_and_both_backbones(tmp_path, monkeypatch):
-    """--vary-backbones: seed s trains on the world's training scenes of seed s, a ViT and an LM of seed s (each
-    gated); without it every seed shares the seed-0 backbones (built once)."""
+    """--vary-backbones: seed s trains on the world's training scenes of seed s, a ViT and an LM of
+    seed s (each gated); without it every seed shares the seed-0 backbones (built once)."""
     built = []
     for mod in (vision, t5lm):
-        monkeypatch.setattr(mod, "load_or_pretrain", lambda *a, _o=mod.load_or_pretrain, _m=mod.__name__, **k:
-                            built.append((_m, k["seed"])) or _o(*a, **k))
+        def spy(*a, _o=mod.load_or_pretrain, _m=mod.__name__, **k):
+            built.append((_m, k["seed"]))
+            return _o(*a, **k)
+        monkeypatch.setattr(mod, "load_or_pretrain", spy)
     orig_stream = qfe.stage2_stream
     firsts = []
     monkeypatch.setattr(qfe, "stage2_stream", lambda ds, cfg, seed: firsts.append(ds["captions"][0])
                         or orig_stream(ds, cfg, seed))
     with contextlib.redirect_stdout(io.StringIO()):
-        res = qfe.main(argv(tmp_path / "out", tmp_path / "cache", variants="P", seeds="0,1", vary_backbones=True))
+        res = qfe.main(argv(tmp_path / "out", tmp_path / "cache", variants="P", seeds="0,1",
+                            vary_backbones=True))
     assert [r["backbone_seed"] for r in res["runs"]] == [0, 1] and set(res["gates"]) == {"0", "1"}
-    assert sorted(built) == [("data.t5lm", 0), ("data.t5lm", 1), ("data.vision", 0), ("data.vision", 1)]
+    assert sorted(built) == [("data.t5lm", 0), ("data.t5lm", 1), ("data.vision", 0),
+                             ("data.vision", 1)]
     assert firsts[0] != firsts[1]
     built.clear()
     with contextlib.redirect_stdout(io.StringIO()):
