@@ -322,7 +322,7 @@ def test_smoke_main_all_methods_and_determinism(tmp_path, capsys):
 
 def test_quick_sets_smoke_sizes_and_keeps_the_default_protocol_key():
     quick, *_ = lc.parse_config(["--quick"])
-    assert (quick.n_train, quick.n_val, quick.n_test, quick.epochs) == (5000, 1000, 2000, 3)
+    assert (quick.n_train, quick.n_val, quick.n_test, quick.epochs) == (5000, 1000, 2000, 20)
     mine, *_ = lc.parse_config(["--quick", "--epochs", "5", "--n-val", "300"])    # explicit flags win
     assert (mine.n_train, mine.n_val, mine.n_test, mine.epochs) == (5000, 300, 2000, 5)
     assert quick.out.endswith("logit_correction_quick") and lc.parse_config([])[0].out.endswith("logit_correction")
