@@ -8,10 +8,11 @@ EACL 2026; restated in ../shared/papers/multimodal_align.md. Alignment metric: H
 The argument in one file, on the shapes world v2 (data/shapes.py), where answers need binding:
   1. two frozen backbones: the shared ViT of data/vision.py (per-cell heads; gate: minimal pairs >= 0.9)
      and a decoder-only LM (RoPE, Primer's causal conv on q/k/v) pretrained here on text alone, on
-     questions packed after a caption (gate: text ceiling >= 0.95 per type);
+     questions packed after a caption (gate: text ceiling >= 0.95 per type); a backbone that fails its
+     gate stops the run before any bridge trains on it (--ignore-gates: train anyway, for study);
   2. a LLaVA-style bridge (2-layer MLP projector that writes each cell's ViT token as a few LM tokens;
-     stage 1 projector-only captioning, stage 2 projector + LM on QA) in which the projected image tokens
-     enter at layer l instead of 0:
+     stage 1 projector-only captioning, stage 2 projector + LM on QA, keeping its best weights on the val
+     split) in which the projected image tokens enter at layer l instead of 0:
          text tokens alone run through layers 0..l-1; the image tokens are spliced into the hidden states
          at layer l at their original positions (RoPE positions kept); the merged sequence runs l..N-1.
      A real skip, not a mask; the KV cache of layers < l holds text only;
@@ -21,7 +22,9 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
   4. how the two backbones' layers line up on a binding-controlled set (mutual k-NN, CKA, with nulls).
 
     python multimodal_align.py                    # l in {0, N/4, N/2, 3N/4} + no-image, seed 0
-    python multimodal_align.py --seeds 0,1,2      # three seeds (the backbones come from the cache)
+    python multimodal_align.py --seeds 0,1,2      # three bridge seeds (the backbones come from the cache)
+    python multimodal_align.py --seeds 0,1,2 --vary-backbones   # the world's train scenes and both
+                                                  # backbones drawn per seed too
     python multimodal_align.py --quick            # every section on a tiny config, under a minute
     python multimodal_align.py --data-dir DIR     # real data: DIR/images.npy + DIR/annotations.jsonl
 
@@ -500,7 +503,7 @@ def run(cfg):
             res["backbone_gates"][str(bb["seed"])] = bb["gates"]
         for l in layers:
             image = l is not None            # None: the no-image control: the same finetuning, no image tokens
-            f = bb["feats"] if image else {s: v[:, :0] for s, v in bb["feats"].items()}
+            f = bb["feats"] if image else no_image_tokens(bb["feats"])
             name = f"seed {seed} l={'none' if l is None else l}"
             model, train_s, val = train_bridge(bb["lm"], f["train"], bb["world"], vocab, cfg, l or 0, seed,
                                                device, name, metrics, val_feats=f.get("val"))
@@ -533,6 +536,11 @@ def run(cfg):
     write_results(cfg.out, res)
     report(cfg, res, layers, world)
     return res
+
+
+def no_image_tokens(feats):
+    """The control's input: every split with 0 image tokens per scene (the same finetuning, no image)."""
+    return {s: v[:, :0] for s, v in feats.items()}
 
 
 def at_or_below(scores, oracle):
