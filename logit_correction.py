@@ -18,20 +18,21 @@ Methods (--methods): erm | groupdro (ORACLE: reads the true colour) | lff | lc (
 Protocol, and where each choice comes from:
   data      55k train / 5k val / 10k test: Colored MNIST's sizes (MNIST's 60k train minus a 5k validation split)
   colours   LfF's Colored MNIST: 10 mean colours, N(0, 0.005^2) jitter per image (see data/digits.py)
-  model     LC's reference MLP (its code, built on DisEnt's): 2352 -> 100 -> 100 -> 16 -> 10, ReLU; LfF's
-            100-100-100 with --mlp lff
-  optimiser Adam, batch 256; lr and epochs per method (TUNED), chosen on validation from lr {1e-2 (DisEnt's and
-            LC's Colored MNIST setting), 1e-3} x {20, 40} epochs; the biased net has its own Adam at lr/10 (LC
-            learner.py: optimizer_b at args.lr*0.1); LfF keeps one lr for both nets (LfF, DisEnt code)
-  schedule  lr x0.5 every fifth of the epochs: DisEnt's x0.5 every 10k of 50k steps, on 20 or 40 instead of
-            ~230 epochs (CPU)
-  guard     a run whose unbiased validation accuracy falls to <= 12 % (chance: 10 %) after epoch 2 is flagged
-            as diverged: in the table, in results.json and on stderr
+  model     LC's reference MLP (its code, built on DisEnt's): 2352 -> 100 -> 100 -> 16 -> 10,
+            ReLU; LfF's 100-100-100 with --mlp lff
+  optimiser Adam, batch 256; lr and epochs per method (TUNED), chosen on validation from
+            lr {1e-2 (DisEnt's and LC's Colored MNIST setting), 1e-3} x {20, 40} epochs; the
+            biased net has its own Adam at lr/10 (LC learner.py: optimizer_b at args.lr*0.1);
+            LfF keeps one lr for both nets (LfF, DisEnt code)
+  schedule  lr x0.5 every fifth of the epochs: DisEnt's x0.5 every 10k of 50k steps, on 20 or
+            40 instead of ~230 epochs (CPU)
+  guard     a run whose unbiased validation accuracy falls to <= 12 % (chance: 10 %) after
+            epoch 2 is flagged as diverged: in the table, in results.json and on stderr
   GCE       q = 0.7 (LfF, LC); LfF's per-sample loss EMA 0.7 (LfF train.py)
   prior     bias-corrected moving average, momentum 0.995 (LC's default ema_alpha)
   GroupDRO  eta = 0.01 (Sagawa et al.'s robust step size) on group-balanced batches
 Examples:
-  python logit_correction.py --quick       # ERM vs LC, 5k images, 20 epochs: under a minute on a CPU
+  python logit_correction.py --quick       # ERM vs LC, 5k images, 20 epochs: under a minute
   python logit_correction.py --explain     # ERM vs LC at rho = 1 %, one seed (minutes); LC in numbers
   python logit_correction.py --sweep --out out/lc_sweep    # 5 methods x rho 0.5/1/2/5 x 3 seeds + ceiling
   python logit_correction.py --report out/lc_sweep/results.json --margins     # its tables, no training
@@ -74,12 +75,13 @@ GROUP_ACCS = ("aligned", "conflicting", "worst_group")   # evaluate()'s accuraci
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Model: an MLP on the 3 x 28 x 28 image, ReLU after every hidden layer, then a linear classifier. The default is
-# LC's reference MLP (its code, built on DisEnt's: 16 features before the classifier), LfF's is --mlp lff. No
-# torch.compile or bf16 autocast: the network is tiny and fp32 keeps CPU runs bit-reproducible.
+# Model: an MLP on the 3 x 28 x 28 image, ReLU after every hidden layer, then a linear classifier.
+# The default is LC's reference MLP (its code, built on DisEnt's: 16 features before the
+# classifier), LfF's is --mlp lff. No torch.compile or bf16 autocast: the network is tiny and fp32
+# keeps CPU runs bit-reproducible.
 
-MLPS = {"lc": (100, 100, 16),      # LC / DisEnt Colored MNIST: 2352 -> 100 -> 100 -> 16 -> 10 (~247k parameters)
-        "lff": (100, 100, 100)}    # LfF module/mlp.py:        2352 -> 100 -> 100 -> 100 -> 10 (~256k parameters)
+MLPS = {"lc": (100, 100, 16),      # LC / DisEnt: 2352 -> 100 -> 100 -> 16 -> 10 (~247k parameters)
+        "lff": (100, 100, 100)}    # LfF mlp.py:  2352 -> 100 -> 100 -> 100 -> 10 (~256k parameters)
 
 
 def mlp(hidden=MLPS["lc"], C=10):
@@ -230,18 +232,19 @@ def loss_lc(S, x, y, idx, mix=True, correct=True):
 LOSSES = {"erm": loss_erm, "groupdro": loss_groupdro, "lff": loss_lff, "lc": loss_lc,
           "lc_nomix": partial(loss_lc, mix=False), "mixup_only": partial(loss_lc, correct=False)}
 
-# Each method's own optimisation: its best unbiased VALIDATION accuracy over the grid lr {1e-2, 1e-3} x epochs
-# {20, 40} (lr x 0.5 every fifth of the epochs) at rho = 1 %, seed 1, with the default MLP -- the table
-# "Optimisation chosen on validation" in docs/logit_correction.md. --lr / --epochs override it for every method.
-TUNED = {"erm": {"lr": 1e-2, "epochs": 40}, "groupdro": {"lr": 1e-2, "epochs": 40}, "lff": {"lr": 1e-2, "epochs": 40},
-         "lc": {"lr": 1e-2, "epochs": 20}, "lc_nomix": {"lr": 1e-2, "epochs": 40},
-         "mixup_only": {"lr": 1e-2, "epochs": 20}}         # mixup_only was not in the grid: LC's setting
+# Each method's own optimisation: its best unbiased VALIDATION accuracy over the grid lr {1e-2,
+# 1e-3} x epochs {20, 40} (lr x 0.5 every fifth of the epochs) at rho = 1 %, seed 1, default MLP:
+# the table "Optimisation chosen on validation" in docs/logit_correction.md; --lr, --epochs win.
+TUNED = {"erm": {"lr": 1e-2, "epochs": 40}, "groupdro": {"lr": 1e-2, "epochs": 40},
+         "lff": {"lr": 1e-2, "epochs": 40}, "lc": {"lr": 1e-2, "epochs": 20},
+         "lc_nomix": {"lr": 1e-2, "epochs": 40},
+         "mixup_only": {"lr": 1e-2, "epochs": 20}}         # not in the grid: LC's setting
 
 
 def method_config(cfg, method):
-    """cfg with the method's own lr and epochs where the flags left them at 0, and the decay period resolved."""
+    """cfg with the method's own lr and epochs where the flags left them at 0, decay resolved."""
     lr, epochs = cfg.lr or TUNED[method]["lr"], cfg.epochs or TUNED[method]["epochs"]
-    decay = cfg.decay_every if cfg.decay_every >= 0 else epochs // 5    # 0 (constant) under 5 epochs
+    decay = cfg.decay_every if cfg.decay_every >= 0 else epochs // 5   # 0 = constant (< 5 epochs)
     return replace(cfg, lr=lr, epochs=epochs, decay_every=decay)
 
 
@@ -267,10 +270,12 @@ def evaluate(net, x, y, a, C=10):
 
 
 def diverged(history, chance=10.0, tol=2.0, warmup=2):
-    """The divergence guard: the first epoch after the first `warmup` whose unbiased validation accuracy is at
-    most chance + tol (12 % for 10 classes), or None. A collapsed network (one class for every input, or noise)
-    sits at chance, 10 %; a slow start is not flagged in the first `warmup` epochs."""
-    return next((h["epoch"] for h in history if h["epoch"] > warmup and h["val_unbiased"] <= chance + tol), None)
+    """The divergence guard: the first epoch after the first `warmup` whose unbiased validation
+    accuracy is at most chance + tol (12 % for 10 classes), or None. A collapsed network (one class
+    for every input, or noise) sits at chance, 10 %; a slow start is not flagged in the first
+    `warmup` epochs."""
+    low = [h["epoch"] for h in history if h["epoch"] > warmup and h["val_unbiased"] <= chance + tol]
+    return low[0] if low else None
 
 
 def margins(logits_BC, y_B):
@@ -356,8 +361,8 @@ def new_state(method, train, cfg, device, seed):
 
 
 def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=None):
-    """cfg: method_config's, the run's own lr and epochs. log: None or log_metrics bound to a metrics.jsonl path;
-    it gets one record per epoch."""
+    """cfg: method_config's, the run's own lr and epochs. log: None or log_metrics bound to a
+    metrics.jsonl path; it gets one record per epoch."""
     S = new_state(method, train, cfg, device, seed)
     N, B = len(S.y_N), cfg.batch_size
     best, hist, t0, explained = {"val": -1.0}, [], time.time(), None
@@ -407,8 +412,9 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
            "unbiased_acc_last": t["unbiased"], "unbiased_acc_best_val": bt["unbiased"],
            **{f"{k}_acc": bt[k] for k in GROUP_ACCS}, **{f"{k}_acc_last": t[k] for k in GROUP_ACCS},
            "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
-           "epochs": cfg.epochs, "lr": cfg.lr, "decay_every": cfg.decay_every, "wall_s": time.time() - t0,
-           "diverged": diverged(hist) is not None, "diverged_epoch": diverged(hist), "history": hist,
+           "epochs": cfg.epochs, "lr": cfg.lr, "decay_every": cfg.decay_every,
+           "wall_s": time.time() - t0, "diverged": diverged(hist) is not None,
+           "diverged_epoch": diverged(hist), "history": hist,
            "explain": explained,
            "margins_train": margin_stats(S.net, *train), "margins_test": margin_stats(S.net, *evalsets["test"])}
     return rec, {"last": cpu_state(S.net), "best_val": best["state"]}
@@ -434,12 +440,13 @@ def summary_table(runs):
     head = (f"{'method':10s} {'rho%':>4s} {'n':>2s} " + " ".join(f"{h:>19s}" for _, h in keys) +
             f" {'paper':>6s} {'DeNetDM':>7s} {'best val':>8s} {'diverged':>8s}")
     lines = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at the best-val epoch;",
-             "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST); rho 90 = ceiling;",
-             "best val = mean best unbiased validation accuracy; diverged = runs whose val fell to <= 12 % (chance)",
+             "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST); "
+             "rho 90 = ceiling;", "best val = mean best unbiased validation accuracy; "
+             "diverged = runs whose val fell to <= 12 % (chance)",
              head, "-" * len(head)]
     for (m, rho), rs in grouped(runs):
         cells = [f"{mean_std([r[k] for r in rs], '.2f'):>19s}" for k, _ in keys]
-        n_div = sum(diverged(r["history"]) is not None for r in rs)    # recomputed: older runs lack the field
+        n_div = sum(diverged(r["history"]) is not None for r in rs)   # older runs lack the field
         lines.append(f"{m:10s} {rho:4g} {len(rs):2d} " + " ".join(cells) +
                      f" {paper_value(PAPER, m, rho):>6s} {paper_value(DENETDM, m, rho):>7s}"
                      f" {np.mean([r['val_acc_best'] for r in rs]):8.2f} {f'{n_div}/{len(rs)}':>8s}")
@@ -500,7 +507,7 @@ def protocol_of(cfg, dataset):
     them: runs are keyed by it, and runs that differ only in the other flags are the same run."""
     p = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.metadata["group"] in PROTOCOL_GROUPS}
     p["dataset"] = dataset
-    if not (cfg.lr and cfg.epochs):                        # the per-method table decides: it is part of the protocol
+    if not (cfg.lr and cfg.epochs):                        # the per-method table decides: protocol
         p["tuned"] = TUNED
     return p, protocol_key(p)
 
@@ -536,17 +543,22 @@ def run(cfg, methods, ratios, seeds, device):
             print(f"{tag}{m} rho={rho:g} seed={s}: finished earlier with protocol {key}, kept")
             continue
         mcfg = method_config(cfg, m)
-        rec, states = train_run(m, rho, s, coloured(rho, s), evalsets, mcfg, device, tag=tag, log=log)
+        rec, states = train_run(m, rho, s, coloured(rho, s), evalsets, mcfg, device, tag=tag,
+                                log=log)
         rec.update(dataset=dataset, protocol=key)
         div = f"  DIVERGED (val at chance from epoch {rec['diverged_epoch']})" if rec["diverged"] else ""
-        print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} (best val, ep "
-              f"{rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), conflicting {rec['conflicting_acc']:.2f}"
-              f"  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, {mcfg.epochs} epochs]{div}")
+        print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test "
+              f"{rec['unbiased_acc_best_val']:.2f} (best val, ep {rec['best_val_epoch']}) / "
+              f"{rec['unbiased_acc_last']:.2f} (last), "
+              f"conflicting {rec['conflicting_acc']:.2f}  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, "
+              f"{mcfg.epochs} epochs]{div}")
         if rec["diverged"]:
-            print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased validation accuracy "
-                  f"<= 12 % (chance 10 %) at epoch {rec['diverged_epoch']}", file=sys.stderr)
+            print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased "
+                  f"validation accuracy <= 12 % (chance 10 %) at epoch {rec['diverged_epoch']}",
+                  file=sys.stderr)
         settings = {k: getattr(mcfg, k) for k in ("lr", "epochs", "decay_every")}
-        torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings}, **states},
+        torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings},
+                    **states},
                    os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
         res["runs"].append(rec)
         write_json(path, res)                              # after every run: an interrupt keeps finished runs
@@ -574,7 +586,7 @@ def report(cfg):
 
 
 SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
-QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 20,  # its own protocol key, recorded as such
+QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 20,  # its own protocol key
          "out": "out/logit_correction_quick"}                              # and its own folder, as in the other files
 
 
@@ -583,8 +595,8 @@ class Config:
     methods: str = flag("erm,lc", "comma list of " + ", ".join(METHODS))
     ratios: str = flag("1", "comma list of bias-conflicting percentages rho in (0, 100)")
     seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
-    quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, 20 epochs, into "
-                       "out/logit_correction_quick (explicit flags win)")
+    quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, "
+                       "20 epochs, into out/logit_correction_quick (explicit flags win)")
     sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
                        % tuple(SWEEP.values()))
     data_dir: str = flag("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural",
@@ -593,14 +605,16 @@ class Config:
     n_val: int = flag(5000, "validation images (IDX data: held out of the 60k training images)", "data")
     n_test: int = flag(10000, "procedural test images", "data")
     data_seed: int = flag(0, "seed of the grey digits and of the val/test colours", "data")
-    mlp: str = flag("lc", "MLP: lc = LC's reference 2352-100-100-16-10, lff = LfF's 2352-100-100-100-10", "model",
-                    tuple(MLPS))
+    mlp: str = flag("lc", "MLP: lc = LC's reference 2352-100-100-16-10, lff = LfF's "
+                    "2352-100-100-100-10", "model", tuple(MLPS))
     epochs: int = flag(0, "training epochs per run; 0 = each method's own (TUNED)", "optimisation")
     batch_size: int = flag(256, "minibatch size", "optimisation")
-    lr: float = flag(0.0, "Adam learning rate of the main network; 0 = each method's own (TUNED)", "optimisation")
+    lr: float = flag(0.0, "Adam learning rate of the main network; 0 = each method's own (TUNED)",
+                     "optimisation")
     lr_b: float = flag(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
-    decay_every: int = flag(-1, "halve the learning rates every this many epochs (0 = constant, -1 = every fifth "
-                            "of the run's epochs: 4 of 20, 8 of 40, none under 5)", "optimisation")
+    decay_every: int = flag(-1, "halve the learning rates every this many epochs (0 = constant, "
+                            "-1 = every fifth of the run's epochs: 4 of 20, 8 of 40, none under 5)",
+                            "optimisation")
     q: float = flag(0.7, "GCE exponent q in (0, 1]", "method")
     prior_momentum: float = flag(0.995, "momentum of the bias-corrected moving average of Delta", "method")
     prior_eps: float = flag(1e-4, "floor of Delta before the log", "method")
@@ -620,7 +634,7 @@ class Config:
                     "output")
 
 
-PROTOCOL_GROUPS = ("data", "model", "optimisation", "method")   # the flags that change a run's numbers (protocol_of)
+PROTOCOL_GROUPS = ("data", "model", "optimisation", "method")   # flags that change numbers
 
 
 def parse_config(argv):
@@ -638,7 +652,7 @@ def parse_config(argv):
               (min(cfg.batch_size, cfg.n_train, cfg.n_val, cfg.n_test) >= 1 and cfg.epochs >= 0,
                "--batch-size, --n-train, --n-val and --n-test must be >= 1, --epochs >= 0"),
               (0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"),
-              (0 <= cfg.lr < math.inf, f"--lr {cfg.lr:g} must be >= 0 (0 = each method's own) and finite"),
+              (0 <= cfg.lr < math.inf, f"--lr {cfg.lr:g} must be >= 0 (0: TUNED) and finite"),
               (0 <= cfg.lr_b < math.inf, f"--lr-b {cfg.lr_b:g} must be >= 0 and finite"),
               (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"),
               (0 < cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),

@@ -10,32 +10,37 @@ over seeds and the margin chosen from them.
 # ---- logit_correction.py ----
 
 def lc_claim_runs(cache_dir, seed, methods=("erm", "lc")):
-    """ERM and LC at the claim's small scale: 5,000 procedural training images (50 bias-conflicting at rho = 1 %),
-    1,000 validation and 1,000 test images, 20 epochs, each method's tuned lr. {method: run record}."""
+    """ERM and LC at the claim's small scale: 5,000 procedural training images (50 bias-conflicting
+    at rho = 1 %), 1,000 validation and 1,000 test images, 20 epochs, each method's tuned lr.
+    Returns {method: run record}."""
     import torch
 
     import logit_correction as lc
     from data import digits
     grey = digits.grey_splits("", 5000, 1000, 1000, 0, str(cache_dir))
     train = [torch.from_numpy(v) for v in digits.coloured_train(grey, 1.0, seed)]
-    evalsets = {k: [torch.from_numpy(a) for a in v] for k, v in digits.coloured_eval(grey, 0).items()}
+    evalsets = {k: [torch.from_numpy(a) for a in v]
+                for k, v in digits.coloured_eval(grey, 0).items()}
     cfg = lc.parse_config(["--epochs", "20", "--log-every", "0"])[0]
-    return {m: lc.train_run(m, 1.0, seed, train, evalsets, lc.method_config(cfg, m), "cpu")[0] for m in methods}
+    return {m: lc.train_run(m, 1.0, seed, train, evalsets, lc.method_config(cfg, m), "cpu")[0]
+            for m in methods}
 
 
 def test_lc_beats_erm_at_rho_1_and_its_biased_net_finds_the_conflicting_images(tmp_path):
-    """LC - ERM at rho = 1 %, unbiased test accuracy at the best-validation epoch, seed 1, at the scale of
-    lc_claim_runs (about 30 s on one thread, digits rendered included); and the paper's mechanism (its Fig. 4):
-    LC gives the rare (bias-conflicting) training images margins about as large as the common ones'.
-    Measured at this scale (torch 2.13.0+cpu, one thread, 2026-12-06), seeds 1-5: ERM 32.6 / 27.8 / 29.1 / 26.7 /
-    29.6, LC 44.6 / 37.3 / 44.3 / 46.1 / 41.1, so LC - ERM +12.0 / +9.5 / +15.2 / +19.4 / +11.5 (mean +13.5,
-    sample std 3.8, smallest +9.5); margin: +5. LC's biased net flags the conflicting training images (pseudo-
-    attribute a_x != y) with recall 74 / 78 / 88 / 84 / 80 % at the last epoch; floor 60 %, and precision 100 %
-    at seeds 1-3; floor 80 % (a random a_x would flag 90 % of all images: recall alone proves nothing).
-    Minority / majority mean training margin (true groups, last epoch), seeds 1-3: LC 0.95 / 0.90 / 1.01, ERM
-    0.42 / 0.36 / 0.35; floor 0.75. With ln Delta set to 0, LC is ERM + Group MixUp: +6.3 / +7.6 / +8.4 over ERM
-    at seeds 1-3 (MixUp alone helps a 5k-image ERM, so the accuracy margin does not catch it), margin ratio
-    0.59 / 0.57 / 0.55 (the ratio does)."""
+    """LC - ERM at rho = 1 %, unbiased test accuracy at the best-validation epoch, seed 1, at the
+    scale of lc_claim_runs (about 30 s on one thread, digits rendered included); and the paper's
+    mechanism (its Fig. 4): LC gives the rare (bias-conflicting) training images margins about as
+    large as the common ones'.
+    Measured at this scale (torch 2.13.0+cpu, one thread, 2026-12-06), seeds 1-5: ERM 32.6 / 27.8 /
+    29.1 / 26.7 / 29.6, LC 44.6 / 37.3 / 44.3 / 46.1 / 41.1, so LC - ERM +12.0 / +9.5 / +15.2 /
+    +19.4 / +11.5 (mean +13.5, sample std 3.8, smallest +9.5); margin: +5.
+    LC's biased net flags the conflicting training images (pseudo-attribute a_x != y) with recall
+    74 / 78 / 88 / 84 / 80 % at the last epoch; floor 60 %; precision 100 % at seeds 1-3; floor 80 %
+    (a random a_x would flag 90 % of all images: recall alone proves nothing).
+    Minority / majority mean training margin (true groups, last epoch), seeds 1-3: LC 0.95 / 0.90 /
+    1.01, ERM 0.42 / 0.36 / 0.35; floor 0.75. With ln Delta set to 0, LC is ERM + Group MixUp:
+    +6.3 / +7.6 / +8.4 over ERM at seeds 1-3 (MixUp alone helps a 5k-image ERM, so the accuracy
+    margin does not catch it), margin ratio 0.59 / 0.57 / 0.55 (the ratio does)."""
     runs = lc_claim_runs(tmp_path, seed=1)
     erm, lcr = runs["erm"]["unbiased_acc_best_val"], runs["lc"]["unbiased_acc_best_val"]
     last = runs["lc"]["history"][-1]
