@@ -681,7 +681,7 @@ class Config:
     vit_layers: int = 4
     vit_steps: int = 400
     image_tokens: int = 9        # the patch grid average-pooled to a square: 9 = one ViT token per cell
-    tokens_per_cell: int = 4     # the projector writes each ViT token as this many LM tokens (M = 9 x 4)
+    tokens_per_cell: int = 2     # the projector writes each ViT token as this many LM tokens (M = 9 x 2)
     # frozen LM
     d_model: int = 64
     n_layer: int = 4
