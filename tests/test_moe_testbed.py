@@ -377,15 +377,20 @@ def test_accum_aux_gradient_equals_the_one_pass_computation(scope):
         mt.route_topk = real
     G = {"global": 1, "micro": 4, "sequence": 8}[scope]
     oracle = sum(slow_aux(probs[i], idx[i], G, cfg.aux_coef) for i in probs)
-    model.zero_grad()
-    oracle.backward()
-    assert aux4.item() == pytest.approx(oracle.item(), rel=1e-5)
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(g4[n], p.grad, rtol=1e-4, atol=1e-9, msg=n)
+    _assert_oracle(model, oracle, aux4, g4)
     if scope == "global":                                    # not vacuous: micro scope gives another gradient
         _, _, gm = _grads(mt.Config(**{**mt.asdict(cfg), "balance_scope": "micro"}), aux_only=True)
         assert any(not torch.allclose(gm[n], g4[n], rtol=1e-3) for n in g4 if n.endswith("router.weight"))
+
+
+def _assert_oracle(model, oracle, aux, grads):
+    """The aux loss and every parameter's gradient equal the oracle's (built on `model`'s graph)."""
+    model.zero_grad()
+    oracle.backward()
+    assert aux.item() == pytest.approx(oracle.item(), rel=1e-5)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(grads[n], p.grad, rtol=1e-4, atol=1e-9, msg=n)
 
 
 def test_accum_global_equals_accum_one_on_the_same_batch():
@@ -423,12 +428,7 @@ def test_running_scope_counts_the_micro_batches_seen_so_far():
     for i in range(len(probs)):
         seen = sum(counts[j] for j in range(i % n_layers, i + 1, n_layers))
         oracle = oracle + mt.aux_loss(probs[i], seen, cfg.aux_coef) / cfg.accum
-    model.zero_grad()
-    oracle.backward()
-    assert aux4.item() == pytest.approx(oracle.item(), rel=1e-5)
-    for n, p in model.named_parameters():
-        if p.grad is not None:
-            torch.testing.assert_close(g4[n], p.grad, rtol=1e-4, atol=1e-9, msg=n)
+    _assert_oracle(model, oracle, aux4, g4)
     _, _, gg = _grads(mt.Config(**{**mt.asdict(cfg), "balance_scope": "global"}), aux_only=True)
     assert any(not torch.allclose(gg[n], g4[n], rtol=1e-3)
                for n in g4 if n.endswith("router.weight"))
