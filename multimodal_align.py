@@ -50,7 +50,8 @@ from data.common import (BadInput, Block, RMSNorm, backbone_seed, batches, best_
                          log_metrics, mean_sd, mean_std, pad, pick_device, print_outputs, pyplot, save_bridge,
                          save_png, shapes_baselines, shapes_world,
                          text_ceiling_line, train_loop, validate_image_and_run, write_results)
-from data.shapes import QUESTION_TYPES, binding_controlled, binding_score, generate, scene_grid
+from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_controlled, binding_score, generate,
+                         oracle_reference, scene_grid)
 
 
 # Config, --quick and the command line: at the end of the file.
@@ -513,8 +514,8 @@ def run(cfg):
             binding = binding_score(per_type)
             r = dict(insert_layer=l, image=image, seed=seed, backbone_seed=bb["seed"], overall=overall,
                      binding_score=binding, per_type=per_type, holdout=hold, train_s=train_s, val=val,
-                     at_or_below_oracle=at_or_below(dict(per_type, binding=binding, overall=overall),
-                                                    base["test"]["bag_oracle"]),
+                     at_or_below_oracle=at_or_below_oracle(dict(per_type, binding=binding, overall=overall),
+                                                           base["test"]["bag_oracle"]),
                      **{k: c.get(k) for k in ("flops_saved_formula", "flops_saved_counted", "prefill_ms")})
             if l == 0:  # zero-retrain: the l = 0 model with the insertion moved deeper, no finetuning
                 sub = {k: v[:ZERO_RETRAIN_SCENES] for k, v in world["test"].items() if k != "images"}
@@ -543,16 +544,6 @@ def no_image_tokens(feats):
     return {s: v[:, :0] for s, v in feats.items()}
 
 
-def at_or_below(scores, oracle):
-    """scores: {question type, 'binding' or 'overall': accuracy} -> the keys where a model scores at or
-    below the bag-of-words oracle: there its score can come from the caption's words alone. [] without an
-    oracle (--data-dir)."""
-    if oracle is None:
-        return []
-    ref = dict(oracle, binding=binding_score(oracle))
-    return [k for k, v in scores.items() if k in ref and v is not None and v <= ref[k]]
-
-
 # ----------------------------------------------------------------------------------------------------
 # Output
 # ----------------------------------------------------------------------------------------------------
@@ -578,8 +569,7 @@ def report(cfg, res, layers, world):
     head = f"{'l':>19s} {'overall':>14s} {'binding':>14s} " + " ".join(f"{t:>14s}" for t in types) + \
         f" {'hold-out':>13s} {'FLOPs saved form./count.':>24s} {'prefill ms':>10s}"
     print("\n" + head + "\n" + "-" * len(head))
-    oracle = res["baselines"]["bag_oracle"]
-    ref = {} if oracle is None else dict(oracle, binding_score=binding_score(oracle))
+    ref = oracle_reference(res["baselines"]["bag_oracle"])
 
     def cell(rs, key, get):
         """mean ± std over seeds, * when the mean is at or below the bag-of-words oracle's score"""

@@ -65,7 +65,8 @@ from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, backbone_s
                          print_outputs, pyplot, save_bridge, save_png, shapes_baselines,
                          shapes_world, step_memory_mib, text_ceiling_line, train_loop,
                          validate_image_and_run, write_results)
-from data.shapes import QUESTION_TYPES, binding_score, generate, scene_grid
+from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, generate, oracle_reference,
+                         scene_grid)
 from data.shapes import caption as shapes_caption
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
@@ -625,7 +626,8 @@ def run(cfg):
                                      max_len, metrics)
             r.update(final_eval(model, feats, world_b, refs, vocab, device), backbone_seed=b)
             r["at_or_below_oracle"] = at_or_below_oracle(
-                dict(vqa=r["vqa"], binding_score=r["binding_score"], **r["per_type"]), base["test"])
+                dict(vqa=r["vqa"], binding_score=r["binding_score"], **r["per_type"]),
+                base["test"]["bag_oracle"])
             print(f"  {v} seed {seed}: VQA {r['vqa']:.3f}, binding {mean_std([r['binding_score']])} ("
                   + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
                   + f"), hold-out {'-' if r['holdout'] is None else format(r['holdout'], '.3f')}, BLEU-4 "
@@ -648,20 +650,6 @@ def run(cfg):
     return res
 
 
-def oracle_scores(base):
-    """The bag-of-words oracle's test scores under the keys of a run ('vqa', 'binding_score',
-    question types); {} without one (--data-dir)."""
-    o = base.get("bag_oracle")
-    return {} if o is None else dict(o, vqa=o["overall"], binding_score=binding_score(o))
-
-
-def at_or_below_oracle(scores, base):
-    """The keys of `scores` where a bridge scores at or below the bag-of-words oracle: there the
-    caption's words alone, without binding, score as much."""
-    ref = oracle_scores(base)
-    return [k for k, v in scores.items() if k in ref and v is not None and v <= ref[k]]
-
-
 CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
           "P_over_B2_seconds_to_target": "P / B2: seconds to target",
           "P_to_B2_final_samples_ratio": "P's samples to reach B2's final score / B2's samples",
@@ -678,7 +666,7 @@ def report(cfg, res, variants, world):
     by = {v: [r for r in runs if r["variant"] == v] for v in variants}
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in runs)]
     cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
-    ref = oracle_scores(res["baselines"]["test"])
+    ref = oracle_reference(res["baselines"]["test"]["bag_oracle"])
 
     def cell(xs, key):
         """mean ± std over seeds; * when the mean is at or below the bag-of-words oracle's"""

@@ -346,6 +346,22 @@ def binding_score(per_type):
     return float(np.mean(xs)) if xs else None
 
 
+def oracle_reference(oracle):
+    """The bag-of-words oracle's scores (its {type: acc, 'overall': acc}) under every name a run gives them:
+    question types, 'overall' = 'vqa', 'binding' = 'binding_score'; {} without an oracle (--data-dir)."""
+    if oracle is None:
+        return {}
+    b = binding_score(oracle)
+    return dict(oracle, vqa=oracle["overall"], binding=b, binding_score=b)
+
+
+def at_or_below_oracle(scores, oracle):
+    """scores: {name: accuracy} -> the names where a model scores at or below the bag-of-words oracle: there
+    its score can come from the caption's words alone, without binding. [] without an oracle."""
+    ref = oracle_reference(oracle)
+    return [k for k, v in scores.items() if k in ref and v is not None and v <= ref[k]]
+
+
 def baselines(test, seed=0, n_ref=20_000, ref=None):
     """The two data-only baselines on `test`, their tables fitted on n_ref fresh train-split scenes (no
     rendering; a seed the model's training data does not use), or on `ref` (e.g. a --data-dir train
