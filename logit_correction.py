@@ -41,7 +41,6 @@ epoch and run), ckpt/ (weights with their config), and acc_vs_conflicting.png an
 matplotlib is importable.
 Measured tables, commands and dates: docs/logit_correction.md.
 """
-import argparse
 import json
 import math
 import os
@@ -58,9 +57,9 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import digits
-from data.common import (BadInput, OneLineParser, log_metrics, mean_std, pick_device, progress, pyplot, save_png,
-                         set_threads, writable_dirs, write_json)
-from data.runs import by_protocol, flag, load_results, parse_flags, parse_list, protocol_key
+from data.run import (BadInput, by_protocol, flag, load_results, log_metrics, mean_std,
+                      parse_flags, parse_list, pick_device, progress, protocol_key, pyplot, save_png,
+                      set_threads, writable_dirs, write_json)
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
@@ -500,7 +499,7 @@ def plot_acc_vs_conflicting(runs, out_dir, plt):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# main: the grid of runs (results.json and skipping finished runs: data/runs.py), --report, then the CLI.
+# main: the grid of runs (results.json and skipping finished runs: data/run.py), --report, then the CLI.
 
 def protocol_of(cfg, dataset):
     """The settings that change a run's numbers (the data, optimisation and method flags), and a short hash of
@@ -639,9 +638,8 @@ PROTOCOL_GROUPS = ("data", "model", "optimisation", "method")   # flags that cha
 
 def parse_config(argv):
     """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work (BadInput)."""
-    p = OneLineParser(prog="logit_correction.py", description=__doc__.split("\n\n")[0], allow_abbrev=False,
-                      epilog=__doc__[__doc__.index("Examples:"):], formatter_class=argparse.RawDescriptionHelpFormatter)
-    cfg = parse_flags(Config, p, argv, presets=[("sweep", SWEEP), ("quick", QUICK)])   # explicit flags win
+    cfg = parse_flags(Config, argv, "logit_correction.py", __doc__, epilog=__doc__[__doc__.index("Examples:"):],
+                      presets=[("sweep", True, SWEEP), ("quick", True, QUICK)])      # explicit flags win
     methods = parse_list(cfg.methods, str, "methods")
     bad = [m for m in methods if m not in METHODS]
     if bad:

@@ -27,7 +27,6 @@ Shape legend (gpt-fast style suffixes):
     L = domains                     G = balancing groups, or experts in a reference group
 """
 
-import argparse
 import datetime
 import io
 import json
@@ -37,7 +36,7 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext, redirect_stderr
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 
 import multiprocessing
 import numpy as np
@@ -48,9 +47,9 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from data.common import (BadInput, OneLineParser, RMSNorm, autocast, keep_previous, linear_probe, log_metrics,
-                         mean_sd, mean_std, pick_device, progress, pyplot, rope, save_png, set_threads,
-                         writable_dirs, write_json)
+from data.layers import RMSNorm, rope
+from data.run import (BadInput, autocast, flag, parse_flags, keep_previous, linear_probe, log_metrics, mean_sd,
+                      mean_std, pick_device, progress, pyplot, save_png, set_threads, writable_dirs, write_json)
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
 from kernels import dispatch_route, moe_ffn
 
@@ -1157,90 +1156,73 @@ def cli(argv=None):
 
 # ---------------- CLI: every flag (default, help, choices) in Config; presets, validation, main
 
-def opt(default, help, choices=None):
-    return field(default=default, metadata=dict(help=help, choices=choices))
-
-
 @dataclass
 class Config:
-    experts: int = opt(8, "number of experts E per MoE layer")
-    top_k: int = opt(2, "experts per token K (every router; expert choice takes T*K/E tokens per expert)")
-    n_layer: int = opt(2, "transformer blocks")
-    moe_layers: str = opt("upper", "which blocks get an MoE FFN: 'upper' (upper half), 'all', or indices like '1,2'")
-    d_model: int = opt(128, "model width D")
-    n_head: int = opt(4, "attention heads")
-    expert_hidden: int = opt(128, "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)")
-    seq_len: int = opt(128, "bytes per training sequence")
-    batch_size: int = opt(32, "sequences per optimizer step, over all processes and micro-batches")
-    accum: int = opt(1, "micro-batches per optimizer step on each process (gradient accumulation): a micro-batch "
-                        "holds batch-size/(processes*accum) sequences")
-    steps: int = opt(1000, "optimizer steps")
-    lr: float = opt(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%%)")
-    warmup: int = opt(100, "warmup steps")
-    seed: int = opt(0, "seed for weights and batch order (the procedural languages are fixed, generated from seed 0)")
-    seeds: str = opt("", "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std")
-    router: str = opt("topk", "reference = domain-label oracle, topk = token choice, expert_choice (not causal), "
-                              "hash", ("reference", "topk", "expert_choice", "hash"))
-    reference_steps: int = opt(0, "topk only, a diagnostic: route by the domain label (as --router reference) "
+    experts: int = flag(8, "number of experts E per MoE layer", "model")
+    top_k: int = flag(2, "experts per token K (every router; expert choice takes T*K/E tokens per expert)", "model")
+    n_layer: int = flag(2, "transformer blocks", "model")
+    moe_layers: str = flag("upper", "which blocks get an MoE FFN: 'upper' (upper half), 'all', or indices like '1,2'", "model")
+    d_model: int = flag(128, "model width D", "model")
+    n_head: int = flag(4, "attention heads", "model")
+    expert_hidden: int = flag(128, "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)", "model")
+    seq_len: int = flag(128, "bytes per training sequence", "data")
+    batch_size: int = flag(32, "sequences per optimizer step, over all processes and micro-batches", "training")
+    accum: int = flag(1, "micro-batches per optimizer step on each process (gradient accumulation): a micro-batch "
+                        "holds batch-size/(processes*accum) sequences", "training")
+    steps: int = flag(1000, "optimizer steps", "training")
+    lr: float = flag(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%%)", "training")
+    warmup: int = flag(100, "warmup steps", "training")
+    seed: int = flag(0, "seed for weights and batch order (the procedural languages are fixed, generated from seed 0)", "training")
+    seeds: str = flag("", "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std", "training")
+    router: str = flag("topk", "reference = domain-label oracle, topk = token choice, expert_choice (not causal), "
+                              "hash", "routing and balancing", ("reference", "topk", "expert_choice", "hash"))
+    reference_steps: int = flag(0, "topk only, a diagnostic: route by the domain label (as --router reference) "
                                   "for the first N training steps, then learn (does a learned router keep a "
-                                  "domain routing it did not find?)")
-    reference_gate: str = opt("learned", "reference router: learned (top by router probability inside the group, "
-                                         "gates = probs) | uniform (round-robin in the group, gates 1/K)",
-                              ("learned", "uniform"))
-    balance: str = opt("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 selection bias",
-                       ("none", "aux", "aux_free"))
-    balance_scope: str = opt(
-        "global", "tokens the balancing is computed over: one sequence, one micro-batch, global = "
+                                  "domain routing it did not find?)", "routing and balancing")
+    reference_gate: str = flag("learned", "reference router: learned (top by router probability inside the group, "
+                                         "gates = probs) | uniform (round-robin in the group, gates 1/K)", "routing and balancing", ("learned", "uniform"))
+    balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 selection bias", "routing and balancing", ("none", "aux", "aux_free"))
+    balance_scope: str = flag("global", "tokens the balancing is computed over: one sequence, one micro-batch, global = "
         "the optimizer step (every micro-batch on every process; with --accum > 1 an extra no-grad "
         "forward per micro-batch counts the step first: ~+1/3 compute per micro-batch), or "
         "running = the step's micro-batches so far (Megatron-core's global_aux_loss; no extra "
-        "forward, only the last micro-batch sees the whole step)",
-        ("sequence", "micro", "global", "running"))
-    aux_coef: float = opt(0.01, "aux loss coefficient alpha")
-    z_coef: float = opt(0.001, "router z-loss coefficient (learned routers)")
-    bias_rate: float = opt(1e-3, "aux_free bias update rate gamma")
-    capacity_factor: float = opt(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity slots "
-                                      "dropped; 0 = dropless")
-    capacity_scope: str = opt("micro", "tokens one capacity spans (global: queues run across the step)",
-                              ("sequence", "micro", "global"))
-    norm_topk: bool = opt(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek form); default: raw "
-                                 "softmax probs")
-    dense: bool = opt(False, "train the dense baseline (FFN width K*H everywhere) instead of the MoE")
-    batch_order: str = opt("mixed", "mixed = random domain order in a batch, by_domain = batch sorted by domain "
-                                    "(a micro-batch holds few domains)", ("mixed", "by_domain"))
-    overlap: float = opt(0.1, "procedural data: probability a word is a loanword shared by all languages (0..1)")
-    train_bytes: int = opt(300_000, "procedural data: training bytes per domain")
-    data_dir: str = opt("", "real text instead of the procedural mix: DIR/<domain>/*.txt (UTF-8), >= 2 domains")
-    eval_seqs: int = opt(32, "held-out sequences per domain for evaluation")
-    log_every: int = opt(100, "steps between log lines, metrics.jsonl and routing-history records")
-    ckpt_every: int = opt(250, "steps between checkpoints")
-    sweep: str = opt("", "scopes = every router and scope, balance = aux loss over groups of 1, 2, 4, ... "
-                         "sequences, capacity = cf 1.0/1.25 x capacity scope with batches sorted by domain",
-                     ("scopes", "balance", "capacity"))
-    jobs: int = opt(1, "run a sweep's (or --seeds') configurations in this many worker processes")
-    bench: bool = opt(False, "time MoE vs dense training steps side by side in this process and print the ratio")
-    quick: bool = opt(False, "a tiny configuration, < 1 min on a 2-core CPU (same output; flags given win)")
-    stop_at: int = opt(0, "stop after this step as if interrupted (checkpoint only, no results); tests --resume")
-    out: str = opt(os.path.join("out", "moe_testbed"), "output folder: results.json, metrics.jsonl, PNGs (with "
-                                                       "matplotlib) and one subfolder per run with its checkpoint")
-    resume: bool = opt(False, "continue each run from its checkpoint in --out (finished runs are reused)")
-    device: str = opt("auto", "auto = cuda, then mps, else cpu", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = opt("float32", "bfloat16 = bf16 autocast (the router stays fp32)", ("float32", "bfloat16"))
-    threads: int = opt(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N each worker "
-                          "max(1, cores // N). The docs' numbers were measured with --threads 1")
-    compile: bool = opt(False, "torch.compile the attention blocks and the expert dispatch")
-    impl: str = opt("grouped", "expert dispatch in kernels.moe_ffn", ("grouped", "loop"))
-    preset: str = opt("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, "
-                             "compile", ("cpu", "gpu"))
+        "forward, only the last micro-batch sees the whole step)", "routing and balancing", ("sequence", "micro", "global", "running"))
+    aux_coef: float = flag(0.01, "aux loss coefficient alpha", "routing and balancing")
+    z_coef: float = flag(0.001, "router z-loss coefficient (learned routers)", "routing and balancing")
+    bias_rate: float = flag(1e-3, "aux_free bias update rate gamma", "routing and balancing")
+    capacity_factor: float = flag(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity slots "
+                                      "dropped; 0 = dropless", "routing and balancing")
+    capacity_scope: str = flag("micro", "tokens one capacity spans (global: queues run across the step)", "routing and balancing", ("sequence", "micro", "global"))
+    norm_topk: bool = flag(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek form); default: raw "
+                                 "softmax probs", "routing and balancing")
+    dense: bool = flag(False, "train the dense baseline (FFN width K*H everywhere) instead of the MoE", "model")
+    batch_order: str = flag("mixed", "mixed = random domain order in a batch, by_domain = batch sorted by domain "
+                                    "(a micro-batch holds few domains)", "data", ("mixed", "by_domain"))
+    overlap: float = flag(0.1, "procedural data: probability a word is a loanword shared by all languages (0..1)", "data")
+    train_bytes: int = flag(300_000, "procedural data: training bytes per domain", "data")
+    data_dir: str = flag("", "real text instead of the procedural mix: DIR/<domain>/*.txt (UTF-8), >= 2 domains", "data")
+    eval_seqs: int = flag(32, "held-out sequences per domain for evaluation", "data")
+    log_every: int = flag(100, "steps between log lines, metrics.jsonl and routing-history records", "runs and output")
+    ckpt_every: int = flag(250, "steps between checkpoints", "runs and output")
+    sweep: str = flag("", "scopes = every router and scope, balance = aux loss over groups of 1, 2, 4, ... "
+                         "sequences, capacity = cf 1.0/1.25 x capacity scope with batches sorted by domain", "runs and output", ("scopes", "balance", "capacity"), const="scopes")
+    jobs: int = flag(1, "run a sweep's (or --seeds') configurations in this many worker processes", "runs and output")
+    bench: bool = flag(False, "time MoE vs dense training steps side by side in this process and print the ratio", "runs and output")
+    quick: bool = flag(False, "a tiny configuration, < 1 min on a 2-core CPU (same output; flags given win)", "runs and output")
+    stop_at: int = flag(0, None, "runs and output")
+    out: str = flag(os.path.join("out", "moe_testbed"), "output folder: results.json, metrics.jsonl, PNGs (with "
+                                                       "matplotlib) and one subfolder per run with its checkpoint", "runs and output")
+    resume: bool = flag(False, "continue each run from its checkpoint in --out (finished runs are reused)", "runs and output")
+    device: str = flag("auto", "auto = cuda, then mps, else cpu", "machine", ("auto", "cpu", "cuda", "mps"))
+    dtype: str = flag("float32", "bfloat16 = bf16 autocast (the router stays fp32)", "machine", ("float32", "bfloat16"))
+    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N each worker "
+                          "max(1, cores // N). The docs' numbers were measured with --threads 1", "machine")
+    compile: bool = flag(False, "torch.compile the attention blocks and the expert dispatch", "machine")
+    impl: str = flag("grouped", "expert dispatch in kernels.moe_ffn", "machine", ("grouped", "loop"))
+    preset: str = flag("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, "
+                             "compile", "machine", ("cpu", "gpu"))
 
 
-GROUPS = {"model": "experts top_k n_layer moe_layers d_model n_head expert_hidden dense",
-          "routing and balancing": "router reference_gate reference_steps balance balance_scope aux_coef "
-                                   "z_coef bias_rate capacity_factor capacity_scope norm_topk",
-          "training": "batch_size accum steps lr warmup seed seeds",
-          "data": "seq_len overlap train_bytes data_dir eval_seqs batch_order",
-          "runs and output": "quick sweep jobs bench out resume log_every ckpt_every stop_at",
-          "machine": "device dtype threads compile impl preset"}
 
 PRESETS = {  # --preset: defaults for one kind of machine; flags given on the command line still win
     "cpu": {},
@@ -1306,24 +1288,8 @@ def validate(cfg, world=1):
 
 def parse_args(argv):
     """Flags -> Config: Config defaults, then the --preset's values, then --quick's, then the flags given."""
-    p = OneLineParser(prog="moe_testbed.py", description=__doc__.split("\n")[0], epilog=EPILOG, allow_abbrev=False,
-                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    preset_keys = {k for v in PRESETS.values() for k in v}
-    by_name = {f.name: f for f in fields(Config)}
-    for title, names in GROUPS.items():
-        grp = p.add_argument_group(title)
-        for f in (by_name[n] for n in names.split()):
-            flag, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS, help=f.metadata["help"])
-            if f.type is bool:                             # --compile / --no-compile: a preset's switch can be undone
-                grp.add_argument(flag, action=argparse.BooleanOptionalAction if f.name in preset_keys else
-                                 "store_true", **kw)
-                continue
-            if f.name == "sweep":
-                kw.update(nargs="?", const="scopes", help=kw["help"] + "; bare --sweep: scopes")
-            kw["help"] = argparse.SUPPRESS if f.name == "stop_at" else kw["help"] + f" (default: {f.default!r})"
-            grp.add_argument(flag, type=f.type, choices=f.metadata["choices"], **kw)   # stop_at: for tests only
-    given = vars(p.parse_args(argv))
-    return Config(**{**PRESETS[given.get("preset", "cpu")], **(QUICK if given.get("quick") else {}), **given})
+    return parse_flags(Config, argv, "moe_testbed.py", __doc__.split("\n")[0], epilog=EPILOG,
+                       presets=[("preset", "gpu", PRESETS["gpu"]), ("quick", True, QUICK)])
 
 
 def main(argv=None):

@@ -45,11 +45,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import vision
-from data.common import (BadInput, Block, RMSNorm, backbone_seed, batches, best_of_rounds_ms, cached_lm,
-                         check_numbers, cli, encode, exact_match, gate_or_stop, heatmap, keep_previous,
-                         log_metrics, mean_sd, mean_std, pad, pick_device, print_outputs, pyplot, save_bridge,
-                         save_png, shapes_baselines, shapes_world,
-                         text_ceiling_line, train_loop, validate_image_and_run, write_results)
+from data.layers import Block, RMSNorm, batches, encode, pad, train_loop
+from data.multimodal import (SHARED_HELP, backbone_seed, cached_lm, exact_match, gate_or_stop, save_bridge,
+                             shapes_baselines, shapes_world, text_ceiling_line, validate_image_and_run)
+from data.run import (BadInput, check_numbers, flag, heatmap, interleaved_ms, keep_previous, log_metrics,
+                      main as run_main, mean_sd, mean_std, parse_flags, pick_device, print_outputs, pyplot,
+                      save_png, write_results)
 from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_controlled, binding_score, generate,
                          oracle_reference, scene_grid)
 
@@ -60,14 +61,52 @@ from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_controlled,
 # The LM and the splice (the paper)
 # ----------------------------------------------------------------------------------------------------
 
+class LMBlock(Block):
+    """The shared block (data/layers.py) plus the two hooks deep insertion needs:
+    cache: a dict that receives this call's keys and values (and the last K-1 rows the conv needs) and, when
+        it holds some, is attended to first -- decoding one token at a time after the prefill;
+    prev_L: each position's predecessor for the conv (the masked reference: text skips the image slots)."""
+
+    def mix(self, z_BLC, prev_L=None, cache=None):
+        """z'_i = sum_k w_k * z_(k-th predecessor of i); predecessor = i-1 unless prev_L says otherwise, none
+        before the start (zero). With a cache, the last K-1 rows of z are kept for the next call."""
+        K, n_old = self.mix_w.shape[1], 0
+        if cache is not None:
+            if "z" in cache:
+                n_old = cache["z"].shape[1]
+                z_BLC = torch.cat([cache["z"], z_BLC], 1)
+            cache["z"] = z_BLC[:, -(K - 1):]
+        if prev_L is None:                                     # predecessor = i - 1: the shifted copies
+            return super().mix(z_BLC)[:, n_old:]
+        out = z_BLC * self.mix_w[:, 0]
+        idx = torch.arange(z_BLC.shape[1], device=z_BLC.device)
+        for k in range(1, K):
+            idx = torch.where(idx >= 0, prev_L[idx.clamp(min=0)], idx)                 # k-th predecessor
+            out = out + (z_BLC[:, idx.clamp(min=0)] * (idx >= 0)[None, :, None]) * self.mix_w[:, k]
+        return out[:, n_old:]
+
+    def forward(self, x_BLD, pos_L=None, mask_LL=None, cache=None, prev_L=None):
+        """mask_LL: boolean 'may attend' (overrides causal; the masked reference)."""
+        q, k, v = self.attn_qkv(x_BLD, pos_L, prev_L=prev_L, cache=cache)
+        if cache is not None and "k" in cache:
+            k, v = torch.cat([cache["k"], k], 2), torch.cat([cache["v"], v], 2)
+        if cache is not None:
+            cache["k"], cache["v"] = k, v
+        if mask_LL is not None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask_LL)
+        else:  # decoding one token with a cache: it may see everything cached
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal and q.shape[2] == k.shape[2])
+        return self.finish(x_BLD, y)
+
+
 class LM(nn.Module):
-    """Decoder-only LM (data/common.py Block: pre-norm, RoPE, causal) whose stack can be entered with
+    """Decoder-only LM (LMBlock: pre-norm, RoPE, causal) whose stack can be entered with
     extra (image) tokens at layer l."""
 
     def __init__(self, V, cfg):
         super().__init__()
         self.emb = nn.Embedding(V, cfg.d_model)
-        self.blocks = nn.ModuleList(Block(cfg.d_model, cfg.n_head, causal=True, mix=cfg.lm_mix)
+        self.blocks = nn.ModuleList(LMBlock(cfg.d_model, cfg.n_head, causal=True, mix=cfg.lm_mix)
                                     for _ in range(cfg.n_layer))
         self.norm = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, V, bias=False)
@@ -281,7 +320,7 @@ def pretrain_lm(world, vocab, cfg, device, metrics=None, seed=0):
     --lm-scenes fresh text-only scenes (the procedural world; --data-dir: its train split), all questions of a
     scene packed after its context in random order, loss = answer CE + 0.1 x next-token CE on every token
     (an answer is ~1 target in 14), --lm-lr, and Primer's conv in every block (--lm-mix).
-    seed: the LM's own seed (initialisation, text scenes, order; data/common.backbone_seed)."""
+    seed: the LM's own seed (initialisation, text scenes, order; data/multimodal.backbone_seed)."""
     torch.manual_seed(seed)
     lm = LM(len(vocab), cfg).to(device)
     src = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7 + seed, images=False)
@@ -301,7 +340,7 @@ def pretrain_lm(world, vocab, cfg, device, metrics=None, seed=0):
     return lm.eval()
 
 
-LM_CODE = (LM, qa_prompt, lm_texts, answer_mask, pretrain_lm)    # what builds the LM: part of its cache key
+LM_CODE = (LMBlock, LM, qa_prompt, lm_texts, answer_mask, pretrain_lm)    # what builds the LM: part of its cache key
 
 
 @torch.no_grad()
@@ -314,7 +353,7 @@ def text_ceiling(lm, ds, vocab, device, bs=256):
 
 
 def answer_hits(logits_fn, items, vocab, device, bs=256):
-    """Exact match of a one-word answer, the argmax at each prompt's last position (data/common.exact_match).
+    """Exact match of a one-word answer, the argmax at each prompt's last position (data/multimodal.exact_match).
     items: (index, prompt ids, answer id, type); logits_fn(indices, padded prompts) -> (B, T, V)."""
     def predict(chunk):
         logits = logits_fn([j for j, *_ in chunk], pad([p for _, p, _, _ in chunk], vocab["<pad>"]).to(device))
@@ -395,8 +434,8 @@ def qa_accuracy(model, feats, ds, vocab, l, device, bs=256):
 
 @torch.no_grad()
 def prefill_ms(lm, img_BMD, ids_BT, layers, rounds=15):
-    """Wall time (ms) of the block-stack prefill at each l, the l's interleaved (data/common.py)."""
-    return best_of_rounds_ms({l: lambda r, l=l: deep_insert_blocks(lm.blocks, lm.emb(ids_BT), img_BMD, l)
+    """Wall time (ms) of the block-stack prefill at each l, the l's interleaved (data/run.interleaved_ms)."""
+    return interleaved_ms({l: lambda r, l=l: deep_insert_blocks(lm.blocks, lm.emb(ids_BT), img_BMD, l)
                               for l in layers}, img_BMD.device, rounds)
 
 
@@ -466,7 +505,7 @@ def cost_table(lm, world, vocab, cfg, layers, device):
 
 def backbones(cfg, world, vocab, device, metrics, seed):
     """The world's training scenes and both frozen backbones for backbone seed `seed`
-    (data/common.backbone_seed; seed 0 = the world of load_world): the ViT (gate: minimal pairs) and the
+    (data/multimodal.backbone_seed; seed 0 = the world of load_world): the ViT (gate: minimal pairs) and the
     LM (gate: text ceiling). A failed gate stops the run here, before any bridge trains on it.
     -> dict(seed, world, vit, feats, lm, gates)."""
     if seed and not cfg.data_dir:
@@ -657,84 +696,58 @@ def figures(cfg, res, layers, world):
 # ----------------------------------------------------------------------------------------------------
 # Command line and input checks
 # ----------------------------------------------------------------------------------------------------
-
 @dataclass
 class Config:
-    # data
-    n_train: int = 6000
-    n_eval: int = 500            # test / hold-out scenes (about 5 questions each)
-    image_size: int = 48
-    data_dir: str = ""
-    # frozen ViT (data/vision.py)
-    patch: int = 8
-    vit_dim: int = 64
-    vit_layers: int = 4
-    vit_steps: int = 400
-    image_tokens: int = 9        # the patch grid average-pooled to a square: 9 = one ViT token per cell
-    tokens_per_cell: int = 2     # the projector writes each ViT token as this many LM tokens (M = 9 x 2)
-    # frozen LM
-    d_model: int = 64
-    n_layer: int = 4
-    n_head: int = 4
-    lm_mix: int = 3              # Primer's causal conv on q, k, v over this many tokens (1 = off)
-    lm_steps: int = 4500
-    lm_scenes: int = 50_000      # fresh text-only scenes for LM pretraining (not the bridge's training scenes)
-    lm_lr: float = 3e-3
-    # the bridge
-    stage1_steps: int = 200
-    stage2_steps: int = 800
-    eval_every: int = 100        # stage-2 steps between val evaluations (the best-val weights are kept)
-    batch_size: int = 64
-    lr: float = 3e-3
-    # the experiment
-    insert_layer: int = -1       # -1: the sweep {0, N/4, N/2, 3N/4} and the no-image control
-    seeds: str = "0"
-    vary_backbones: bool = False
-    ignore_gates: bool = False
-    align_groups: int = 128
-    knn_k: int = 10
-    prefill_batch: int = 256
-    device: str = "auto"
-    dtype: str = "float32"
-    compile: bool = False
-    threads: int = 0             # torch's CPU threads; 0 = torch's default (one per physical core)
-    quick: bool = False
-    out: str = os.path.join("out", "multimodal_align")
-    cache_dir: str = os.path.join("out", "cache")
+    n_train: int = flag(6000, SHARED_HELP["n_train"], "data")
+    n_eval: int = flag(500, "test and hold-out scenes (about 5 questions each)", "data")
+    image_size: int = flag(
+        48, "image side in pixels (procedural world; the ViT is pretrained at this size)", "data")
+    data_dir: str = flag("", SHARED_HELP["data_dir"], "data")
+    patch: int = flag(8, SHARED_HELP["patch"], "frozen backbones")
+    vit_dim: int = flag(64, SHARED_HELP["vit_dim"], "frozen backbones")
+    vit_layers: int = flag(4, SHARED_HELP["vit_layers"], "frozen backbones")
+    vit_steps: int = flag(400, SHARED_HELP["vit_steps"], "frozen backbones")
+    image_tokens: int = flag(
+        9, "ViT tokens given to the bridge (a square; the patch grid is average-pooled; 9 = one per cell)", "frozen backbones")
+    tokens_per_cell: int = flag(
+        2, "LM tokens the projector writes per ViT token (M = image_tokens x this)", "bridge")
+    d_model: int = flag(64, "LM width D", "frozen backbones")
+    n_layer: int = flag(4, "LM blocks N", "frozen backbones")
+    n_head: int = flag(4, "attention heads (LM and ViT)", "frozen backbones")
+    lm_mix: int = flag(3, "Primer conv over this many tokens in every LM block (1 = off)", "frozen backbones")
+    lm_steps: int = flag(4500, "LM pretraining steps", "frozen backbones")
+    lm_scenes: int = flag(50_000, SHARED_HELP["lm_scenes"], "frozen backbones")
+    lm_lr: float = flag(3e-3, SHARED_HELP["lm_lr"], "frozen backbones")
+    stage1_steps: int = flag(200, "stage 1 steps: projector only, captioning", "bridge")
+    stage2_steps: int = flag(
+        800, "stage 2 steps: projector + LM, QA and captions (at most: see --eval-every)", "bridge")
+    eval_every: int = flag(
+        100, "stage-2 steps between QA evaluations on the val split; the bridge keeps the weights of its "
+               "best val score (early stopping; 0 = keep the last weights)", "bridge")
+    batch_size: int = flag(64, "batch size of the bridge stages", "bridge")
+    lr: float = flag(3e-3, "AdamW learning rate of the bridge stages (the LM has --lm-lr)", "bridge")
+    insert_layer: int = flag(
+        -1, "layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control", "experiment")
+    seeds: str = flag("0", SHARED_HELP["seeds"], "experiment")
+    vary_backbones: bool = flag(False, SHARED_HELP["vary_backbones"], "experiment")
+    ignore_gates: bool = flag(False, SHARED_HELP["ignore_gates"], "experiment")
+    align_groups: int = flag(128, "groups of 8 scenes in the binding-controlled alignment set", "experiment")
+    knn_k: int = flag(10, "k of the mutual k-NN", "experiment")
+    prefill_batch: int = flag(256, "prompts in the prefill timing batch", "experiment")
+    device: str = flag("auto", SHARED_HELP["device"], "run", ("auto", "cpu", "cuda", "mps"))
+    dtype: str = flag("float32", SHARED_HELP["dtype"], "run", ("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile the LM blocks (opt-in)", "run")
+    threads: int = flag(0, SHARED_HELP["threads"], "run")
+    quick: bool = flag(False, SHARED_HELP["quick"], "run")
+    out: str = flag(os.path.join("out", "multimodal_align"), SHARED_HELP["out"], "run")
+    cache_dir: str = flag(
+        os.path.join("out", "cache"), "frozen backbones (shared ViT, LM), reused by every later run", "run")
 
 
 QUICK = dict(n_train=600, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, n_layer=4, lm_steps=150,
              lm_scenes=2000, stage1_steps=20, stage2_steps=40, eval_every=20, align_groups=16, knn_k=5,
              prefill_batch=16,
              out=os.path.join("out", "multimodal_align_quick"))
-
-
-HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files share (n_train, patch, device, ...)
-    n_eval="test and hold-out scenes (about 5 questions each)",
-    image_size="image side in pixels (procedural world; the ViT is pretrained at this size)",
-    image_tokens="ViT tokens given to the bridge (a square; the patch grid is average-pooled; 9 = one per cell)",
-    tokens_per_cell="LM tokens the projector writes per ViT token (M = image_tokens x this)",
-    d_model="LM width D", n_layer="LM blocks N", n_head="attention heads (LM and ViT)",
-    lm_mix="Primer conv over this many tokens in every LM block (1 = off)", lm_steps="LM pretraining steps",
-    stage1_steps="stage 1 steps: projector only, captioning",
-    stage2_steps="stage 2 steps: projector + LM, QA and captions (at most: see --eval-every)",
-    eval_every="stage-2 steps between QA evaluations on the val split; the bridge keeps the weights of its "
-               "best val score (early stopping; 0 = keep the last weights)",
-    batch_size="batch size of the bridge stages",
-    lr="AdamW learning rate of the bridge stages (the LM has --lm-lr)",
-    insert_layer="layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, N/2, 3N/4} + no-image control",
-    align_groups="groups of 8 scenes in the binding-controlled alignment set", knn_k="k of the mutual k-NN",
-    prefill_batch="prompts in the prefill timing batch",
-    compile="torch.compile the LM blocks (opt-in)",
-    cache_dir="frozen backbones (shared ViT, LM), reused by every later run",
-)
-GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
-          "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "n_layer",
-                               "n_head", "lm_mix", "lm_steps", "lm_scenes", "lm_lr"],
-          "bridge": ["tokens_per_cell", "stage1_steps", "stage2_steps", "eval_every", "batch_size", "lr"],
-          "experiment": ["insert_layer", "seeds", "vary_backbones", "ignore_gates", "align_groups", "knn_k",
-                         "prefill_batch"],
-          "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
 
 
 def validate(cfg):
@@ -754,7 +767,9 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "multimodal_align.py", groups=GROUPS, quick=QUICK)
+    """parse -> validate -> run -> report (validate and report: inside run)."""
+    cfg = parse_flags(Config, argv, "multimodal_align.py", __doc__, presets=[("quick", True, QUICK)])
+    return run_main("multimodal_align.py", run, cfg)
 
 
 if __name__ == "__main__":

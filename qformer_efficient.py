@@ -59,12 +59,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from data import t5lm, vision
-from data.common import (FFN, Attention, BadInput, RMSNorm, autocast, backbone_seed, batches,
-                         best_of_rounds_ms, check_numbers, cli, encode, exact_match, gate_or_stop,
-                         keep_previous, log_metrics, mean_sd, mean_std, pad, pick_device,
-                         print_outputs, pyplot, save_bridge, save_png, shapes_baselines,
-                         shapes_world, step_memory_mib, text_ceiling_line, train_loop,
-                         validate_image_and_run, write_results)
+from data.layers import FFN, Attention, RMSNorm, batches, encode, pad, train_loop
+from data.multimodal import (SHARED_HELP, backbone_seed, exact_match, gate_or_stop, save_bridge, shapes_baselines,
+                             shapes_world, step_memory_mib, text_ceiling_line, validate_image_and_run)
+from data.run import (BadInput, autocast, check_numbers, flag, interleaved_ms, keep_previous, log_metrics,
+                      main as run_main, mean_sd, mean_std, parse_flags, pick_device, print_outputs, pyplot,
+                      save_png, write_results)
 from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, generate, oracle_reference,
                          scene_grid)
 from data.shapes import caption as shapes_caption
@@ -382,7 +382,7 @@ def text_ceiling(lm, ds, vocab, device):
 
 
 def vqa(model, feats, items, vocab, device):
-    """Exact match of the first answer word on vqa_items: overall, per type (data/common.exact_match)."""
+    """Exact match of the first answer word on vqa_items: overall, per type (data/multimodal.exact_match)."""
     def predict(c):
         return model.answer(feats[[i for i, *_ in c]].to(device), [p for _, p, _, _ in c])
     return exact_match(predict, [(i, p, vocab.get(a, -1), t) for i, p, a, t in items], bs=512)
@@ -495,13 +495,13 @@ def summarise(runs, cfg):
 
 def interleaved_step_ms(models, stream, feats, cfg, device, rounds):
     """Forward + backward (ms) of each variant on the same batches, interleaved so that a busy spell of the
-    machine hits every variant alike (data/common.best_of_rounds_ms)."""
+    machine hits every variant alike (data/run.interleaved_ms)."""
     def step(m, r):
         scenes, prompts, targets = zip(*stream[r % len(stream)])
         with autocast(cfg, device):
             m.loss(feats[list(scenes)].to(device), list(prompts), list(targets)).backward()
         m.zero_grad(set_to_none=True)
-    return best_of_rounds_ms({v: lambda r, m=m: step(m, r) for v, m in models.items()}, device, rounds)
+    return interleaved_ms({v: lambda r, m=m: step(m, r) for v, m in models.items()}, device, rounds)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -583,7 +583,7 @@ def load_data(cfg):
 def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
     """The frozen ViT and LM of backbone seed `seed` (and, for seed > 0, the world's training
     scenes redrawn), each gate printed and checked before any bridge trains on them: a failing
-    backbone stops the run (data/common.gate_or_stop).
+    backbone stops the run (data/multimodal.gate_or_stop).
     -> (world, ViT tokens {split: (N, P, C)}, LM, gates)."""
     if seed and not cfg.data_dir:
         world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
@@ -755,86 +755,65 @@ def figures(cfg, res, variants, world):
 
 VARIANTS = ("B1", "B2", "P", "P-a", "P-b", "C0")
 
-
 @dataclass
 class Config:
-    # data (world v2 of data/shapes.py, or --data-dir)
-    n_train: int = 6000
-    n_eval: int = 500            # val / test / hold-out scenes, about 5 questions each
-    image_size: int = 48
-    data_dir: str = ""
-    # frozen ViT (data/vision.py; the same cache as multimodal_align.py)
-    patch: int = 8
-    vit_dim: int = 64
-    vit_layers: int = 4
-    vit_steps: int = 400
-    image_tokens: int = 9        # the patch grid pooled to 3x3: one token per cell
-    # frozen T5-style LM
-    d_model: int = 64
-    enc_layers: int = 3
-    dec_layers: int = 2
-    n_head: int = 4
-    lm_mix: int = 3              # Primer's causal conv on q, k, v in the encoder (1 = off)
-    lm_mix_init: float = 0.5     # std of the conv's taps on the predecessors at init (0: identity)
-    lm_steps: int = 3000
-    lm_scenes: int = 50_000
-    lm_batch: int = 256
-    lm_lr: float = 3e-3
-    # Q-Former
-    queries: int = 32
-    q_dim: int = 64
-    q_layers: int = 4
-    # the experiment
-    variants: str = "B1,B2,P"
-    stage1_steps: int = 300
-    steps: int = 2000
-    batch_size: int = 64
-    lr: float = 2e-3
-    caption_frac: float = 0.25
-    text_init: str = "lm"        # B1/B2's word embeddings start from the frozen LM's, or random
-    eval_every: int = 200
-    target_em: float = -1.0      # -1: 0.9 x the best final validation binding score of any variant
-    seeds: str = "0"
-    vary_backbones: bool = False
-    ignore_gates: bool = False
-    device: str = "auto"
-    dtype: str = "float32"
-    compile: bool = False
-    threads: int = 0             # torch's CPU threads; 0 = torch's default (one per physical core)
-    quick: bool = False
-    out: str = os.path.join("out", "qformer_efficient")
-    cache_dir: str = os.path.join("out", "cache")
+    n_train: int = flag(6000, SHARED_HELP["n_train"], "data")
+    n_eval: int = flag(500, "val / test / hold-out scenes (about 5 questions each)", "data")
+    image_size: int = flag(48, "image side in pixels", "data")
+    data_dir: str = flag("", SHARED_HELP["data_dir"], "data")
+    patch: int = flag(8, SHARED_HELP["patch"], "frozen backbones")
+    vit_dim: int = flag(64, SHARED_HELP["vit_dim"], "frozen backbones")
+    vit_layers: int = flag(4, SHARED_HELP["vit_layers"], "frozen backbones")
+    vit_steps: int = flag(400, SHARED_HELP["vit_steps"], "frozen backbones")
+    image_tokens: int = flag(
+        9, "image tokens P the Q-Former attends to (a square; the patch grid is pooled; 9 = one per cell)", "frozen backbones")
+    d_model: int = flag(64, "LM width E", "frozen backbones")
+    enc_layers: int = flag(3, "LM encoder blocks", "frozen backbones")
+    dec_layers: int = flag(2, "LM decoder blocks", "frozen backbones")
+    n_head: int = flag(4, "attention heads (all models)", "frozen backbones")
+    lm_mix: int = flag(3, "Primer conv over this many tokens in the LM encoder (1 = off)", "frozen backbones")
+    lm_mix_init: float = flag(
+        0.5, "std of the LM conv's random taps on the predecessors at init (0 = the identity)", "frozen backbones")
+    lm_steps: int = flag(3000, "text-only LM pretraining steps", "frozen backbones")
+    lm_scenes: int = flag(50_000, SHARED_HELP["lm_scenes"], "frozen backbones")
+    lm_batch: int = flag(
+        256, "LM pretraining batch (QA pairs; a quarter as many captions)", "frozen backbones")
+    lm_lr: float = flag(3e-3, SHARED_HELP["lm_lr"], "frozen backbones")
+    queries: int = flag(32, "learnable queries N_q", "Q-Former and its training")
+    q_dim: int = flag(64, "Q-Former width D", "Q-Former and its training")
+    q_layers: int = flag(
+        4, "Q-Former blocks (cross-attention in every other one)", "Q-Former and its training")
+    variants: str = flag(
+        "B1,B2,P", f"comma-separated, from {', '.join(VARIANTS)}", "Q-Former and its training")
+    stage1_steps: int = flag(300, "B1's stage 1 steps (ITC + ITM + ITG)", "Q-Former and its training")
+    steps: int = flag(2000, "stage 2 steps of every variant", "Q-Former and its training")
+    batch_size: int = flag(64, "batch size of stage 1 and stage 2", "Q-Former and its training")
+    lr: float = flag(2e-3, "AdamW learning rate (stages 1, 2)", "Q-Former and its training")
+    caption_frac: float = flag(
+        0.25, "fraction of stage 2 items that are captions (the rest are questions)", "Q-Former and its training")
+    text_init: str = flag(
+        "lm", "B1/B2's Q-Former word embeddings start from the frozen LM's input embeddings "
+              "(lm, as BLIP-2 starts from BERT) or at random", "Q-Former and its training", ("lm", "random"))
+    eval_every: int = flag(
+        200, "stage 2 steps between validation evaluations (the learning curve)", "experiment")
+    target_em: float = flag(
+        -1.0, "binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant", "experiment")
+    seeds: str = flag("0", SHARED_HELP["seeds"], "experiment")
+    vary_backbones: bool = flag(False, SHARED_HELP["vary_backbones"], "experiment")
+    ignore_gates: bool = flag(False, SHARED_HELP["ignore_gates"], "experiment")
+    device: str = flag("auto", SHARED_HELP["device"], "run", ("auto", "cpu", "cuda", "mps"))
+    dtype: str = flag("float32", SHARED_HELP["dtype"], "run", ("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile the Q-Former and LM blocks (opt-in)", "run")
+    threads: int = flag(0, SHARED_HELP["threads"], "run")
+    quick: bool = flag(False, SHARED_HELP["quick"], "run")
+    out: str = flag(os.path.join("out", "qformer_efficient"), SHARED_HELP["out"], "run")
+    cache_dir: str = flag(
+        os.path.join("out", "cache"), "frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py", "run")
 
 
 QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, enc_layers=2, dec_layers=1,
              lm_steps=400, lm_scenes=2000, lm_batch=64, queries=8, q_dim=32, q_layers=2, stage1_steps=20, steps=150,
              batch_size=32, eval_every=30, out=os.path.join("out", "qformer_efficient_quick"))
-
-HELP = dict(  # and data/common.SHARED_HELP: the flags both multimodal files share (n_train, patch, device, ...)
-    n_eval="val / test / hold-out scenes (about 5 questions each)", image_size="image side in pixels",
-    image_tokens="image tokens P the Q-Former attends to (a square; the patch grid is pooled; 9 = one per cell)",
-    d_model="LM width E", enc_layers="LM encoder blocks", dec_layers="LM decoder blocks",
-    n_head="attention heads (all models)", lm_mix="Primer conv over this many tokens in the LM encoder (1 = off)",
-    lm_mix_init="std of the LM conv's random taps on the predecessors at init (0 = the identity)",
-    lm_steps="text-only LM pretraining steps", lm_batch="LM pretraining batch (QA pairs; a quarter as many captions)",
-    queries="learnable queries N_q", q_dim="Q-Former width D", q_layers="Q-Former blocks (cross-attention in every other one)",
-    variants=f"comma-separated, from {', '.join(VARIANTS)}", stage1_steps="B1's stage 1 steps (ITC + ITM + ITG)",
-    steps="stage 2 steps of every variant", batch_size="batch size of stage 1 and stage 2", lr="AdamW learning rate (stages 1, 2)",
-    caption_frac="fraction of stage 2 items that are captions (the rest are questions)",
-    text_init="B1/B2's Q-Former word embeddings start from the frozen LM's input embeddings "
-              "(lm, as BLIP-2 starts from BERT) or at random",
-    eval_every="stage 2 steps between validation evaluations (the learning curve)",
-    target_em="binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant",
-    compile="torch.compile the Q-Former and LM blocks (opt-in)",
-    cache_dir="frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py")
-GROUPS = {"data": ["n_train", "n_eval", "image_size", "data_dir"],
-          "frozen backbones": ["patch", "vit_dim", "vit_layers", "vit_steps", "image_tokens", "d_model", "enc_layers",
-                               "dec_layers", "n_head", "lm_mix", "lm_mix_init", "lm_steps",
-                               "lm_scenes", "lm_batch", "lm_lr"],
-          "Q-Former and its training": ["queries", "q_dim", "q_layers", "variants", "stage1_steps", "steps",
-                                        "batch_size", "lr", "caption_frac", "text_init"],
-          "experiment": ["eval_every", "target_em", "seeds", "vary_backbones", "ignore_gates"],
-          "run": ["device", "dtype", "compile", "threads", "quick", "out", "cache_dir"]}
 
 
 def validate(cfg):
@@ -860,8 +839,9 @@ def validate(cfg):
 
 
 def main(argv=None):
-    return cli(argv, Config, HELP, __doc__, run, "qformer_efficient.py", groups=GROUPS, quick=QUICK,
-               choices=dict(text_init=("lm", "random")))
+    """parse -> validate -> run -> report (validate and report: inside run)."""
+    cfg = parse_flags(Config, argv, "qformer_efficient.py", __doc__, presets=[("quick", True, QUICK)])
+    return run_main("qformer_efficient.py", run, cfg)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ from collections import Counter
 
 import numpy as np
 
+from data.run import pyplot, save_png
+
 SHAPES = ("square", "triangle", "cross", "ring", "x")
 COLOURS = {  # name: RGB
     "red": (220, 40, 40), "green": (40, 190, 60), "blue": (50, 80, 230), "yellow": (235, 220, 50),
@@ -469,7 +471,6 @@ def load_dir(path):
 def scene_grid(ds, path, n=8, cols=4, title=""):
     """A PNG of the first n scenes of a dataset dict, each with its caption and first question and answer
     (what the models see). -> path, or None when matplotlib is not installed (it is optional)."""
-    from data.common import pyplot, save_png  # here, not at the top: data/common.py imports this module
     plt = pyplot()
     n = min(n, len(ds["images"]))
     if plt is None or n == 0:

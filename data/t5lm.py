@@ -9,7 +9,7 @@ Text formats (what the bridge's prompts must match):
 The Q-Former takes the place of "context: <caption>": as a soft prefix of the encoder input (BLIP-2), or
 next to the encoded prompt in the decoder's memory (the grounded Q-Former).
 
-Why this shape (docs/qformer_efficient.md has the runs): the encoder's blocks are data/common.Block,
+Why this shape (docs/qformer_efficient.md has the runs): the encoder's blocks are data/layers.Block,
 bidirectional, with RoPE and Primer's *causal* depthwise conv on q, k, v (kernel 3). A key then also carries
 the two words before it, so "the shape word just before <cell>" is one attention hop. Without the conv the
 shape-at-cell and position lookups stay near 0.5; with a centred conv, position stalls near 0.8 (a key
@@ -23,13 +23,12 @@ cross-attention to the memory, FFN; tied output head, scaled as T5's.
 Shapes: B = batch, T = target tokens, L = memory (encoder) length, E = width, V = vocabulary.
 """
 
-import sys
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import FFN, Attention, Block, RMSNorm, batches, cached_lm, encode, pad, train_loop
+from data.layers import FFN, Attention, Block, RMSNorm, batches, encode, pad, train_loop
+from data.multimodal import cached_lm
 from data.shapes import generate
 
 CAPTION_PROMPT = "caption:"
@@ -114,7 +113,7 @@ def seq2seq_loss(lm, pairs, vocab, device):
 def pretrain(world, vocab, cfg, device, metrics=None, seed=0):
     """--lm-scenes fresh text-only scenes (--data-dir: its train split); each step a batch of
     --lm-batch QA pairs and a quarter as many caption pairs; AdamW at cfg.lm_lr, 5% warm-up, cosine
-    (data/common.train_loop). seed: the initialisation, the scenes and the batch order (0: the
+    (data/layers.train_loop). seed: the initialisation, the scenes and the batch order (0: the
     default LM)."""
     torch.manual_seed(seed)
     lm = T5LM(len(vocab), cfg).to(device)
@@ -143,4 +142,7 @@ def load_or_pretrain(world, vocab, cfg, device, metrics=None, seed=0):
             "lm_scenes", "lm_batch", "lm_lr", "dtype")
     return cached_lm(world, vocab, cfg, keys, f"t5lm_seed{seed}", lambda: T5LM(len(vocab), cfg),
                      lambda: pretrain(world, vocab, cfg, device, metrics, seed), device,
-                     code=(sys.modules[__name__],))
+                     code=LM_CODE)
+
+
+LM_CODE = (DecoderLayer, T5LM, qa_prompt, lm_pairs, seq2seq_loss, pretrain)   # what builds the LM: its cache key

@@ -22,7 +22,6 @@ Shapes: B = batch, P = patches, C = width, K = cells (9).
 
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -30,8 +29,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.common import (LAYER_CODE, Block, RMSNorm, batches, build_key, gate_or_stop, hash_str,
-                         linear_probe, train_loop)
+from data.layers import LAYER_CODE, Block, RMSNorm, batches, train_loop
+from data.multimodal import build_key, gate_or_stop, hash_str
+from data.run import linear_probe
 from data.shapes import COLOURS, SHAPES, SIZES, generate, parse_caption
 
 GRID = 3                      # cells per side
@@ -237,11 +237,16 @@ def gates(vit, heads, vc, device, seed=0, probe_train=None):
     return dict(minimal_pairs=mp, cell_probe=cell_probe(vit, sub, held, device))
 
 
+# what builds the encoder and its stored gate report: part of its cache key
+VISION_CODE = (VisionConfig, sincos_2d, ViT, pool_grid, CellHeads, cell_targets, cell_logp, caption_score,
+               minimal_pair, minimal_pair_accuracy, cell_probe, pretrain, gates)
+
+
 def load_or_pretrain(vc, cache_dir, device, seed=0, log=print, metrics=None):
     """The shared encoder: loaded from cache_dir when a checkpoint for this exact config exists, else
     pretrained and saved there. -> (vit, heads, report); report['trained'] says which happened."""
-    tag = "_".join(f"{k}={v}" for k, v in asdict(vc).items()) + f"_seed={seed}_" + build_key(sys.modules[__name__],
-                                                                                           *LAYER_CODE)
+    tag = ("_".join(f"{k}={v}" for k, v in asdict(vc).items()) + f"_seed={seed}_"
+           + build_key(*VISION_CODE, *LAYER_CODE))
     path = os.path.join(cache_dir, f"vision_{hash_str(tag):016x}.pt")
     vit, heads = ViT(vc).to(device), CellHeads(vc.dim).to(device)
     if os.path.exists(path):
@@ -265,9 +270,9 @@ def gate_line(report):
 
 def frozen_tokens(cfg, world, device, metrics=None, seed=0):
     """The encoder as both paper files use it: loaded from --cache-dir (or pretrained and saved there),
-    its gate printed with PASS / FAIL (a FAIL stops the run: data/common.gate_or_stop), and its tokens
+    its gate printed with PASS / FAIL (a FAIL stops the run: data/multimodal.gate_or_stop), and its tokens
     for every split with scenes, the patch grid pooled to cfg.image_tokens (a square). seed: the
-    encoder's own seed (its initialisation, pretraining scenes and batches; data/common.backbone_seed).
+    encoder's own seed (its initialisation, pretraining scenes and batches; data/multimodal.backbone_seed).
     -> (vit, {split: (N, P, C)}, the gates for results.json)."""
     vit, _, rep = load_or_pretrain(config_for(cfg), cfg.cache_dir, device, seed=seed,
                                    metrics=metrics)

@@ -144,3 +144,14 @@ def test_cached_procedural_split_is_identical_on_reload(tmp_path):
     xr, yr = digits.procedural_split(40, 5)
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and np.array_equal(y1, yr)
     assert x1.dtype == np.float32 and np.abs(x1 - xr).max() <= 0.5 / 255 + 1e-6     # uint8 quantisation only
+
+
+def test_ratio_problem_follows_the_colouring_rounding():
+    y = np.repeat(np.arange(10), 30)                       # 30 images per class
+    assert digits.ratio_problem(y, [5.0]) is None          # round(1.5) = 2 conflicting images per class
+    assert "--ratios 1:" in digits.ratio_problem(y, [5.0, 1.0])   # round(0.3) = 0
+    assert digits.ratio_problem(y, [1.0]).endswith("use rho >= 1.67")
+    for r in (1.0, 5.0):                                   # the check agrees with what the colouring does
+        a = digits.biased_attributes(y, r, np.random.default_rng(0))
+        assert ((a != y).sum() == 0) == (digits.ratio_problem(y, [r]) is not None)
+    assert "class without images" in digits.ratio_problem(np.zeros(5, int), [50.0])

@@ -278,17 +278,17 @@ def test_qa_batch_targets_the_answer_after_the_prompt():
         assert (tgt[j, : len(p) - 1] == 0).all() and (tgt[j, len(p) + 1:] == 0).all()
 
 
-
-
 def test_primer_mix_equals_a_plain_loop():
-    """data/common.Block(mix=K): z'_i = sum_k w_k * z_(i-k), zero before the start; the gather path (used by the
-    masked reference with its own predecessors) agrees with the shift path; decoding with a cache agrees too."""
+    """LMBlock(mix=K), the shared data/layers.Block with the deep-insert hooks: z'_i = sum_k w_k * z_(i-k), zero
+    before the start; the gather path (used by the masked reference with its own predecessors) agrees with the
+    shift path; decoding with a cache agrees too; the plain Block's mix is the same shift."""
     torch.manual_seed(0)
-    blk = mma.Block(8, 2, causal=True, mix=3).double()
+    blk = mma.LMBlock(8, 2, causal=True, mix=3).double()
     blk.mix_w.data.normal_()
     z = torch.randn(2, 6, 24, dtype=torch.float64)
     want = torch.stack([sum(blk.mix_w[:, k] * z[:, i - k] for k in range(3) if i - k >= 0) for i in range(6)], 1)
     torch.testing.assert_close(blk.mix(z), want)
+    torch.testing.assert_close(mma.Block.mix(blk, z), want)
     torch.testing.assert_close(blk.mix(z, prev_L=torch.arange(6) - 1), want)
     cache = {}
     steps = [blk.mix(z[:, :4], cache=cache)] + [blk.mix(z[:, i:i + 1], cache=cache) for i in (4, 5)]

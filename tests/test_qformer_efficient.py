@@ -398,7 +398,7 @@ def test_prefix_variants_train_the_qformer_through_the_frozen_encoder(variant):
 
 def test_lm_conv_starts_mixing_unless_told_not_to():
     """--lm-mix-init: the LM encoder's conv taps on the two predecessors start random (std as
-    given); 0 keeps data/common.Block's identity start."""
+    given); 0 keeps data/layers.Block's identity start."""
     torch.manual_seed(0)
     w = [b.mix_w for b in t5lm.T5LM(V, qfe.Config(**UNIT, lm_mix=3, lm_mix_init=0.5)).enc]
     assert all(torch.equal(x[:, 0], torch.ones(len(x))) and 0.3 < x[:, 1:].std() < 0.7 for x in w)

@@ -1,0 +1,53 @@
+"""data/multimodal.py: the frozen-LM cache (its config stored, keyed by the building code and the thread count)
+and the gates that stop a run. CPU, milliseconds."""
+import pytest
+import torch
+
+from data.multimodal import GateFailed, build_key, cached_lm, gate_or_stop
+
+
+def test_cached_lm_saves_its_config_and_still_reads_bare_caches(tmp_path):
+    from types import SimpleNamespace
+
+    cfg = SimpleNamespace(cache_dir=str(tmp_path), data_dir="", d_model=4)
+    calls = []
+
+    def train():
+        calls.append(1)
+        torch.manual_seed(len(calls))
+        return torch.nn.Linear(2, 2)
+
+    args = (None, {"<unk>": 0}, cfg, ["d_model"], "lm", lambda: torch.nn.Linear(2, 2), train, torch.device("cpu"))
+    a = cached_lm(*args)
+    (path,) = tmp_path.glob("lm_*.pt")
+    ck = torch.load(path, weights_only=True)
+    assert ck["config"] == {"d_model": 4} and ck["vocab"] == {"<unk>": 0}
+    b = cached_lm(*args)                                   # loaded, not retrained
+    assert len(calls) == 1 and torch.equal(a.weight, b.weight)
+    torch.save(a.state_dict(), path)                       # a cache written before configs were stored
+    assert torch.equal(cached_lm(*args).weight, a.weight) and len(calls) == 1
+
+
+def test_build_key_changes_with_the_code_and_the_thread_count():
+    import data.t5lm as t5lm
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = build_key(t5lm)
+        torch.set_num_threads(2)
+        two = build_key(t5lm)
+    finally:
+        torch.set_num_threads(before)
+    assert one != two and one.endswith("threads=1") and two.endswith("threads=2")
+    assert build_key(t5lm.T5LM) != build_key(t5lm.pretrain)          # the source is what is hashed
+    assert build_key(t5lm) == build_key(t5lm)
+
+
+def test_a_failed_gate_stops_unless_quick_or_ignore_gates(capsys):
+    from types import SimpleNamespace as NS
+    with pytest.raises(GateFailed, match=r"failed its gate \(frozen LM text ceiling \(x\): shape 0.5 -> FAIL\)"):
+        gate_or_stop(NS(ignore_gates=False, quick=False), False, "frozen LM text ceiling (x): shape 0.5 -> FAIL")
+    for cfg in (NS(ignore_gates=True, quick=False), NS(ignore_gates=False, quick=True)):
+        gate_or_stop(cfg, False, "vision encoder: minimal pairs 0.5 -> FAIL")
+    gate_or_stop(NS(ignore_gates=False, quick=False), True, "ok -> PASS")
+    assert capsys.readouterr().out.count("\n") == 4

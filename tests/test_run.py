@@ -1,0 +1,166 @@
+"""The run harness (data/run.py): flags and presets (the flags given win), one-line errors and exit codes,
+progress output, metrics.jsonl, device, threads, mean ± sample std, comma lists, the protocol key, a
+results.json that is refused when it is not one, the one timing statistic. CPU, milliseconds."""
+import json
+from dataclasses import dataclass
+
+import numpy as np
+import pytest
+import torch
+
+from data.run import (BadInput, Stopped, by_protocol, check_numbers, flag, interleaved_ms, load_results, log_metrics,
+                      main as run_main, mean_sd, mean_std, parse_flags, parse_list, pick_device, progress,
+                      protocol_key, set_threads)
+
+
+@dataclass
+class Cfg:
+    quick: bool = flag(False, "small")
+    sweep: bool = flag(False, "large")
+    fast: bool = flag(False, "a switch a preset may undo")
+    epochs: int = flag(20, "epochs", "optimisation")
+    lr: float = flag(0.1, "learning rate", "optimisation")
+    pool: str = flag("batch", "where from", "method", ("batch", "global"))
+    preset: str = flag("cpu", "machine", "method", ("cpu", "gpu"))
+    mode: str = flag("", "bare --mode: all", "method", const="all")
+    hidden: int = flag(0, None)
+
+
+PRESETS = [("preset", "gpu", {"epochs": 100, "fast": True}), ("sweep", True, {"epochs": 50}),
+           ("quick", True, {"epochs": 3, "lr": 0.5})]
+DOC = "Title line.\n\n    python x.py --lr 2   # an example\nnot an example: python\n"
+
+
+def parse(argv):
+    return parse_flags(Cfg, argv, "x.py", DOC, PRESETS)
+
+
+def test_parse_flags_order_defaults_then_presets_then_flags_given():
+    assert parse([]) == Cfg()
+    assert parse(["--quick"]) == Cfg(quick=True, epochs=3, lr=0.5)
+    assert parse(["--sweep", "--quick"]) == Cfg(quick=True, sweep=True, epochs=3, lr=0.5)   # later preset wins
+    assert parse(["--quick", "--epochs", "7"]) == Cfg(quick=True, epochs=7, lr=0.5)         # explicit flags win
+    assert parse(["--epochs", "7", "--quick"]) == Cfg(quick=True, epochs=7, lr=0.5)         # wherever they stand
+    assert parse(["--preset", "gpu"]) == Cfg(preset="gpu", epochs=100, fast=True)
+    assert parse(["--preset", "gpu", "--no-fast", "--quick"]) == Cfg(preset="gpu", quick=True, epochs=3, lr=0.5)
+    assert parse(["--mode"]).mode == "all" and parse(["--mode", "x"]).mode == "x" and parse(["--hidden", "3"]).hidden == 3
+    with pytest.raises(SystemExit):
+        parse(["--pool", "all"])                                                               # choices
+    with pytest.raises(SystemExit):
+        parse(["--no-quick"])                                            # --no-x only where a preset sets x
+
+
+def test_parse_flags_help_groups_defaults_and_examples(capsys):
+    with pytest.raises(SystemExit):
+        parse(["--help"])
+    out = capsys.readouterr().out
+    assert "learning rate (default: 0.1)" in out and "where from (default: batch)" in out
+    assert "--fast, --no-fast" in out and "--hidden" not in out and "bare --mode: all (default: -)" in out
+    assert out.index("optimisation:") < out.index("method:")
+    assert out.endswith("examples:\n  python x.py --lr 2   # an example\n")
+
+
+def test_one_line_errors_and_exit_codes(capsys):
+    def bad():
+        raise BadInput("--lr must be positive")
+
+    def stop():
+        raise Stopped("a gate failed")
+    for fn, code, line in ((bad, 2, "x.py: error: --lr must be positive"), (stop, 3, "x.py: stopped: a gate failed")):
+        with pytest.raises(SystemExit) as e:
+            run_main("x.py", fn)
+        assert e.value.code == code and capsys.readouterr().err == line + "\n"
+    with pytest.raises(SystemExit) as e:
+        parse(["--bogus"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_check_numbers_names_the_flag():
+    check_numbers(Cfg(), ("lr",), at_least_0=("epochs",))
+    for cfg, msg in ((Cfg(epochs=-1), "--epochs must be >= 0, got -1"), (Cfg(lr=float("nan")), "--lr must be positive"),
+                     (Cfg(lr=float("inf")), "--lr must be positive and finite, got inf")):
+        with pytest.raises(BadInput, match=msg):
+            check_numbers(cfg, ("lr",), at_least_0=("epochs",))
+
+
+def test_interleaved_ms_is_the_median_of_the_rounds():
+    import time as _t
+    calls = []
+
+    def slow_once(r):
+        calls.append(r)
+        _t.sleep(0.2 if r == 3 else 0.0)
+    ms = interleaved_ms({"a": slow_once}, "cpu", rounds=5, warmup=1)
+    assert calls == [0, 1, 2, 3, 4, 5] and ms["a"] < 50           # one slow round does not move the median
+
+
+def test_progress_without_a_terminal_prints_lines_not_carriage_returns(capsys):
+    bar = progress(range(40), "demo")                      # pytest captures stderr: not a terminal
+    seen = []
+    for i in bar:
+        bar.set_postfix(loss=i)
+        seen.append(i)
+    err = capsys.readouterr().err
+    assert seen == list(range(40)) and "\r" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 10 and lines[0].startswith("demo: 4/40") and lines[0].endswith("loss=3")
+    assert lines[-1].startswith("demo: 40/40")
+
+
+def test_progress_resumed_and_quiet(capsys):
+    for _ in progress(range(5, 25), "r", total=25, initial=5):
+        pass
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines[0].startswith("r: 7/25") and lines[-1].startswith("r: 25/25")
+    for _ in progress(range(30), "q", quiet=True):
+        pass
+    assert capsys.readouterr().err == ""
+
+
+def test_log_metrics_appends(tmp_path):
+    p = str(tmp_path / "metrics.jsonl")
+    log_metrics(p, run="a", step=1, loss=2.0)
+    log_metrics(p, run="b", step=1, loss=1.5)
+    recs = [json.loads(line) for line in open(p)]
+    assert recs == [{"run": "a", "step": 1, "loss": 2.0}, {"run": "b", "step": 1, "loss": 1.5}]
+
+
+def test_mean_sd_is_the_sample_std():
+    m, sd = mean_sd([1.0, 2.0, 4.0])
+    assert m == pytest.approx(7 / 3) and sd == pytest.approx(np.std([1, 2, 4], ddof=1))
+    assert mean_sd([3.0]) == (3.0, None)
+    assert mean_std([1.0, 3.0], ".1f") == "2.0 ± 1.4" and mean_std([]) == "-"
+
+
+def test_device_and_threads_bad_input():
+    assert pick_device("cpu") == torch.device("cpu")
+    with pytest.raises(BadInput, match="expected auto, cpu, cuda or mps"):
+        pick_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(BadInput, match="--device cuda"):
+            pick_device("cuda")
+    with pytest.raises(BadInput, match="--threads"):
+        set_threads(-1)
+
+
+def test_parse_list_and_protocol_key():
+    assert parse_list("1, 2,", int, "seeds") == [1, 2]
+    for s, msg in (("1,x", "--seeds: cannot parse '1,x'"), (",", "--seeds: empty list")):
+        with pytest.raises(BadInput, match=msg):
+            parse_list(s, int, "seeds")
+    assert protocol_key({"a": 1, "b": [2]}) == protocol_key({"b": [2], "a": 1}) != protocol_key({"a": 2, "b": [2]})
+    assert len(protocol_key({})) == 8
+
+
+def test_load_results_and_by_protocol(tmp_path):
+    path = tmp_path / "results.json"
+    assert load_results(str(path)) == {"runs": []}
+    for text in ("{not json", '{"runs": {}}'):
+        path.write_text(text)
+        with pytest.raises(BadInput, match="move it away"):
+            load_results(str(path))
+    res = {"runs": [{"protocol": "b", "x": 1}, {"protocol": "a", "x": 2}, {"protocol": "b", "x": 3}],
+           "protocols": {"a": {"lr": 1}}}
+    path.write_text(json.dumps(res))
+    assert list(by_protocol(load_results(str(path)))) == [("a", {"lr": 1}, [res["runs"][1]]),
+                                                          ("b", {}, [res["runs"][0], res["runs"][2]])]
