@@ -4,11 +4,13 @@ that builds the LM and the thread count), the gates a frozen backbone must pass 
 bridge checkpoints, and the training-memory estimate. The flags both files share are described once, in
 SHARED_HELP. Nothing here is paper-specific, and nothing here imports a paper file."""
 
+import ast
 import hashlib
 import inspect
 import json
 import math
 import os
+import textwrap
 import time
 from dataclasses import asdict
 
@@ -123,12 +125,26 @@ def hash_str(s):
     return h
 
 
+def code_digest(obj):
+    """What a function, class or module computes, not how it is written: its syntax tree without docstrings,
+    comments, line breaks or positions. So rewording a docstring or re-wrapping a line keeps a cached
+    backbone; any change to a statement retrains it."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(obj)))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if (isinstance(body, list) and body and isinstance(body[0], ast.Expr)
+                and isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str)):
+            node.body = body[1:] or [ast.Pass()]
+    return ast.dump(tree)
+
+
 def build_key(*code):
-    """What decides how a frozen backbone comes out besides its config: the source of the functions, classes or
-    modules that build and train it, and the CPU thread count (float summation order: the same recipe can land
-    on either side of a plateau with 1 or 2 threads). Part of every backbone cache key, so that a backbone built
-    by other code or with other threads is trained anew, never reused silently."""
-    src = "".join(inspect.getsource(c) for c in code)
+    """What decides how a frozen backbone comes out besides its config: the code (code_digest) of the
+    functions, classes or modules that build and train it, and the CPU thread count (float summation order:
+    the same recipe can land on either side of a plateau with 1 or 2 threads). Part of every backbone cache
+    key, so that a backbone built by other code or with other threads is trained anew, never reused
+    silently."""
+    src = "".join(code_digest(c) for c in code)
     return f"code={hashlib.sha1(src.encode()).hexdigest()[:12]}_threads={torch.get_num_threads()}"
 
 

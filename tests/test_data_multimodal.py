@@ -43,6 +43,25 @@ def test_build_key_changes_with_the_code_and_the_thread_count():
     assert build_key(t5lm) == build_key(t5lm)
 
 
+def test_build_key_ignores_docstrings_comments_and_line_breaks(tmp_path):
+    """Only what the code computes is keyed: re-wrapping a line or rewording a docstring keeps a backbone."""
+    import importlib.util
+
+    from data.multimodal import code_digest
+    srcs = ['def f(x, y):\n    """Doc."""\n    return x + y   # sum\n',
+            'def f(x,\n      y):\n    """Other words."""\n    return (x\n            + y)\n',
+            'def f(x, y):\n    return x - y\n']
+    digests = []
+    for i, src in enumerate(srcs):
+        path = tmp_path / f"m{i}.py"
+        path.write_text(src)
+        spec = importlib.util.spec_from_file_location(f"m{i}", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        digests.append((code_digest(mod), code_digest(mod.f)))
+    assert digests[0] == digests[1] != digests[2]
+
+
 def test_a_failed_gate_stops_unless_quick_or_ignore_gates(capsys):
     from types import SimpleNamespace as NS
     with pytest.raises(GateFailed, match=r"failed its gate \(frozen LM text ceiling \(x\): shape 0.5 -> FAIL\)"):
