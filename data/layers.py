@@ -1,7 +1,8 @@
-"""The transformer parts the frozen backbones (data/vision.py's ViT, the LMs of both multimodal files) and the
-Q-Former share: tokenising and padding, RMSNorm, RoPE, the pre-norm block, attention, the FFN, and the AdamW
-loop and index batches they are trained with. LAYER_CODE names what every frozen backbone is built of, so that a
-change here retrains the cached backbones (data/multimodal.build_key).
+"""The transformer parts the frozen backbones (data/vision.py's ViT, the LMs of both multimodal
+files) and the Q-Former share: tokenising and padding, RMSNorm, RoPE, the pre-norm block, attention,
+the FFN, and the AdamW loop and index batches they are trained with. LAYER_CODE names what every
+frozen backbone is built of, so that a change here retrains the cached backbones
+(data/multimodal.build_key).
 
 Shapes: B = batch, L = sequence, D = width, h = heads, d = head width."""
 
@@ -40,19 +41,21 @@ def rope(x_BhLd, pos_L):
     inv = 1.0 / (10000 ** (torch.arange(0, hd, 2, device=x_BhLd.device).float() / hd))
     ang = pos_L.float()[:, None] * inv[None]                                   # (L, hd/2)
     x1, x2 = x_BhLd.float().chunk(2, -1)
-    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1).to(x_BhLd.dtype)
+    return torch.cat([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()],
+                     -1).to(x_BhLd.dtype)
 
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block, causal (LM decoder) or bidirectional (ViT, LM encoder); RoPE when it is
-    given positions. FFN width 4D. Per layer and sequence length L: QKV 6LD^2, attention 4L^2D + out-proj
-    2LD^2, FFN 16LD^2.
+    """Pre-norm transformer block, causal (LM decoder) or bidirectional (ViT, LM encoder); RoPE when
+    it is given positions. FFN width 4D. Per layer and sequence length L: QKV 6LD^2, attention 4L^2D
+    + out-proj 2LD^2, FFN 16LD^2.
     mix=K > 1: Primer's depthwise causal convolution over the sequence on q, k and v (So et al.
-    2021, "Primer", Multi-DConv-Head Attention): z'_i = sum_{k<K} w_k * z_{i-k}, per channel. A key then also
-    carries the tokens just before it, so "the word before the one I look for" is one attention hop instead of
-    two (docs/multimodal_align.md: what it changed for the shapes LM). Elementwise (6KLD FLOPs), so the FLOP
-    counter and the formula leave it out, as they leave out norms and RoPE."""
+    2021, "Primer", Multi-DConv-Head Attention): z'_i = sum_{k<K} w_k * z_{i-k}, per channel. A key
+    then also carries the tokens just before it, so "the word before the one I look for" is one
+    attention hop instead of two (docs/multimodal_align.md: what it changed for the shapes LM).
+    Elementwise (6KLD FLOPs), so the FLOP counter and the formula leave it out, as they leave out
+    norms and RoPE."""
 
     def __init__(self, dim, n_head, causal, mix=1):
         super().__init__()
@@ -60,9 +63,10 @@ class Block(nn.Module):
         self.ln1, self.ln2 = RMSNorm(dim), RMSNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim, bias=False)
-        self.fc1, self.fc2 = nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+        self.fc1, self.fc2 = (nn.Linear(dim, 4 * dim, bias=False),
+                              nn.Linear(4 * dim, dim, bias=False))
         self.mix_w = None
-        if mix > 1:                                            # causal in the sequence even when attention is not
+        if mix > 1:  # causal in the sequence even when attention is not
             w = torch.zeros(3 * dim, mix)
             w[:, 0] = 1.0                                      # starts as the plain block
             self.mix_w = nn.Parameter(w)
@@ -71,7 +75,8 @@ class Block(nn.Module):
         """z'_i = sum_k w_k * z_(i-k), zero before the start: shifted copies."""
         out = z_BLC * self.mix_w[:, 0]
         for k in range(1, self.mix_w.shape[1]):
-            out = out + F.pad(z_BLC, (0, 0, k, 0))[:, :z_BLC.shape[1]] * self.mix_w[:, k]   # also when k >= L
+            # also when k >= L
+            out = out + F.pad(z_BLC, (0, 0, k, 0))[:, :z_BLC.shape[1]] * self.mix_w[:, k]
         return out
 
     def attn_qkv(self, x_BLD, pos_L, **mix_kw):
@@ -100,7 +105,8 @@ class Block(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention; kv_BMC (cross-attention) may have another width than x. RoPE when pos_L is given."""
+    """Multi-head attention; kv_BMC (cross-attention) may have another width than x. RoPE when pos_L
+    is given."""
 
     def __init__(self, dim, n_head, kv_dim=None):
         super().__init__()
@@ -117,14 +123,16 @@ class Attention(nn.Module):
         k, v = self.kv(kv).view(B, kv.shape[1], 2, self.nh, -1).permute(2, 0, 3, 1, 4)
         if pos_L is not None:
             q, k = rope(q, pos_L), rope(k, pos_L)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                           is_causal=causal and mask is None)
         return self.proj(y.transpose(1, 2).reshape(B, L, D))
 
 
 class FFN(nn.Module):
     def __init__(self, dim):
         super().__init__()
-        self.ln, self.fc1, self.fc2 = RMSNorm(dim), nn.Linear(dim, 4 * dim, bias=False), nn.Linear(4 * dim, dim, bias=False)
+        self.ln, self.fc1, self.fc2 = (RMSNorm(dim), nn.Linear(dim, 4 * dim, bias=False),
+                                       nn.Linear(4 * dim, dim, bias=False))
 
     def forward(self, x):
         return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
@@ -135,9 +143,10 @@ def autocast(cfg, device):
 
 
 def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None, metrics=None):
-    """AdamW with linear warm-up (5%) and cosine decay to 10%; loss_fn(step) -> scalar loss. lr: cfg.lr if None.
-    metrics: a metrics.jsonl path that gets {run, step, loss, lr} every 50 steps. Returns the last loss (None
-    for 0 steps: the flags that set steps allow 0, e.g. to skip a stage)."""
+    """AdamW with linear warm-up (5%) and cosine decay to 10%; loss_fn(step) -> scalar loss. lr:
+    cfg.lr if None. metrics: a metrics.jsonl path that gets {run, step, loss, lr} every 50 steps.
+    Returns the last loss (None for 0 steps: the flags that set steps allow 0, e.g. to skip a
+    stage)."""
     if steps == 0:
         return None
     peak = cfg.lr if lr is None else lr
@@ -145,7 +154,8 @@ def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None, metrics=None)
     warm = max(1, steps // 20)
     bar = progress(range(steps), desc, quiet=steps < 20)
     for step in bar:
-        now = peak * min(1.0, (step + 1) / warm) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+        now = (peak * min(1.0, (step + 1) / warm)
+               * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps))))
         for g in opt.param_groups:
             g["lr"] = now
         with autocast(cfg, device):
@@ -174,4 +184,5 @@ def batches(n, bs, seed):
 
 
 
-LAYER_CODE = (RMSNorm, rope, Block, Attention, FFN, autocast, train_loop)   # what every frozen backbone is built of
+# what every frozen backbone is built of
+LAYER_CODE = (RMSNorm, rope, Block, Attention, FFN, autocast, train_loop)

@@ -1,21 +1,23 @@
-"""The frozen vision encoder shared by the multimodal paper files: a small ViT pretrained once on the
-shapes world (data/shapes.py) and cached on disk, the stand-in for a checkpoint a user would download.
-Both paper files load it from here; neither imports the other.
+"""The frozen vision encoder shared by the multimodal paper files: a small ViT pretrained once on
+the shapes world (data/shapes.py) and cached on disk, the stand-in for a checkpoint a user would
+download. Both paper files load it from here; neither imports the other.
 
-Why this objective. The v1 encoder (CLIP, mean-pooled last layer) could not bind: a mean over patches
-forgets which patch held what, so captions with swapped colours scored alike (measured on world v1:
-binding 0.53, cell 0.54). Here every 3x3 cell of the image has its own token (the mean of its 2x2 patches) and
-three linear heads read, from that token alone, the colour, shape and size of the object in the cell
-(or "empty"):
+Why this objective. The v1 encoder (CLIP, mean-pooled last layer) could not bind: a mean over
+patches forgets which patch held what, so captions with swapped colours scored alike (measured on
+world v1: binding 0.53, cell 0.54). Here every 3x3 cell of the image has its own token (the mean of
+its 2x2 patches) and three linear heads read, from that token alone, the colour, shape and size of
+the object in the cell (or "empty"):
     L = sum over cells k of  CE(colour_k) + CE(shape_k) + CE(size_k)
-So each cell token must carry its own object's attributes (binding) and the token's index is its cell
-(position). The position encoding is a fixed 2-D sine-cosine table with the same RMS as the normalised
-patch content, added at the input: it cannot be trained away and it works at any grid size.
+So each cell token must carry its own object's attributes (binding) and the token's index is its
+cell (position). The position encoding is a fixed 2-D sine-cosine table with the same RMS as the
+normalised patch content, added at the input: it cannot be trained away and it works at any grid
+size.
 
 Image-text score (for the minimal-pair gate): the log-likelihood of the caption's cell contents,
     s(image, caption) = sum_k log p(colour_k, shape_k, size_k | cell token k)
-A minimal pair is the true caption against the same caption with one attribute changed (colour, shape,
-size, cell, or the colours of two objects swapped); accuracy is P(s(true) > s(changed)), chance 0.5.
+A minimal pair is the true caption against the same caption with one attribute changed (colour,
+shape, size, cell, or the colours of two objects swapped); accuracy is P(s(true) > s(changed)),
+chance 0.5.
 
 Shapes: B = batch, P = patches, C = width, K = cells (9).
 """
@@ -37,7 +39,8 @@ from data.shapes import COLOURS, SHAPES, SIZES, generate, parse_caption
 GRID = 3                      # cells per side
 GATE = 0.9                    # every minimal-pair kind must reach this (chance 0.5)
 ATTRS = ("colour", "shape", "size")
-CLASSES = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}   # class 0 is "empty"
+# class 0 is "empty"
+CLASSES = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}
 
 
 @dataclass
@@ -47,7 +50,7 @@ class VisionConfig:
     dim: int = 64
     layers: int = 4
     heads: int = 4
-    n_train: int = 6000       # pretraining scenes (their own seed: not the paper file's training scenes)
+    n_train: int = 6000       # pretraining scenes (own seed: not the paper file's training scenes)
     n_heldout: int = 1000     # held-out scenes for the gates
     steps: int = 500
     batch_size: int = 64
@@ -56,15 +59,17 @@ class VisionConfig:
 
 
 def config_for(cfg):
-    """The encoder config a paper file's Config asks for; the same fields give the same cache file, so one
-    pretrained encoder serves both multimodal files."""
-    return VisionConfig(image_size=cfg.image_size, patch=cfg.patch, dim=cfg.vit_dim, layers=cfg.vit_layers,
-                        heads=cfg.n_head, steps=cfg.vit_steps, n_train=cfg.n_train,
-                        n_heldout=min(1000, max(cfg.n_eval, 50)), dtype=cfg.dtype)
+    """The encoder config a paper file's Config asks for; the same fields give the same cache file,
+    so one pretrained encoder serves both multimodal files."""
+    return VisionConfig(image_size=cfg.image_size, patch=cfg.patch, dim=cfg.vit_dim,
+                        layers=cfg.vit_layers, heads=cfg.n_head, steps=cfg.vit_steps,
+                        n_train=cfg.n_train, n_heldout=min(1000, max(cfg.n_eval, 50)),
+                        dtype=cfg.dtype)
 
 
 def sincos_2d(g, dim):
-    """Fixed 2-D sine-cosine position table (g*g, dim), RMS 1: half the channels for rows, half for columns."""
+    """Fixed 2-D sine-cosine position table (g*g, dim), RMS 1: half the channels for rows, half for
+    columns."""
     q = dim // 4
     freq = 1.0 / (100 ** (torch.arange(q).float() / q))
     r, c = torch.meshgrid(torch.arange(g).float(), torch.arange(g).float(), indexing="ij")
@@ -82,13 +87,14 @@ class ViT(nn.Module):
         self.norm = RMSNorm(vc.dim)
 
     def forward(self, img_BHW3):
-        """-> list of hidden states (B, P, C): the input layer (patches + position), then every block's
-        output; the last is normalised. Any image whose sides are multiples of the patch works."""
+        """-> list of hidden states (B, P, C): the input layer (patches + position), then every
+        block's output; the last is normalised. Any image whose sides are multiples of the patch
+        works."""
         x = img_BHW3.float() / 127.5 - 1
         B, H, W, _ = x.shape
         p = self.patch
         x = x.view(B, H // p, p, W // p, p, 3).permute(0, 1, 3, 2, 4, 5).reshape(B, -1, 3 * p * p)
-        pos = sincos_2d(H // p, self.embed.out_features).to(x.device)             # square images only
+        pos = sincos_2d(H // p, self.embed.out_features).to(x.device)  # square images only
         h = self.embed_norm(self.embed(x)) + pos
         hs = [h]
         for blk in self.blocks:
@@ -102,7 +108,8 @@ def pool_grid(h_BPC, side):
     """Average-pool the square patch grid to side x side tokens: (B, side*side, C)."""
     B, P, C = h_BPC.shape
     g = int(round(math.sqrt(P)))
-    return F.adaptive_avg_pool2d(h_BPC.transpose(1, 2).reshape(B, C, g, g), side).flatten(2).transpose(1, 2)
+    return F.adaptive_avg_pool2d(h_BPC.transpose(1, 2).reshape(B, C, g, g),
+                                 side).flatten(2).transpose(1, 2)
 
 
 class CellHeads(nn.Module):
@@ -113,7 +120,8 @@ class CellHeads(nn.Module):
         self.heads = nn.ModuleDict({a: nn.Linear(dim, 1 + len(CLASSES[a])) for a in ATTRS})
 
     def forward(self, cells_BKC):
-        return {a: h(cells_BKC).float().log_softmax(-1) for a, h in self.heads.items()}   # (B, K, classes)
+        # (B, K, classes)
+        return {a: h(cells_BKC).float().log_softmax(-1) for a, h in self.heads.items()}
 
 
 def cell_targets(objects_list):
@@ -144,7 +152,8 @@ def caption_score(logp, i, objects):
 
 
 def minimal_pair(objects, kind, rng):
-    """The same scene description with one attribute changed; None when the scene allows no such change."""
+    """The same scene description with one attribute changed; None when the scene allows no such
+    change."""
     objs = [list(o) for o in objects]
     j = int(rng.integers(len(objs)))
     if kind == "colour":
@@ -169,7 +178,8 @@ MINIMAL_PAIR_KINDS = ("colour", "shape", "size", "cell", "binding")
 
 
 def minimal_pair_accuracy(score, objects_list, seed=0):
-    """score(i, objects) -> float. Per kind: P(score(true caption) > score(changed caption)); ties count 1/2."""
+    """score(i, objects) -> float. Per kind: P(score(true caption) > score(changed caption)); ties
+    count 1/2."""
     rng = np.random.default_rng(seed)
     acc = {}
     for kind in MINIMAL_PAIR_KINDS:
@@ -185,16 +195,19 @@ def minimal_pair_accuracy(score, objects_list, seed=0):
 
 @torch.no_grad()
 def tokens(vit, images, side, device, bs=256):
-    """The LM-facing image tokens: the last layer, pooled to side x side (3 = one token per cell). (N, M, C)."""
-    return torch.cat([pool_grid(vit(torch.from_numpy(images[i:i + bs]).to(device))[-1], side).float().cpu()
+    """The LM-facing image tokens: the last layer, pooled to side x side (3 = one token per cell).
+    (N, M, C)."""
+    return torch.cat([pool_grid(vit(torch.from_numpy(images[i:i + bs]).to(device))[-1],
+                                side).float().cpu()
                       for i in range(0, len(images), bs)])
 
 
 def cell_probe(vit, train, test, device):
-    """Per-cell linear probes on the cell tokens: colour/shape/size over occupied cells, and the cell
-    index over all cells (does position survive to the last layer?)."""
+    """Per-cell linear probes on the cell tokens: colour/shape/size over occupied cells, and the
+    cell index over all cells (does position survive to the last layer?)."""
     res = {}
-    f_tr, f_te = tokens(vit, train["images"], GRID, device), tokens(vit, test["images"], GRID, device)
+    f_tr, f_te = (tokens(vit, train["images"], GRID, device),
+                  tokens(vit, test["images"], GRID, device))
     t_tr, t_te = cell_targets(train["objects"]), cell_targets(test["objects"])
     x_tr, x_te = f_tr.flatten(0, 1), f_te.flatten(0, 1)
     for a in ATTRS:
@@ -207,7 +220,8 @@ def cell_probe(vit, train, test, device):
 
 
 def pretrain(vc, device, seed=0, metrics=None):
-    """Train the ViT and its cell heads; -> (vit, heads, report with the gates). metrics: a metrics.jsonl path."""
+    """Train the ViT and its cell heads; -> (vit, heads, report with the gates). metrics: a
+    metrics.jsonl path."""
     torch.manual_seed(seed)
     tr = generate(vc.n_train, "train", seed=seed + 7, size=vc.image_size)
     vit, heads = ViT(vc).to(device), CellHeads(vc.dim).to(device)
@@ -219,32 +233,33 @@ def pretrain(vc, device, seed=0, metrics=None):
         lp = heads(pool_grid(vit(imgs[b].to(device))[-1], GRID))
         return sum(F.nll_loss(lp[a].flatten(0, 1), tgt[a][b].flatten().to(device)) for a in ATTRS)
 
-    train_loop(list(vit.parameters()) + list(heads.parameters()), loss_fn, vc.steps, vc, "vision", device,
-               metrics=metrics)
+    train_loop(list(vit.parameters()) + list(heads.parameters()), loss_fn, vc.steps, vc, "vision",
+               device, metrics=metrics)
     vit.eval()
     heads.eval()
     return vit, heads, gates(vit, heads, vc, device, seed, probe_train=tr)
 
 
 def gates(vit, heads, vc, device, seed=0, probe_train=None):
-    """Minimal-pair accuracy per kind (on held-out scenes, captions parsed back from the text) and the per-cell
-    linear probe. Computed and reported, never asserted."""
+    """Minimal-pair accuracy per kind (on held-out scenes, captions parsed back from the text) and
+    the per-cell linear probe. Computed and reported, never asserted."""
     held = generate(vc.n_heldout, "val", seed=seed + 7, size=vc.image_size)
     logp = cell_logp(vit, heads, held["images"], device)
-    objs = [parse_caption(c) for c in held["captions"]]              # the caption text is what is scored
+    objs = [parse_caption(c) for c in held["captions"]]  # the caption text is what is scored
     mp = minimal_pair_accuracy(lambda i, o: caption_score(logp, i, o), objs, seed=seed)
     sub = {k: v[:2000] for k, v in (probe_train or held).items()}
     return dict(minimal_pairs=mp, cell_probe=cell_probe(vit, sub, held, device))
 
 
 # what builds the encoder and its stored gate report: part of its cache key
-VISION_CODE = (VisionConfig, sincos_2d, ViT, pool_grid, CellHeads, cell_targets, cell_logp, caption_score,
-               minimal_pair, minimal_pair_accuracy, cell_probe, pretrain, gates)
+VISION_CODE = (VisionConfig, sincos_2d, ViT, pool_grid, CellHeads, cell_targets, cell_logp,
+               caption_score, minimal_pair, minimal_pair_accuracy, cell_probe, pretrain, gates)
 
 
 def load_or_pretrain(vc, cache_dir, device, seed=0, log=print, metrics=None):
-    """The shared encoder: loaded from cache_dir when a checkpoint for this exact config exists, else
-    pretrained and saved there. -> (vit, heads, report); report['trained'] says which happened."""
+    """The shared encoder: loaded from cache_dir when a checkpoint for this exact config exists,
+    else pretrained and saved there. -> (vit, heads, report); report['trained'] says which
+    happened."""
     tag = ("_".join(f"{k}={v}" for k, v in asdict(vc).items()) + f"_seed={seed}_"
            + build_key(*VISION_CODE, *LAYER_CODE))
     path = os.path.join(cache_dir, f"vision_{hash_str(tag):016x}.pt")
@@ -257,28 +272,33 @@ def load_or_pretrain(vc, cache_dir, device, seed=0, log=print, metrics=None):
         return vit.eval(), heads.eval(), dict(ck["report"], trained=False, path=path)
     vit, heads, report = pretrain(vc, device, seed, metrics=metrics)
     os.makedirs(cache_dir, exist_ok=True)
-    torch.save(dict(vit=vit.state_dict(), heads=heads.state_dict(), report=report, config=asdict(vc)), path + ".tmp")
+    torch.save(dict(vit=vit.state_dict(), heads=heads.state_dict(), report=report,
+                    config=asdict(vc)), path + ".tmp")
     os.replace(path + ".tmp", path)
     return vit, heads, dict(report, trained=True, path=path)
 
 
 def gate_line(report):
     mp, pr = report["minimal_pairs"], report["cell_probe"]
-    return (f"minimal pairs (chance 0.5, gate >= {GATE}): " + ", ".join(f"{k} {v:.3f}" for k, v in mp.items())
-            + " | per-cell linear probe: " + ", ".join(f"{k} {v:.3f}" for k, v in pr.items()))
+    return (f"minimal pairs (chance 0.5, gate >= {GATE}): "
+            + ", ".join(f"{k} {v:.3f}" for k, v in mp.items()) + " | per-cell linear probe: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in pr.items()))
 
 
 def frozen_tokens(cfg, world, device, metrics=None, seed=0):
-    """The encoder as both paper files use it: loaded from --cache-dir (or pretrained and saved there),
-    its gate printed with PASS / FAIL (a FAIL stops the run: data/multimodal.gate_or_stop), and its tokens
-    for every split with scenes, the patch grid pooled to cfg.image_tokens (a square). seed: the
-    encoder's own seed (its initialisation, pretraining scenes and batches; data/multimodal.backbone_seed).
+    """The encoder as both paper files use it: loaded from --cache-dir (or pretrained and saved
+    there), its gate printed with PASS / FAIL (a FAIL stops the run: data/multimodal.gate_or_stop),
+    and its tokens for every split with scenes, the patch grid pooled to cfg.image_tokens (a
+    square). seed: the encoder's own seed (its initialisation, pretraining scenes and batches;
+    data/multimodal.backbone_seed).
     -> (vit, {split: (N, P, C)}, the gates for results.json)."""
     vit, _, rep = load_or_pretrain(config_for(cfg), cfg.cache_dir, device, seed=seed,
                                    metrics=metrics)
     passed = min(rep["minimal_pairs"].values()) >= GATE
     gate_or_stop(cfg, passed, f"vision encoder: {gate_line(rep)} -> {'PASS' if passed else 'FAIL'}")
     side = int(round(math.sqrt(cfg.image_tokens)))
-    feats = {s: tokens(vit, ds["images"], side, device) for s, ds in world.items() if ds["captions"]}
-    return vit, feats, dict(vision_minimal_pairs=rep["minimal_pairs"], vision_cell_probe=rep["cell_probe"])
+    feats = {s: tokens(vit, ds["images"], side, device)
+             for s, ds in world.items() if ds["captions"]}
+    return vit, feats, dict(vision_minimal_pairs=rep["minimal_pairs"],
+                            vision_cell_probe=rep["cell_probe"])
 
