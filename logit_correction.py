@@ -4,20 +4,23 @@ Paper: Liu, Zhang, Sekhar, Wu, Singhal, Fernandez-Granda, "Avoiding spurious cor
 correction", ICLR 2023, arXiv 2212.01433 (official code: github.com/shengliu66/LC). Baselines: LfF
 (Nam et al., "Learning from Failure", NeurIPS 2020) and GroupDRO (Sagawa et al., ICLR 2020).
 
-The story: a digit's colour predicts its label for all but a fraction rho of the training images. A plain
-classifier (ERM) learns the colour and fails on a test set where colours are random. LC trains a second,
-deliberately biased network whose prediction stands in for the unknown colour ("pseudo-attribute" a_x),
-estimates the group prior Delta[y, a] = P(y, a), and trains the main network on corrected logits
-f(x) + ln Delta[:, a_x]: a rare (y, a) group then needs a large margin, which is the group-balanced optimum.
-Group MixUp mixes each sample with a same-class minority sample to make the rare groups less rare.
+The story: a digit's colour predicts its label for all but a fraction rho of the training images.
+A plain classifier (ERM) learns the colour and fails on a test set where colours are random. LC
+trains a second, deliberately biased network whose prediction stands in for the unknown colour
+("pseudo-attribute" a_x), estimates the group prior Delta[y, a] = P(y, a), and trains the main
+network on corrected logits f(x) + ln Delta[:, a_x]: a rare (y, a) group then needs a large margin,
+which is the group-balanced optimum. Group MixUp mixes each sample with a same-class minority sample
+to make the rare groups less rare.
 
-Legend (shapes): B = batch, C = 10 classes (= 10 colours / attributes), N = training images, G = C*C groups (y, a).
-Methods (--methods): erm | groupdro (ORACLE: reads the true colour) | lff | lc (LC + Group MixUp, the paper's)
-  | lc_nomix (LC alone) | mixup_only (Group MixUp, plain CE). --sweep adds ERM at rho = 90 % (colour independent
-  of the digit) as the ceiling row.
+Legend (shapes): B = batch, C = 10 classes (= 10 colours / attributes), N = training images,
+G = C*C groups (y, a).
+Methods (--methods): erm | groupdro (ORACLE: reads the true colour) | lff | lc (LC + Group MixUp,
+  the paper's) | lc_nomix (LC alone) | mixup_only (Group MixUp, plain CE). --sweep adds ERM at
+  rho = 90 % (colour independent of the digit) as the ceiling row.
 Protocol, and where each choice comes from:
-  data      55k train / 5k val / 10k test: Colored MNIST's sizes (MNIST's 60k train minus a 5k validation split)
-  colours   LfF's Colored MNIST: 10 mean colours, N(0, 0.005^2) jitter per image (see data/digits.py)
+  data      55k train / 5k val / 10k test: Colored MNIST's sizes (MNIST's 60k train minus a 5k
+            validation split)
+  colours   LfF's Colored MNIST: 10 mean colours, N(0, 0.005^2) jitter per image (data/digits.py)
   model     LC's reference MLP (its code, built on DisEnt's): 2352 -> 100 -> 100 -> 16 -> 10,
             ReLU; LfF's 100-100-100 with --mlp lff
   optimiser Adam, batch 256; lr and epochs per method (TUNED), chosen on validation from
@@ -33,12 +36,12 @@ Protocol, and where each choice comes from:
   GroupDRO  eta = 0.01 (Sagawa et al.'s robust step size) on group-balanced batches
 Examples:
   python logit_correction.py --quick       # ERM vs LC, 5k images, 20 epochs: under a minute
-  python logit_correction.py --explain     # ERM vs LC at rho = 1 %, one seed (minutes); LC in numbers
-  python logit_correction.py --sweep --out out/lc_sweep    # 5 methods x rho 0.5/1/2/5 x 3 seeds + ceiling
-  python logit_correction.py --report out/lc_sweep/results.json --margins     # its tables, no training
---out gets results.json (a rerun skips the runs it holds and adds new ones), metrics.jsonl (a line per
-epoch and run), ckpt/ (weights with their config), and acc_vs_conflicting.png and samples.png when
-matplotlib is importable.
+  python logit_correction.py --explain     # ERM vs LC, rho = 1 %, one seed (minutes); LC in numbers
+  python logit_correction.py --sweep --out out/lc_sweep      # 5 methods x rho 0.5/1/2/5 x 3 seeds
+  python logit_correction.py --report out/lc_sweep/results.json --margins   # tables, no training
+--out gets results.json (a rerun skips the runs it holds and adds new ones), metrics.jsonl (a line
+per epoch and run), ckpt/ (weights with their config), and acc_vs_conflicting.png and samples.png
+when matplotlib is importable.
 Measured tables, commands and dates: docs/logit_correction.md.
 """
 import json
@@ -57,23 +60,49 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import digits
-from data.run import (BadInput, by_protocol, flag, load_results, log_metrics, mean_std,
-                      parse_flags, parse_list, pick_device, progress, protocol_key, pyplot, save_png,
-                      set_threads, writable_dirs, write_json)
+from data.run import (BadInput, by_protocol, check_numbers, flag, load_results, log_metrics,
+                      main as guarded, mean_std, parse_flags, parse_list, pick_device, progress,
+                      protocol_key, pyplot, save_png, set_threads, writable_dirs, write_json)
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
-CEILING = 90.0                                         # rho = 90 %: every colour equally likely in every class
+CEILING = 90.0                                         # rho = 90 %: colour independent of digit
 
-# Unbiased test accuracy (%) on Colored MNIST: the LC paper's Table 1, and DeNetDM's independent 5-seed re-run.
+# Unbiased test accuracy (%) on Colored MNIST at rho = PAPER_RATIOS: the LC paper's Table 1, and
+# DeNetDM's independent 5-seed re-run.
 PAPER = {"erm": (35.19, 52.09, 65.86, 82.17), "lff": (52.50, 61.89, 71.03, 80.57),
          "lc": (71.25, 82.25, 86.21, 91.15), "groupdro": (63.12, 68.78, 76.30, 84.20)}
-DENETDM = {"erm": (35.34, 50.34, 62.29, 77.63), "lff": (63.39, 74.01, 80.48, 85.39), "lc": (63.48, 78.41, 83.63, 88.18)}
+DENETDM = {"erm": (35.34, 50.34, 62.29, 77.63), "lff": (63.39, 74.01, 80.48, 85.39),
+           "lc": (63.48, 78.41, 83.63, 88.18)}
 PAPER_RATIOS = (0.5, 1.0, 2.0, 5.0)
-GROUP_ACCS = ("aligned", "conflicting", "worst_group")   # evaluate()'s accuracies besides the unbiased one
+GROUP_ACCS = ("aligned", "conflicting", "worst_group")   # evaluate()'s accuracies besides unbiased
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
+# Data: LfF's Colored MNIST. data/digits.py draws (or reads) the grey digits and colours them: a
+# training set per (rho, seed) where the colour matches the digit for all but rho % of the images;
+# val and test with every colour equally often in every class.
+
+def load_digits(cfg, ratios, device):
+    """-> (dataset name, number of training images, {"val", "test": [x, y, a]}, train(rho, seed) ->
+    [x (N, 3, 28, 28), y (N,), true colour a (N,)]). Grey digits once (cached in OUT/cache)."""
+    try:
+        grey = digits.grey_splits(cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed,
+                                  os.path.join(cfg.out, "cache"))
+    except digits.IDXError as e:                           # a bad --data-dir
+        raise BadInput(str(e)) from None
+    if problem := digits.ratio_problem(grey["train_y"], ratios):  # a class with no conflicting one
+        raise BadInput(problem)
+    name = "procedural"
+    if cfg.data_dir:
+        name = f"idx:{os.path.basename(os.path.normpath(cfg.data_dir))}"
+    on = lambda arrays: [torch.from_numpy(v).to(device) for v in arrays]
+    evalsets = {k: on(v) for k, v in digits.coloured_eval(grey, cfg.data_seed).items()}
+    train = lru_cache(1)(lambda rho, seed: on(digits.coloured_train(grey, rho, seed)))  # one kept
+    return name, len(grey["train_y"]), evalsets, train
+
+
+# --------------------------------------------------------------------------------------------------
 # Model: an MLP on the 3 x 28 x 28 image, ReLU after every hidden layer, then a linear classifier.
 # The default is LC's reference MLP (its code, built on DisEnt's: 16 features before the
 # classifier), LfF's is --mlp lff. No torch.compile or bf16 autocast: the network is tiny and fp32
@@ -91,34 +120,38 @@ def mlp(hidden=MLPS["lc"], C=10):
     return nn.Sequential(*layers, nn.Linear(d, C))
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The paper's pieces. Losses return per-sample values (B,).
 
 def gce_loss(logits_BC, y_B, q=0.7):
-    """Generalized cross-entropy (Zhang & Sabuncu 2018): GCE = (1 - p_y^q) / q. Its gradient is p_y^q * grad CE:
-    confidently-classified (easy, here: colour-aligned) samples dominate, which makes the net *biased*."""
+    """Generalized cross-entropy (Zhang & Sabuncu 2018): GCE = (1 - p_y^q) / q. Its gradient is
+    p_y^q * grad CE: confidently-classified (easy, here: colour-aligned) samples dominate, which
+    makes the net *biased*."""
     p_y = F.softmax(logits_BC, 1).gather(1, y_B[:, None]).squeeze(1)     # (B,)
     return (1 - p_y.clamp_min(1e-12) ** q) / q
 
 
 def corrected_logits(logits_BC, delta_BC, eps=1e-4):
-    """f(x) + ln Delta[:, a_x]: delta_BC[b] is the prior column Delta[:, a_b] (mixed, for Group MixUp)."""
+    """f(x) + ln Delta[:, a_x]: delta_BC[b] is the prior column Delta[:, a_b] (mixed, for Group
+    MixUp)."""
     return logits_BC + torch.log(delta_BC.clamp_min(eps))
 
 
 def lc_loss(logits_BC, y_B, delta_BC, eps=1e-4):
-    """L_LC = CE(f(x) + ln Delta[:, a_x], y). Train with corrected logits, *predict with raw logits*:
-    argmax_y f_y(x) is then the group-balanced rule argmax_y [p(y|x) / P(y, a_x)] (paper Sec. 3).
-    Delta[y, a] may be P(y, a) or P(y | a): they differ by ln P(a), the same for every y, which softmax ignores."""
+    """L_LC = CE(f(x) + ln Delta[:, a_x], y). Train with corrected logits, *predict with raw
+    logits*: argmax_y f_y(x) is then the group-balanced rule argmax_y [p(y|x) / P(y, a_x)] (paper
+    Sec. 3). Delta[y, a] may be P(y, a) or P(y | a): they differ by ln P(a), the same for every y,
+    which softmax ignores."""
     return F.cross_entropy(corrected_logits(logits_BC, delta_BC, eps), y_B, reduction="none")
 
 
 def update_prior(num_CC, den, y_B, a_B, beta):
-    """Group prior Delta = num / den, a bias-corrected moving average of the batch counts of (y, a_x):
+    """Group prior Delta = num / den, a bias-corrected moving average of the batch counts of
+    (y, a_x):
         num <- beta num + counts_B(y, a),   den <- beta den + B.
-    With equal batches this is Adam's m_t / (1 - beta^t); a partial batch counts by its size; and from step 1
-    on Delta is a frequency (v1 started from a uniform Delta with momentum 0.99 and reached its final rare-cell
-    margins only around epoch 17). Returns (num, den)."""
+    With equal batches this is Adam's m_t / (1 - beta^t); a partial batch counts by its size; and
+    from step 1 on Delta is a frequency (a uniform starting Delta with momentum 0.99 reached its
+    final rare-cell margins only around epoch 17). Returns (num, den)."""
     C = num_CC.shape[0]
     counts = torch.bincount(y_B * C + a_B, minlength=C * C).view(C, C).float()
     return beta * num_CC + counts, beta * den + len(y_B)
@@ -130,9 +163,10 @@ def minority_pools(y_N, a_N, C=10):
 
 
 def pick_partners(y_B, idx_B, pools, gen, fallback="self"):
-    """Group MixUp partners: for each sample of class k a uniformly random member of pools[k]. A class with no
-    minority sample pairs each sample with itself (fallback="self", a no-op mix) or with a random same-class
-    sample of the batch (fallback="class", plain within-class MixUp, as the official code does)."""
+    """Group MixUp partners: for each sample of class k a uniformly random member of pools[k]. A
+    class with no minority sample pairs each sample with itself (fallback="self", a no-op mix) or
+    with a random same-class sample of the batch (fallback="class", plain within-class MixUp, as
+    the official code does)."""
     part = idx_B.clone()
     for k, pool in enumerate(pools):
         rows = (y_B == k).nonzero().squeeze(1)
@@ -144,32 +178,37 @@ def pick_partners(y_B, idx_B, pools, gen, fallback="self"):
 
 
 def group_mixup(x_i, x_j, delta_i, delta_j, lam_B):
-    """x' = lam x_i + (1 - lam) x_j and Delta' = lam Delta_i + (1 - lam) Delta_j with the SAME lam per sample."""
+    """x' = lam x_i + (1 - lam) x_j and Delta' = lam Delta_i + (1 - lam) Delta_j with the SAME lam
+    per sample."""
     lx = lam_B.view(-1, *([1] * (x_i.dim() - 1)))
     return lx * x_i + (1 - lx) * x_j, lam_B[:, None] * delta_i + (1 - lam_B[:, None]) * delta_j
 
 
 def lff_weights(S, idx, y, ce_b, ce_d):
-    """LfF's relative difficulty score w = l_b / (l_b + l_d) (Nam et al.): l_b, l_d are per-sample EMAs of the biased
-    and main nets' CE (first visit: the loss itself), each divided by its class maximum over the training set.
-    w is near 1 where the biased net fails and the main one does not: the bias-conflicting images."""
+    """LfF's relative difficulty score w = l_b / (l_b + l_d) (Nam et al.): l_b, l_d are per-sample
+    EMAs of the biased and main nets' CE (first visit: the loss itself), each divided by its class
+    maximum over the training set. w is near 1 where the biased net fails and the main one does not:
+    the bias-conflicting images."""
     for mem, ce in ((S.ema_b, ce_b), (S.ema_d, ce_d)):
         mem[idx] = torch.where(S.seen[idx], S.cfg.lff_ema * mem[idx] + (1 - S.cfg.lff_ema) * ce, ce)
     S.seen[idx] = True
-    cmax = lambda mem: torch.zeros(10, device=mem.device).scatter_reduce(0, S.y_N, mem, "amax")[y].clamp_min(1e-8)
+    cmax = lambda mem: (torch.zeros(10, device=mem.device)
+                        .scatter_reduce(0, S.y_N, mem, "amax")[y].clamp_min(1e-8))
     lb, ld = S.ema_b[idx] / cmax(S.ema_b), S.ema_d[idx] / cmax(S.ema_d)
     return lb / (lb + ld + 1e-8)
 
 
 def dro_update(q_G, loss_G, present_G, eta):
-    """Online GroupDRO (Sagawa et al. Alg. 1): q_g <- q_g exp(eta * loss_g) for groups in the batch, renormalised."""
+    """Online GroupDRO (Sagawa et al. Alg. 1): q_g <- q_g exp(eta * loss_g) for the groups in the
+    batch, renormalised."""
     q_G = q_G * torch.exp(eta * loss_G * present_G)
     return q_G / q_G.sum()
 
 
 def balanced_order(g_N, n, gen):
-    """n training indices drawn group-balanced: a group uniformly among the non-empty ones, then an image
-    uniformly inside it (with replacement). Every non-empty group is then 1 / #groups of every epoch."""
+    """n training indices drawn group-balanced: a group uniformly among the non-empty ones, then an
+    image uniformly inside it (with replacement). Every non-empty group is then 1 / #groups of every
+    epoch."""
     order = torch.argsort(g_N, stable=True)
     groups, counts = torch.unique_consecutive(g_N[order], return_counts=True)
     starts = torch.cumsum(counts, 0) - counts
@@ -178,11 +217,12 @@ def balanced_order(g_N, n, gen):
     return order[starts[gi] + offs]
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # One loss function per method; S holds the run's state (networks, optimisers, per-sample memories).
 
 def biased_step(S, x, y, idx):
-    """One GCE step of the biased net on its own optimiser; returns its detached logits and a_x = argmax f_b(x)."""
+    """One GCE step of the biased net on its own optimiser; returns its detached logits and
+    a_x = argmax f_b(x)."""
     logit_b = S.net_b(x)                                   # (B, C)
     S.opt_b.zero_grad(set_to_none=True)
     gce_loss(logit_b, y, S.cfg.q).mean().backward()
@@ -199,9 +239,9 @@ def loss_groupdro(S, x, y, idx):
     ce = F.cross_entropy(S.net(x), y, reduction="none")
     g = y * 10 + S.a_N[idx]                                # ORACLE: the true colour
     n_G = torch.bincount(g, minlength=100).float()
-    loss_G = torch.bincount(g, weights=ce.detach(), minlength=100) / n_G.clamp_min(1)   # group means (0 if absent)
+    loss_G = torch.bincount(g, weights=ce.detach(), minlength=100) / n_G.clamp_min(1)  # 0 if absent
     S.q_G = dro_update(S.q_G, loss_G, n_G > 0, S.cfg.dro_eta)
-    return (S.q_G[g] / n_G[g] * ce).sum()                 # = sum_g q_g * mean_{i in g} ce_i, differentiable
+    return (S.q_G[g] / n_G[g] * ce).sum()                 # = sum_g q_g * mean_{i in g} ce_i
 
 
 def loss_lff(S, x, y, idx):
@@ -216,9 +256,10 @@ def loss_lc(S, x, y, idx, mix=True, correct=True):
     S.num, S.den = update_prior(S.num, S.den, y, a, S.cfg.prior_momentum)
     delta = S.num / S.den                                  # (C, C) Delta[y, a] ~ P(y, a)
     d_B = delta[:, a].T                                    # (B, C) Delta[:, a_x] per sample
-    if mix:                                                # Group MixUp: the debiased net sees mixed inputs only
+    if mix:                                                # Group MixUp: the net sees mixed inputs
         if S.cfg.mix_pool == "batch":
-            j = pick_partners(y, idx, [idx[m] for m in minority_pools(y, a)], S.gen, fallback="class")
+            pools = [idx[m] for m in minority_pools(y, a)]
+            j = pick_partners(y, idx, pools, S.gen, fallback="class")
         else:
             j = pick_partners(y, idx, S.pools, S.gen)
         w_min = (0.5 + 0.5 * torch.rand(len(y), generator=S.gen)).to(x.device) * S.ramp
@@ -247,7 +288,7 @@ def method_config(cfg, method):
     return replace(cfg, lr=lr, epochs=epochs, decay_every=decay)
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation and the mechanism in numbers.
 
 @torch.no_grad()
@@ -265,7 +306,8 @@ def evaluate(net, x, y, a, C=10):
     acc_g = torch.bincount(g, weights=correct, minlength=C * C) / n_g.clamp_min(1)
     seen, al = n_g > 0, a == y
     return {"unbiased": 100 * acc_g[seen].mean().item(), "aligned": 100 * correct[al].mean().item(),
-            "conflicting": 100 * correct[~al].mean().item(), "worst_group": 100 * acc_g[seen].min().item()}
+            "conflicting": 100 * correct[~al].mean().item(),
+            "worst_group": 100 * acc_g[seen].min().item()}
 
 
 def diverged(history, chance=10.0, tol=2.0, warmup=2):
@@ -285,27 +327,31 @@ def margins(logits_BC, y_B):
 
 @torch.no_grad()
 def margin_stats(net, x, y, a):
-    """Mean margin on bias-aligned (majority) and bias-conflicting (minority) samples, by TRUE attribute."""
+    """Mean margin on bias-aligned (majority) and bias-conflicting (minority) samples, by TRUE
+    attribute."""
     m = margins(predict(net, x), y)
     maj, mino = m[a == y].mean().item(), m[a != y].mean().item()
     return {"majority": maj, "minority": mino, "ratio": mino / maj if maj != 0 else float("nan")}
 
 
 def pseudo_quality(a_hat_N, y_N, a_N):
-    """How well the biased net finds the conflicting images: flagged = (a_hat != y), truth = (a != y)."""
+    """How well the biased net finds the conflicting images: flagged = (a_hat != y), truth =
+    (a != y)."""
     flag, true = a_hat_N != y_N, a_N != y_N
     hit = (flag & true).sum().item()
-    return {"precision": 100 * hit / max(flag.sum().item(), 1), "recall": 100 * hit / max(true.sum().item(), 1),
+    return {"precision": 100 * hit / max(flag.sum().item(), 1),
+            "recall": 100 * hit / max(true.sum().item(), 1),
             "colour_acc": 100 * (a_hat_N == a_N).float().mean().item()}
 
 
 @torch.no_grad()
 def explain(S):
-    """LC as automatic group re-weighting: for one aligned and one (detected) conflicting training image, the raw
-    logits f(x), ln Delta[:, a_x], the corrected logits, and |dL/df| = |softmax - onehot| under CE and under LC."""
+    """LC as automatic group re-weighting: for one aligned and one (detected) conflicting training
+    image, the raw logits f(x), ln Delta[:, a_x], the corrected logits, and |dL/df| = |softmax -
+    onehot| under CE and under LC."""
     y, a_t, a_h = S.y_N, S.a_N, S.a_mem
     first = lambda m: int(m.nonzero()[0, 0])
-    detected = (a_t != y) & (a_h == a_t)                   # a conflicting image whose colour the biased net found
+    detected = (a_t != y) & (a_h == a_t)                   # conflicting, and its colour was found
     i_al, i_co = first((a_t == y) & (a_h == y)), first(detected if detected.any() else a_t != y)
     delta = S.num / S.den
     rows, out = [], {}
@@ -313,36 +359,42 @@ def explain(S):
         f = S.net(S.x_N[i:i + 1])[0]
         ld = torch.log((delta[:, a_h[i]]).clamp_min(S.cfg.prior_eps))
         onehot = F.one_hot(y[i], 10).float()
-        g_ce, g_lc = (F.softmax(f, 0) - onehot).norm().item(), (F.softmax(f + ld, 0) - onehot).norm().item()
+        g_ce = (F.softmax(f, 0) - onehot).norm().item()
+        g_lc = (F.softmax(f + ld, 0) - onehot).norm().item()
         out[name] = {"index": i, "label": int(y[i]), "colour": int(a_t[i]), "pseudo": int(a_h[i]),
-                     "logits": f.tolist(), "log_delta": ld.tolist(), "grad_ce": g_ce, "grad_lc": g_lc}
+                     "logits": f.tolist(), "log_delta": ld.tolist(), "grad_ce": g_ce,
+                     "grad_lc": g_lc}
         rows.append((f, ld))
     A, Co = out["aligned"], out["conflicting"]
-    lines = [f"--explain after epoch 1: aligned image {A['index']} (digit {A['label']}, colour {A['colour']}, a_x "
-             f"{A['pseudo']}) | conflicting image {Co['index']} (digit {Co['label']}, colour {Co['colour']}, a_x "
-             f"{Co['pseudo']})", "class | " + " ".join(f"{h:>7s}" for h in ("f(x)", "ln D", "f+ln D") * 2)]
-    lines += [f"{k:5d} | " + " ".join(f"{v:7.2f}" for f, ld in rows for v in (f[k], ld[k], f[k] + ld[k]))
-              for k in range(10)]
-    lines.append(f"|dL/df|  CE: aligned {A['grad_ce']:.3f}, conflicting {Co['grad_ce']:.3f}   LC: aligned "
-                 f"{A['grad_lc']:.3f}, conflicting {Co['grad_lc']:.3f}  (conflicting/aligned: CE "
-                 f"{Co['grad_ce'] / max(A['grad_ce'], 1e-12):.1f}x, LC {Co['grad_lc'] / max(A['grad_lc'], 1e-12):.1f}x)")
+    ratio = lambda k: Co[k] / max(A[k], 1e-12)
+    lines = [f"--explain after epoch 1: aligned image {A['index']} (digit {A['label']}, colour "
+             f"{A['colour']}, a_x {A['pseudo']}) | conflicting image {Co['index']} (digit "
+             f"{Co['label']}, colour {Co['colour']}, a_x {Co['pseudo']})",
+             "class | " + " ".join(f"{h:>7s}" for h in ("f(x)", "ln D", "f+ln D") * 2)]
+    lines += [f"{k:5d} | " + " ".join(f"{v:7.2f}" for f, ld in rows
+                                      for v in (f[k], ld[k], f[k] + ld[k])) for k in range(10)]
+    lines.append(f"|dL/df|  CE: aligned {A['grad_ce']:.3f}, conflicting {Co['grad_ce']:.3f}   "
+                 f"LC: aligned {A['grad_lc']:.3f}, conflicting {Co['grad_lc']:.3f}  "
+                 f"(conflicting/aligned: CE {ratio('grad_ce'):.1f}x, LC {ratio('grad_lc'):.1f}x)")
     tqdm.write("\n".join(lines))
     return out
 
 
-# ----------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Training: one run = one method, one ratio, one seed.
 
 def cpu_state(net):
     """A CPU copy of the weights, without torch.compile's `_orig_mod.` prefix."""
-    return {k.removeprefix("_orig_mod."): w.detach().cpu().clone() for k, w in net.state_dict().items()}
+    return {k.removeprefix("_orig_mod."): w.detach().cpu().clone()
+            for k, w in net.state_dict().items()}
 
 
 def new_state(method, train, cfg, device, seed):
     torch.manual_seed(seed)
     x_N, y_N, a_N = train
-    S = SimpleNamespace(cfg=cfg, x_N=x_N, y_N=y_N, a_N=a_N, gen=torch.Generator().manual_seed(seed), ramp=0.0,
-                        pools=None, net=mlp(MLPS[cfg.mlp]).to(device), net_b=None, opt_b=None)
+    S = SimpleNamespace(cfg=cfg, x_N=x_N, y_N=y_N, a_N=a_N, gen=torch.Generator().manual_seed(seed),
+                        ramp=0.0, pools=None, net=mlp(MLPS[cfg.mlp]).to(device), net_b=None,
+                        opt_b=None)
     S.opt = torch.optim.Adam(S.net.parameters(), lr=cfg.lr)
     if method in TWO_NETS:
         S.net_b = mlp(MLPS[cfg.mlp]).to(device)
@@ -359,137 +411,152 @@ def new_state(method, train, cfg, device, seed):
     return S
 
 
+def train_epoch(S, method, ep, device):
+    """One pass over the training images (GroupDRO: as many group-balanced draws) -> mean loss."""
+    S.net.train()
+    S.ramp = min(1.0, ep / max(S.cfg.mix_ramp, 1))        # Group MixUp: no mixing in epoch 1
+    if S.cfg.mix_pool == "global":
+        S.pools = minority_pools(S.y_N, S.a_mem)
+    N, B = len(S.y_N), S.cfg.batch_size
+    if method == "groupdro":
+        order = balanced_order((S.y_N * 10 + S.a_N).cpu(), math.ceil(N / B) * B, S.gen)
+    else:
+        order = torch.randperm(N, generator=S.gen)
+    tot = 0.0
+    for s in range(0, len(order), B):
+        idx = order[s:s + B].to(device)
+        loss = LOSSES[method](S, S.x_N[idx], S.y_N[idx], idx)
+        S.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        S.opt.step()
+        tot += float(loss.detach()) * len(idx) / len(order)
+    for sch in S.scheds:
+        sch.step()
+    S.net.eval()
+    return tot
+
+
 def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=None):
     """cfg: method_config's, the run's own lr and epochs. log: None or log_metrics bound to a
-    metrics.jsonl path; it gets one record per epoch."""
+    metrics.jsonl path; it gets one record per epoch. -> (the run's record, its weights)."""
     S = new_state(method, train, cfg, device, seed)
-    N, B = len(S.y_N), cfg.batch_size
     best, hist, t0, explained = {"val": -1.0}, [], time.time(), None
+    steps = math.ceil(len(S.y_N) / cfg.batch_size)        # per epoch
     bar = progress(range(cfg.epochs), f"{tag}{method} rho={ratio:g}% seed={seed}")
     for ep in bar:
-        S.net.train()
-        S.ramp = min(1.0, ep / max(cfg.mix_ramp, 1))        # Group MixUp: no mixing in epoch 1
-        if cfg.mix_pool == "global":
-            S.pools = minority_pools(S.y_N, S.a_mem)
-        if method == "groupdro":
-            order = balanced_order((S.y_N * 10 + S.a_N).cpu(), math.ceil(N / B) * B, S.gen)
-        else:
-            order = torch.randperm(N, generator=S.gen)
-        tot = 0.0
-        for s in range(0, len(order), B):
-            idx = order[s:s + B].to(device)
-            loss = LOSSES[method](S, S.x_N[idx], S.y_N[idx], idx)
-            S.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            S.opt.step()
-            tot += float(loss.detach()) * len(idx) / len(order)
-        for sch in S.scheds:
-            sch.step()
-        S.net.eval()
+        tot = train_epoch(S, method, ep, device)
         if cfg.explain and ep == 0 and method in ("lc", "lc_nomix"):
             explained = explain(S)
         v = evaluate(S.net, *evalsets["val"])
         improved, is_last = v["unbiased"] > best["val"], ep + 1 == cfg.epochs
-        t = evaluate(S.net, *evalsets["test"]) if improved or is_last else None   # read only when reported
+        t = evaluate(S.net, *evalsets["test"]) if improved or is_last else None  # read if reported
         h = {"epoch": ep + 1, "loss": tot, "val_unbiased": v["unbiased"]}
         if S.net_b is not None:
             h.update(pseudo_quality(S.a_mem, S.y_N, S.a_N))
         hist.append(h)
         if log:
-            log(method=method, ratio=ratio, seed=seed, step=(ep + 1) * math.ceil(len(order) / B), **h,
+            log(method=method, ratio=ratio, seed=seed, step=(ep + 1) * steps, **h,
                 **({"test_unbiased": t["unbiased"]} if t else {}))
-        if improved:                                       # model selection on the unbiased VALIDATION split
+        if improved:                                       # model selection on unbiased VALIDATION
             best = {"val": v["unbiased"], "epoch": ep + 1, "test": t, "state": cpu_state(S.net)}
         bar.set_postfix(loss=f"{tot:.3f}", val=f"{v['unbiased']:.1f}")
         if cfg.log_every and ((ep + 1) % cfg.log_every == 0 or is_last):
-            pq = f" | a_x prec {h['precision']:5.1f} rec {h['recall']:5.1f}" if "precision" in h else ""
-            tqdm.write(f"{tag}{method:10s} rho={ratio:<4g} seed={seed} ep {ep + 1:3d}/{cfg.epochs} loss {tot:.3f} "
-                       f"val {v['unbiased']:5.1f} (best {best['val']:.1f} @ {best['epoch']}){pq}")
+            pq = (f" | a_x prec {h['precision']:5.1f} rec {h['recall']:5.1f}"
+                  if "precision" in h else "")
+            tqdm.write(f"{tag}{method:10s} rho={ratio:<4g} seed={seed} ep {ep + 1:3d}/{cfg.epochs} "
+                       f"loss {tot:.3f} val {v['unbiased']:5.1f} (best {best['val']:.1f} @ "
+                       f"{best['epoch']}){pq}")
     bar.close()
     bt = best["test"]
-    rec = {"method": method, "ratio": ratio, "seed": seed, "n_conflicting": int((S.a_N != S.y_N).sum()),
+    rec = {"method": method, "ratio": ratio, "seed": seed,
+           "n_conflicting": int((S.a_N != S.y_N).sum()),
            "unbiased_acc_last": t["unbiased"], "unbiased_acc_best_val": bt["unbiased"],
            **{f"{k}_acc": bt[k] for k in GROUP_ACCS}, **{f"{k}_acc_last": t[k] for k in GROUP_ACCS},
            "best_val_epoch": best["epoch"], "val_acc_best": best["val"],
            "epochs": cfg.epochs, "lr": cfg.lr, "decay_every": cfg.decay_every,
            "wall_s": time.time() - t0, "diverged": diverged(hist) is not None,
-           "diverged_epoch": diverged(hist), "history": hist,
-           "explain": explained,
-           "margins_train": margin_stats(S.net, *train), "margins_test": margin_stats(S.net, *evalsets["test"])}
+           "diverged_epoch": diverged(hist), "history": hist, "explain": explained,
+           "margins_train": margin_stats(S.net, *train),
+           "margins_test": margin_stats(S.net, *evalsets["test"])}
     return rec, {"last": cpu_state(S.net), "best_val": best["state"]}
 
 
-# ----------------------------------------------------------------------------------------------------------
-# Reporting.
+# ---- Plumbing: tables and figures, runs and results, command line, validation ------------------
 
 def grouped(runs):
+    """[((method, rho), its runs)]: the ceiling row first, then by rho, methods in METHODS order."""
     g = {}
     for r in runs:
         g.setdefault((r["method"], r["ratio"]), []).append(r)
-    return sorted(g.items(), key=lambda kv: (kv[0] != ("erm", CEILING), kv[0][1], METHODS.index(kv[0][0])))
-
-
-def paper_value(table, method, ratio):
-    return f"{table[method][PAPER_RATIOS.index(ratio)]:.2f}" if method in table and ratio in PAPER_RATIOS else "-"
+    order = lambda m, rho: ((m, rho) != ("erm", CEILING), rho, METHODS.index(m))
+    return sorted(g.items(), key=lambda kv: order(*kv[0]))
 
 
 def summary_table(runs):
-    keys = [("unbiased_acc_best_val", "unbiased (best val)"), ("unbiased_acc_last", "unbiased (last)"),
-            ("aligned_acc", "aligned"), ("conflicting_acc", "conflicting"), ("worst_group_acc", "worst group")]
-    head = (f"{'method':10s} {'rho%':>4s} {'n':>2s} " + " ".join(f"{h:>19s}" for _, h in keys) +
-            f" {'paper':>6s} {'DeNetDM':>7s} {'best val':>8s} {'diverged':>8s}")
-    lines = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at the best-val epoch;",
-             "paper = LC paper Table 1, DeNetDM = independent re-run (both real Colored MNIST); "
-             "rho 90 = ceiling;", "best val = mean best unbiased validation accuracy; "
-             "diverged = runs whose val fell to <= 12 % (chance)",
-             head, "-" * len(head)]
+    keys = [("unbiased_acc_best_val", "unbiased (best val)"),
+            ("unbiased_acc_last", "unbiased (last)"), ("aligned_acc", "aligned"),
+            ("conflicting_acc", "conflicting"), ("worst_group_acc", "worst group")]
+    paper = lambda t, m, rho: (f"{t[m][PAPER_RATIOS.index(rho)]:.2f}"
+                               if m in t and rho in PAPER_RATIOS else "-")
+    head = (f"{'method':10s} {'rho%':>4s} {'n':>2s} " + " ".join(f"{h:>19s}" for _, h in keys)
+            + f" {'paper':>6s} {'DeNetDM':>7s} {'best val':>8s} {'diverged':>8s}")
+    lines = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at "
+             "the best-val epoch;", "paper = LC paper Table 1, DeNetDM = independent re-run (both "
+             "real Colored MNIST); rho 90 = ceiling;", "best val = mean best unbiased validation "
+             "accuracy; diverged = runs whose val fell to <= 12 % (chance)", head, "-" * len(head)]
     for (m, rho), rs in grouped(runs):
-        cells = [f"{mean_std([r[k] for r in rs], '.2f'):>19s}" for k, _ in keys]
         n_div = sum(diverged(r["history"]) is not None for r in rs)   # older runs lack the field
-        lines.append(f"{m:10s} {rho:4g} {len(rs):2d} " + " ".join(cells) +
-                     f" {paper_value(PAPER, m, rho):>6s} {paper_value(DENETDM, m, rho):>7s}"
+        lines.append(f"{m:10s} {rho:4g} {len(rs):2d} "
+                     + " ".join(f"{mean_std([r[k] for r in rs], '.2f'):>19s}" for k, _ in keys)
+                     + f" {paper(PAPER, m, rho):>6s} {paper(DENETDM, m, rho):>7s}"
                      f" {np.mean([r['val_acc_best'] for r in rs]):8.2f} {f'{n_div}/{len(rs)}':>8s}")
     return "\n".join(lines)
 
 
 def count_table(runs):
-    """Unbiased accuracy against the NUMBER of conflicting training images (a re-weighting method tracks it),
-    and the biased net's last-epoch precision / recall at flagging them (LC's pseudo-attributes)."""
+    """Unbiased accuracy against the NUMBER of conflicting training images (a re-weighting method
+    tracks it), and the biased net's last-epoch precision / recall at flagging them."""
     ms = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    lines = ["unbiased test acc % (best val, mean over seeds) by number of conflicting training images;",
-             "a_x P/R = the LC biased net's precision / recall at flagging them (last epoch)",
-             f"{'rho%':>5s} {'n_conf':>6s} " + " ".join(f"{m:>10s}" for m in ms) + f" {'a_x P/R':>11s}"]
+    lines = ["unbiased test acc % (best val, mean over seeds) by number of conflicting training "
+             "images;", "a_x P/R = the LC biased net's precision / recall at flagging them (last "
+             "epoch)", f"{'rho%':>5s} {'n_conf':>6s} " + " ".join(f"{m:>10s}" for m in ms)
+             + f" {'a_x P/R':>11s}"]
     for rho in sorted({r["ratio"] for r in runs}):
         rs = [r for r in runs if r["ratio"] == rho]
-        cells = [np.mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m] or [np.nan]) for m in ms]
+        accs = [np.mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m] or [np.nan])
+                for m in ms]
         lc = [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
-        pr = f"{np.mean([h['precision'] for h in lc]):5.1f}/{np.mean([h['recall'] for h in lc]):5.1f}" if lc else "-"
-        lines.append(f"{rho:5g} {rs[0]['n_conflicting']:6d} " + " ".join(f"{c:10.2f}" if c == c else f"{'-':>10s}"
-                                                                   for c in cells) + f" {pr:>11s}")
-    return "\n".join(lines)
-
-
-def margin_table(runs):
-    cols = [(f"margins_{s}", k, f"{s} {k[:3]}" if k != "ratio" else k) for s in ("train", "test")
-            for k in ("majority", "minority", "ratio")]
-    lines = ["mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group (paper Fig. 4); ratio = min/maj",
-             f"{'method':10s} {'rho%':>4s} " + " ".join(f"{h:>9s}" for _, _, h in cols)]
-    for (m, rho), rs in grouped(runs):
-        lines.append(f"{m:10s} {rho:4g} " + " ".join(f"{np.mean([r[s][k] for r in rs]):9.2f}" for s, k, _ in cols))
+        pr = (f"{np.mean([h['precision'] for h in lc]):5.1f}/"
+              f"{np.mean([h['recall'] for h in lc]):5.1f}" if lc else "-")
+        lines.append(f"{rho:5g} {rs[0]['n_conflicting']:6d} " + " ".join(
+            f"{c:10.2f}" if c == c else f"{'-':>10s}" for c in accs) + f" {pr:>11s}")
     return "\n".join(lines)
 
 
 def tables(runs, with_margins):
-    """What a run and --report print: the summary and count tables, and the margins (paper Fig. 4) on request."""
-    return "\n\n".join([summary_table(runs), count_table(runs)] + ([margin_table(runs)] if with_margins else []))
+    """What a run and --report print: the summary and count tables, and on request the mean margins
+    by TRUE group (paper Fig. 4)."""
+    text = [summary_table(runs), count_table(runs)]
+    if with_margins:
+        cols = [(f"margins_{s}", k, f"{s} {k[:3]}" if k != "ratio" else k)
+                for s in ("train", "test") for k in ("majority", "minority", "ratio")]
+        lines = ["mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group (paper "
+                 "Fig. 4); ratio = min/maj",
+                 f"{'method':10s} {'rho%':>4s} " + " ".join(f"{h:>9s}" for _, _, h in cols)]
+        for (m, rho), rs in grouped(runs):
+            lines.append(f"{m:10s} {rho:4g} "
+                         + " ".join(f"{np.mean([r[s][k] for r in rs]):9.2f}" for s, k, _ in cols))
+        text.append("\n".join(lines))
+    return "\n\n".join(text)
 
 
 def plot_acc_vs_conflicting(runs, out_dir, plt):
-    """count_table as a curve: unbiased accuracy (best val, mean over seeds) per method against the number of
-    conflicting training images (the ceiling row left out)."""
+    """count_table as a curve: unbiased accuracy (best val, mean over seeds) per method against the
+    number of conflicting training images (the ceiling row left out)."""
     fig, ax = plt.subplots(figsize=(5, 3.5))
     for m in [m for m in METHODS if any(r["method"] == m for r in runs)]:
-        pts = [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs if r["method"] == m and r["ratio"] < 50]
+        pts = [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs
+               if r["method"] == m and r["ratio"] < 50]
         ns = sorted({n for n, _ in pts})
         ax.plot(ns, [np.mean([a for n2, a in pts if n2 == n]) for n in ns], "o-", label=m)
     ax.set(xscale="log", xlabel="conflicting training images", ylabel="unbiased test acc %")
@@ -498,83 +565,79 @@ def plot_acc_vs_conflicting(runs, out_dir, plt):
     return save_png(plt, fig, os.path.join(out_dir, "acc_vs_conflicting.png"))
 
 
-# ----------------------------------------------------------------------------------------------------------
-# main: the grid of runs (results.json and skipping finished runs: data/run.py), --report, then the CLI.
-
 def protocol_of(cfg, dataset):
-    """The settings that change a run's numbers (the data, optimisation and method flags), and a short hash of
-    them: runs are keyed by it, and runs that differ only in the other flags are the same run."""
-    p = {f.name: getattr(cfg, f.name) for f in fields(Config) if f.metadata["group"] in PROTOCOL_GROUPS}
+    """The settings that change a run's numbers (the data, optimisation and method flags), and a
+    short hash of them: runs are keyed by it; runs that differ only in other flags are the same."""
+    p = {f.name: getattr(cfg, f.name) for f in fields(Config)
+         if f.metadata["group"] in ("data", "model", "optimisation", "method")}
     p["dataset"] = dataset
     if not (cfg.lr and cfg.epochs):                        # the per-method table decides: protocol
         p["tuned"] = TUNED
     return p, protocol_key(p)
 
 
+def run_and_save(cfg, m, rho, s, data, protocol, key, tag):
+    """One run of the grid: train, print its line (a divergence also as a warning on stderr), save
+    its weights with their config -> its record."""
+    mcfg, (evalsets, train, device) = method_config(cfg, m), data
+    log = partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"), protocol=key)
+    rec, states = train_run(m, rho, s, train(rho, s), evalsets, mcfg, device, tag=tag, log=log)
+    rec.update(dataset=protocol["dataset"], protocol=key)
+    div = (f"  DIVERGED (val at chance from epoch {rec['diverged_epoch']})"
+           if rec["diverged"] else "")
+    print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} "
+          f"(best val, ep {rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), "
+          f"conflicting {rec['conflicting_acc']:.2f}  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, "
+          f"{mcfg.epochs} epochs]{div}")
+    if rec["diverged"]:
+        print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased "
+              f"validation accuracy <= 12 % (chance 10 %) at epoch {rec['diverged_epoch']}",
+              file=sys.stderr)
+    settings = {k: getattr(mcfg, k) for k in ("lr", "epochs", "decay_every")}
+    torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings}, **states},
+               os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
+    return rec
+
+
 def run(cfg, methods, ratios, seeds, device):
-    writable_dirs(out=cfg.out)                             # before the digits are rendered into OUT/cache
-    path = os.path.join(cfg.out, "results.json")
+    """The grid, seed-major (an interrupted sweep has whole seeds). A run that results.json holds
+    under this protocol is kept, not redone; results.json is rewritten after every run."""
+    writable_dirs(out=cfg.out)                             # before the digits go into OUT/cache
+    path, t0 = os.path.join(cfg.out, "results.json"), time.time()
     res = load_results(path)                               # earlier runs are kept, never replaced
-    t0 = time.time()
-    try:                                                   # grey digits once per invocation (cached in OUT/cache)
-        grey = digits.grey_splits(cfg.data_dir, cfg.n_train, cfg.n_val, cfg.n_test, cfg.data_seed,
-                                  os.path.join(cfg.out, "cache"))
-    except digits.IDXError as e:                           # a bad --data-dir
-        raise BadInput(str(e)) from None
-    if problem := digits.ratio_problem(grey["train_y"], ratios):   # a class without conflicting images: refused
-        raise BadInput(problem)
-    dataset = f"idx:{os.path.basename(os.path.normpath(cfg.data_dir))}" if cfg.data_dir else "procedural"
+    dataset, n_train, evalsets, train = load_digits(cfg, ratios, device)
     protocol, key = protocol_of(cfg, dataset)
-    print(f"data: {dataset}, train {len(grey['train_y'])} / val {len(grey['val_y'])} / test {len(grey['test_y'])} "
-          f"images ({time.time() - t0:.1f} s); device {device}, {torch.get_num_threads()} threads; protocol {key}")
-    on = lambda arrays: [torch.from_numpy(v).to(device) for v in arrays]
-    evalsets = {k: on(v) for k, v in digits.coloured_eval(grey, cfg.data_seed).items()}   # coloured once
-    grid = [(rho, s, m) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else []) for m in methods
-            if rho != CEILING or m == "erm"]              # seed-major: an interrupted sweep has whole seeds
+    print(f"data: {dataset}, train {n_train} / val {len(evalsets['val'][1])} / test "
+          f"{len(evalsets['test'][1])} images ({time.time() - t0:.1f} s); device {device}, "
+          f"{torch.get_num_threads()} threads; protocol {key}")
+    grid = [(rho, s, m) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else [])
+            for m in methods if rho != CEILING or m == "erm"]
     done = {(r["method"], r["ratio"], r["seed"]) for r in res["runs"] if r.get("protocol") == key}
     res["protocols"] = {**res.get("protocols", {}), key: protocol}
-    log = partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"), protocol=key)
     os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
-    coloured = lru_cache(1)(lambda rho, s: on(digits.coloured_train(grey, rho, s)))   # one colouring per (rho, seed)
     for i, (rho, s, m) in enumerate(grid):
         tag = f"[{i + 1}/{len(grid)}] "
         if (m, rho, s) in done:
             print(f"{tag}{m} rho={rho:g} seed={s}: finished earlier with protocol {key}, kept")
             continue
-        mcfg = method_config(cfg, m)
-        rec, states = train_run(m, rho, s, coloured(rho, s), evalsets, mcfg, device, tag=tag,
-                                log=log)
-        rec.update(dataset=dataset, protocol=key)
-        div = f"  DIVERGED (val at chance from epoch {rec['diverged_epoch']})" if rec["diverged"] else ""
-        print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test "
-              f"{rec['unbiased_acc_best_val']:.2f} (best val, ep {rec['best_val_epoch']}) / "
-              f"{rec['unbiased_acc_last']:.2f} (last), "
-              f"conflicting {rec['conflicting_acc']:.2f}  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, "
-              f"{mcfg.epochs} epochs]{div}")
-        if rec["diverged"]:
-            print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased "
-                  f"validation accuracy <= 12 % (chance 10 %) at epoch {rec['diverged_epoch']}",
-                  file=sys.stderr)
-        settings = {k: getattr(mcfg, k) for k in ("lr", "epochs", "decay_every")}
-        torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings},
-                    **states},
-                   os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
+        rec = run_and_save(cfg, m, rho, s, (evalsets, train, device), protocol, key, tag)
         res["runs"].append(rec)
-        write_json(path, res)                              # after every run: an interrupt keeps finished runs
-    mine = [r for r in res["runs"] if r.get("protocol") == key and (r["method"], r["ratio"], r["seed"]) in
-            {(m, rho, s) for rho, s, m in grid}]
+        write_json(path, res)                              # an interrupt keeps the finished runs
+    mine = [r for r in res["runs"] if r.get("protocol") == key
+            and (r["method"], r["ratio"], r["seed"]) in {(m, rho, s) for rho, s, m in grid}]
     print("\n" + tables(mine, cfg.margins))
-    plt = pyplot()
-    if plt:
+    if plt := pyplot():                                    # matplotlib is optional
         print(f"picture: {plot_acc_vs_conflicting(mine, cfg.out, plt)}")
-        x, y, a = (t.cpu().numpy() for t in coloured(*grid[0][:2]))   # the grid's first (rho, seed) training images
-        fig = digits.samples_figure(x, y, a, f"training images at rho = {grid[0][0]:g} % (y = digit, a = colour)", plt)
-        print(f"picture: {save_png(plt, fig, os.path.join(cfg.out, 'samples.png'))}")
+        (rho, s, _), png = grid[0], os.path.join(cfg.out, "samples.png")   # the first run's images
+        x, y, a = (t.cpu().numpy() for t in train(rho, s))
+        title = f"training images at rho = {rho:g} % (y = digit, a = colour)"
+        print(f"picture: {save_png(plt, digits.samples_figure(x, y, a, title, plt), png)}")
     print(f"\n{path}: {len(res['runs'])} runs in all ({time.time() - t0:.0f} s)")
     return {**res, "runs": mine}
 
 
 def report(cfg):
+    """--report: the tables of every protocol a results.json holds; no training."""
     if not os.path.isfile(cfg.report):
         raise BadInput(f"--report {cfg.report}: no such file")
     res = load_results(cfg.report)
@@ -586,7 +649,7 @@ def report(cfg):
 
 SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
 QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 20,  # its own protocol key
-         "out": "out/logit_correction_quick"}                              # and its own folder, as in the other files
+         "out": "out/logit_correction_quick"}                              # and its own folder
 
 
 @dataclass
@@ -596,12 +659,13 @@ class Config:
     seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
     quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, "
                        "20 epochs, into out/logit_correction_quick (explicit flags win)")
-    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 (explicit flags win)"
-                       % tuple(SWEEP.values()))
-    data_dir: str = flag("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); empty = procedural",
-                         "data")
+    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 "
+                       "(explicit flags win)" % tuple(SWEEP.values()))
+    data_dir: str = flag("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); "
+                         "empty = procedural", "data")
     n_train: int = flag(55000, "procedural training images", "data")
-    n_val: int = flag(5000, "validation images (IDX data: held out of the 60k training images)", "data")
+    n_val: int = flag(5000, "validation images (IDX data: held out of the 60k training images)",
+                      "data")
     n_test: int = flag(10000, "procedural test images", "data")
     data_seed: int = flag(0, "seed of the grey digits and of the val/test colours", "data")
     mlp: str = flag("lc", "MLP: lc = LC's reference 2352-100-100-16-10, lff = LfF's "
@@ -610,69 +674,68 @@ class Config:
     batch_size: int = flag(256, "minibatch size", "optimisation")
     lr: float = flag(0.0, "Adam learning rate of the main network; 0 = each method's own (TUNED)",
                      "optimisation")
-    lr_b: float = flag(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for LfF", "optimisation")
+    lr_b: float = flag(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for "
+                       "LfF", "optimisation")
     decay_every: int = flag(-1, "halve the learning rates every this many epochs (0 = constant, "
                             "-1 = every fifth of the run's epochs: 4 of 20, 8 of 40, none under 5)",
                             "optimisation")
     q: float = flag(0.7, "GCE exponent q in (0, 1]", "method")
-    prior_momentum: float = flag(0.995, "momentum of the bias-corrected moving average of Delta", "method")
+    prior_momentum: float = flag(0.995, "momentum of the bias-corrected moving average of Delta",
+                                 "method")
     prior_eps: float = flag(1e-4, "floor of Delta before the log", "method")
     mix_ramp: int = flag(2, "epochs over which Group MixUp's minority weight ramps up", "method")
-    mix_pool: str = flag("batch", "MixUp partners from the batch's pseudo-minority (official code) or global", "method",
-                    ("batch", "global"))
+    mix_pool: str = flag("batch", "MixUp partners from the batch's pseudo-minority (official code) "
+                         "or global", "method", ("batch", "global"))
     lff_ema: float = flag(0.7, "LfF's per-sample loss EMA", "method")
     dro_eta: float = flag(0.01, "GroupDRO step size for the group weights", "method")
-    explain: bool = flag(False, "after epoch 1 of an LC run print one aligned and one conflicting image's logits, "
-                         "ln Delta, corrected logits and gradient size", "output")
-    margins: bool = flag(False, "also print majority/minority margins per method (paper Fig. 4)", "output")
+    explain: bool = flag(False, "after epoch 1 of an LC run print one aligned and one conflicting "
+                         "image's logits, ln Delta, corrected logits and gradient size", "output")
+    margins: bool = flag(False, "also print majority/minority margins per method (paper Fig. 4)",
+                         "output")
     report: str = flag("", "path of a results.json: print its tables, train nothing", "output")
-    device: str = flag("auto", "auto = cuda, then mps, else cpu", "output", ("auto", "cpu", "cuda", "mps"))
-    threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per physical core)", "output")
+    device: str = flag("auto", "auto = cuda, then mps, else cpu", "output",
+                       ("auto", "cpu", "cuda", "mps"))
+    threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per physical core)",
+                        "output")
     log_every: int = flag(5, "epochs between log lines (0 = none)", "output")
-    out: str = flag("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, pictures, the digit cache",
-                    "output")
-
-
-PROTOCOL_GROUPS = ("data", "model", "optimisation", "method")   # flags that change numbers
+    out: str = flag("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, "
+                    "pictures, the digit cache", "output")
 
 
 def parse_config(argv):
-    """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work (BadInput)."""
-    cfg = parse_flags(Config, argv, "logit_correction.py", __doc__, epilog=__doc__[__doc__.index("Examples:"):],
-                      presets=[("sweep", True, SWEEP), ("quick", True, QUICK)])      # explicit flags win
+    """argv -> (Config, methods, ratios, seeds); every value range-checked here, before any work."""
+    cfg = parse_flags(Config, argv, "logit_correction.py", __doc__,
+                      presets=[("sweep", True, SWEEP), ("quick", True, QUICK)],  # flags given win
+                      epilog=__doc__[__doc__.index("Examples:"):])
     methods = parse_list(cfg.methods, str, "methods")
-    bad = [m for m in methods if m not in METHODS]
-    if bad:
+    if bad := [m for m in methods if m not in METHODS]:
         raise BadInput(f"--methods: unknown method {bad[0]!r} (choose from {', '.join(METHODS)})")
     ratios, seeds = parse_list(cfg.ratios, float, "ratios"), parse_list(cfg.seeds, int, "seeds")
-    checks = [(all(0 < r < 100 for r in ratios), f"--ratios {cfg.ratios}: each must be in (0, 100) percent"),
-              (min(seeds) >= 0 and cfg.data_seed >= 0, "--seeds and --data-seed must be >= 0"),
-              (min(cfg.batch_size, cfg.n_train, cfg.n_val, cfg.n_test) >= 1 and cfg.epochs >= 0,
-               "--batch-size, --n-train, --n-val and --n-test must be >= 1, --epochs >= 0"),
-              (0 < cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"),
-              (0 <= cfg.lr < math.inf, f"--lr {cfg.lr:g} must be >= 0 (0: TUNED) and finite"),
-              (0 <= cfg.lr_b < math.inf, f"--lr-b {cfg.lr_b:g} must be >= 0 and finite"),
-              (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"),
-              (0 < cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),
-              (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"),
-              (0 <= cfg.dro_eta < math.inf, "--dro-eta must be >= 0 and finite"),
-              (min(cfg.decay_every + 1, cfg.mix_ramp, cfg.log_every) >= 0,
-               "--decay-every must be >= -1, --mix-ramp and --log-every >= 0")]
-    for ok, msg in checks:
+    if not all(0 < r < 100 for r in ratios):
+        raise BadInput(f"--ratios {cfg.ratios}: each must be in (0, 100) percent")
+    if min(seeds) < 0:
+        raise BadInput(f"--seeds {cfg.seeds}: each must be >= 0")
+    check_numbers(cfg, ("batch_size", "n_train", "n_val", "n_test", "q", "prior_eps"),
+                  ("data_seed", "epochs", "lr", "lr_b", "dro_eta", "mix_ramp", "log_every"))
+    for ok, msg in [(cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"),
+                    (cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),
+                    (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"),
+                    (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"),
+                    (cfg.decay_every >= -1, "--decay-every must be >= -1")]:
         if not ok:
             raise BadInput(msg)
     return cfg, methods, ratios, seeds
 
 
 def main(argv=None):
-    try:
+    """parse -> validate -> run the grid (or --report) -> tables and pictures. A bad input: one line
+    on stderr, exit status 2, before any work."""
+    def parse_and_run():
         cfg, methods, ratios, seeds = parse_config(argv)
         set_threads(cfg.threads)
         device = pick_device(cfg.device)                   # checked up front, --report included
         return report(cfg) if cfg.report else run(cfg, methods, ratios, seeds, device)
-    except BadInput as e:
-        print(f"logit_correction.py: error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return guarded("logit_correction.py", parse_and_run)
 
 
 if __name__ == "__main__":
