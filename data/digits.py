@@ -192,7 +192,7 @@ def load_idx_dataset(data_dir):
         paths[k] = _find(root, v)
         if paths[k] is None:
             raise IDXError(f"--data-dir {data_dir}: missing {v} (or {v}.gz), "
-                           f"also in its subfolders")
+                           "also in its subfolders")
     arrs = {k: read_idx(p) for k, p in paths.items()}
     for split in ("train", "test"):
         x, y = arrs[split + "_x"], arrs[split + "_y"]

@@ -10,9 +10,10 @@ Two sources, one result type (`Domains`: per-domain uint8 byte arrays for train 
        UTF-8 bytes differ;
      - a vocabulary of words built from language-specific syllables (onset + nucleus + coda),
        with Zipf-Mandelbrot word frequencies p(r) ~ 1/(r + 2.7)^s (shorter words are more common);
-     - word-order structure: every word belongs to one of a few word classes and the classes follow a
-       language-specific first-order Markov chain (a toy grammar), sentences of language-specific
-       length, capitalised where the script has case, ending in the language's own punctuation;
+     - word-order structure: every word belongs to one of a few word classes and the classes
+       follow a language-specific first-order Markov chain (a toy grammar), sentences of
+       language-specific length, capitalised where the script has case, ending in the language's
+       own punctuation;
      - documents of varying length (log-normal number of sentences, language-specific mean).
    Overlap between domains (how hard they are to tell apart), controlled by `overlap`:
      - always shared by all 8: space, newline, digits (numbers appear in ~2% of word slots), ",";
@@ -21,15 +22,16 @@ Two sources, one result type (`Domains`: per-domain uint8 byte arrays for train 
        (ASCII words from a common syllable set, the same words for every language). 0 = only the
        shared characters above; 1 = every language emits the same word stream (nearly
        indistinguishable domains). Default 0.1.
-2. `text_domains(data_dir)` -- real text: `data_dir/<domain>/*.txt` (UTF-8), any number of domains >= 2.
+2. `text_domains(data_dir)` -- real text: `data_dir/<domain>/*.txt` (UTF-8), any number of
+   domains >= 2.
    Documents are the files' blank-line-separated paragraphs. Train/val split by document (a
-   deterministic hash of the document text, ~`val_frac` of documents to val; a domain whose documents all
-   hash to train gives its last one to val), then every domain's
-   train and val streams are truncated to the smallest domain's token count (balance by tokens).
-   Tokenized arrays are cached with np.save / np.load(allow_pickle=False) under `cache_dir`.
+   deterministic hash of the document text, ~`val_frac` of documents to val; a domain whose
+   documents all hash to train gives its last one to val), then every domain's train and val streams
+   are truncated to the smallest domain's token count (balance by tokens). Tokenized arrays are
+   cached with np.save / np.load(allow_pickle=False) under `cache_dir`.
 
-Tokens are bytes (vocabulary 256). Documents are joined with "\n\n" inside each domain's stream, so a
-training window can cross a document boundary but never a domain boundary.
+Tokens are bytes (vocabulary 256). Documents are joined with "\n\n" inside each domain's stream, so
+a training window can cross a document boundary but never a domain boundary.
 """
 
 import hashlib
@@ -53,28 +55,32 @@ class Domains:
     val: list          # per domain: uint8 array of bytes (held-out documents)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Procedural languages
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 # name, onsets, nuclei, codas, word separator, sentence end marks, mean syllables/word,
 # mean words/sentence, mean sentences/doc.  "" in a list means "may be empty".
 LANGUAGES = [
-    ("latin_open", list("ptkmnlsvh"), list("aeiou"), ["", "", "", "n"], " ", [".", ".", "?"], 2.2, 9, 12),
+    ("latin_open", list("ptkmnlsvh"), list("aeiou"), ["", "", "", "n"], " ",
+     [".", ".", "?"], 2.2, 9, 12),
     ("latin_cluster", ["b", "d", "g", "br", "dr", "gr", "st", "sk", "z", "w", "f"], list("aoyu"),
      ["", "rk", "st", "x", "ff"], " ", [".", "!"], 1.6, 6, 6),
-    ("latin_diacritic", list("šžčřňďťcjl"), ["á", "é", "í", "ó", "ú", "ě", "a", "e"], ["", "", "ň", "j"], " ",
-     [".", ";"], 2.6, 11, 18),
-    ("greek", list("βγδζθκλμνξπρστφχ"), list("αεηιουω"), ["", "", "ς", "ν"], " ", [".", ";"], 2.4, 10, 10),
-    ("cyrillic", list("бвгджзклмнпрстфхцчш"), list("аеиоуыэюя"), ["", "", "й", "ть"], " ", [".", "!"], 2.3, 8, 16),
+    ("latin_diacritic", list("šžčřňďťcjl"), ["á", "é", "í", "ó", "ú", "ě", "a", "e"],
+     ["", "", "ň", "j"], " ", [".", ";"], 2.6, 11, 18),
+    ("greek", list("βγδζθκλμνξπρστφχ"), list("αεηιουω"), ["", "", "ς", "ν"], " ",
+     [".", ";"], 2.4, 10, 10),
+    ("cyrillic", list("бвгджзклмнпрстфхцчш"), list("аеиоуыэюя"), ["", "", "й", "ть"], " ",
+     [".", "!"], 2.3, 8, 16),
     ("armenian", list("բգդզթժլխծկհձղճմյնշչպջռսվտրցփքֆ"), list("աեէըիոօ"), ["", "", "ն", "ր"], " ",
      ["։", "՞"], 2.5, 9, 8),
-    ("devanagari", list("कखगचजटडतदनपबमयरलवसह"), ["", "ा", "ि", "ी", "ु", "े", "ो"], ["", "", "ं"], " ",
-     ["।", "।", "?"], 2.0, 12, 14),
+    ("devanagari", list("कखगचजटडतदनपबमयरलवसह"), ["", "ा", "ि", "ी", "ु", "े", "ो"],
+     ["", "", "ं"], " ", ["।", "।", "?"], 2.0, 12, 14),
     ("kana", list("かきくけこさしすせそたちつてとなにぬねのはひふへほまみむめもらりるれろ"), [""], ["", "", "ん"], "",
      ["。", "。", "？"], 2.8, 7, 10),
 ]
-LOAN_SYLLABLES = [o + n for o in "mrtsl" for n in ("ax", "ex", "on", "ik")]   # the shared loanwords' pieces
+# the syllables of the shared loanwords (ASCII, the same words for every language)
+LOAN_SYLLABLES = [o + n for o in "mrtsl" for n in ("ax", "ex", "on", "ik")]
 
 N_CLASSES = 6          # word classes of the toy grammar
 VOCAB_PER_LANG = 1500  # distinct words per language
@@ -89,7 +95,8 @@ def _syllables(rng, onsets, nuclei, codas, n=60):
 
 
 def _vocabulary(rng, syllables, mean_syl, size):
-    """`size` distinct words of 1+Poisson(mean_syl-1) syllables, sorted short-first (rank 0 = most frequent)."""
+    """`size` distinct words of 1+Poisson(mean_syl-1) syllables, sorted short-first
+    (rank 0 = most frequent)."""
     words, seen = [], set()
     while len(words) < size:
         n = 1 + rng.poisson(mean_syl - 1)
@@ -97,7 +104,7 @@ def _vocabulary(rng, syllables, mean_syl, size):
         if w not in seen:
             seen.add(w)
             words.append(w)
-    words.sort(key=len)                       # shorter words get the higher frequencies (Zipf's law of abbreviation)
+    words.sort(key=len)      # shorter words get the higher frequencies (Zipf's law of abbreviation)
     return words
 
 
@@ -114,7 +121,8 @@ class _Language:
         rng = np.random.default_rng([seed, lang_id, 0])
         self.name, self.sep, self.ends = name, sep, ends
         self.mean_words, self.mean_sents = mean_words, mean_sents
-        self.words = _vocabulary(rng, _syllables(rng, onsets, nuclei, codas), mean_syl, VOCAB_PER_LANG)
+        self.words = _vocabulary(rng, _syllables(rng, onsets, nuclei, codas), mean_syl,
+                                 VOCAB_PER_LANG)
         self.loanwords = loanwords
         # word classes: word w is in class w % N_CLASSES; inside a class, Zipf by overall rank
         p = _zipf(len(self.words))
@@ -132,7 +140,7 @@ class _Language:
         for _ in range(n_sent):
             n = max(2, int(rng.poisson(self.mean_words)))
             u = rng.random(n)
-            # class chain: a first-order Markov walk (sequential by nature; cheap, N_CLASSES is small)
+            # class chain: a first-order Markov walk (sequential by nature; cheap, few classes)
             cls, c = [], min(bisect_right(self.start_cdf, u[0]), N_CLASSES - 1)
             for i in range(n):
                 cls.append(c)
@@ -145,7 +153,8 @@ class _Language:
                 elif kind[i] > 0.98:                                       # a number
                     out.append(str(int(rng.integers(1, 2000))))
                 else:
-                    j = min(int(np.searchsorted(self.class_cdf[c], r[i])), len(self.class_words[c]) - 1)
+                    j = min(int(np.searchsorted(self.class_cdf[c], r[i])),
+                            len(self.class_words[c]) - 1)
                     out.append(self.words[self.class_words[c][j]])
             if n > 6 and rng.random() < 0.4:                               # a comma mid-sentence
                 k = int(rng.integers(2, n - 2))
@@ -191,12 +200,12 @@ def synthetic_domains(seed=0, overlap=0.1, train_bytes=300_000, val_bytes=40_000
     return _SYNTH_CACHE[key]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Real text: DIR/<domain>/*.txt
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def _is_val(doc_bytes, val_frac):
-    """Deterministic split by document: a hash of its bytes, so the split does not depend on file order."""
+    """Deterministic split by document: a hash of its bytes, so file order does not matter."""
     h = int.from_bytes(hashlib.sha1(doc_bytes).digest()[:8], "little")
     return (h % 10_000) < val_frac * 10_000
 
@@ -207,17 +216,19 @@ def text_domains(data_dir, cache_dir=None, val_frac=0.1):
         raise DataError(f"--data-dir {data_dir!r} does not exist or is not a directory")
     doms = sorted(d for d in os.listdir(data_dir)
                   if not d.startswith(".") and os.path.isdir(os.path.join(data_dir, d)))
-    files = {d: sorted(f for f in os.listdir(os.path.join(data_dir, d)) if f.endswith(".txt")) for d in doms}
+    files = {d: sorted(f for f in os.listdir(os.path.join(data_dir, d)) if f.endswith(".txt"))
+             for d in doms}
     doms = [d for d in doms if files[d]]
     if len(doms) < 2:
-        raise DataError(f"--data-dir {data_dir!r} needs at least 2 domain subfolders with .txt files, "
-                        f"found {len(doms)}")
+        raise DataError(f"--data-dir {data_dir!r} needs at least 2 domain subfolders "
+                        f"with .txt files, found {len(doms)}")
     # cache key: names, sizes and mtimes of every file, plus the split fraction
     stat = [(d, f, os.path.getsize(os.path.join(data_dir, d, f)),
              int(os.path.getmtime(os.path.join(data_dir, d, f)))) for d in doms for f in files[d]]
     key = hashlib.sha1(json.dumps([stat, val_frac]).encode()).hexdigest()[:16]
     if cache_dir is not None:
-        paths = [os.path.join(cache_dir, f"{key}_{i}_{s}.npy") for i in range(len(doms)) for s in ("train", "val")]
+        paths = [os.path.join(cache_dir, f"{key}_{i}_{s}.npy")
+                 for i in range(len(doms)) for s in ("train", "val")]
         if all(os.path.exists(p) for p in paths):
             arrs = [np.load(p, allow_pickle=False) for p in paths]
             return Domains(doms, arrs[0::2], arrs[1::2])
@@ -238,11 +249,12 @@ def text_domains(data_dir, cache_dir=None, val_frac=0.1):
                 doc = doc.strip()
                 if doc:
                     (va if _is_val(doc, val_frac) else tr).append(doc + b"\n\n")
-        if not va and len(tr) >= 2:          # small domain: no document hashed to val -> its last one goes
+        if not va and len(tr) >= 2:   # small domain, no document hashed to val: give it the last
             va.append(tr.pop())
         if not tr or not va:
             raise DataError(f"domain {d!r} has too few documents for a train/val split "
-                            f"(train {len(tr)}, val {len(va)}); add text or blank-line-separated paragraphs")
+                            f"(train {len(tr)}, val {len(va)}); "
+                            "add text or blank-line-separated paragraphs")
         train.append(np.frombuffer(b"".join(tr), dtype=np.uint8))
         val.append(np.frombuffer(b"".join(va), dtype=np.uint8))
     n_tr, n_va = min(map(len, train)), min(map(len, val))       # balance domains by token count
@@ -256,9 +268,9 @@ def text_domains(data_dir, cache_dir=None, val_frac=0.1):
     return Domains(doms, train, val)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Batches: each sequence from one domain; domains balanced inside every batch
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def check_lengths(doms, seq_len):
     for name, tr, va in zip(doms.names, doms.train, doms.val):
@@ -268,11 +280,11 @@ def check_lengths(doms, seq_len):
 
 
 def train_batch(doms, batch_size, seq_len, seed, step, by_domain=False):
-    """Batch for one optimizer step. Stateless: a function of (seed, step) only, so --resume needs no
-    data-loader state. Sequence b comes from domain perm[b % L] (balanced: every domain gets
+    """Batch for one optimizer step. Stateless: a function of (seed, step) only, so --resume needs
+    no data-loader state. Sequence b comes from domain perm[b % L] (balanced: every domain gets
     batch_size/L sequences when L divides batch_size), at a uniform random offset.
-    by_domain: the same sequences, stably sorted by domain, so consecutive rows (a micro-batch) hold few
-    domains, as when a loader streams each source in runs.
+    by_domain: the same sequences, stably sorted by domain, so consecutive rows (a micro-batch) hold
+    few domains, as when a loader streams each source in runs.
     Returns x_BS, y_BS (int64 next-byte targets), dom_B (int64)."""
     rng = np.random.default_rng([seed, step, 7])
     L = len(doms.names)
@@ -290,8 +302,8 @@ def train_batch(doms, batch_size, seq_len, seed, step, by_domain=False):
 
 def val_windows(doms, seq_len, per_domain):
     """Fixed held-out windows: up to `per_domain` non-overlapping windows per domain, evenly spaced.
-    Interleaved domain by domain so that every evaluation batch mixes domains (as training batches do).
-    Returns x_NS, y_NS, dom_N (numpy int64)."""
+    Interleaved domain by domain so that every evaluation batch mixes domains (as training batches
+    do). Returns x_NS, y_NS, dom_N (numpy int64)."""
     xs, ds = [], []
     for d, a in enumerate(doms.val):
         n = min(per_domain, (len(a) - 1) // seq_len)
