@@ -1,24 +1,25 @@
 """MoE Routing Testbed -- does the *scope* of load balancing decide whether experts specialize?
 
 Paper: "MoE Routing Testbed" (Falke et al., Amazon AGI, arXiv 2604.07030, 2026); restated in
-../shared/papers/moe_testbed.md. Train a small byte-level MoE transformer on a mix of 8 clearly distinct
-"languages" (each training sequence from one), and compare every learned router with a REFERENCE router
-that routes each token by its known domain label -- the upper bound on specialization.
+../shared/papers/moe_testbed.md. Train a small byte-level MoE transformer on a mix of 8 clearly
+distinct "languages" (each training sequence from one), and compare every learned router with a
+REFERENCE router that routes each token by its known domain label -- the upper bound on specialization.
 
-    python moe_testbed.py --quick                           # a tiny run of the same (< 1 min CPU)
-    python moe_testbed.py --experts 8 --threads 1           # top-2, aux loss at global scope (~2.5 min CPU)
-    python moe_testbed.py --sweep scopes --accum 8          # every router / scope, micro-batches of 4 sequences
-    python moe_testbed.py --sweep balance --steps 300       # purity vs sequences the balancing spans
-    torchrun --nproc_per_node 2 moe_testbed.py              # data parallel, same global batch
-    python moe_testbed.py --preset gpu                      # larger model and batch, bf16 + compile, one GPU
+    python moe_testbed.py --quick                      # a tiny run: table + heat map, < 1 min CPU
+    python moe_testbed.py --quick --sweep balance      # purity vs the sequences balancing spans
+    python moe_testbed.py --experts 8 --threads 1      # top-2, aux loss at global scope (~2.5 min CPU)
+    python moe_testbed.py --sweep scopes --accum 8     # every router / scope, micro-batches of 4
+    python moe_testbed.py --sweep scopes --accum 8 --seeds 0,1,2 --jobs 2
+    torchrun --standalone --nproc_per_node 2 moe_testbed.py   # data parallel, same global batch
+    python moe_testbed.py --preset gpu                 # larger model and batch, bf16 + compile, one GPU
 
-Scopes (the paper's, and Qwen's global-batch balancing, arXiv 2501.11873): an optimizer step is --accum
-micro-batches on each of W ranks. sequence = one sequence; micro = one micro-batch (one forward pass);
-global = every token of the optimizer step, all micro-batches on all ranks (exact: a pre-pass);
-running = Megatron-core's global_aux_loss: the step's micro-batches seen so far (no pre-pass).
-Other pieces: Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias balancing (DeepSeek-V3,
-2408.15664), router z-loss (ST-MoE, 2202.08906), expert choice (2202.09368), hash layers (2106.04426).
-Expert dispatch: kernels.moe_ffn.
+Scopes (the paper's, and Qwen's global-batch balancing, arXiv 2501.11873): an optimizer step is
+--accum micro-batches on each of W ranks. sequence = one sequence; micro = one micro-batch (one
+forward pass); global = every token of the optimizer step, all micro-batches on all ranks (exact: a
+pre-pass); running = Megatron-core's global_aux_loss: the step's micro-batches seen so far.
+Other pieces: Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias balancing
+(DeepSeek-V3, 2408.15664), router z-loss (ST-MoE, 2202.08906), expert choice (2202.09368), hash
+layers (2106.04426). Expert dispatch: kernels.moe_ffn. Run habits (flags, torchrun, results): data/run.py.
 
 Shape legend (gpt-fast style suffixes):
     B = sequences in a micro-batch  S = sequence length (bytes)   T = B*S tokens, flattened
@@ -27,30 +28,26 @@ Shape legend (gpt-fast style suffixes):
     L = domains                     G = balancing groups, or experts in a reference group
 """
 
-import datetime
-import io
-import json
 import math
 import os
-import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext, redirect_stderr
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 
-import multiprocessing
 import numpy as np
 import torch
-import torch.nn as nn
 import torch.distributed as dist
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from tqdm import tqdm
 
-from data.layers import RMSNorm, rope
-from data.run import (BadInput, autocast, flag, parse_flags, keep_previous, linear_probe, log_metrics, mean_sd,
-                      mean_std, pick_device, progress, pyplot, save_png, set_threads, writable_dirs, write_json)
 from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
+from data.layers import RMSNorm, rope
+from data.run import (BadInput, all_ranks_sum, autocast, check_numbers, config_key, exit_process, flag,
+                      finished_result, hungarian, interleaved_ms, keep_previous, linear_probe, load_checkpoint,
+                      log_metrics, main_distributed, mean_sd, mean_std, parse_flags, pick_device, pool_map,
+                      progress, pyplot, rank_world, save_checkpoint, save_png, say, set_threads,
+                      worker_threads, writable_dirs, write_json, write_results)
 from kernels import dispatch_route, moe_ffn
 
 
@@ -80,16 +77,17 @@ def route_reference(probs_TE, dom_T, home_LG, spill_LJ, K, uniform):
     """Oracle: a token of domain d fills its slots from d's home group (top by router probability, or
     round-robin when `uniform`), then from d's spill experts. Gates: the router's probabilities, as in
     route_topk (learned), or 1/K each (uniform). Slot 0 is always a home expert."""
-    cand_TG = home_LG[dom_T]
+    cand_TG, dev = home_LG[dom_T], probs_TE.device
     T, G = cand_TG.shape
     k = min(K, G)
     if uniform:                                            # token t takes home experts t, t+1, ... (mod G)
-        j_Tk = (torch.arange(T, device=probs_TE.device)[:, None] + torch.arange(k, device=probs_TE.device)) % G
+        j_Tk = (torch.arange(T, device=dev)[:, None] + torch.arange(k, device=dev)) % G
     else:
         j_Tk = probs_TE.gather(1, cand_TG).topk(k, -1).indices
     idx_TK = torch.cat([cand_TG.gather(1, j_Tk), spill_LJ[dom_T]], 1)
-    gates_TK = torch.full_like(idx_TK, 1.0 / K, dtype=probs_TE.dtype) if uniform else probs_TE.gather(1, idx_TK)
-    return idx_TK, gates_TK
+    if uniform:
+        return idx_TK, torch.full_like(idx_TK, 1.0 / K, dtype=probs_TE.dtype)
+    return idx_TK, probs_TE.gather(1, idx_TK)
 
 
 def route_hash(tok_T, hash_VK):
@@ -132,7 +130,7 @@ def update_bias(bias_E, counts_GE, rate):
     the groups of every rank, so the bias stays the same on all ranks and equal to the one-process update."""
     load_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
     votes_E = torch.sign(load_GE.mean(-1, keepdim=True) - load_GE).sum(0)
-    tot = all_ranks_sum(torch.cat([votes_E, votes_E.new_tensor([len(load_GE)])]))   # [sum of votes, groups]
+    tot = all_ranks_sum(torch.cat([votes_E, votes_E.new_tensor([len(load_GE)])]))   # [votes, groups]
     bias_E += rate * tot[:-1] / tot[-1]
 
 
@@ -158,8 +156,8 @@ class StepRouting:
     Chunks are ordered micro-batch-major: chunk m*W + r is micro-batch m of rank r (see micro_batches)."""
 
     def __init__(self, step_tokens, reduce, counts=None, index=None):
-        self.step_tokens, self.reduce, self.counts, self.carry, self.index = step_tokens, reduce, counts, {}, index
-        self.running = {}
+        self.step_tokens, self.reduce, self.counts, self.index = step_tokens, reduce, counts, index
+        self.carry, self.running = {}, {}
 
     def global_counts(self, layer, counts_1E):
         return self.reduce(counts_1E) if self.counts is None else self.counts[layer]
@@ -183,7 +181,7 @@ class StepRouting:
         return carry_E + rows_WE[:rank].sum(0)
 
 
-# ---------------- The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses, routing record
+# ---------------- The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses, record
 
 class MoEFFN(nn.Module):
     def __init__(self, cfg, n_domains, layer_id=0):
@@ -194,8 +192,9 @@ class MoEFFN(nn.Module):
         self.w_in_EDH = nn.Parameter(torch.randn(E, D, H) * 0.02)
         self.w_out_EHD = nn.Parameter(torch.randn(E, H, D) * 0.02 / math.sqrt(2 * cfg.n_layer))
         self.register_buffer("bias_E", torch.zeros(E))                      # aux_free selection bias
-        g = torch.Generator().manual_seed(1234)                            # hash: fixed byte -> K distinct experts
-        self.register_buffer("hash_VK", torch.stack([torch.randperm(E, generator=g)[:cfg.top_k] for _ in range(256)]))
+        g = torch.Generator().manual_seed(1234)                            # hash: byte -> K distinct experts
+        self.register_buffer("hash_VK", torch.stack([torch.randperm(E, generator=g)[:cfg.top_k]
+                                                     for _ in range(256)]))
         home_LG, spill_LJ = reference_groups(n_domains, E, cfg.top_k)
         self.register_buffer("home_LG", home_LG)
         self.register_buffer("spill_LJ", spill_LJ)
@@ -204,18 +203,19 @@ class MoEFFN(nn.Module):
         cfg, E = self.cfg, self.E
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        step = ctx.get("step") or StepRouting(B * S * rank_world()[1], all_ranks_sum)   # default: this forward
+        step = ctx.get("step") or StepRouting(B * S * rank_world()[1], all_ranks_sum)   # this forward
         logits_TE = self.router_logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         z = cfg.z_coef * torch.logsumexp(logits_TE, -1).pow(2).mean()         # ST-MoE z-loss
-        ent_sum = torch.special.entr(probs_TE.detach()).sum() / math.log(E)   # router entropy, [0, 1] per token
+        ent_sum = torch.special.entr(probs_TE.detach()).sum() / math.log(E)   # router entropy, [0, 1] a token
         if cfg.router == "expert_choice":
             return self.expert_choice(x_TD, probs_TE, z, ent_sum, B, S)
         idx_TK, gates_TK = self.route(probs_TE, ctx, S, step)
         if cfg.router == "hash":                           # the router weight is not used
             z, ent_sum = z.detach() * 0, None
         # balancing groups of this forward: one per sequence, or one for the micro-batch (micro and global)
-        counts_GE = F.one_hot(idx_TK.reshape(B if cfg.balance_scope == "sequence" else 1, -1), E).sum(1).float()
+        G = B if cfg.balance_scope == "sequence" else 1
+        counts_GE = F.one_hot(idx_TK.reshape(G, -1), E).sum(1).float()
         aux = z.new_zeros(())
         if cfg.router == "topk" and cfg.balance == "aux" and self.training and torch.is_grad_enabled():
             scope_GE = counts_GE
@@ -225,7 +225,7 @@ class MoEFFN(nn.Module):
                 scope_GE = step.running_counts(self.layer_id, counts_GE)
             aux = aux_loss(probs_TE, scope_GE, cfg.aux_coef)
         keep_TK = self.capacity(idx_TK, B, S, step)
-        y_TD = self.dispatch(x_TD, idx_TK, gates_TK * keep_TK.to(gates_TK.dtype))   # dropped: gate 0, no gradient
+        y_TD = self.dispatch(x_TD, idx_TK, gates_TK * keep_TK.to(gates_TK.dtype))   # dropped: gate 0
         stats = dict(layer=self.layer_id, aux=aux, z=z, counts_GE=counts_GE, ent_sum=ent_sum,
                      assign_TE=F.one_hot(idx_TK, E).sum(1).float(), top1_T=idx_TK[:, 0],
                      n_drop=(~keep_TK).sum(), n_slots=idx_TK.numel())
@@ -233,7 +233,7 @@ class MoEFFN(nn.Module):
 
     def route(self, probs_TE, ctx, S, step):
         cfg = self.cfg
-        # --reference-steps N (a diagnostic, it reads the labels): top-k learns from step N on, after the reference
+        # --reference-steps N (a diagnostic, it reads the labels): top-k learns from step N on
         labels_first = self.training and step.index is not None and step.index < cfg.reference_steps
         if cfg.router == "topk" and not labels_first:
             idx_TK, gates_TK = route_topk(probs_TE, self.bias_E, self.K)
@@ -272,12 +272,11 @@ class MoEFFN(nn.Module):
             return F.linear(x_TD.float(), self.router.weight.float())
 
     def expert_choice(self, x_TD, probs_TE, z, ent_sum, B, S):
-        E, T = self.E, x_TD.shape[0]
+        E, T, dev = self.E, x_TD.shape[0], x_TD.device
         C = T * self.K // E
         y_TD, tok_EC = expert_choice_ffn(x_TD, probs_TE, C, self.w_in_EDH, self.w_out_EHD)
-        assign_TE = torch.zeros(T, E, device=x_TD.device).index_put_(
-            (tok_EC.reshape(-1), torch.arange(E, device=x_TD.device).repeat_interleave(C)),
-            torch.ones(E * C, device=x_TD.device))
+        assign_TE = torch.zeros(T, E, device=dev).index_put_(
+            (tok_EC.reshape(-1), torch.arange(E, device=dev).repeat_interleave(C)), torch.ones(E * C, device=dev))
         chosen_T = assign_TE.sum(1) > 0
         # top-1 = the chosen expert with the largest probability; an unchosen token: its argmax
         top1_T = torch.where(chosen_T, (probs_TE * assign_TE).argmax(1), probs_TE.argmax(1))
@@ -286,7 +285,7 @@ class MoEFFN(nn.Module):
         return y_TD.view(B, S, -1), stats
 
 
-# ---------------- The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN per block
+# ---------------- The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -317,7 +316,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
-        self.ffn = MoEFFN(cfg, n_domains, layer_id) if moe else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden)
+        self.ffn = (MoEFFN(cfg, n_domains, layer_id) if moe
+                    else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden))   # same active parameters
 
     def forward(self, x, pos_S, ctx):
         x = x + self.attn(self.ln1(x), pos_S)
@@ -333,10 +333,10 @@ class Model(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i in moe, n_domains, i) for i in range(cfg.n_layer))
         self.ln_f = RMSNorm(cfg.d_model)
         self.head = nn.Linear(cfg.d_model, 256, bias=False)
-        for name, p in self.named_parameters():
-            if p.dim() == 2:                                                 # GPT-2 init, scaled residual outs
-                std = 0.02 / math.sqrt(2 * cfg.n_layer) if name.endswith(("proj.weight", "w_out.weight")) else 0.02
-                nn.init.normal_(p, 0.0, std)
+        for name, p in self.named_parameters():             # GPT-2 init, scaled residual outputs
+            if p.dim() == 2:
+                out = name.endswith(("proj.weight", "w_out.weight"))
+                nn.init.normal_(p, 0.0, 0.02 / math.sqrt(2 * cfg.n_layer) if out else 0.02)
 
     def forward(self, tok_BS, dom_B, step=None):
         pos_S = torch.arange(tok_BS.shape[1], device=tok_BS.device)
@@ -350,10 +350,8 @@ class Model(nn.Module):
 
 
 def moe_layer_ids(cfg):
-    if cfg.moe_layers == "upper":
-        return list(range(cfg.n_layer // 2, cfg.n_layer))
-    if cfg.moe_layers == "all":
-        return list(range(cfg.n_layer))
+    if cfg.moe_layers in ("upper", "all"):
+        return list(range(cfg.n_layer // 2 if cfg.moe_layers == "upper" else 0, cfg.n_layer))
     try:
         ids = sorted({int(s) for s in cfg.moe_layers.split(",")})
     except ValueError:
@@ -394,44 +392,6 @@ def nmi(top1_LE):
     return 0.0 if hd <= 0 or he <= 0 else mi / math.sqrt(hd * he)
 
 
-def hungarian(cost):
-    """Minimum-cost perfect matching on a square matrix (Kuhn-Munkres, O(n^3) potentials form).
-    Returns perm with perm[row] = column."""
-    n = cost.shape[0]
-    INF = float("inf")
-    u, v, p, way = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1, dtype=int), np.zeros(n + 1, dtype=int)
-    for i in range(1, n + 1):
-        p[0], j0 = i, 0
-        minv, used = np.full(n + 1, INF), np.zeros(n + 1, dtype=bool)
-        while True:
-            used[j0] = True
-            i0, delta, j1 = p[j0], INF, 0
-            for j in range(1, n + 1):
-                if not used[j]:
-                    cur = cost[i0 - 1, j - 1] - u[i0] - v[j]
-                    if cur < minv[j]:
-                        minv[j], way[j] = cur, j0
-                    if minv[j] < delta:
-                        delta, j1 = minv[j], j
-            for j in range(n + 1):
-                if used[j]:
-                    u[p[j]] += delta
-                    v[j] -= delta
-                else:
-                    minv[j] -= delta
-            j0 = j1
-            if p[j0] == 0:
-                break
-        while j0:
-            j1 = way[j0]
-            p[j0] = p[j1]
-            j0 = j1
-    perm = np.zeros(n, dtype=int)
-    for j in range(1, n + 1):
-        perm[p[j] - 1] = j - 1
-    return perm
-
-
 def agreement(top1_LE, home_LG):
     """Reference agreement: fraction of tokens whose top-1 expert lies in their domain's home group, after
     the best one-to-one relabelling of learned experts onto reference experts (a learned router's numbering
@@ -452,11 +412,11 @@ def routing_metrics(a, home_LG):
     """Metrics of one layer's record `a` (see add_record)."""
     f_E = a["assign"].sum(0) / a["assign"].sum()
     agr, perm = agreement(a["top1"], home_LG)
+    share_LE = a["assign"] / np.maximum(a["assign"].sum(1, keepdims=True), 1e-12)
     return dict(utilization=utilization(f_E), maxvio=max_violation(f_E), dead_experts=dead_experts(f_E),
                 purity=purity(a["top1"]), agreement=agr, nmi=nmi(a["top1"]),
                 entropy=None if a["ent"] is None else float(a["ent"] / a["top1"].sum()),
-                dropped_frac=a["drop"] / max(a["slots"], 1),
-                routing_matrix=(a["assign"] / np.maximum(a["assign"].sum(1, keepdims=True), 1e-12)).round(4).tolist(),
+                dropped_frac=a["drop"] / max(a["slots"], 1), routing_matrix=share_LE.round(4).tolist(),
                 expert_order=np.argsort(perm).tolist())
 
 
@@ -490,7 +450,8 @@ def micro_batches(cfg, doms, step, device):
     x accum A see exactly the chunks one process sees with accum A*W, in the same (micro-batch-major) order."""
     rank, world = rank_world()
     mu = cfg.batch_size // (world * cfg.accum)
-    arrays = train_batch(doms, cfg.batch_size, cfg.seq_len, cfg.seed, step, by_domain=cfg.batch_order == "by_domain")
+    arrays = train_batch(doms, cfg.batch_size, cfg.seq_len, cfg.seed, step,
+                         by_domain=cfg.batch_order == "by_domain")
     for m in range(cfg.accum):
         c = (m * world + rank) * mu
         yield tuple(torch.from_numpy(np.ascontiguousarray(a[c:c + mu])).to(device) for a in arrays)
@@ -527,9 +488,7 @@ def accumulate_grads(net, cfg, doms, step, device, aux_only=False):
     micro-batches (tensors: no host sync) and the records [(layer_stats, dom_B)]."""
     raw = getattr(net, "module", net)                      # under DDP the Model sits in .module
     chunks = list(micro_batches(cfg, doms, step, device))
-    counts = None
-    if prepass_runs(cfg):
-        counts = prepass_counts(raw, cfg, chunks, device, step)
+    counts = prepass_counts(raw, cfg, chunks, device, step) if prepass_runs(cfg) else None
     routing = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, counts, step)
     ce_sum = aux_sum = 0.0
     records = []
@@ -579,124 +538,27 @@ def wrap_ddp(model, cfg):
     return model if rank_world()[1] == 1 else DDP(model, find_unused_parameters=cfg.router == "hash")
 
 
-def history_records(records, cfg, step, ce, L, home_LG):
-    """Per MoE layer, the routing of this step's training batch (this rank's share): one record each."""
-    acc = {}
-    for layer_stats, dom in records:
-        add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, cfg.experts)
-    out = []
-    for layer, a in acc.items():
-        m = routing_metrics(a, home_LG)
-        out.append(dict(step=step, layer=layer, train_bpb=round(ce / math.log(2), 4),
-                        **{k: (None if m[k] is None else round(m[k], 4)) for k in HISTORY_KEYS}))
-    return out
-
-
-HISTORY_KEYS = ("purity", "nmi", "utilization", "maxvio", "entropy", "dropped_frac")
-
-
-def run_one(cfg, doms, name, device, quiet=False):
-    """Train (or resume) one configuration, evaluate it, return its results dict (None if --stop-at).
-    Under torchrun every rank trains; rank 0 alone logs, checkpoints, evaluates and writes (others return {})."""
-    rank, world = rank_world()
-    run_dir = os.path.join(cfg.out, f"{name}-s{cfg.seed}")
-    if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-    ckpt_path, res_path = os.path.join(run_dir, "ckpt.pt"), os.path.join(run_dir, "result.json")
-    if cfg.resume and os.path.exists(res_path) and not cfg.stop_at:
-        with open(res_path) as f:
-            res = json.load(f)
-        if res.get("config_key") == config_key(cfg):
-            say(f"[{name} seed {cfg.seed}] finished earlier: reusing {res_path}")
-            return res
-    torch.manual_seed(cfg.seed)                            # same initial weights on every rank
-    model = Model(cfg, len(doms.names)).to(device)
-    opt = make_optimizer(model, cfg, device)
-    start, train_s, history = 0, 0.0, []
-    if cfg.resume and os.path.exists(ckpt_path):           # every rank loads the same checkpoint
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        old = {**asdict(Config()), **ck["config"]}           # fields added since then: their defaults
-        diff = [k for k in asdict(cfg) if k not in RESUME_FREE and old[k] != getattr(cfg, k)]
-        if diff:
-            raise BadInput(f"--resume: checkpoint {ckpt_path} was made with different settings: {', '.join(diff)}")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"].cpu())
-        start, train_s, history = ck["step"], ck["train_s"], ck.get("history", [])
-        say(f"[{name} seed {cfg.seed}] resuming at step {start}")
-    if cfg.compile:
-        for blk in model.blocks:
-            blk.attn = torch.compile(blk.attn)
-    model.train()
+def train(model, opt, cfg, doms, name, device, state, end, ckpt_path, quiet=False):
+    """Optimizer steps state["step"] .. end-1 (state: step, train_s, history; updated). Every --log-every
+    steps a log line with the step batch's routing (log_step); every --ckpt-every steps a checkpoint."""
+    rank, start = rank_world()[0], state["step"]
     net = wrap_ddp(model, cfg)
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    home_LG = reference_groups(len(doms.names), cfg.experts, cfg.top_k)[0].numpy()
     bar = progress(range(start, end), name, total=cfg.steps, initial=start, quiet=rank != 0 or quiet)
-    t_log = time.perf_counter()
+    t_start = time.perf_counter()
     for step in bar:
         t0 = time.perf_counter()
         ce, aux, records = train_step(net, opt, cfg, doms, step, device)
-        train_s += time.perf_counter() - t0
-        if (step + 1) % cfg.log_every == 0 or step + 1 == end:
-            ce, aux = ce.item(), aux.item()                # host syncs only at log steps
-            line = f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}"
-            recs = history_records(records, cfg, step + 1, ce, len(doms.names), home_LG)
-            history += recs
-            for r in recs:
-                line += f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity {r['purity']:.3f}"
-            tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / max(time.perf_counter() - t_log, 1e-9)
-            bar.set_postfix(bpb=f"{ce / math.log(2):.3f}")
-            say(line + f" | {tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
-            if rank == 0:
-                log_metrics(os.path.join(cfg.out, "metrics.jsonl"), run=name, seed=cfg.seed, step=step + 1,
-                            loss=round(ce, 5), bpb=round(ce / math.log(2), 5), aux=round(aux, 6), lr=lr_at(cfg, step),
-                            **{f"L{r['layer']}_{k}": r[k] for r in recs for k in ("purity", "utilization")})
-        if rank == 0 and ((step + 1) % cfg.ckpt_every == 0 or step + 1 == end):
-            save_ckpt(ckpt_path, model, opt, step + 1, train_s, cfg, history)
+        state["train_s"] += time.perf_counter() - t0
+        state["step"] = step + 1
+        if state["step"] % cfg.log_every == 0 or state["step"] == end:
+            tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t_start)
+            state["history"] += log_step(cfg, name, doms, device, step, ce.item(), aux.item(), records, tok_s,
+                                         quiet)
+            bar.set_postfix(bpb=f"{ce.item() / math.log(2):.3f}")
+        if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or state["step"] == end):
+            save_checkpoint(ckpt_path, model, cfg, opt=opt.state_dict(), rng=torch.get_rng_state(), **state)
     bar.close()
-    if cfg.stop_at and end < cfg.steps:
-        say(f"[{name}] stopped at step {end} (--stop-at); continue with --resume", quiet)
-        return None
-    if rank != 0:
-        return {}
-    res = evaluate(model, cfg, doms, device)                # the plain Model: no collectives in here
-    router = "dense" if cfg.dense else cfg.router
-    balance = cfg.balance if router == "topk" else "none"
-    res = dict(name=name, router=router, balance=balance,
-               scope=cfg.balance_scope if balance != "none" else None, accum=cfg.accum,
-               balance_tokens=balance_tokens(cfg, world) if balance != "none" else None,
-               capacity_factor=cfg.capacity_factor,
-               capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed, **res,
-               history=history, tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(train_s, 1e-9),
-               train_s=round(train_s, 1), world_size=world, config_key=config_key(cfg))
-    write_json(res_path, res)
-    return res
-
-
-def balance_tokens(cfg, world):
-    """Tokens one balancing group spans: a sequence, a micro-batch, or the whole optimizer step."""
-    seqs = {"sequence": 1, "micro": cfg.batch_size // (world * cfg.accum)}.get(cfg.balance_scope, cfg.batch_size)
-    return seqs * cfg.seq_len
-
-
-def state_dict_clean(model):
-    return {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
-
-
-def save_ckpt(path, model, opt, step, train_s, cfg, history):
-    tmp = path + ".tmp"
-    torch.save(dict(model=state_dict_clean(model), opt=opt.state_dict(), step=step, train_s=train_s,
-                    rng=torch.get_rng_state(), config=asdict(cfg), history=history), tmp)
-    os.replace(tmp, path)
-
-
-# these may differ between an interrupted run and its resumption; everything else must match
-RESUME_FREE = {"threads", "quick", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds", "device",
-               "compile", "impl", "preset", "jobs"}
-
-
-def config_key(cfg):
-    return json.dumps({k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE}, sort_keys=True)
+    return state
 
 
 # ---------------- Evaluation
@@ -710,8 +572,7 @@ def evaluate(model, cfg, doms, device):
     L, E = len(doms.names), cfg.experts
     vx, vy, vdom = val_windows(doms, cfg.seq_len, cfg.eval_seqs)
     mu = cfg.batch_size // (rank_world()[1] * cfg.accum)
-    nll_L, n_L, acc = np.zeros(L), np.zeros(L), {}
-    nll_S = np.zeros(cfg.seq_len)                          # per position in the window, summed
+    nll_L, n_L, nll_S, acc = np.zeros(L), np.zeros(L), np.zeros(cfg.seq_len), {}   # nll_S: by position
     feats, wins = {}, []                                   # router inputs (every 4th byte) for the domain probe
     hooks = [m.register_forward_hook(lambda m, i, o: feats.setdefault(m.layer_id, []).append(
         i[0][:, ::4].float().reshape(-1, i[0].shape[-1]).cpu())) for m in model.modules() if isinstance(m, MoEFFN)]
@@ -733,33 +594,46 @@ def evaluate(model, cfg, doms, device):
     model.train()
     for h in hooks:
         h.remove()
-    bpb_L = nll_L / n_L / math.log(2)
     bpb_S = nll_S / len(vx) / math.log(2)
-    out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)),
-               bpb_by_position=bpb_S.round(4).tolist(),
-               per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, bpb_L)})
+    out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)), bpb_by_position=bpb_S.round(4).tolist(),
+               per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, nll_L / n_L / math.log(2))})
+    return dict(out, **routing_summary(acc, feats, wins, vdom, bpb_S, cfg, L))
+
+
+METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy",
+               "dropped_frac", "domain_probe")
+
+
+def routing_summary(acc, feats, wins, vdom, bpb_S, cfg, L):
+    """Per MoE layer: routing metrics and the domain probes; their means over layers; the routing matrix of
+    all layers; N (probe_n) and the val bpb after the first N bytes of a window."""
     if not acc:
-        return dict(out, **{k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[],
-                    probe_n=None, val_bpb_after_n=None)
-    home_LG = reference_groups(L, E, cfg.top_k)[0].numpy()
+        return dict({k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[], probe_n=None,
+                    val_bpb_after_n=None)
+    home_LG = reference_groups(L, cfg.experts, cfg.top_k)[0].numpy()
     per_layer = [dict(layer=layer, **routing_metrics(a, home_LG),
                       domain_probe=domain_probe(feats[layer], wins, vdom),
                       probe_by_position=probe_by_position(feats[layer], wins, vdom, cfg.seq_len))
                  for layer, a in acc.items()]
+    out = {}
     for k in METRIC_KEYS:
         vals = [r[k] for r in per_layer if r[k] is not None]
         out[k] = float(np.mean(vals)) if vals else None
     total = sum(a["assign"] for a in acc.values())
-    out["routing_matrix"] = (total / total.sum(1, keepdims=True)).round(4).tolist()
-    out["per_layer"] = per_layer
-    out["probe_n"] = probe_n([lay["probe_by_position"] for lay in per_layer])
-    n = out["probe_n"]
-    out["val_bpb_after_n"] = None if n is None else float(bpb_S[n:].mean())
-    return out
+    n = probe_n([lay["probe_by_position"] for lay in per_layer])
+    return dict(out, routing_matrix=(total / total.sum(1, keepdims=True)).round(4).tolist(), per_layer=per_layer,
+                probe_n=n, val_bpb_after_n=None if n is None else float(bpb_S[n:].mean()))
 
 
-METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac",
-               "domain_probe")
+def probe_rows(feats, wins, vdom):
+    """The probe's rows: router inputs x, the domain of each row, and whether the row's window is an even
+    one of its domain (the probe is fitted on the even windows and scored on the odd ones)."""
+    x = torch.cat(feats)
+    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))            # window of each row
+    k = np.zeros(len(vdom), dtype=int)                                             # window's rank in its domain
+    for d in np.unique(vdom):
+        k[vdom == d] = np.arange((vdom == d).sum())
+    return x, torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
 
 
 def domain_probe(feats, wins, vdom):
@@ -767,31 +641,18 @@ def domain_probe(feats, wins, vdom):
     each domain's held-out windows, scored on the other half (every 4th byte). Near 1: the information a
     router would need to route by domain is there, and a purity below it is the routing's own doing.
     None with one window per domain (--eval-seqs 1): nothing to score on."""
-    x = torch.cat(feats)
-    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))            # window of each row
-    k = np.zeros(len(vdom), dtype=int)                                             # window's rank in its domain
-    for d in np.unique(vdom):
-        k[vdom == d] = np.arange((vdom == d).sum())
-    dom, even = torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
-    if even.all():
-        return None
-    return linear_probe(x[even], dom[even], x[~even], dom[~even])
+    x, dom, even = probe_rows(feats, wins, vdom)
+    return None if even.all() else linear_probe(x[even], dom[even], x[~even], dom[~even])
 
 
 def probe_by_position(feats, wins, vdom, S, stride=4):
     """The domain probe scored at each sampled position of the window: [(position, accuracy)], the
     probe fitted on every position of the even windows (as domain_probe), scored on the odd windows'
     rows at that position. How far into a window the router's input tells the domain."""
-    x = torch.cat(feats)
-    n_pos = len(range(0, S, stride))
-    w = np.repeat(np.concatenate(wins), n_pos)           # window of each row, positions in order
-    pos = np.tile(np.arange(0, S, stride), len(w) // n_pos)
-    k = np.zeros(len(vdom), dtype=int)
-    for d in np.unique(vdom):
-        k[vdom == d] = np.arange((vdom == d).sum())
-    dom, even = torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
+    x, dom, even = probe_rows(feats, wins, vdom)
     if even.all():
         return None
+    pos = np.tile(np.arange(0, S, stride), len(x) // len(range(0, S, stride)))      # position of each row
     out = []
     for p in range(0, S, stride):
         te = ~even & torch.from_numpy(pos == p)
@@ -814,212 +675,7 @@ def probe_n(curves, level=0.9):
     return max(ns) if ns else None
 
 
-# ---------------- Reports: heat map, table (mean +- sample std over seeds), optional plots
-
-SHADES = " ░▒▓█"
-
-
-def heat_map(matrix_LE, names, order):
-    """Domain x expert share of routing slots; experts reordered by the reference matching (so a
-    specialised router shows a diagonal), shading relative to the largest cell."""
-    M = np.asarray(matrix_LE)[:, order]
-    top = M.max() or 1.0
-    lines = ["domain \\ expert  " + "".join(f"{e:>6}" for e in order)]
-    for name, row in zip(names, M):
-        cells = "".join(f" {SHADES[min(4, int(v / top * 4.999))] * 2}{v * 100:3.0f}" for v in row)
-        lines.append(f"{name:>16} " + cells)
-    return "\n".join(lines)
-
-
-COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f"),
-        ("probe_n", "N", ".0f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
-        ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
-        ("entropy", "entropy", ".3f"), ("dropped_frac", "dropped", ".3f"), ("tokens_per_s", "tok/s", ".0f")]
-
-
-def table_rows(runs):
-    """One row per configuration name: cells 'mean ± std' over seeds."""
-    rows = []
-    for n in dict.fromkeys(r["name"] for r in runs):
-        rs = [r for r in runs if r["name"] == n]
-        rows.append((n, len(rs), [mean_std([r.get(key) for r in rs], spec) for key, _, spec in COLS]))
-    return rows
-
-
-def table(runs, header=True):
-    head = f"{'run':<18}{'seeds':>6}" + "".join(f"{c[1]:>16}" for c in COLS)
-    lines = [head, "-" * len(head)] if header else []
-    lines += [f"{n:<18}{k:>6}" + "".join(f"{c:>16}" for c in cells) for n, k, cells in table_rows(runs)]
-    return "\n".join(lines)
-
-
-def plots(runs, out_dir):
-    """PNG curves when matplotlib is importable: routing over training, and (balance sweep) purity vs the
-    sequences a balancing group spans. Returns the paths written."""
-    plt = pyplot()
-    if plt is None:
-        return []
-    paths = []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for r in runs:
-        for layer in sorted({h["layer"] for h in r["history"]}):
-            hs = [h for h in r["history"] if h["layer"] == layer]
-            for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
-                ax.plot([h["step"] for h in hs], [h[key] for h in hs], label=f"{r['name']} s{r['seed']} L{layer}")
-    for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
-        ax.set_xlabel("step")
-        ax.set_title(f"train-batch {key}")
-    axes[0].legend(fontsize=6)
-    paths.append(os.path.join(out_dir, "history.png"))
-    save_png(plt, fig, paths[-1])
-    sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk" and r["balance"] != "none"})
-    if len(sizes) > 2:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in ("purity", "nmi", "utilization"):
-            stats = [mean_sd([r[key] for r in runs if r["balance_tokens"] == n]) for n in sizes]
-            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], label=key, capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("tokens per balancing group")
-        ax.legend()
-        paths.append(os.path.join(out_dir, "balance.png"))
-        save_png(plt, fig, paths[-1])
-    first = {}                                             # routing heat map: the first seed of each configuration
-    for r in runs:
-        first.setdefault(r["name"], r)
-    cells = [(r, lay) for r in first.values() for lay in r.get("per_layer") or []]
-    if cells:                                              # as the terminal's: experts in the reference's order
-        cols = min(len(cells), 4)
-        rows = -(-len(cells) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
-        top = max(float(np.max(lay["routing_matrix"])) for _, lay in cells)
-        for ax, (r, lay) in zip(axes.flat, cells):
-            im = ax.imshow(np.asarray(lay["routing_matrix"])[:, lay["expert_order"]], cmap="viridis", vmin=0, vmax=top)
-            ax.set_xticks(range(len(lay["expert_order"])), lay["expert_order"])
-            ax.set_yticks(range(len(r["per_domain_bpb"])), list(r["per_domain_bpb"]), fontsize=7)
-            ax.set_xlabel("expert (in the reference's order)")
-            ax.set_title(f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
-                         f"U {lay['utilization']:.2f}", fontsize=8)
-        for ax in axes.flat[len(cells):]:
-            ax.axis("off")
-        fig.colorbar(im, ax=axes, label="share of the domain's routing slots")
-        paths.append(os.path.join(out_dir, "routing.png"))
-        save_png(plt, fig, paths[-1])
-    return paths
-
-
-# ---------------- Sweeps (each configuration: the base config plus overrides), optionally in worker processes
-
-def sweep_plan(cfg, world=1):
-    """[(name, overrides)] for --sweep scopes | balance | capacity."""
-    if cfg.sweep == "scopes":                                # every router / scope at the given --accum
-        return [("reference", dict(router="reference", balance="none")),
-                ("reference-uniform", dict(router="reference", balance="none", reference_gate="uniform")),
-                ("hash", dict(router="hash", balance="none")),
-                ("topk-none", dict(router="topk", balance="none")),
-                ("aux-sequence", dict(balance="aux", balance_scope="sequence")),
-                ("aux-micro", dict(balance="aux", balance_scope="micro")),
-                ("aux-global", dict(balance="aux", balance_scope="global")),
-                ("auxfree-micro", dict(balance="aux_free", balance_scope="micro")),
-                ("auxfree-global", dict(balance="aux_free", balance_scope="global")),
-                ("expert-choice", dict(router="expert_choice", balance="none"))]
-    if cfg.sweep == "balance":       # aux loss over groups of n sequences: 1 (sequence), micro-batches of n, B
-        per_rank, plan = cfg.batch_size // world, [("balance-1", dict(balance="aux", balance_scope="sequence"))]
-        n = 2
-        while n < per_rank:
-            if per_rank % n == 0:
-                plan.append((f"balance-{n}", dict(balance="aux", balance_scope="micro", accum=per_rank // n)))
-            n *= 2
-        return plan + [(f"balance-{cfg.batch_size}", dict(balance="aux", balance_scope="global"))]
-    base = dict(balance="aux", balance_scope="global", batch_order="by_domain")      # capacity
-    return [("dropless", base)] + [(f"cf{cf:g}-{scope}", dict(base, capacity_factor=cf, capacity_scope=scope))
-                                   for cf in (1.0, 1.25) for scope in ("sequence", "micro", "global")]
-
-
-def _worker(cfg_dict, name, doms):
-    """One sweep configuration in a worker process (started with 'spawn': a fresh interpreter; the data
-    come pickled from the parent, so no worker regenerates or re-caches them)."""
-    cfg = Config(**cfg_dict)
-    set_threads(cfg.threads)
-    return run_one(cfg, doms, name, pick_device(cfg.device), quiet=True)
-
-
-def worker_threads(cfg):
-    """Torch threads of each --jobs worker: --threads as given; for 0 (torch's default: one thread per core in
-    EVERY process) the cores shared out, so that N workers do not oversubscribe them."""
-    return cfg.threads or max(1, (os.cpu_count() or 1) // cfg.jobs)
-
-
-def run_all(cfg, plan, doms, device):
-    """Every (seed, configuration): in this process, or in --jobs worker processes (same numbers: each run
-    seeds itself, and batches are a function of (seed, step))."""
-    todo = [(name, Config(**{**asdict(c), "seed": s})) for s in seed_list(cfg) for name, c in plan]
-    for name, c in todo:
-        if c.router == "expert_choice" and c.seed == seed_list(cfg)[0]:
-            say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
-    if cfg.jobs > 1 and len(todo) > 1:
-        with ProcessPoolExecutor(cfg.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futures = [pool.submit(_worker, {**asdict(c), "threads": worker_threads(cfg)}, name, doms)
-                       for name, c in todo]
-            results = []
-            for fut in futures:
-                results.append(fut.result())
-                if results[-1] is None:                     # --stop-at
-                    return None
-                report_run(results[-1], doms)
-            return results
-    results = []
-    for name, c in todo:
-        res = run_one(c, doms, name, device)
-        if res is None:                                     # --stop-at
-            return None
-        results.append(res)
-        if res:                                             # ranks > 0 return {}
-            report_run(res, doms)
-    return results
-
-
-def report_run(res, doms):
-    for lay in res["per_layer"]:
-        say(f"[{res['name']} seed {res['seed']}] layer {lay['layer']}: share of routing slots (%)\n"
-            + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
-    say(table([res], header=False) + f"  ({res['train_s']:.0f} s)")
-
-
-# ---------------- Bench: MoE vs dense step time, interleaved in one process
-
-def bench(cfg, doms, device, n=20, warm=3):
-    """Median step time of the MoE model and of the dense one (same active parameters),
-    interleaved. When the MoE step runs the routing pre-pass (prepass_runs), a third model times
-    the MoE step without it (--balance-scope running: the same step less the no-grad forwards)."""
-    variants = {"moe": {}, "dense": dict(dense=True)}
-    if prepass_runs(cfg):
-        variants["moe_no_prepass"] = dict(balance_scope="running")
-    models = {}
-    for kind, over in variants.items():
-        c = Config(**{**asdict(cfg), **over})
-        torch.manual_seed(cfg.seed)
-        m = Model(c, len(doms.names)).to(device)
-        models[kind] = (c, m, make_optimizer(m, c, device))
-    times = {kind: [] for kind in models}
-    for i in range(warm + n):                      # alternate, so all see the same machine load
-        for kind, (c, m, opt) in models.items():
-            t0 = time.perf_counter()
-            train_step(m, opt, c, doms, i, device)
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            if i >= warm:
-                times[kind].append(time.perf_counter() - t0)
-    med = {k: float(np.median(v)) for k, v in times.items()}
-    params = {k: sum(p.numel() for p in m.parameters()) for k, (_, m, _) in models.items()}
-    tokens = cfg.batch_size * cfg.seq_len
-    return dict(moe_step_s=med["moe"], dense_step_s=med["dense"], ratio=med["moe"] / med["dense"],
-                prepass=prepass_runs(cfg), moe_no_prepass_step_s=med.get("moe_no_prepass"),
-                ratio_no_prepass=(med["moe_no_prepass"] / med["dense"] if "moe_no_prepass" in med
-                                  else None),
-                moe_params=params["moe"], dense_params=params["dense"], steps_timed=n,
-                moe_tokens_per_s=tokens / med["moe"],
-                moe_model_tflops=train_flops_per_token(cfg) * tokens / med["moe"] / 1e12)
-
+# ---------------- Cost: FLOPs, the expert dispatch on this device, MoE vs dense step time
 
 def train_flops_per_token(cfg, prepass=True):
     """6 x active parameters per token (the dense FFN width K*H = the MoE's active experts) + causal
@@ -1047,204 +703,151 @@ def flops_note(cfg, device, tok_s):
             + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else ""))
 
 
-# ---------------- Plumbing: data, devices, data parallelism
-
-def load_domains(cfg):
-    if cfg.data_dir:                                       # only rank 0 writes the cache; the others re-read the text
-        cache = os.path.join(cfg.out, "data_cache") if rank_world()[0] == 0 else None
-        doms = text_domains(cfg.data_dir, cache_dir=cache)
-    else:                                                  # the languages are fixed; --seed varies training
-        doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
-    check_lengths(doms, cfg.seq_len)
-    return doms
-
-
-def rank_world():
-    """(rank, world size); before init_process_group, what torchrun put in the environment."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+def run_dispatch(cfg, device):
+    """How the MoE layers' experts run on this device: impl, the grouped GEMM's route
+    (kernels.grouped_route: "native" = torch._grouped_mm, no host syncs; "loop" = a per-group loop,
+    6 host syncs per MoE layer per forward + backward) and a note. Printed once, kept in results.json."""
+    if cfg.impl == "loop":
+        return dict(impl="loop", route="loop", note=" (--impl loop: a matmul pair per expert)")
+    route = dispatch_route(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
+                           cfg.d_model, cfg.expert_hidden)
+    note = (" (a per-group loop: 6 host syncs per MoE layer per step; torch._grouped_mm runs on sm90 with "
+            "--dtype bfloat16 and --d-model, --expert-hidden multiples of 8)") if route == "loop" and (
+        device.type == "cuda") else ""
+    return dict(impl=cfg.impl, route=route, note=note)
 
 
-def all_ranks_sum(t):
-    """Sum of a no-grad tensor over the data-parallel ranks (the tensor itself in one process). The ONE place
-    ranks exchange numbers besides DDP's gradient averaging: global-scope counts, capacity queues, aux-free
-    votes, logged losses."""
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
+def bench(cfg, doms, device, n=20, warm=3):
+    """Step time of the MoE model and of the dense one (same active parameters): the median of n
+    interleaved rounds (data.run.interleaved_ms). When the MoE step runs the routing pre-pass
+    (prepass_runs), a third model times the MoE step without it (--balance-scope running: the same
+    step less the no-grad forwards)."""
+    variants = {"moe": {}, "dense": dict(dense=True)}
+    if prepass_runs(cfg):
+        variants["moe_no_prepass"] = dict(balance_scope="running")
+    models = {}
+    for kind, over in variants.items():
+        c = Config(**{**asdict(cfg), **over})
+        torch.manual_seed(cfg.seed)
+        m = Model(c, len(doms.names)).to(device)
+        models[kind] = (c, m, make_optimizer(m, c, device))
+    fns = {kind: (lambda i, c=c, m=m, o=o: train_step(m, o, c, doms, i, device))
+           for kind, (c, m, o) in models.items()}
+    sec = {k: ms / 1e3 for k, ms in interleaved_ms(fns, device, rounds=n, warmup=warm).items()}
+    params = {k: sum(p.numel() for p in m.parameters()) for k, (_, m, _) in models.items()}
+    tokens, no_pre = cfg.batch_size * cfg.seq_len, sec.get("moe_no_prepass")
+    return dict(moe_step_s=sec["moe"], dense_step_s=sec["dense"], ratio=sec["moe"] / sec["dense"],
+                prepass=prepass_runs(cfg), moe_no_prepass_step_s=no_pre,
+                ratio_no_prepass=None if no_pre is None else no_pre / sec["dense"],
+                moe_params=params["moe"], dense_params=params["dense"], steps_timed=n,
+                moe_tokens_per_s=tokens / sec["moe"],
+                moe_model_tflops=train_flops_per_token(cfg) * tokens / sec["moe"] / 1e12)
 
 
-def say(msg, quiet=False):
-    if rank_world()[0] == 0 and not quiet:                 # rank 0 speaks (and writes files) for all
-        tqdm.write(msg)
+# ---------------- Plumbing: command line, validation, runs and results, reports
 
+MODEL, ROUTING, TRAIN, DATA, RUNS, MACHINE = ("model", "routing and balancing", "training", "data",
+                                             "runs and output", "machine")
 
-def setup_distributed(device, world):
-    """Join the process group torchrun describes (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT):
-    gloo on CPU, NCCL on CUDA with one GPU per process. Returns this rank's device."""
-    if world == 1:
-        return device
-    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
-    if missing:
-        raise BadInput(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
-    device = torch.device(device)
-    backend = {"cpu": "gloo", "cuda": "nccl"}.get(device.type)
-    if backend is None:
-        raise BadInput(f"data parallelism runs on cpu (gloo) or cuda (nccl), not on {device}")
-    if not (dist.is_available() and getattr(dist, f"is_{backend}_available")()):
-        raise BadInput(f"torch.distributed backend {backend} is not available in this torch build")
-    if device.type == "cuda":
-        local, n_gpu = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
-        if local >= n_gpu:
-            raise BadInput(f"LOCAL_RANK {local} but {n_gpu} GPU(s): at most one process per GPU")
-        device = torch.device(f"cuda:{local}")
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend)
-    return device
-
-
-def meet_before_exit(world):
-    """A check failed alike on every rank before the process group existed. Under torchrun, the first rank to exit
-    gets the others stopped (SIGTERM): rank 1 could leave before rank 0 had even printed the error (seen in CI,
-    reproduced by delaying rank 0's start). So the ranks join a gloo group only to leave together, after rank 0
-    has printed; with a timeout, so a rank that never comes (it saw no error) cannot hold the others."""
-    if world == 1 or not all(v in os.environ for v in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
-        return
-    if not (dist.is_available() and dist.is_gloo_available()):
-        return
-    try:
-        wait = datetime.timedelta(seconds=30)
-        dist.init_process_group("gloo", timeout=wait)
-        dist.monitored_barrier(timeout=wait)
-    except Exception:                                      # no group or no partner: exit as before
-        pass
-
-
-def shutdown_distributed(clean):
-    """Leave the process group together. Ranks > 0 finish first (rank 0 alone evaluates, checkpoints and writes);
-    one that destroyed the group and exited while rank 0 still used it made torch 2.11's gloo abort a rank
-    ("terminate called without an active exception"). So on a clean exit every rank meets at a barrier first.
-    After an error that only some ranks saw, no barrier (the others may never arrive): destroy and exit, and
-    torchrun stops the remaining ranks."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    if clean and dist.get_world_size() > 1:
-        dist.barrier()
-    dist.destroy_process_group()
-
-
-def cli(argv=None):
-    """The command line: main(), then a torchrun rank leaves with os._exit, skipping the interpreter's teardown.
-    Even after the barrier and destroy_process_group above, a rank sometimes died at exit with SIGABRT
-    ("terminate called without an active exception": a C++ thread object destroyed while still running) in
-    CI on torch 2.13, and in a report on 2.11; it never happened in 60+ loops on the dev machine. What
-    is left to do at that point is only that teardown (results and checkpoints are written and closed), so a
-    rank skips it. One process (WORLD_SIZE unset or 1) exits the normal way."""
-    try:
-        main(argv)
-        code = 0
-    except SystemExit as e:                                # the one-line errors: exit 2
-        code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
-
-
-# ---------------- CLI: every flag (default, help, choices) in Config; presets, validation, main
 
 @dataclass
 class Config:
-    experts: int = flag(8, "number of experts E per MoE layer", "model")
-    top_k: int = flag(2, "experts per token K (every router; expert choice takes T*K/E tokens per expert)", "model")
-    n_layer: int = flag(2, "transformer blocks", "model")
-    moe_layers: str = flag("upper", "which blocks get an MoE FFN: 'upper' (upper half), 'all', or indices like '1,2'", "model")
-    d_model: int = flag(128, "model width D", "model")
-    n_head: int = flag(4, "attention heads", "model")
-    expert_hidden: int = flag(128, "hidden width H of one expert (a dense FFN layer gets K*H: same active parameters)", "model")
-    seq_len: int = flag(128, "bytes per training sequence", "data")
-    batch_size: int = flag(32, "sequences per optimizer step, over all processes and micro-batches", "training")
-    accum: int = flag(1, "micro-batches per optimizer step on each process (gradient accumulation): a micro-batch "
-                        "holds batch-size/(processes*accum) sequences", "training")
-    steps: int = flag(1000, "optimizer steps", "training")
-    lr: float = flag(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%%)", "training")
-    warmup: int = flag(100, "warmup steps", "training")
-    seed: int = flag(0, "seed for weights and batch order (the procedural languages are fixed, generated from seed 0)", "training")
-    seeds: str = flag("", "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std", "training")
-    router: str = flag("topk", "reference = domain-label oracle, topk = token choice, expert_choice (not causal), "
-                              "hash", "routing and balancing", ("reference", "topk", "expert_choice", "hash"))
-    reference_steps: int = flag(0, "topk only, a diagnostic: route by the domain label (as --router reference) "
-                                  "for the first N training steps, then learn (does a learned router keep a "
-                                  "domain routing it did not find?)", "routing and balancing")
-    reference_gate: str = flag("learned", "reference router: learned (top by router probability inside the group, "
-                                         "gates = probs) | uniform (round-robin in the group, gates 1/K)", "routing and balancing", ("learned", "uniform"))
-    balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 selection bias", "routing and balancing", ("none", "aux", "aux_free"))
-    balance_scope: str = flag("global", "tokens the balancing is computed over: one sequence, one micro-batch, global = "
-        "the optimizer step (every micro-batch on every process; with --accum > 1 an extra no-grad "
-        "forward per micro-batch counts the step first: ~+1/3 compute per micro-batch), or "
-        "running = the step's micro-batches so far (Megatron-core's global_aux_loss; no extra "
-        "forward, only the last micro-batch sees the whole step)", "routing and balancing", ("sequence", "micro", "global", "running"))
-    aux_coef: float = flag(0.01, "aux loss coefficient alpha", "routing and balancing")
-    z_coef: float = flag(0.001, "router z-loss coefficient (learned routers)", "routing and balancing")
-    bias_rate: float = flag(1e-3, "aux_free bias update rate gamma", "routing and balancing")
-    capacity_factor: float = flag(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity slots "
-                                      "dropped; 0 = dropless", "routing and balancing")
-    capacity_scope: str = flag("micro", "tokens one capacity spans (global: queues run across the step)", "routing and balancing", ("sequence", "micro", "global"))
-    norm_topk: bool = flag(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek form); default: raw "
-                                 "softmax probs", "routing and balancing")
-    dense: bool = flag(False, "train the dense baseline (FFN width K*H everywhere) instead of the MoE", "model")
-    batch_order: str = flag("mixed", "mixed = random domain order in a batch, by_domain = batch sorted by domain "
-                                    "(a micro-batch holds few domains)", "data", ("mixed", "by_domain"))
-    overlap: float = flag(0.1, "procedural data: probability a word is a loanword shared by all languages (0..1)", "data")
-    train_bytes: int = flag(300_000, "procedural data: training bytes per domain", "data")
-    data_dir: str = flag("", "real text instead of the procedural mix: DIR/<domain>/*.txt (UTF-8), >= 2 domains", "data")
-    eval_seqs: int = flag(32, "held-out sequences per domain for evaluation", "data")
-    log_every: int = flag(100, "steps between log lines, metrics.jsonl and routing-history records", "runs and output")
-    ckpt_every: int = flag(250, "steps between checkpoints", "runs and output")
+    experts: int = flag(8, "number of experts E per MoE layer", MODEL)
+    top_k: int = flag(2, "experts per token K (every router; expert choice: T*K/E tokens per expert)", MODEL)
+    n_layer: int = flag(2, "transformer blocks", MODEL)
+    moe_layers: str = flag("upper", "blocks with an MoE FFN: 'upper' (upper half), 'all', or indices ('1,2')",
+                           MODEL)
+    d_model: int = flag(128, "model width D", MODEL)
+    n_head: int = flag(4, "attention heads", MODEL)
+    expert_hidden: int = flag(128, "hidden width H of one expert (a dense FFN gets K*H: same active "
+                                   "parameters)", MODEL)
+    dense: bool = flag(False, "train the dense baseline (FFN width K*H everywhere) instead of the MoE", MODEL)
+    router: str = flag("topk", "reference = domain-label oracle, topk = token choice, expert_choice (not "
+                               "causal), hash", ROUTING, ("reference", "topk", "expert_choice", "hash"))
+    reference_gate: str = flag("learned", "reference router: learned (top by router probability in the "
+                                          "group, gates = probs) | uniform (round-robin, gates 1/K)", ROUTING,
+                               ("learned", "uniform"))
+    reference_steps: int = flag(0, "topk only, a diagnostic: route by the domain label (as --router "
+                                   "reference) for the first N steps, then learn (does a learned router "
+                                   "keep a domain routing it did not find?)", ROUTING)
+    balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 selection "
+                               "bias", ROUTING, ("none", "aux", "aux_free"))
+    balance_scope: str = flag("global", "tokens the balancing spans: one sequence, one micro-batch, global "
+                              "= the optimizer step (every micro-batch on every process; with --accum > 1 a "
+                              "no-grad forward per micro-batch counts the step first: ~+1/3 compute), or "
+                              "running = the step's micro-batches so far (Megatron-core's global_aux_loss; "
+                              "no extra forward, only the last micro-batch sees the whole step)", ROUTING,
+                              ("sequence", "micro", "global", "running"))
+    aux_coef: float = flag(0.01, "aux loss coefficient alpha", ROUTING)
+    z_coef: float = flag(0.001, "router z-loss coefficient (learned routers)", ROUTING)
+    bias_rate: float = flag(1e-3, "aux_free bias update rate gamma", ROUTING)
+    capacity_factor: float = flag(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity "
+                                       "slots dropped; 0 = dropless", ROUTING)
+    capacity_scope: str = flag("micro", "tokens one capacity spans (global: queues run across the step)",
+                               ROUTING, ("sequence", "micro", "global"))
+    norm_topk: bool = flag(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek form); "
+                                  "default: raw softmax probs", ROUTING)
+    batch_size: int = flag(32, "sequences per optimizer step, over all processes and micro-batches", TRAIN)
+    accum: int = flag(1, "micro-batches per optimizer step on each process (gradient accumulation): a "
+                         "micro-batch holds batch-size/(processes*accum) sequences", TRAIN)
+    steps: int = flag(1000, "optimizer steps", TRAIN)
+    lr: float = flag(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%%)", TRAIN)
+    warmup: int = flag(100, "warmup steps", TRAIN)
+    seed: int = flag(0, "seed for weights and batch order (the procedural languages are fixed: seed 0)", TRAIN)
+    seeds: str = flag("", "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std",
+                      TRAIN)
+    seq_len: int = flag(128, "bytes per training sequence", DATA)
+    overlap: float = flag(0.1, "procedural data: probability a word is a loanword shared by all languages",
+                          DATA)
+    train_bytes: int = flag(300_000, "procedural data: training bytes per domain", DATA)
+    data_dir: str = flag("", "real text instead: DIR/<domain>/*.txt (UTF-8), >= 2 domains", DATA)
+    eval_seqs: int = flag(32, "held-out sequences per domain for evaluation", DATA)
+    batch_order: str = flag("mixed", "mixed = random domain order in a batch, by_domain = batch sorted by "
+                                     "domain (a micro-batch holds few domains)", DATA, ("mixed", "by_domain"))
+    quick: bool = flag(False, "a tiny configuration, < 1 min on a 2-core CPU (flags given win)", RUNS)
     sweep: str = flag("", "scopes = every router and scope, balance = aux loss over groups of 1, 2, 4, ... "
-                         "sequences, capacity = cf 1.0/1.25 x capacity scope with batches sorted by domain", "runs and output", ("scopes", "balance", "capacity"), const="scopes")
-    jobs: int = flag(1, "run a sweep's (or --seeds') configurations in this many worker processes", "runs and output")
-    bench: bool = flag(False, "time MoE vs dense training steps side by side in this process and print the ratio", "runs and output")
-    quick: bool = flag(False, "a tiny configuration, < 1 min on a 2-core CPU (same output; flags given win)", "runs and output")
-    stop_at: int = flag(0, None, "runs and output")
-    out: str = flag(os.path.join("out", "moe_testbed"), "output folder: results.json, metrics.jsonl, PNGs (with "
-                                                       "matplotlib) and one subfolder per run with its checkpoint", "runs and output")
-    resume: bool = flag(False, "continue each run from its checkpoint in --out (finished runs are reused)", "runs and output")
-    device: str = flag("auto", "auto = cuda, then mps, else cpu", "machine", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = flag("float32", "bfloat16 = bf16 autocast (the router stays fp32)", "machine", ("float32", "bfloat16"))
-    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N each worker "
-                          "max(1, cores // N). The docs' numbers were measured with --threads 1", "machine")
-    compile: bool = flag(False, "torch.compile the attention blocks and the expert dispatch", "machine")
-    impl: str = flag("grouped", "expert dispatch in kernels.moe_ffn", "machine", ("grouped", "loop"))
-    preset: str = flag("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, "
-                             "compile", "machine", ("cpu", "gpu"))
+                          "sequences, capacity = cf 1.0/1.25 x capacity scope, batches sorted by domain",
+                      RUNS, ("scopes", "balance", "capacity"), const="scopes")
+    jobs: int = flag(1, "run a sweep's (or --seeds') configurations in this many worker processes", RUNS)
+    bench: bool = flag(False, "time MoE vs dense training steps side by side and print the ratio", RUNS)
+    log_every: int = flag(100, "steps between log lines, metrics.jsonl and routing-history records", RUNS)
+    ckpt_every: int = flag(250, "steps between checkpoints", RUNS)
+    stop_at: int = flag(0, None, RUNS)                     # hidden, for tests: stop there, as if interrupted
+    out: str = flag(os.path.join("out", "moe_testbed"), "output folder: results.json, metrics.jsonl, PNGs "
+                    "(with matplotlib), a subfolder per run with its checkpoint", RUNS)
+    resume: bool = flag(False, "continue each run from its checkpoint in --out (finished runs are reused)",
+                        RUNS)
+    device: str = flag("auto", "auto = cuda, then mps, else cpu", MACHINE, ("auto", "cpu", "cuda", "mps"))
+    dtype: str = flag("float32", "bfloat16 = bf16 autocast (the router stays fp32)", MACHINE,
+                      ("float32", "bfloat16"))
+    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N each "
+                           "worker max(1, cores // N). The docs' numbers: --threads 1", MACHINE)
+    compile: bool = flag(False, "torch.compile the attention blocks and the expert dispatch", MACHINE)
+    impl: str = flag("grouped", "expert dispatch in kernels.moe_ffn", MACHINE, ("grouped", "loop"))
+    preset: str = flag("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, "
+                              "bf16, compile", MACHINE, ("cpu", "gpu"))
 
 
-
-PRESETS = {  # --preset: defaults for one kind of machine; flags given on the command line still win
-    "cpu": {},
-    "gpu": dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, accum=2,
-                lr=1e-3, warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True),
-}
+GPU = dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, accum=2, lr=1e-3,
+           warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True)   # --preset gpu
 QUICK = dict(d_model=64, expert_hidden=64, seq_len=64, batch_size=16, steps=300, warmup=30, train_bytes=50_000,
-             eval_seqs=8, log_every=100, out=os.path.join("out", "moe_testbed_quick"))   # --quick; flags given win
+             eval_seqs=8, log_every=100, out=os.path.join("out", "moe_testbed_quick"))        # --quick
+# may differ between an interrupted run and its resumption; everything else must match
+RESUME_FREE = ("threads", "quick", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds",
+               "device", "compile", "impl", "preset", "jobs")
 
-EPILOG = """examples:
-  python moe_testbed.py --quick                             a tiny run: tables + heat map in < 1 min
-  python moe_testbed.py --quick --sweep balance             purity vs the sequences balancing spans, < 1 min
-  python moe_testbed.py --experts 8 --threads 1             one run, as in the docs (~2.5 min, 2-core CPU)
-  python moe_testbed.py --sweep scopes --accum 8 --seeds 0,1,2 --jobs 2
-  torchrun --standalone --nproc_per_node 2 moe_testbed.py   data parallel (gloo on CPU, NCCL on GPUs)"""
+
+def parse_args(argv):
+    """Flags -> Config: Config defaults, then the --preset's values, then --quick's, then the flags given."""
+    return parse_flags(Config, argv, "moe_testbed.py", __doc__,
+                       presets=[("preset", "gpu", GPU), ("quick", True, QUICK)])
 
 
 def seed_list(cfg):
     try:
         return [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
     except ValueError:
-        raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
+        raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}") from None
 
 
 def validate(cfg, world=1):
@@ -1253,24 +856,18 @@ def validate(cfg, world=1):
     def need(ok, msg):
         if not ok:
             raise BadInput(msg)
-    for f in ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len", "batch_size",
-              "accum", "steps", "eval_seqs", "log_every", "ckpt_every", "train_bytes", "jobs"):
-        need(getattr(cfg, f) > 0, f"--{f.replace('_', '-')} must be positive, got {getattr(cfg, f)}")
-    need(min(cfg.warmup, cfg.stop_at, cfg.reference_steps) >= 0,
-         "--warmup, --stop-at and --reference-steps must be >= 0")
+    check_numbers(cfg, ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len",
+                        "batch_size", "accum", "steps", "eval_seqs", "log_every", "ckpt_every", "train_bytes",
+                        "jobs", "lr"),
+                  ("warmup", "stop_at", "reference_steps", "aux_coef", "z_coef", "bias_rate", "capacity_factor"))
     need(cfg.reference_steps == 0 or cfg.router == "topk", "--reference-steps applies to --router topk only")
-    need(cfg.balance_scope != "running" or cfg.balance != "aux_free",
-         "--balance-scope running counts the aux loss's f; aux_free moves its bias after the "
-         "step: use micro or global")
-    need(cfg.lr > 0, f"--lr must be positive, got {cfg.lr}")
+    need(cfg.balance_scope != "running" or cfg.balance != "aux_free", "--balance-scope running counts the aux "
+         "loss's f; aux_free moves its bias after the step: use micro or global")
     need(cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} is larger than --experts {cfg.experts}")
     need(cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0,
          f"--d-model {cfg.d_model} must be a multiple of 2*--n-head ({2 * cfg.n_head}) for RoPE")
-    need(world >= 1 and cfg.batch_size % (world * cfg.accum) == 0,
-         f"--batch-size {cfg.batch_size} must be divisible by --accum {cfg.accum} x the number of processes "
-         f"(WORLD_SIZE={world})")
-    need(min(cfg.aux_coef, cfg.z_coef, cfg.bias_rate, cfg.capacity_factor) >= 0,
-         "--aux-coef, --z-coef, --bias-rate and --capacity-factor must be >= 0")
+    need(world >= 1 and cfg.batch_size % (world * cfg.accum) == 0, f"--batch-size {cfg.batch_size} must be "
+         f"divisible by --accum {cfg.accum} x the number of processes (WORLD_SIZE={world})")
     need(cfg.capacity_factor == 0 or cfg.router != "expert_choice",
          "--capacity-factor does not apply to expert_choice (every expert takes exactly T*K/E tokens)")
     need(cfg.router != "expert_choice" or cfg.batch_size // (world * cfg.accum) * cfg.seq_len * cfg.top_k
@@ -1281,139 +878,333 @@ def validate(cfg, world=1):
     need(world == 1 or cfg.jobs == 1, "--jobs runs worker processes: not under torchrun")
     moe_layer_ids(cfg)
     seed_list(cfg)
-    if cfg.sweep:                                          # every configuration of the sweep must be valid too
-        for _, o in sweep_plan(cfg, world):
-            validate(Config(**{**asdict(cfg), **o, "sweep": ""}), world)
+    for _, o in sweep_plan(cfg, world) if cfg.sweep else ():   # every configuration of a sweep, too
+        validate(Config(**{**asdict(cfg), **o, "sweep": ""}), world)
 
 
-def parse_args(argv):
-    """Flags -> Config: Config defaults, then the --preset's values, then --quick's, then the flags given."""
-    return parse_flags(Config, argv, "moe_testbed.py", __doc__.split("\n")[0], epilog=EPILOG,
-                       presets=[("preset", "gpu", PRESETS["gpu"]), ("quick", True, QUICK)])
+def prepare(cfg, world):
+    """Checks, device, threads, output folder and data: what every rank does, and fails alike, before
+    the process group exists. -> (device, domains)"""
+    validate(cfg, world)
+    device = pick_device(cfg.device)
+    if cfg.preset == "gpu" and device.type != "cuda":
+        raise BadInput(f"--preset gpu is sized for a CUDA GPU, but the device is {device}; "
+                       "use the default --preset cpu")
+    set_threads(cfg.threads)
+    writable_dirs(out=cfg.out)                             # every rank checks: they all fail alike
+    if cfg.data_dir:                                       # rank 0 alone writes the cache; the others re-read
+        doms = text_domains(cfg.data_dir, cache_dir=os.path.join(cfg.out, "data_cache")
+                            if rank_world()[0] == 0 else None)
+    else:                                                  # the languages are fixed; --seed varies training
+        doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
+    check_lengths(doms, cfg.seq_len)
+    return device, doms
 
 
 def main(argv=None):
-    clean = False                                          # True once every rank is known to exit the same way
-    grouped = False                                        # True once the ranks join the process group
-    world = int(os.environ.get("WORLD_SIZE", "1"))         # set by torchrun
-    try:
-        try:                                               # argparse's one-line errors: from rank 0 only
-            with redirect_stderr(io.StringIO()) if rank_world()[0] else nullcontext():
-                cfg = parse_args(argv)
-        except SystemExit as e:
-            if e.code:
-                meet_before_exit(world)
-            raise
-        validate(cfg, world)
-        device = pick_device(cfg.device)
-        if cfg.preset == "gpu" and device.type != "cuda":
-            raise BadInput(f"--preset gpu is sized for a CUDA GPU, but the device is {device}; "
-                           "use the default --preset cpu")
-        set_threads(cfg.threads)
-        writable_dirs(out=cfg.out)                         # every rank checks: they all fail alike
-        doms = load_domains(cfg)
-        grouped = True
-        device = setup_distributed(device, world)          # after every check that can fail alike on all ranks
-        out = _main(cfg, doms, device)
-        clean = True
-        return out
-    except (BadInput, DataError) as e:                     # raised alike on every rank (checks, --resume mismatch)
-        if rank_world()[0] == 0:
-            print(f"moe_testbed.py: error: {e}", file=sys.stderr, flush=True)
-        if grouped:
-            clean = True                                   # the ranks meet at shutdown's barrier
-        else:
-            meet_before_exit(world)
-        sys.exit(2)
-    finally:                                               # also on Ctrl-C: leave no process group behind
-        shutdown_distributed(clean)
+    """parse -> validate (every rank, before the process group) -> run -> report. Under torchrun the
+    ranks set up and tear down the process group together (data.run.main_distributed)."""
+    return main_distributed("moe_testbed.py", argv, parse_args, prepare, run, errors=(BadInput, DataError))
 
 
-def _main(cfg, doms, device):
-    t0 = time.time()
-    rank, world = rank_world()
+def run(cfg, doms, device):
+    """The bench, or every (configuration, seed) of the run or sweep; rank 0 reports and writes."""
+    t0, (rank, world) = time.time(), rank_world()
     mu = cfg.batch_size // (world * cfg.accum)
     say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: {', '.join(doms.names)} | "
         f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes | step = {cfg.accum} "
         f"micro-batch(es) of {mu} sequences" + (f" x {world} processes ({dist.get_backend()})" if world > 1 else ""))
     dispatch = run_dispatch(cfg, device)
-    say(f"expert dispatch: {dispatch['impl']}, grouped GEMM route {dispatch['route']}"
-        + dispatch["note"])
+    say(f"expert dispatch: {dispatch['impl']}, grouped GEMM route {dispatch['route']}" + dispatch["note"])
     if cfg.bench:
         b = bench(cfg, doms, device)
-        say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} ms"
-            f" -> ratio {b['ratio']:.2f} (median of {b['steps_timed']} interleaved steps; params total "
-            f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
-            f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
-            + (", routing pre-pass included)" if b["prepass"] else ")"))
-        if b["prepass"]:
-            say(f"without the routing pre-pass (--balance-scope running): MoE step "
-                f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
-        _write_results(cfg, dict(config=asdict(cfg), dispatch=dispatch, bench=b))
+        report_bench(b)
+        save_results(cfg, dict(config=asdict(cfg), dispatch=dispatch, bench=b))
         return b
     if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
         say("note: --accum 1: a micro-batch is the whole step, so micro and global scope are the same run")
     plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
     if rank == 0 and not cfg.resume:                       # a rerun keeps the earlier run folders and figures
-        keep_previous(cfg.out, also=lambda f: f.endswith(".png") or os.path.isfile(
-            os.path.join(cfg.out, f, "result.json")) or os.path.isfile(os.path.join(cfg.out, f, "ckpt.pt")))
+        keep_previous(cfg.out, also=lambda f: f.endswith(".png") or any(
+            os.path.isfile(os.path.join(cfg.out, f, x)) for x in ("result.json", "ckpt.pt")))
     runs = run_all(cfg, [(n, Config(**{**asdict(cfg), **o})) for n, o in plan], doms, device)
     if runs is None or rank != 0:
         return None
-    say(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, "
-        f"wall {time.time() - t0:.0f} s on {device}" + (f" x {world} processes" if world > 1 else "")
-        + (f", {cfg.jobs} worker processes" if cfg.jobs > 1 else ""))
-    say(table(runs))
-    if len(runs) == 1 and runs[0]["per_domain_bpb"]:
-        say("val bpb per domain: " + ", ".join(f"{k} {v:.3f}" for k, v in runs[0]["per_domain_bpb"].items()))
-        if runs[0]["domain_probe"] is not None:
-            say(f"domain read linearly from the router's input (ridge probe, held-out windows): "
-                f"{runs[0]['domain_probe']:.3f}, against purity {runs[0]['purity']:.3f}")
-        if runs[0]["probe_n"] is not None:
-            say(f"the probe scores >= 0.9 from byte N = {runs[0]['probe_n']} of a window on: "
-                f"val bpb after the first N bytes {runs[0]['val_bpb_after_n']:.3f} (all bytes "
-                f"{runs[0]['val_bpb']:.3f})")
-    for path in plots(runs, cfg.out):
-        say(f"wrote {path}")
-    _write_results(cfg, dict(config=asdict(cfg), world_size=world, dispatch=dispatch, runs=runs))
+    report(cfg, runs, device, time.time() - t0)
+    save_results(cfg, dict(config=asdict(cfg), world_size=world, dispatch=dispatch, runs=runs))
     return runs
 
 
-def run_dispatch(cfg, device):
-    """How the MoE layers' experts run on this device: impl, the grouped GEMM's route
-    (kernels.grouped_route: "native" = torch._grouped_mm, no host syncs; "loop" = a per-group loop,
-    6 host syncs per MoE layer per forward + backward) and a note. Printed once per run and
-    recorded in results.json."""
-    if cfg.impl == "loop":
-        return dict(impl="loop", route="loop", note=" (--impl loop: a matmul pair per expert)")
-    route = dispatch_route(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
-                           cfg.d_model, cfg.expert_hidden)
-    note = ""
-    if route == "loop" and device.type == "cuda":
-        note = (" (a per-group loop: 6 host syncs per MoE layer per step; torch._grouped_mm runs "
-                "on sm90 with --dtype bfloat16 and --d-model, --expert-hidden multiples of 8)")
-    return dict(impl=cfg.impl, route=route, note=note)
+def sweep_plan(cfg, world=1):
+    """[(name, overrides)] for --sweep scopes | balance | capacity."""
+    if cfg.sweep == "scopes":                              # every router / scope at the given --accum
+        return ([("reference", dict(router="reference", balance="none")),
+                 ("reference-uniform", dict(router="reference", balance="none", reference_gate="uniform")),
+                 ("hash", dict(router="hash", balance="none")), ("topk-none", dict(router="topk", balance="none"))]
+                + [(f"aux-{s}", dict(balance="aux", balance_scope=s)) for s in ("sequence", "micro", "global")]
+                + [(f"auxfree-{s}", dict(balance="aux_free", balance_scope=s)) for s in ("micro", "global")]
+                + [("expert-choice", dict(router="expert_choice", balance="none"))])
+    if cfg.sweep == "balance":       # aux loss over groups of n sequences: 1 (sequence), micro-batches of n, B
+        per_rank, plan = cfg.batch_size // world, [("balance-1", dict(balance="aux", balance_scope="sequence"))]
+        plan += [(f"balance-{n}", dict(balance="aux", balance_scope="micro", accum=per_rank // n))
+                 for n in (2 ** i for i in range(1, 30)) if n < per_rank and per_rank % n == 0]
+        return plan + [(f"balance-{cfg.batch_size}", dict(balance="aux", balance_scope="global"))]
+    base = dict(balance="aux", balance_scope="global", batch_order="by_domain")      # capacity
+    return [("dropless", base)] + [(f"cf{cf:g}-{scope}", dict(base, capacity_factor=cf, capacity_scope=scope))
+                                   for cf in (1.0, 1.25) for scope in ("sequence", "micro", "global")]
 
 
 def run_name(cfg):
     if cfg.dense:
         return "dense"
     if cfg.router != "topk":
-        name = cfg.router.replace("_", "-") + ("-uniform" if cfg.router == "reference" and
-                                               cfg.reference_gate == "uniform" else "")
+        uniform = cfg.router == "reference" and cfg.reference_gate == "uniform"
+        name = cfg.router.replace("_", "-") + ("-uniform" if uniform else "")
     else:
         name = "topk-none" if cfg.balance == "none" else f"{cfg.balance.replace('_', '')}-{cfg.balance_scope}"
         name += f"-ref{cfg.reference_steps}" if cfg.reference_steps else ""
     return name + (f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else "")
 
 
-def _write_results(cfg, obj):                             # rank 0 only (its callers see to that)
+def run_all(cfg, plan, doms, device):
+    """Every (seed, configuration): in this process, or in --jobs worker processes (same numbers: each run
+    seeds itself, and batches are a function of (seed, step)). None after --stop-at."""
+    todo = [(name, Config(**{**asdict(c), "seed": s})) for s in seed_list(cfg) for name, c in plan]
+    for name, c in todo:
+        if c.router == "expert_choice" and c.seed == seed_list(cfg)[0]:
+            say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
+    if cfg.jobs > 1 and len(todo) > 1:
+        threads = worker_threads(cfg.threads, cfg.jobs)
+        results = pool_map(_worker, [({**asdict(c), "threads": threads}, name, doms) for name, c in todo],
+                           cfg.jobs)
+    else:
+        results = (run_one(c, doms, name, device) for name, c in todo)
+    runs = []
+    for res in results:
+        if res is None:                                    # --stop-at
+            return None
+        runs.append(res)
+        if res:                                            # ranks > 0 return {}
+            for lay in res["per_layer"]:
+                say(f"[{res['name']} seed {res['seed']}] layer {lay['layer']}: share of routing slots (%)\n"
+                    + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
+            say(table([res], header=False) + f"  ({res['train_s']:.0f} s)")
+    return runs
+
+
+def _worker(cfg_dict, name, doms):
+    """One configuration in a --jobs worker process (a fresh interpreter; the data come pickled)."""
+    cfg = Config(**cfg_dict)
+    set_threads(cfg.threads)
+    return run_one(cfg, doms, name, pick_device(cfg.device), quiet=True)
+
+
+def run_one(cfg, doms, name, device, quiet=False):
+    """Train (or resume) one configuration, evaluate it -> its result (None after --stop-at). Under
+    torchrun every rank trains; rank 0 alone logs, checkpoints, evaluates and writes (others return {})."""
+    run_dir = os.path.join(cfg.out, f"{name}-s{cfg.seed}")
+    res_path = os.path.join(run_dir, "result.json")
+    done = finished_result(res_path, config_key(cfg, RESUME_FREE)) if cfg.resume and not cfg.stop_at else None
+    if done:
+        say(f"[{name} seed {cfg.seed}] finished earlier: reusing {res_path}")
+        return done
+    if rank_world()[0] == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    model, opt, state = start_or_resume(cfg, doms, name, device, os.path.join(run_dir, "ckpt.pt"))
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    state = train(model, opt, cfg, doms, name, device, state, end, os.path.join(run_dir, "ckpt.pt"), quiet)
+    if end < cfg.steps:
+        say(f"[{name}] stopped at step {end} (--stop-at); continue with --resume", quiet)
+        return None
+    if rank_world()[0] != 0:
+        return {}
+    res = result_record(cfg, name, evaluate(model, cfg, doms, device), state)   # evaluate: no collectives
+    write_json(res_path, res)
+    return res
+
+
+def start_or_resume(cfg, doms, name, device, ckpt_path):
+    """The model (same initial weights on every rank), its optimizer and where training stands: step 0, or
+    (--resume) the checkpoint's step, time, routing history and RNG state, on every rank alike."""
+    torch.manual_seed(cfg.seed)
+    model = Model(cfg, len(doms.names)).to(device)
+    opt = make_optimizer(model, cfg, device)
+    state = dict(step=0, train_s=0.0, history=[])
+    ck = load_checkpoint(ckpt_path, cfg, RESUME_FREE, device) if cfg.resume else None
+    if ck:
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        torch.set_rng_state(ck["rng"].cpu())
+        state = dict(step=ck["step"], train_s=ck["train_s"], history=ck.get("history", []))
+        say(f"[{name} seed {cfg.seed}] resuming at step {state['step']}")
+    if cfg.compile:
+        for blk in model.blocks:
+            blk.attn = torch.compile(blk.attn)
+    return model.train(), opt, state
+
+
+def result_record(cfg, name, res, state):
+    """One run's record in results.json: what it ran, its evaluation, its routing history, its speed."""
+    world = rank_world()[1]
+    router = "dense" if cfg.dense else cfg.router
+    balance = cfg.balance if router == "topk" else "none"
+    seqs = {"sequence": 1, "micro": cfg.batch_size // (world * cfg.accum)}.get(cfg.balance_scope, cfg.batch_size)
+    return dict(name=name, router=router, balance=balance, scope=cfg.balance_scope if balance != "none" else None,
+                accum=cfg.accum, balance_tokens=seqs * cfg.seq_len if balance != "none" else None,
+                capacity_factor=cfg.capacity_factor,
+                capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed, **res,
+                history=state["history"], train_s=round(state["train_s"], 1), world_size=world,
+                tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(state["train_s"], 1e-9),
+                config_key=config_key(cfg, RESUME_FREE))
+
+
+HISTORY_KEYS = ("purity", "nmi", "utilization", "maxvio", "entropy", "dropped_frac")
+
+
+def log_step(cfg, name, doms, device, step, ce, aux, records, tok_s, quiet):
+    """Step `step`'s log line, its metrics.jsonl record and its routing history (the training batch's
+    routing, this rank's share, per MoE layer) -> the history records."""
+    L, acc = len(doms.names), {}
+    for layer_stats, dom in records:
+        add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, cfg.experts)
+    home_LG = reference_groups(L, cfg.experts, cfg.top_k)[0].numpy()
+    recs = [dict(step=step + 1, layer=layer, train_bpb=round(ce / math.log(2), 4),
+                 **{k: (None if m[k] is None else round(m[k], 4)) for k in HISTORY_KEYS})
+            for layer, m in ((layer, routing_metrics(a, home_LG)) for layer, a in acc.items())]
+    say(f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}" + "".join(
+        f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity {r['purity']:.3f}"
+        for r in recs) + f" | {tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
+    if rank_world()[0] == 0:
+        log_metrics(os.path.join(cfg.out, "metrics.jsonl"), run=name, seed=cfg.seed, step=step + 1,
+                    loss=round(ce, 5), bpb=round(ce / math.log(2), 5), aux=round(aux, 6), lr=lr_at(cfg, step),
+                    **{f"L{r['layer']}_{k}": r[k] for r in recs for k in ("purity", "utilization")})
+    return recs
+
+
+def save_results(cfg, obj):                                # rank 0 only (its callers see to that)
     if not cfg.resume:                                     # reruns never silently replace earlier results
         keep_previous(cfg.out)
-    path = os.path.join(cfg.out, "results.json")
-    write_json(path, obj)
-    say(f"wrote {path}")
+    write_results(cfg.out, obj)
+    say(f"wrote {os.path.join(cfg.out, 'results.json')}")
+
+
+def report_bench(b):
+    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} "
+        f"ms -> ratio {b['ratio']:.2f} (median of {b['steps_timed']} interleaved steps; params total "
+        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
+        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
+        + (", routing pre-pass included)" if b["prepass"] else ")"))
+    if b["prepass"]:
+        say(f"without the routing pre-pass (--balance-scope running): MoE step "
+            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
+
+
+def report(cfg, runs, device, wall_s):
+    world = rank_world()[1]
+    say(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, wall {wall_s:.0f} s "
+        f"on {device}" + (f" x {world} processes" if world > 1 else "")
+        + (f", {cfg.jobs} worker processes" if cfg.jobs > 1 else ""))
+    say(table(runs))
+    r = runs[0]
+    if len(runs) == 1 and r["per_domain_bpb"]:
+        say("val bpb per domain: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_domain_bpb"].items()))
+        if r["domain_probe"] is not None:
+            say(f"domain read linearly from the router's input (ridge probe, held-out windows): "
+                f"{r['domain_probe']:.3f}, against purity {r['purity']:.3f}")
+        if r["probe_n"] is not None:
+            say(f"the probe scores >= 0.9 from byte N = {r['probe_n']} of a window on: val bpb after the "
+                f"first N bytes {r['val_bpb_after_n']:.3f} (all bytes {r['val_bpb']:.3f})")
+    for path in plots(runs, cfg.out):
+        say(f"wrote {path}")
+
+
+SHADES = " ░▒▓█"
+
+
+def heat_map(matrix_LE, names, order):
+    """Domain x expert share of routing slots; experts reordered by the reference matching (so a
+    specialised router shows a diagonal), shading relative to the largest cell."""
+    M = np.asarray(matrix_LE)[:, order]
+    top = M.max() or 1.0
+    lines = ["domain \\ expert  " + "".join(f"{e:>6}" for e in order)]
+    for name, row in zip(names, M):
+        lines.append(f"{name:>16} " + "".join(f" {SHADES[min(4, int(v / top * 4.999))] * 2}{v * 100:3.0f}"
+                                              for v in row))
+    return "\n".join(lines)
+
+
+COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f"),
+        ("probe_n", "N", ".0f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
+        ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
+        ("entropy", "entropy", ".3f"), ("dropped_frac", "dropped", ".3f"), ("tokens_per_s", "tok/s", ".0f")]
+
+
+def table_rows(runs):
+    """One row per configuration name: cells 'mean ± std' over seeds."""
+    rows = []
+    for n in dict.fromkeys(r["name"] for r in runs):
+        rs = [r for r in runs if r["name"] == n]
+        rows.append((n, len(rs), [mean_std([r.get(key) for r in rs], spec) for key, _, spec in COLS]))
+    return rows
+
+
+def table(runs, header=True):
+    head = f"{'run':<18}{'seeds':>6}" + "".join(f"{c[1]:>16}" for c in COLS)
+    lines = [head, "-" * len(head)] if header else []
+    lines += [f"{n:<18}{k:>6}" + "".join(f"{c:>16}" for c in cells) for n, k, cells in table_rows(runs)]
+    return "\n".join(lines)
+
+
+def plots(runs, out_dir):
+    """PNGs when matplotlib is importable: routing over training; (balance sweep) purity vs the tokens a
+    balancing group spans; routing heat maps (first seed of each run, experts in the reference's order)."""
+    plt = pyplot()
+    if plt is None:
+        return []
+    paths, keys = [], ("purity", "utilization", "maxvio")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    for r in runs:
+        for layer in sorted({h["layer"] for h in r["history"]}):
+            hs = [h for h in r["history"] if h["layer"] == layer]
+            for ax, key in zip(axes, keys):
+                ax.plot([h["step"] for h in hs], [h[key] for h in hs], label=f"{r['name']} s{r['seed']} L{layer}")
+    for ax, key in zip(axes, keys):
+        ax.set(xlabel="step", title=f"train-batch {key}")
+    axes[0].legend(fontsize=6)
+    paths.append(save_png(plt, fig, os.path.join(out_dir, "history.png")))
+    sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk" and r["balance"] != "none"})
+    if len(sizes) > 2:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key in ("purity", "nmi", "utilization"):
+            stats = [mean_sd([r[key] for r in runs if r["balance_tokens"] == n]) for n in sizes]
+            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], label=key, capsize=3)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="tokens per balancing group")
+        ax.legend()
+        paths.append(save_png(plt, fig, os.path.join(out_dir, "balance.png")))
+    first = {}
+    for r in runs:
+        first.setdefault(r["name"], r)
+    cells = [(r, lay) for r in first.values() for lay in r.get("per_layer") or []]
+    if cells:
+        cols = min(len(cells), 4)
+        rows = -(-len(cells) // cols)
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
+        top = max(float(np.max(lay["routing_matrix"])) for _, lay in cells)
+        for ax, (r, lay) in zip(axes.flat, cells):
+            order = lay["expert_order"]
+            im = ax.imshow(np.asarray(lay["routing_matrix"])[:, order], cmap="viridis", vmin=0, vmax=top)
+            ax.set_xticks(range(len(order)), order)
+            ax.set_yticks(range(len(r["per_domain_bpb"])), list(r["per_domain_bpb"]), fontsize=7)
+            ax.set_xlabel("expert (in the reference's order)")
+            ax.set_title(f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
+                         f"U {lay['utilization']:.2f}", fontsize=8)
+        for ax in axes.flat[len(cells):]:
+            ax.axis("off")
+        fig.colorbar(im, ax=axes, label="share of the domain's routing slots")
+        paths.append(save_png(plt, fig, os.path.join(out_dir, "routing.png")))
+    return paths
 
 
 if __name__ == "__main__":
-    cli()
+    exit_process(main)

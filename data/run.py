@@ -10,6 +10,7 @@ them, written once. Nothing here is paper-specific, and nothing here imports a p
   output      progress lines, metrics.jsonl, results.json written atomically, earlier results moved aside
               (never replaced), runs keyed by their protocol, mean ± sample std, figures when matplotlib
               is importable.
+  runs        checkpoints that carry their config, finished runs reused, a pool of worker processes.
   timing      one statistic: the median of interleaved rounds.
   torchrun    set-up and tear-down of the process group, the one all-reduce, rank 0 speaking for all.
 """
@@ -20,12 +21,14 @@ import hashlib
 import io
 import json
 import math
+import multiprocessing
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext, redirect_stderr
-from dataclasses import field, fields
+from dataclasses import asdict, field, fields
 
 import numpy as np
 import torch
@@ -305,6 +308,44 @@ def linear_probe(x_tr, y_tr, x_te, y_te, ridge=1e-2):
     return float(((b @ w).argmax(1) == y_te).float().mean())
 
 
+def hungarian(cost):
+    """Minimum-cost perfect matching on a square matrix (Kuhn-Munkres, O(n^3) potentials form).
+    Returns perm with perm[row] = column."""
+    n = cost.shape[0]
+    INF = float("inf")
+    u, v, p, way = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1, dtype=int), np.zeros(n + 1, dtype=int)
+    for i in range(1, n + 1):
+        p[0], j0 = i, 0
+        minv, used = np.full(n + 1, INF), np.zeros(n + 1, dtype=bool)
+        while True:
+            used[j0] = True
+            i0, delta, j1 = p[j0], INF, 0
+            for j in range(1, n + 1):
+                if not used[j]:
+                    cur = cost[i0 - 1, j - 1] - u[i0] - v[j]
+                    if cur < minv[j]:
+                        minv[j], way[j] = cur, j0
+                    if minv[j] < delta:
+                        delta, j1 = minv[j], j
+            for j in range(n + 1):
+                if used[j]:
+                    u[p[j]] += delta
+                    v[j] -= delta
+                else:
+                    minv[j] -= delta
+            j0 = j1
+            if p[j0] == 0:
+                break
+        while j0:
+            j1 = way[j0]
+            p[j0] = p[j1]
+            j0 = j1
+    perm = np.zeros(n, dtype=int)
+    for j in range(1, n + 1):
+        perm[p[j] - 1] = j - 1
+    return perm
+
+
 def pyplot():
     """matplotlib.pyplot on the file-only Agg backend, or None: matplotlib is optional, and without it the
     paper files print what they always printed and save no PNG. Imported here, on first use, not at start."""
@@ -333,6 +374,62 @@ def heatmap(mat, rows, cols, title):
         cells = "".join(f"  {shades[min(9, int((v - lo) / (hi - lo + 1e-12) * 9.999))]}" for v in row)
         lines.append(f"{r:>5s} {cells}   " + " ".join(f"{v:.3f}" for v in row))
     return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
+
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Runs: checkpoints that carry their config, finished runs reused, worker processes
+# ---------------------------------------------------------------------------------------------------------
+
+def config_key(cfg, free=()):
+    """The settings that decide a run's numbers: every field of the dataclass cfg except those in `free`
+    (threads, output folder, ...), as one JSON string (keys sorted)."""
+    return json.dumps({k: v for k, v in asdict(cfg).items() if k not in free}, sort_keys=True)
+
+
+def save_checkpoint(path, model, cfg, **state):
+    """model's weights (without torch.compile's `_orig_mod.` prefix), cfg as a dict and **state (optimizer,
+    step, ...), atomically: a crash mid-write leaves the previous checkpoint."""
+    weights = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
+    torch.save(dict(model=weights, config=asdict(cfg), **state), path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
+def load_checkpoint(path, cfg, free=(), device="cpu"):
+    """The checkpoint save_checkpoint wrote at path (None when there is none); a BadInput when it was made
+    with other settings than cfg (fields in `free` aside; fields added since then count as their defaults)."""
+    if not os.path.exists(path):
+        return None
+    ck = torch.load(path, map_location=device, weights_only=True)
+    old = {**asdict(type(cfg)()), **ck["config"]}
+    diff = [k for k in asdict(cfg) if k not in free and old[k] != getattr(cfg, k)]
+    if diff:
+        raise BadInput(f"--resume: checkpoint {path} was made with different settings: {', '.join(diff)}")
+    return ck
+
+
+def finished_result(path, key):
+    """The result a run wrote at path, if it was made with the settings `key` (config_key); else None."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        res = json.load(f)
+    return res if res.get("config_key") == key else None
+
+
+def worker_threads(threads, jobs):
+    """Torch threads of each of `jobs` worker processes: `threads` as given; for 0 (torch's default: one
+    thread per core in EVERY process) the cores shared out, so that the workers do not oversubscribe them."""
+    return threads or max(1, (os.cpu_count() or 1) // jobs)
+
+
+def pool_map(fn, tasks, jobs):
+    """fn(*task) for each task in `jobs` worker processes -> the results in task order, as they come. The
+    workers start with 'spawn' (fresh interpreters): fn is a module-level function, the tasks are pickled
+    (so no worker rebuilds the data it is given)."""
+    with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        for fut in [pool.submit(fn, *task) for task in tasks]:
+            yield fut.result()
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import moe_testbed as mt  # noqa: E402
+from data import run  # noqa: E402
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
 TINY = dict(experts=4, top_k=2, n_layer=2, moe_layers="all", d_model=16, n_head=2, expert_hidden=8, seq_len=8,
@@ -54,11 +55,11 @@ def _measure(case, accum_scale=1):
     the second leaves, its logged losses, its dropped slots and the MoE biases afterwards."""
     o = CASES[case]
     cfg = mt.Config(**TINY, **{**o, "accum": o.get("accum", 1) * accum_scale})
-    doms, (_, world) = _doms(), mt.rank_world()
+    doms, (_, world) = _doms(), run.rank_world()
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
     _, aux, _ = mt.accumulate_grads(mt.wrap_ddp(model, cfg), cfg, doms, 3, CPU, aux_only=True)
-    out = dict(aux=(mt.all_ranks_sum(aux) / world).item(),
+    out = dict(aux=(run.all_ranks_sum(aux) / world).item(),
                aux_grads={n: p.grad.clone() for n, p in model.named_parameters()})
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
@@ -66,7 +67,7 @@ def _measure(case, accum_scale=1):
     opt = mt.make_optimizer(model, cfg, CPU)
     for step in range(2):                                  # two steps: the second routes with the updated bias
         ce, aux_logged, records = mt.train_step(net, opt, cfg, doms, step, CPU)
-    drops = mt.all_ranks_sum(sum(st[0]["n_drop"] + st[1]["n_drop"] for st, _ in records))
+    drops = run.all_ranks_sum(sum(st[0]["n_drop"] + st[1]["n_drop"] for st, _ in records))
     out.update(ce=ce.item(), aux_logged=aux_logged.item(), drops=int(drops),
                grads={n: p.grad.clone() for n, p in model.named_parameters()},
                bias=[b.ffn.bias_E.clone() for b in model.blocks])
@@ -75,15 +76,15 @@ def _measure(case, accum_scale=1):
 
 def _worker(out_dir):
     """Entry point of one spawned rank: join the group exactly as moe_testbed.main does, measure every case."""
-    mt.setup_distributed("cpu", int(os.environ["WORLD_SIZE"]))
+    run.setup_distributed("cpu", int(os.environ["WORLD_SIZE"]))
     torch.set_num_threads(1)
     try:
         res = {case: _measure(case) for case in CASES}
-        torch.save(res, os.path.join(out_dir, f"rank{mt.rank_world()[0]}.pt"))
+        torch.save(res, os.path.join(out_dir, f"rank{run.rank_world()[0]}.pt"))
     finally:
         torch.distributed.destroy_process_group()
     sys.stdout.flush()
-    os._exit(0)                                            # as mt.cli leaves a torchrun rank (see there)
+    os._exit(0)                                            # as run.exit_process leaves a torchrun rank
 
 
 def _free_port():
@@ -280,20 +281,22 @@ if __name__ == "__main__":                                 # a rank started by _
 SLOW_RANK0 = '''
 import os, sys, time
 sys.path.insert(0, {root!r})
+import torch.distributed as dist
 import moe_testbed as mt
+from data.run import exit_process
 log = open(os.path.join({events!r}, "rank" + os.environ["RANK"]), "a")
 def event(name):
     log.write(f"{{name}} {{time.time()}}\\n"); log.flush()
-save, destroy = mt.save_ckpt, mt.dist.destroy_process_group
+save, destroy = mt.save_checkpoint, dist.destroy_process_group
 def slow_save(*a, **k):                                    # only rank 0 saves: hold it back while rank 1 finishes
     time.sleep(2); save(*a, **k); event("saved")
 def logged_destroy(*a, **k):
     event("destroy"); return destroy(*a, **k)
 main = mt.main
-def logged_main(argv):                                     # cli() calls main, then leaves as a torchrun rank does
+def logged_main(argv):                                     # exit_process calls main, then leaves as a rank does
     out = main(argv); event("exit"); return out
-mt.save_ckpt, mt.dist.destroy_process_group, mt.main = slow_save, logged_destroy, logged_main
-mt.cli(sys.argv[1:])
+mt.save_checkpoint, dist.destroy_process_group = slow_save, logged_destroy
+exit_process(logged_main, sys.argv[1:])
 '''
 
 

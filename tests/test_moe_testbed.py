@@ -3,7 +3,6 @@ gradient accumulation against the one-pass step; tiny end-to-end runs (history, 
 bad input)."""
 
 import concurrent.futures
-import itertools
 import json
 import math
 import os
@@ -20,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import moe_testbed as mt  # noqa: E402
+from data import run  # noqa: E402
 from kernels import moe_ffn  # noqa: E402
 
 CPU = torch.device("cpu")
@@ -70,17 +70,6 @@ def test_nmi_against_formula():
              for i in range(4) for j in range(6) if p[i, j] > 0)
     h = lambda q: -sum(x * math.log(x) for x in q if x > 0)
     assert mt.nmi(M) == pytest.approx(mi / math.sqrt(h(p.sum(1)) * h(p.sum(0))))
-
-
-@pytest.mark.parametrize("n", [1, 2, 5, 6])
-def test_hungarian_matches_brute_force(n):
-    rng = np.random.default_rng(n)
-    for _ in range(5):
-        cost = rng.normal(size=(n, n))
-        best = min(itertools.permutations(range(n)), key=lambda p: sum(cost[i, p[i]] for i in range(n)))
-        perm = mt.hungarian(cost)
-        assert sorted(perm) == list(range(n))
-        assert cost[np.arange(n), perm].sum() == pytest.approx(sum(cost[i, best[i]] for i in range(n)))
 
 
 def test_table_cells_are_mean_and_sample_std():
@@ -753,12 +742,12 @@ def test_threads_zero_shares_the_cores_among_jobs(monkeypatch):
             f.set_result(None)                             # as after --stop-at: run_all stops there
             return f
 
-    monkeypatch.setattr(mt, "ProcessPoolExecutor", Pool)
-    monkeypatch.setattr(mt.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(run, "ProcessPoolExecutor", Pool)
+    monkeypatch.setattr(run.os, "cpu_count", lambda: 8)
     for threads, jobs, want in ((0, 3, 2), (0, 16, 1), (0, 1, 8), (5, 3, 5)):
         seen.clear()
         cfg = mt.Config(threads=threads, jobs=jobs, seeds="0,1")
-        assert mt.worker_threads(cfg) == want
+        assert run.worker_threads(cfg.threads, cfg.jobs) == want
         if jobs > 1:
             assert mt.run_all(cfg, [("a", cfg)], None, CPU) is None and seen == [("jobs", jobs), want, want]   # one per seed
 

@@ -1,16 +1,20 @@
 """The run harness (data/run.py): flags and presets (the flags given win), one-line errors and exit codes,
 progress output, metrics.jsonl, device, threads, mean ± sample std, comma lists, the protocol key, a
-results.json that is refused when it is not one, the one timing statistic. CPU, milliseconds."""
+results.json that is refused when it is not one, the one timing statistic, checkpoints that carry their
+config, finished runs, the worker pool, the Hungarian matching. CPU, milliseconds (the pool: seconds)."""
+import itertools
 import json
+import os
 from dataclasses import dataclass
 
 import numpy as np
 import pytest
 import torch
 
-from data.run import (BadInput, Stopped, by_protocol, check_numbers, flag, interleaved_ms, load_results, log_metrics,
-                      main as run_main, mean_sd, mean_std, parse_flags, parse_list, pick_device, progress,
-                      protocol_key, set_threads)
+from data.run import (BadInput, Stopped, by_protocol, check_numbers, config_key, finished_result, flag,
+                      hungarian, interleaved_ms, load_checkpoint, load_results, log_metrics, main as run_main,
+                      mean_sd, mean_std, parse_flags, parse_list, pick_device, pool_map, progress, protocol_key,
+                      save_checkpoint, set_threads, worker_threads)
 
 
 @dataclass
@@ -164,3 +168,47 @@ def test_load_results_and_by_protocol(tmp_path):
     path.write_text(json.dumps(res))
     assert list(by_protocol(load_results(str(path)))) == [("a", {"lr": 1}, [res["runs"][1]]),
                                                           ("b", {}, [res["runs"][0], res["runs"][2]])]
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 6])
+def test_hungarian_matches_brute_force(n):
+    rng = np.random.default_rng(n)
+    for _ in range(5):
+        cost = rng.normal(size=(n, n))
+        best = min(itertools.permutations(range(n)), key=lambda p: sum(cost[i, p[i]] for i in range(n)))
+        perm = hungarian(cost)
+        assert sorted(perm) == list(range(n))
+        assert cost[np.arange(n), perm].sum() == pytest.approx(sum(cost[i, best[i]] for i in range(n)))
+
+
+def test_checkpoint_carries_its_config_and_refuses_other_settings(tmp_path):
+    """save_checkpoint -> load_checkpoint: the weights without torch.compile's prefix and the state as saved;
+    the same settings (free fields aside) load, others are one BadInput naming them; no file -> None."""
+    path, cfg = str(tmp_path / "ckpt.pt"), Cfg(epochs=5)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    compiled = torch.nn.Module()
+    compiled._orig_mod = model                             # what torch.compile's wrapper holds
+    save_checkpoint(path, compiled, cfg, step=3, history=[1, 2])
+    ck = load_checkpoint(path, Cfg(epochs=5, quick=True), free=("quick",))
+    assert ck["step"] == 3 and ck["history"] == [1, 2] and ck["config"]["epochs"] == 5
+    assert set(ck["model"]) == {"0.weight", "0.bias"} and torch.equal(ck["model"]["0.weight"], model[0].weight)
+    with pytest.raises(BadInput, match="different settings: epochs, lr"):
+        load_checkpoint(path, Cfg(epochs=6, lr=0.2))
+    assert load_checkpoint(str(tmp_path / "none.pt"), cfg) is None and not os.path.exists(path + ".tmp")
+
+
+def test_config_key_and_finished_result(tmp_path):
+    key = config_key(Cfg(), free=("hidden",))
+    assert key == config_key(Cfg(hidden=3), free=("hidden",)) != config_key(Cfg(lr=0.2), free=("hidden",))
+    assert '"hidden"' not in key and json.loads(key)["epochs"] == 20
+    path = tmp_path / "result.json"
+    assert finished_result(str(path), key) is None
+    path.write_text(json.dumps({"config_key": key, "val": 1}))
+    assert finished_result(str(path), key) == {"config_key": key, "val": 1}
+    assert finished_result(str(path), config_key(Cfg(lr=0.2))) is None
+
+
+def test_pool_map_in_task_order_and_worker_threads(monkeypatch):
+    assert list(pool_map(pow, [(2, 3), (3, 2), (2, 0)], jobs=2)) == [8, 9, 1]   # spawned processes
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert [worker_threads(t, j) for t, j in ((0, 3), (0, 16), (0, 1), (5, 3))] == [2, 1, 8, 5]
