@@ -1,50 +1,56 @@
 """Semantically grounded Q-Former vs the BLIP-2 two-stage Q-Former, on a laptop.
 
 Paper: Choraria et al., "Semantically (v1: Language) Grounded QFormer for Efficient Vision Language
-Understanding", arXiv 2311.07449; restated in ../shared/papers/qformer_efficient.md. Baseline: BLIP-2 (Li et
-al. 2023, arXiv 2301.12597) and InstructBLIP (Dai et al. 2023, arXiv 2305.06500).
-*** The paper has no public code and we only have its abstract: the method P below is a RECONSTRUCTION
-from summaries, not the authors' implementation. ***
+Understanding", arXiv 2311.07449; restated in ../shared/papers/qformer_efficient.md. Baseline:
+BLIP-2 (Li et al. 2023, arXiv 2301.12597) and InstructBLIP (Dai et al. 2023, arXiv 2305.06500).
+*** The paper has no public code and we only have its abstract: the method P below is a
+RECONSTRUCTION from summaries, not the authors' implementation. ***
 
 The argument in one file, on the shapes world v2 (data/shapes.py), where answers need binding:
-  1. two frozen backbones, cached: the shared ViT of data/vision.py (one token per 3x3 cell, trained so each
-     token holds its own object) and the small T5-style encoder-decoder of data/t5lm.py, pretrained on text
-     alone ("context: <caption> question: <q>" -> answer, "context: <caption> caption:" -> caption). Gate:
-     given the true caption, the LM answers every question type >= 0.95 (it binds from text);
-  2. a BERT-like Q-Former: N_q learnable queries and text share self-attention, separate FFNs for query and
-     text positions, cross-attention to the image tokens every other layer (queries only). The image tokens
-     carry their 2-D cell position (a fixed sine-cosine table added after BLIP-2's trainable LayerNorm);
-  3. the variants, one data stream per seed, identical stage-2 settings, training only the Q-Former side:
+  1. two frozen backbones, cached: the shared ViT of data/vision.py (one token per 3x3 cell, trained
+     so each token holds its own object) and the small T5-style encoder-decoder of data/t5lm.py,
+     pretrained on text alone ("context: <caption> question: <q>" -> answer, "context: <caption>
+     caption:" -> caption). Gate: given the true caption, the LM answers every question type
+     >= 0.95 (it binds from text);
+  2. a BERT-like Q-Former: N_q learnable queries and text share self-attention, separate FFNs for
+     query and text positions, cross-attention to the image tokens every other layer (queries
+     only). The image tokens carry their 2-D cell position (a fixed sine-cosine table added after
+     BLIP-2's trainable LayerNorm);
+  3. the variants, one data stream per seed, identical stage-2 settings, training only the Q-Former
+     side (each variant's decoder memory: one function in the table MEMORY):
        B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three attention masks, below).
             Stage 2: query outputs -> linear -> soft prefix of the LM *encoder input*; LM loss.
-       B2   no stage 1: the same stage 2 from a fresh Q-Former. (B1 and B2 are instruction-aware in stage 2,
-            as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2 measures
-            stage 1 alone. Their word embeddings start from the frozen LM's input embeddings, as
-            BLIP-2's from BERT.)
-       P    grounded Q-Former (reconstruction): h_p = LM_encoder(prompt) once per prompt, frozen, no grad;
-            z = QFormer([queries ; W_in h_p], image); decoder memory = [W_out z ; h_p]; one LM loss.
-            The LM encoder never sees a visual token and nothing backpropagates through it.
+       B2   no stage 1: the same stage 2 from a fresh Q-Former. (B1 and B2 are instruction-aware
+            in stage 2, as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2
+            measures stage 1 alone. Their word embeddings start from the frozen LM's input
+            embeddings, as BLIP-2's from BERT.)
+       P    grounded Q-Former (reconstruction): h_p = LM_encoder(prompt) once per prompt, frozen,
+            no grad; z = QFormer([queries ; W_in h_p], image); decoder memory = [W_out z ; h_p];
+            one LM loss. The LM encoder never sees a visual token and nothing backpropagates
+            through it.
        P-a  ablation: decoder-side injection only (the Q-Former does not see the prompt).
        P-b  ablation: P's prompt-conditioned Q-Former, but fed through the LM encoder as B2 is.
        C0   control: P with the image blanked (the language-prior floor).
-  4. the convergence comparison: validation VQA per type and the binding score against samples seen and
-     training seconds; target = 0.9 x the best final binding score of any variant (per seed); samples and
-     seconds to target (B1's stage 1 counted); step time, training memory; captions (BLEU-4, CIDEr-style).
+  4. the convergence comparison: validation VQA per type and the binding score against samples
+     seen and training seconds; target = 0.9 x the best final binding score of any variant (per
+     seed); samples and seconds to target (B1's stage 1 counted); step time and training memory
+     (after training, on the same batches for every variant); captions (BLEU-4, CIDEr-style).
 
-    python qformer_efficient.py                       # B1, B2, P, seed 0: 13 min on 2 CPU cores (backbones cached)
-    python qformer_efficient.py --seeds 1,2           # more seeds (the backbones come from the cache)
+    python qformer_efficient.py               # B1, B2, P, seed 0: 13 min, 2 cores, backbones cached
+    python qformer_efficient.py --seeds 1,2   # more seeds (the backbones come from the cache)
     python qformer_efficient.py --variants B1,B2,P,P-a,P-b,C0
-    python qformer_efficient.py --quick               # every section on a tiny config, under a minute
-    python qformer_efficient.py --data-dir DIR        # real data: DIR/images.npy + DIR/annotations.jsonl
+    python qformer_efficient.py --quick       # every section on a tiny config, under a minute
+    python qformer_efficient.py --data-dir DIR # real data: DIR/images.npy + DIR/annotations.jsonl
 
-Attention masks of the Q-Former in stage 1 ("may attend", rows attend to columns; Q queries, T text):
+The Q-Former's attention masks in stage 1 ("may attend", rows attend to columns; Q queries, T text):
     ITC  unimodal     Q->Q, T->T           queries and text never see each other
     ITM  bidirectional Q<->T, all          a 2-way match head on every query output, averaged
-    ITG  multimodal causal: Q->Q; T->Q and T->earlier T; the image reaches the text only via the queries
+    ITG  multimodal causal: Q->Q; T->Q and T->earlier T; the image reaches the text only via queries
 
 Shape legend:
     B = batch   Q = queries (N_q)   T = text tokens   P = image tokens (cells)   C = ViT width
-    D = Q-Former width   E = LM width   L = a sequence (queries + text, or the LM's memory)   V = vocabulary
+    D = Q-Former width   E = LM width   L = a sequence (queries + text, or the LM's memory)
+    V = vocabulary
 """
 
 import math
@@ -60,29 +66,28 @@ import torch.nn.functional as F
 
 from data import t5lm, vision
 from data.layers import FFN, Attention, RMSNorm, batches, encode, pad, train_loop
-from data.multimodal import (SHARED_HELP, backbone_seed, exact_match, gate_or_stop, save_bridge, shapes_baselines,
-                             shapes_world, step_memory_mib, text_ceiling_line, validate_image_and_run)
-from data.run import (BadInput, autocast, check_numbers, flag, interleaved_ms, keep_previous, log_metrics,
-                      main as run_main, mean_sd, mean_std, parse_flags, pick_device, print_outputs, pyplot,
-                      save_png, write_results)
-from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, generate, oracle_reference,
-                         scene_grid)
+from data.multimodal import (SHARED_HELP, backbone_seed, exact_match, gate_or_stop, save_bridge,
+                             shapes_baselines, shapes_world, step_memory_mib, text_ceiling_line,
+                             validate_image_and_run)
+from data.run import (BadInput, autocast, check_numbers, flag, interleaved_ms, keep_previous,
+                      log_metrics, main as run_main, mean_sd, mean_std, parse_flags, pick_device,
+                      print_outputs, pyplot, save_png, write_results)
+from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, generate,
+                         oracle_reference, scene_grid)
 from data.shapes import caption as shapes_caption
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
-# Config, --quick and the command line: at the end of the file.
+# Config, --quick and the command line: at the end of the file, after the banner of the plumbing.
 
 EXTRA_TOKENS = ("<cls>", "<dec>")    # the Q-Former's BERT/BLIP-2 specials
-N_REFS = 5                           # reference captions per test image (procedural: other object orders)
+N_REFS = 5                           # reference captions per test image (other object orders)
 GATE_TEXT = 0.95
 
 
-# ----------------------------------------------------------------------------------------------------
-# The Q-Former and its three stage-1 masks
-# ----------------------------------------------------------------------------------------------------
+# ---- The Q-Former and its three stage-1 masks ----------------------------------------------------
 
 def qformer_mask(n_q, keep_BT, kind):
-    """Boolean 'may attend' mask (B, 1, Q+T, Q+T) over [queries ; text]; padded text is never attended.
+    """Boolean 'may attend' mask (B, 1, Q+T, Q+T) over [queries ; text]; padded text never attended.
         uni     (ITC): Q->Q, T->T only
         bi      (ITM, instruction-aware stage 2, P): everything
         causal  (ITG): Q->Q; T->Q; T->T for earlier-or-same positions"""
@@ -103,8 +108,8 @@ def qformer_mask(n_q, keep_BT, kind):
 
 
 class QFormerLayer(nn.Module):
-    """Shared self-attention over queries and text; cross-attention to the image for the query positions only
-    (when `cross`); separate FFNs for query and text positions (as LAVIS)."""
+    """Shared self-attention over queries and text; cross-attention to the image for the query
+    positions only (when `cross`); separate FFNs for query and text positions (as LAVIS)."""
 
     def __init__(self, dim, n_head, cross, img_dim):
         super().__init__()
@@ -128,10 +133,11 @@ class QFormer(nn.Module):
         self.queries = nn.Parameter(torch.randn(cfg.queries, D) * 0.02)
         self.emb = nn.Embedding(V, D)
         self.pos = nn.Parameter(torch.randn(max_len, D) * 0.02)
-        self.img_norm = nn.LayerNorm(C)                      # BLIP-2: trainable LayerNorm on the frozen features
-        side = int(round(math.sqrt(cfg.image_tokens)))       # where each image token sits: fixed 2-D sin-cos, RMS 1
+        self.img_norm = nn.LayerNorm(C)         # BLIP-2: trainable LayerNorm on the frozen features
+        side = int(round(math.sqrt(cfg.image_tokens)))  # each token's cell: fixed 2-D sin-cos, RMS1
         self.register_buffer("img_pos", vision.sincos_2d(side, C), persistent=False)
-        self.layers = nn.ModuleList(QFormerLayer(D, cfg.n_head, i % 2 == 0, C) for i in range(cfg.q_layers))
+        self.layers = nn.ModuleList(QFormerLayer(D, cfg.n_head, i % 2 == 0, C)
+                                    for i in range(cfg.q_layers))
         self.norm = RMSNorm(D)
 
     def embed_text(self, ids_BT):
@@ -152,9 +158,7 @@ class QFormer(nn.Module):
         return t_BTD @ self.emb.weight.T * self.emb.weight.shape[1] ** -0.5   # tied head (ITG)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Stage 1 (B1 only): ITC + ITM + ITG
-# ----------------------------------------------------------------------------------------------------
+# ---- Stage 1 (B1 only): ITC + ITM + ITG ----------------------------------------------------------
 
 class Stage1Heads(nn.Module):
     def __init__(self, D, dim=64):
@@ -172,9 +176,9 @@ def itc_similarity(heads, z_BQD, cls_BD):
 
 
 def hard_negatives(sim_BB, same_BB, gen):
-    """For each row, one column sampled with p ∝ softmax(sim) over the columns that are NOT positives
-    (same_BB: the diagonal, and any pair with an identical caption). A row with no negative falls back to
-    any other index. -> (B,) column indices."""
+    """For each row, one column sampled with p ∝ softmax(sim) over the columns that are NOT
+    positives (same_BB: the diagonal, and any pair with an identical caption). A row with no
+    negative falls back to any other index. -> (B,) column indices."""
     w = sim_BB.detach().float().softmax(-1).masked_fill(same_BB, 0.0)
     empty = w.sum(-1) <= 0
     if empty.any():
@@ -185,67 +189,67 @@ def hard_negatives(sim_BB, same_BB, gen):
 def stage1_loss(qf, heads, img_BPC, cap_ids_BT, pad_id, vocab, gen):
     """L = ITC + ITM + ITG on one batch of (image features, caption ids without specials)."""
     B, dev = len(cap_ids_BT), img_BPC.device
-    same = (cap_ids_BT[:, None, :] == cap_ids_BT[None, :, :]).all(-1)             # identical captions
+    same = (cap_ids_BT[:, None, :] == cap_ids_BT[None, :, :]).all(-1)          # identical captions
     # ITC: unimodal mask; [CLS] + caption
     cls_ids = torch.cat([torch.full((B, 1), vocab["<cls>"], device=dev), cap_ids_BT], 1)
     z, t = qf(img_BPC, qf.embed_text(cls_ids), cls_ids != pad_id, "uni")
     sim, temp = itc_similarity(heads, z, t[:, 0]), heads.temp.clamp(0.001, 0.5)
-    # targets: label smoothing 0.1 over the batch; a duplicate caption shares the positive mass (not a negative)
+    # targets: label smoothing 0.1 over the batch; a duplicate caption shares the positive mass
     tgt = 0.9 * same.float() / same.float().sum(1, keepdim=True) + 0.1 / B
     itc = (F.cross_entropy(sim / temp, tgt) + F.cross_entropy(sim.T / temp, tgt)) / 2
-    # ITM: bidirectional mask; positives + one hard negative image per text and one hard negative text per image
+    # ITM: bidirectional mask; positives + a hard negative image per text and text per image
     neg_img, neg_txt = hard_negatives(sim.T, same, gen), hard_negatives(sim, same, gen)
     imgs = torch.cat([img_BPC, img_BPC[neg_img], img_BPC])
     txts = torch.cat([cls_ids, cls_ids, cls_ids[neg_txt]])
     zq, _ = qf(imgs, qf.embed_text(txts), txts != pad_id, "bi")
     labels = torch.cat([torch.ones(B), torch.zeros(2 * B)]).long().to(dev)
-    itm = F.cross_entropy(heads.itm(zq).mean(1), labels)                             # 2-way head, averaged over queries
+    itm = F.cross_entropy(heads.itm(zq).mean(1), labels)        # 2-way head, averaged over queries
     # ITG: multimodal causal mask; [DEC] caption <eos>, next-token loss on the text
     dec_ids = torch.cat([torch.full((B, 1), vocab["<dec>"], device=dev), cap_ids_BT,
                          torch.full((B, 1), pad_id, device=dev)], 1)
     dec_ids[torch.arange(B, device=dev), (cap_ids_BT != pad_id).sum(1) + 1] = vocab["<eos>"]
     _, tg = qf(img_BPC, qf.embed_text(dec_ids[:, :-1]), dec_ids[:, :-1] != pad_id, "causal")
-    itg = F.cross_entropy(qf.text_logits(tg).flatten(0, 1).float(), dec_ids[:, 1:].flatten(), ignore_index=pad_id,
-                          label_smoothing=0.1)
+    itg = F.cross_entropy(qf.text_logits(tg).flatten(0, 1).float(), dec_ids[:, 1:].flatten(),
+                          ignore_index=pad_id, label_smoothing=0.1)
     return itc + itm + itg, dict(itc=itc.item(), itm=itm.item(), itg=itg.item())
 
 
 @torch.no_grad()
 def itc_recall_at_1(qf, heads, feats, captions, vocab, device, chunk=100):
-    """Image -> text R@1 within chunks of 100 validation pairs (an identical caption counts as a hit)."""
-    hits, n, chunk = 0, 0, min(chunk, len(captions))
+    """Image -> text R@1 within chunks of 100 validation pairs (an identical caption is a hit)."""
+    hits, n, chunk, pad_id = 0, 0, min(chunk, len(captions)), vocab["<pad>"]
     for i in range(0, len(captions) - chunk + 1, chunk):
         caps = captions[i:i + chunk]
-        ids = pad([[vocab["<cls>"]] + encode(vocab, c, bos=False) for c in caps], vocab["<pad>"]).to(device)
-        z, t = qf(feats[i:i + chunk].to(device), qf.embed_text(ids), ids != vocab["<pad>"], "uni")
+        ids = pad([[vocab["<cls>"]] + encode(vocab, c, bos=False) for c in caps], pad_id).to(device)
+        z, t = qf(feats[i:i + chunk].to(device), qf.embed_text(ids), ids != pad_id, "uni")
         pred = itc_similarity(heads, z, t[:, 0]).argmax(1).tolist()
         hits, n = hits + sum(caps[p] == caps[j] for j, p in enumerate(pred)), n + len(caps)
     return hits / max(n, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Stage 2: the variants around one frozen LM
-# ----------------------------------------------------------------------------------------------------
+# ---- Stage 2: the variants around one frozen LM --------------------------------------------------
 
 class PromptCache:
-    """h_p = LM_encoder(prompt), computed once per distinct prompt under no_grad (P, P-a, P-b, C0)."""
+    """h_p = LM_encoder(prompt), computed once per distinct prompt under no_grad (P, P-a, P-b, C0).
+    One cache holds the encodings of the one frozen LM it is called with."""
 
-    def __init__(self, lm, vocab, device):
-        self.lm, self.vocab, self.device, self.store, self.computed = lm, vocab, device, {}, 0
+    def __init__(self, vocab):
+        self.vocab, self.store, self.computed = vocab, {}, 0
 
-    def __call__(self, prompts):
+    def __call__(self, lm, prompts):
         """-> (h_p (B, T, E), keep (B, T)) for a list of prompt strings."""
+        pad_id, dev = self.vocab["<pad>"], lm.emb.weight.device
         new = sorted({p for p in prompts if p not in self.store})
         if new:
-            ids = pad([encode(self.vocab, p, bos=False) for p in new], self.vocab["<pad>"]).to(self.device)
+            ids = pad([encode(self.vocab, p, bos=False) for p in new], pad_id).to(dev)
             with torch.no_grad():
-                h = self.lm.encode_ids(ids, self.vocab["<pad>"]).float()
+                h = lm.encode_ids(ids, pad_id).float()
             for j, p in enumerate(new):
-                self.store[p] = h[j, : int((ids[j] != self.vocab["<pad>"]).sum())]
+                self.store[p] = h[j, : int((ids[j] != pad_id).sum())]
             self.computed += len(new)
         hs = [self.store[p] for p in prompts]
-        out = torch.zeros(len(hs), max(len(h) for h in hs), hs[0].shape[-1], device=self.device)
-        keep = torch.zeros(out.shape[:2], dtype=torch.bool, device=self.device)
+        out = torch.zeros(len(hs), max(len(h) for h in hs), hs[0].shape[-1], device=dev)
+        keep = torch.zeros(out.shape[:2], dtype=torch.bool, device=dev)
         for j, h in enumerate(hs):
             out[j, : len(h)], keep[j, : len(h)] = h, True
         return out, keep
@@ -268,68 +272,118 @@ def text_embeddings_from_lm(qf, lm):
 
 
 class Bridge(nn.Module):
-    """Q-Former + projections around the frozen LM; `memory` builds the decoder memory of each variant."""
+    """What a variant trains around the frozen LM: the Q-Former, W_out (query outputs -> LM width)
+    and, where the Q-Former reads h_p, W_in (h_p -> Q-Former width). The frozen LM is an argument of
+    every call, never an attribute: not a submodule, it stays out of the parameters the optimiser
+    gets and out of the bridge's checkpoint (frozen where it is loaded: requires_grad_(False))."""
 
-    def __init__(self, qformer, lm, variant, vocab, cfg, device):
+    def __init__(self, qformer, variant, vocab, cfg):
         super().__init__()
         self.qf, self.variant, self.vocab = qformer, variant, vocab
-        self.lm = [lm]                                       # a list: the frozen LM is not a submodule (no grads, no ckpt)
-        self.out_proj = nn.Linear(cfg.q_dim, cfg.d_model)    # query outputs -> LM width
-        self.in_proj = nn.Linear(cfg.d_model, cfg.q_dim) if variant in ("P", "P-b", "C0") else None  # h_p -> width D
-        self.cache = PromptCache(lm, vocab, device)
+        self.out_proj = nn.Linear(cfg.q_dim, cfg.d_model)                          # W_out: D -> E
+        self.in_proj = nn.Linear(cfg.d_model, cfg.q_dim) if variant in READS_H_P else None  # W_in
+        self.cache = PromptCache(vocab)
 
-    def memory(self, img_BPC, prompts):
-        """-> (decoder memory (B, L, E), keep (B, L))."""
-        lm, v, pad_id, dev = self.lm[0], self.variant, self.vocab["<pad>"], img_BPC.device
-        if v == "C0":
-            img_BPC = torch.zeros_like(img_BPC)
-        ones = torch.ones(len(prompts), self.qf.queries.shape[0], dtype=torch.bool, device=dev)
-        if v in ("B1", "B2", "P-b"):                         # the prefix goes through the LM encoder
-            ids = pad([encode(self.vocab, p, bos=False) for p in prompts], pad_id).to(dev)
-            if v == "P-b":
-                h_p, kp = self.cache(prompts)
-                z, _ = self.qf(img_BPC, self.in_proj(h_p), kp, "bi")
-            else:                                            # instruction-aware: the prompt's words in the Q-Former
-                z, _ = self.qf(img_BPC, self.qf.embed_text(ids), ids != pad_id, "bi")
-            keep = torch.cat([ones, ids != pad_id], 1)
-            return lm.encode(torch.cat([self.out_proj(z), lm.emb(ids)], 1), keep), keep
-        h_p, kp = self.cache(prompts)                        # P, P-a, C0: the LM encoder sees only the prompt
-        if v == "P-a":
-            z, _ = self.qf(img_BPC, h_p.new_zeros(len(prompts), 0, self.qf.queries.shape[1]), kp[:, :0], "bi")
-        else:
-            z, _ = self.qf(img_BPC, self.in_proj(h_p), kp, "bi")
-        return torch.cat([self.out_proj(z), h_p.to(z.dtype)], 1), torch.cat([ones, kp], 1)
+    def memory(self, lm, img_BPC, prompts):
+        """-> (decoder memory (B, L, E), keep (B, L)): the variant's function in MEMORY."""
+        return MEMORY[self.variant](self, lm, img_BPC, prompts)
 
-    def loss(self, img_BPC, prompts, targets):
-        mem, keep = self.memory(img_BPC, prompts)
+    def prompt_ids(self, prompts, device):
+        ids = [encode(self.vocab, p, bos=False) for p in prompts]
+        return pad(ids, self.vocab["<pad>"]).to(device)
+
+    def loss(self, lm, img_BPC, prompts, targets):
+        """Stage 2's one loss: the frozen decoder's next-token cross-entropy on the target."""
+        mem, keep = self.memory(lm, img_BPC, prompts)
         pad_id = self.vocab["<pad>"]
         y = pad([encode(self.vocab, t, eos=True) for t in targets], pad_id).to(mem.device)
-        logits = self.lm[0].decode(mem, keep, y[:, :-1])
-        return F.cross_entropy(logits.flatten(0, 1).float(), y[:, 1:].flatten(), ignore_index=pad_id)
+        logits = lm.decode(mem, keep, y[:, :-1])
+        return F.cross_entropy(logits.flatten(0, 1).float(), y[:, 1:].flatten(),
+                               ignore_index=pad_id)
 
     @torch.no_grad()
-    def answer(self, img_BPC, prompts):
-        """One decoder step: the first word of the answer (every answer is one word). -> (B,) token ids."""
-        mem, keep = self.memory(img_BPC, prompts)
+    def answer(self, lm, img_BPC, prompts):
+        """One decoder step: the answer's first word (every answer is one word). -> (B,) ids."""
+        mem, keep = self.memory(lm, img_BPC, prompts)
         bos = torch.full((len(prompts), 1), self.vocab["<bos>"], device=mem.device)
-        return self.lm[0].decode(mem, keep, bos)[:, 0].argmax(-1)
+        return lm.decode(mem, keep, bos)[:, 0].argmax(-1)
 
     @torch.no_grad()
-    def generate(self, img_BPC, prompts, max_new):
-        mem, keep = self.memory(img_BPC, prompts)
-        out = self.lm[0].generate(mem, keep, self.vocab["<bos>"], self.vocab["<eos>"], max_new)
+    def generate(self, lm, img_BPC, prompts, max_new):
+        mem, keep = self.memory(lm, img_BPC, prompts)
+        out = lm.generate(mem, keep, self.vocab["<bos>"], self.vocab["<eos>"], max_new)
         inv = {i: w for w, i in self.vocab.items()}
         words = [[inv[t] for t in row] for row in out.tolist()]
-        return [" ".join(w[: w.index("<eos>")] if "<eos>" in w else w) for w in words]      # up to <eos>
+        return [" ".join(w[: w.index("<eos>")] if "<eos>" in w else w) for w in words]   # to <eos>
 
 
-# ----------------------------------------------------------------------------------------------------
-# Training one variant on the shared data stream, and the convergence comparison
-# ----------------------------------------------------------------------------------------------------
+# The decoder memory of each variant: one function each, and the table MEMORY of them. Each takes
+# (bridge, the frozen lm, image tokens img_BPC (B, P, C), prompt strings) -> (memory (B, L, E),
+# keep (B, L)). z_BQD: the Q-Former's query outputs; h_p (B, T, E), kp (B, T): the cached LM
+# encoding of the prompt and its mask; ids_BT: the prompt's token ids.
+
+def through_encoder(bridge, lm, z_BQD, ids_BT):
+    """B1, B2, P-b: the queries are a soft prefix of the LM *encoder input*: memory =
+    LM_encoder([W_out z ; emb(prompt)]), so the gradient reaches z through the frozen encoder."""
+    keep = torch.cat([torch.ones(z_BQD.shape[:2], dtype=torch.bool, device=z_BQD.device),
+                      ids_BT != bridge.vocab["<pad>"]], 1)
+    return lm.encode(torch.cat([bridge.out_proj(z_BQD), lm.emb(ids_BT)], 1), keep), keep
+
+
+def beside_prompt(bridge, z_BQD, h_p, kp):
+    """P, P-a, C0: memory = [W_out z ; h_p]: the LM encoder never sees a visual token."""
+    ones = torch.ones(z_BQD.shape[:2], dtype=torch.bool, device=z_BQD.device)
+    return torch.cat([bridge.out_proj(z_BQD), h_p.to(z_BQD.dtype)], 1), torch.cat([ones, kp], 1)
+
+
+def memory_b2(bridge, lm, img_BPC, prompts):
+    """B2 (and B1 after its stage 1), instruction-aware as InstructBLIP: the prompt's words sit next
+    to the queries, z = QFormer([queries ; emb_Q(prompt)], image);
+    memory = LM_encoder([W_out z ; prompt])."""
+    ids = bridge.prompt_ids(prompts, img_BPC.device)
+    z, _ = bridge.qf(img_BPC, bridge.qf.embed_text(ids), ids != bridge.vocab["<pad>"], "bi")
+    return through_encoder(bridge, lm, z, ids)
+
+
+def memory_p(bridge, lm, img_BPC, prompts):
+    """P: z = QFormer([queries ; W_in h_p], image); memory = [W_out z ; h_p]."""
+    h_p, kp = bridge.cache(lm, prompts)
+    z, _ = bridge.qf(img_BPC, bridge.in_proj(h_p), kp, "bi")
+    return beside_prompt(bridge, z, h_p, kp)
+
+
+def memory_p_a(bridge, lm, img_BPC, prompts):
+    """P-a: z = QFormer(queries, image), the prompt unseen; memory = [W_out z ; h_p]."""
+    h_p, kp = bridge.cache(lm, prompts)
+    z, _ = bridge.qf(img_BPC, h_p.new_zeros(len(prompts), 0, bridge.qf.queries.shape[1]),
+                     kp[:, :0], "bi")
+    return beside_prompt(bridge, z, h_p, kp)
+
+
+def memory_p_b(bridge, lm, img_BPC, prompts):
+    """P-b: P's z = QFormer([queries ; W_in h_p], image), then memory as B2's:
+    LM_encoder([W_out z ; prompt])."""
+    h_p, kp = bridge.cache(lm, prompts)
+    z, _ = bridge.qf(img_BPC, bridge.in_proj(h_p), kp, "bi")
+    return through_encoder(bridge, lm, z, bridge.prompt_ids(prompts, img_BPC.device))
+
+
+def memory_c0(bridge, lm, img_BPC, prompts):
+    """C0: P with the image blanked (every image the same): the language-prior floor."""
+    return memory_p(bridge, lm, torch.zeros_like(img_BPC), prompts)
+
+
+MEMORY = {"B1": memory_b2, "B2": memory_b2, "P": memory_p, "P-a": memory_p_a, "P-b": memory_p_b,
+          "C0": memory_c0}
+READS_H_P = ("P", "P-b", "C0")          # the variants whose Q-Former reads h_p (through W_in)
+VARIANTS = tuple(MEMORY)
+
+
+# ---- Training one variant on the shared data stream, and the convergence comparison --------------
 
 def stage2_stream(ds, cfg, seed):
-    """The one data stream all variants of a seed train on: per step, batch_size (scene, prompt, target);
-    a caption with probability caption_frac, otherwise one of the scene's questions."""
+    """The one data stream all variants of a seed train on: per step, batch_size (scene, prompt,
+    target); a caption with probability caption_frac, otherwise one of the scene's questions."""
     rng = np.random.default_rng([seed, 2])
     it = batches(len(ds["captions"]), cfg.batch_size, seed=seed * 10 + 2)
     out = []
@@ -346,8 +400,14 @@ def stage2_stream(ds, cfg, seed):
     return out
 
 
+def batch_loss(model, lm, feats, items, device):
+    """Stage 2's loss on one batch of the stream: (scene index, prompt, target) items."""
+    scenes, prompts, targets = zip(*items)
+    return model.loss(lm, feats[list(scenes)].to(device), list(prompts), list(targets))
+
+
 def run_stage1(qf, feats, ds, vocab, cfg, seed, device, metrics=None):
-    """B1's stage 1 -> (ITC heads, stats). The Q-Former is trained in place. metrics: a metrics.jsonl path."""
+    """B1's stage 1 -> (ITC heads, stats). The Q-Former is trained in place. metrics: a path."""
     heads, pad_id = Stage1Heads(cfg.q_dim).to(device), vocab["<pad>"]
     caps = [encode(vocab, c, bos=False) for c in ds["captions"]]
     it = batches(len(caps), cfg.batch_size, seed=seed * 10 + 1)
@@ -355,102 +415,143 @@ def run_stage1(qf, feats, ds, vocab, cfg, seed, device, metrics=None):
 
     def loss_fn(step):
         b = next(it)
-        return stage1_loss(qf, heads, feats[b].to(device), pad([caps[i] for i in b], pad_id).to(device), pad_id,
-                           vocab, gen)[0]
+        ids = pad([caps[i] for i in b], pad_id).to(device)
+        return stage1_loss(qf, heads, feats[b].to(device), ids, pad_id, vocab, gen)[0]
 
     t = time.perf_counter()
     train_loop(list(qf.parameters()) + list(heads.parameters()), loss_fn, cfg.stage1_steps, cfg,
                f"B1 seed {seed} stage 1", device, metrics=metrics)
-    return heads, dict(stage1_s=time.perf_counter() - t, stage1_samples=cfg.stage1_steps * cfg.batch_size)
+    return heads, dict(stage1_s=time.perf_counter() - t,
+                       stage1_samples=cfg.stage1_steps * cfg.batch_size)
 
 
 def vqa_items(ds):
-    return [(i, qa_prompt(d["q"]), d["a"], d.get("type", "other")) for i, qa in enumerate(ds["qa"]) for d in qa]
+    return [(i, qa_prompt(d["q"]), d["a"], d.get("type", "other"))
+            for i, qa in enumerate(ds["qa"]) for d in qa]
 
 
 def score(point):
-    """What the target is set on: the binding score (data without those question types: overall VQA)."""
+    """What the target is set on: the binding score (data without binding questions: VQA)."""
     return point["vqa"] if point["binding_score"] is None else point["binding_score"]
 
 
 def text_ceiling(lm, ds, vocab, device):
-    """The frozen LM given the true caption: 'context: <c> question: <q>' -> first decoded word == answer, per
-    question type. The best a bridge could do if its queries were as good as the caption."""
+    """The frozen LM given the true caption: 'context: <c> question: <q>' -> first decoded word ==
+    answer, per question type. The best a bridge could do if its queries were as good as a caption.
+    """
     items = [(0, f"context: {c} {qa_prompt(d['q'])}", vocab.get(d["a"], -1), d["type"])
              for c, qs in zip(ds["captions"], ds["qa"]) for d in qs]
-    return exact_match(lambda c: t5lm.first_word(lm, [p for _, p, _, _ in c], vocab, device), items, bs=512)[1]
+    return exact_match(lambda c: t5lm.first_word(lm, [p for _, p, _, _ in c], vocab, device), items,
+                       bs=512)[1]
 
 
-def vqa(model, feats, items, vocab, device):
-    """Exact match of the first answer word on vqa_items: overall, per type (data/multimodal.exact_match)."""
+def vqa(model, lm, feats, items, vocab, device):
+    """Exact match of the first answer word on vqa_items: overall, per type (exact_match)."""
     def predict(c):
-        return model.answer(feats[[i for i, *_ in c]].to(device), [p for _, p, _, _ in c])
+        return model.answer(lm, feats[[i for i, *_ in c]].to(device), [p for _, p, _, _ in c])
     return exact_match(predict, [(i, p, vocab.get(a, -1), t) for i, p, a, t in items], bs=512)
 
 
-def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, max_len, metrics=None):
-    """Stage 1 (B1 only), then stage 2 on `stream`; -> (bridge, result dict with the learning curve). metrics: a
-    metrics.jsonl path for the training losses and the validation points of the curve."""
+def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, max_len,
+                  metrics=None):
+    """Stage 1 (B1 only), then stage 2 on `stream` -> (bridge, result dict with the learning curve:
+    validation scores against samples seen and training seconds, evaluation time left out). metrics:
+    a metrics.jsonl path for the training losses and the validation points of the curve."""
     torch.manual_seed(seed)
     qf = QFormer(len(vocab), cfg, max_len).to(device)
     if variant in ("B1", "B2") and cfg.text_init == "lm":
         text_embeddings_from_lm(qf, lm)
     res = dict(variant=variant, seed=seed, stage1_s=0.0, stage1_samples=0)
     if variant == "B1" and cfg.stage1_steps:
-        heads, st = run_stage1(qf, feats["train"], world["train"], vocab, cfg, seed, device, metrics)
-        res.update(st, itc_r1=itc_recall_at_1(qf, heads, feats["val"], world["val"]["captions"], vocab, device))
-        print(f"  B1 stage 1: {st['stage1_s']:.0f} s, ITC image->text R@1 {res['itc_r1']:.3f} (chunks of 100 val pairs)")
-    model = Bridge(qf, lm, variant, vocab, cfg, device).to(device)
-    if cfg.compile:                                          # in place: checkpoints keep plain parameter names
+        heads, st = run_stage1(qf, feats["train"], world["train"], vocab, cfg, seed, device,
+                               metrics)
+        res.update(st, itc_r1=itc_recall_at_1(qf, heads, feats["val"], world["val"]["captions"],
+                                              vocab, device))
+        print(f"  B1 stage 1: {st['stage1_s']:.0f} s, ITC image->text R@1 {res['itc_r1']:.3f} "
+              "(chunks of 100 val pairs)")
+    model = Bridge(qf, variant, vocab, cfg).to(device)
+    if cfg.compile:                              # in place: checkpoints keep plain parameter names
         for layer in qf.layers:
             layer.compile()
-    params, tr, val_items = list(model.parameters()), feats["train"], vqa_items(world["val"])
+    curve, eval_s, val_items, name = [], [0.0], vqa_items(world["val"]), f"{variant} seed {seed}"
 
-    def loss_on(items):
-        return model.loss(tr[[i for i, _, _ in items]].to(device), [p for _, p, _ in items], [t for _, _, t in items])
-
-    with autocast(cfg, device):
-        res["mem_mib"] = step_memory_mib(lambda: loss_on(stream[0]).backward(), params, device)
-    model.zero_grad(set_to_none=True)
-    curve, stamps, eval_s, name = [], [], [0.0], f"{variant} seed {seed}"
-
-    def evaluate(step):
+    def evaluate(step):                                   # a point of the learning curve
         t = time.perf_counter()
-        em, per_type = vqa(model, feats["val"], val_items, vocab, device)
+        em, per_type = vqa(model, lm, feats["val"], val_items, vocab, device)
         eval_s[0] += time.perf_counter() - t
-        curve.append(dict(step=step, samples=step * cfg.batch_size, train_s=time.perf_counter() - t0 - eval_s[0],
-                          vqa=em, binding_score=binding_score(per_type), per_type=per_type))
+        curve.append(dict(step=step, samples=step * cfg.batch_size,
+                          train_s=time.perf_counter() - t0 - eval_s[0], vqa=em,
+                          binding_score=binding_score(per_type), per_type=per_type))
         if metrics:
             log_metrics(metrics, run=name, split="val", **curve[-1])
 
     def loss_fn(step):
         if step and step % cfg.eval_every == 0:
             evaluate(step)
-        stamps.append((time.perf_counter(), eval_s[0]))
-        return loss_on(stream[step])
+        return batch_loss(model, lm, feats["train"], stream[step], device)
 
     t0 = time.perf_counter()
-    train_loop(params, loss_fn, cfg.steps, cfg, name, device, metrics=metrics)
+    train_loop(list(model.parameters()), loss_fn, cfg.steps, cfg, name, device, metrics=metrics)
     evaluate(cfg.steps)
-    gaps = [(b[0] - a[0]) - (b[1] - a[1]) for a, b in zip(stamps, stamps[1:])]
-    res.update(curve=curve, stage2_s=curve[-1]["train_s"], step_ms=float(np.median(gaps) * 1e3) if gaps else None,
-               prompts_encoded=model.cache.computed, val_questions=len(val_items))
+    res.update(curve=curve, stage2_s=curve[-1]["train_s"], prompts_encoded=model.cache.computed,
+               val_questions=len(val_items))
     return model, res
 
 
-def final_eval(model, feats, world, refs, vocab, device):
-    em, per_type = vqa(model, feats["test"], vqa_items(world["test"]), vocab, device)
-    hold = vqa(model, feats["holdout"], vqa_items(world["holdout"]), vocab, device)[0] if "holdout" in feats else None
-    hyps = [h for i in range(0, len(refs["test"]), 256)
-            for h in model.generate(feats["test"][i:i + 256].to(device), [CAPTION_PROMPT] * len(refs["test"][i:i + 256]),
-                                    max(len(r[0].split()) for r in refs["test"]) + 2)]
+def step_costs(models, lm, stream, feats, cfg, device):
+    """What one stage-2 step of each trained variant costs, on the same batches of the stream:
+    mem_mib, its training memory (data/multimodal.step_memory_mib); fwd_bwd_ms, forward and
+    backward; step_ms, a whole training step (forward, backward, clipping, AdamW). The variants take
+    turns, so that a busy spell of the machine hits them alike, and each time is the median of the
+    rounds (data/run.interleaved_ms). -> {variant: {mem_mib, fwd_bwd_ms, step_ms}}."""
+    out = {}
+    for v, m in models.items():
+        with autocast(cfg, device):
+            out[v] = dict(mem_mib=step_memory_mib(
+                lambda: batch_loss(m, lm, feats, stream[0], device).backward(),
+                list(m.parameters()), device))
+        m.zero_grad(set_to_none=True)
+    # lr 0: a training step's work (AdamW computes its update and adds 0 x it), weights unchanged
+    opts = {v: torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.01)
+            for v, m in models.items()}
+
+    def fwd_bwd(v, r):
+        with autocast(cfg, device):
+            batch_loss(models[v], lm, feats, stream[r % len(stream)], device).backward()
+        models[v].zero_grad(set_to_none=True)
+
+    def train_step(v, r):                                 # as one step of data/layers.train_loop
+        with autocast(cfg, device):
+            loss = batch_loss(models[v], lm, feats, stream[r % len(stream)], device)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(list(models[v].parameters()), 1.0)
+        opts[v].step()
+        opts[v].zero_grad(set_to_none=True)
+
+    rounds = 3 if cfg.quick else 15
+    for key, fn in (("fwd_bwd_ms", fwd_bwd), ("step_ms", train_step)):
+        ms = interleaved_ms({v: lambda r, v=v, fn=fn: fn(v, r) for v in models}, device, rounds)
+        for v in models:
+            out[v][key] = ms[v]
+    return out
+
+
+def final_eval(model, lm, feats, world, refs, vocab, device):
+    """Test VQA per type, hold-out VQA, and greedy test captions against their references."""
+    em, per_type = vqa(model, lm, feats["test"], vqa_items(world["test"]), vocab, device)
+    hold = (vqa(model, lm, feats["holdout"], vqa_items(world["holdout"]), vocab, device)[0]
+            if "holdout" in feats else None)
+    max_new, n = max(len(r[0].split()) for r in refs["test"]) + 2, len(refs["test"])
+    hyps = [h for i in range(0, n, 256) for h in model.generate(
+        lm, feats["test"][i:i + 256].to(device), [CAPTION_PROMPT] * len(refs["test"][i:i + 256]),
+        max_new)]
     return dict(vqa=em, binding_score=binding_score(per_type), per_type=per_type, holdout=hold,
                 bleu4=bleu4(hyps, refs["test"]), cider=cider(hyps, refs["test"]), examples=hyps[:3])
 
 
 def to_target(r, target):
-    """First learning-curve point at or above the target binding score: samples and training seconds, B1's
-    stage 1 included. (None, None) if never reached."""
+    """First learning-curve point at or above the target binding score: samples and training
+    seconds, B1's stage 1 included. (None, None) if never reached."""
     for c in r["curve"]:
         if score(c) >= target - 1e-9:
             return c["samples"] + r["stage1_samples"], c["train_s"] + r["stage1_s"]
@@ -462,10 +563,11 @@ def ratio(a, b):
 
 
 def summarise(runs, cfg):
-    """Per seed: the target (0.9 x the best final validation binding score of any variant, or --target-em),
-    each variant's samples / seconds to it, and the claims as ratios. A variant that never reaches the target
-    leaves its ratios None; so the claims are also measured against B2's own final score, which B2 reaches by
-    definition: P's (or B1's, stage 1 counted) samples / seconds to it over B2's whole run."""
+    """Per seed: the target (0.9 x the best final validation binding score of any variant, or
+    --target-em), each variant's samples / seconds to it, and the claims as ratios. A variant that
+    never reaches the target leaves its ratios None; so the claims are also measured against B2's
+    own final score, which B2 reaches by definition: P's (or B1's, stage 1 counted) samples /
+    seconds to it over B2's whole run."""
     out = {}
     for seed in sorted({r["seed"] for r in runs}):
         rs = {r["variant"]: r for r in runs if r["seed"] == seed}
@@ -473,49 +575,38 @@ def summarise(runs, cfg):
         target = cfg.target_em if cfg.target_em > 0 else 0.9 * best
         for r in rs.values():
             r["samples_to_target"], r["seconds_to_target"] = to_target(r, target)
-        s = dict(target=target)
-        b2 = rs.get("B2")
+        s, b2 = dict(target=target), rs.get("B2")
         end = b2["curve"][-1] if b2 else None                 # B2's final validation point
         if "P" in rs and b2:
             p = rs["P"]
-            s["P_over_B2_samples_to_target"] = ratio(p["samples_to_target"], b2["samples_to_target"])
-            s["P_over_B2_seconds_to_target"] = ratio(p["seconds_to_target"], b2["seconds_to_target"])
+            for k in ("samples", "seconds"):
+                s[f"P_over_B2_{k}_to_target"] = ratio(p[f"{k}_to_target"], b2[f"{k}_to_target"])
             n, sec = to_target(p, score(end))
-            s["P_to_B2_final_samples_ratio"], s["P_to_B2_final_seconds_ratio"] = ratio(n, end["samples"]), ratio(sec, end["train_s"])
+            s["P_to_B2_final_samples_ratio"] = ratio(n, end["samples"])
+            s["P_to_B2_final_seconds_ratio"] = ratio(sec, end["train_s"])
             s["P_over_B2_step_time"] = ratio(p.get("fwd_bwd_ms"), b2.get("fwd_bwd_ms"))
             s["P_over_B2_memory"] = ratio(p["mem_mib"], b2["mem_mib"])
-        if "B1" in rs and b2:      # does stage 1 pay for itself? (< 1: B1, stage 1 included, gets there sooner)
-            s["B1_over_B2_seconds_to_target"] = ratio(rs["B1"]["seconds_to_target"], b2["seconds_to_target"])
-            s["B1_to_B2_final_seconds_ratio"] = ratio(to_target(rs["B1"], score(end))[1], end["train_s"])
-            if rs["B1"]["binding_score"] is not None:
-                s["B1_minus_B2_binding"] = rs["B1"]["binding_score"] - b2["binding_score"]
+        if "B1" in rs and b2:  # does stage 1 pay for itself? (< 1: B1, stage 1 included, is sooner)
+            b1 = rs["B1"]
+            s["B1_over_B2_seconds_to_target"] = ratio(b1["seconds_to_target"],
+                                                      b2["seconds_to_target"])
+            s["B1_to_B2_final_seconds_ratio"] = ratio(to_target(b1, score(end))[1], end["train_s"])
+            if b1["binding_score"] is not None:
+                s["B1_minus_B2_binding"] = b1["binding_score"] - b2["binding_score"]
         out[str(seed)] = s
     return out
 
 
-def interleaved_step_ms(models, stream, feats, cfg, device, rounds):
-    """Forward + backward (ms) of each variant on the same batches, interleaved so that a busy spell of the
-    machine hits every variant alike (data/run.interleaved_ms)."""
-    def step(m, r):
-        scenes, prompts, targets = zip(*stream[r % len(stream)])
-        with autocast(cfg, device):
-            m.loss(feats[list(scenes)].to(device), list(prompts), list(targets)).backward()
-        m.zero_grad(set_to_none=True)
-    return interleaved_ms({v: lambda r, m=m: step(m, r) for v, m in models.items()}, device, rounds)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Captioning metrics: BLEU-4 and a CIDEr-style score
-# ----------------------------------------------------------------------------------------------------
+# ---- Captioning metrics: BLEU-4 and a CIDEr-style score ------------------------------------------
 
 def ngrams(words, n):
     return Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
 
 
 def bleu4(hyps, refs):
-    """Corpus BLEU-4 (Papineni et al. 2002): clipped n-gram precisions p_1..p_4 summed over the corpus,
-    geometric mean, brevity penalty exp(1 - r/c) when c < r, r = the reference length closest to each
-    hypothesis' (ties: the shorter). No smoothing: 0 when some p_n has no match."""
+    """Corpus BLEU-4 (Papineni et al. 2002): clipped n-gram precisions p_1..p_4 summed over the
+    corpus, geometric mean, brevity penalty exp(1 - r/c) when c < r, r = the reference length
+    closest to each hypothesis' (ties: the shorter). No smoothing: 0 when some p_n has no match."""
     match, total, c, r = [0] * 4, [0] * 4, 0, 0
     for h, rs in zip(hyps, refs):
         hw, rws = h.split(), [x.split() for x in rs]
@@ -535,9 +626,9 @@ def bleu4(hyps, refs):
 
 
 def cider(hyps, refs):
-    """CIDEr-style consensus (Vedantam et al. 2015, without CIDEr-D's length penalty and clipping): TF-IDF
-    n-gram vectors (document frequency over the reference sets), cosine between the hypothesis and each
-    reference, averaged over references and over n = 1..4, times 10."""
+    """CIDEr-style consensus (Vedantam et al. 2015, without CIDEr-D's length penalty and clipping):
+    TF-IDF n-gram vectors (document frequency over the reference sets), cosine between the
+    hypothesis and each reference, averaged over references and over n = 1..4, times 10."""
     N, df = len(refs), {}
     for rs in refs:
         for g in {g for x in rs for n in range(1, 5) for g in ngrams(x.split(), n)}:
@@ -547,20 +638,19 @@ def cider(hyps, refs):
         return {g: k * math.log(N / max(df.get(g, 0), 1)) for g, k in ngrams(words, n).items()}
 
     def cos(a, b):
-        na, nb = math.sqrt(sum(x * x for x in a.values())), math.sqrt(sum(x * x for x in b.values()))
-        return sum(x * b.get(g, 0.0) for g, x in a.items()) / (na * nb) if na > 0 and nb > 0 else 0.0
+        na, nb = (math.sqrt(sum(x * x for x in v.values())) for v in (a, b))
+        return sum(x * b.get(g, 0.0) for g, x in a.items()) / (na * nb) if na and nb else 0.0
 
-    score = sum(np.mean([np.mean([cos(vec(h.split(), n), vec(x.split(), n)) for x in rs]) for n in range(1, 5)])
-                for h, rs in zip(hyps, refs))
+    score = sum(np.mean([np.mean([cos(vec(h.split(), n), vec(x.split(), n)) for x in rs])
+                         for n in range(1, 5)]) for h, rs in zip(hyps, refs))
     return 10 * score / max(N, 1)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Data: the world, the vocabulary, reference captions
-# ----------------------------------------------------------------------------------------------------
+# ---- Data: the world, the vocabulary, reference captions -----------------------------------------
 
 def load_data(cfg):
-    """-> world (split -> dataset dict), vocabulary (+ the Q-Former's specials), reference captions per split."""
+    """-> world (split -> dataset dict), vocabulary (+ the Q-Former's specials), reference captions
+    per split."""
     world, vocab = shapes_world(cfg)
     if not world["val"]["captions"]:
         raise BadInput("--data-dir: no 'val' split (the learning curves are measured on it)")
@@ -570,15 +660,14 @@ def load_data(cfg):
     for s, ds in world.items():
         if ds.get("objects"):   # the procedural world: more references, with other object orders
             rng = np.random.default_rng(7)
-            refs[s] = [[c] + [shapes_caption(o, rng) for _ in range(N_REFS - 1)] for c, o in zip(ds["captions"], ds["objects"])]
+            refs[s] = [[c] + [shapes_caption(o, rng) for _ in range(N_REFS - 1)]
+                       for c, o in zip(ds["captions"], ds["objects"])]
         else:
             refs[s] = [[c] for c in ds["captions"]]
     return world, vocab, refs
 
 
-# ----------------------------------------------------------------------------------------------------
-# The experiment
-# ----------------------------------------------------------------------------------------------------
+# ---- The experiment ------------------------------------------------------------------------------
 
 def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
     """The frozen ViT and LM of backbone seed `seed` (and, for seed > 0, the world's training
@@ -602,17 +691,19 @@ def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
     return world, feats, lm, dict(gates, lm_text_ceiling=ceiling)
 
 
-def run(cfg):
-    variants, seeds = validate(cfg)
+def run(cfg, variants, seeds):
+    """Per seed: the frozen backbones, one data stream, every variant trained on it and tested, then
+    what a step of each costs; results.json rewritten as they come. -> (results, world)."""
     device, start = pick_device(cfg.device), time.perf_counter()
     world, vocab, refs = load_data(cfg)
-    keep_previous(cfg.out, also=lambda f: f.endswith(".png"))      # and the figures: nothing is replaced
-    metrics = os.path.join(cfg.out, "metrics.jsonl")          # training losses and the learning curves, as they go
-    max_len = 2 + max(len(t.split()) for ds in world.values() for t in ds["captions"] + [d["q"] for qa in ds["qa"] for d in qa])
-    print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, Q-Former "
-          f"{cfg.q_layers}x{cfg.q_dim} with {cfg.queries} queries, LM {cfg.enc_layers}+{cfg.dec_layers}x{cfg.d_model}, "
-          f"variants {variants}, seeds {seeds}")
-    base = shapes_baselines(world, cfg)                              # the data-only rows of the tables
+    keep_previous(cfg.out, also=lambda f: f.endswith(".png"))  # and the figures: nothing replaced
+    metrics = os.path.join(cfg.out, "metrics.jsonl")      # training losses and the learning curves
+    max_len = 2 + max(len(t.split()) for ds in world.values()
+                      for t in ds["captions"] + [d["q"] for qa in ds["qa"] for d in qa])
+    print(f"device {device}, vocab {len(vocab)}, train {len(world['train']['captions'])} scenes, "
+          f"Q-Former {cfg.q_layers}x{cfg.q_dim} with {cfg.queries} queries, LM {cfg.enc_layers}+"
+          f"{cfg.dec_layers}x{cfg.d_model}, variants {variants}, seeds {seeds}")
+    base = shapes_baselines(world, cfg)                   # the data-only rows of the tables
     res, backbones = dict(config=asdict(cfg), baselines=base, runs=[], summary={}, gates={}), {}
     for seed in seeds:
         b = backbone_seed(cfg, seed)                  # 0 for every seed unless --vary-backbones
@@ -622,32 +713,38 @@ def run(cfg):
         world_b, feats, lm, _ = backbones[b]
         stream, models = stage2_stream(world_b["train"], cfg, seed), {}
         for v in variants:
-            model, r = train_variant(v, seed, lm, feats, world_b, vocab, stream, cfg, device,
-                                     max_len, metrics)
-            r.update(final_eval(model, feats, world_b, refs, vocab, device), backbone_seed=b)
+            models[v], r = train_variant(v, seed, lm, feats, world_b, vocab, stream, cfg, device,
+                                         max_len, metrics)
+            r.update(final_eval(models[v], lm, feats, world_b, refs, vocab, device),
+                     backbone_seed=b)
             r["at_or_below_oracle"] = at_or_below_oracle(
                 dict(vqa=r["vqa"], binding_score=r["binding_score"], **r["per_type"]),
                 base["test"]["bag_oracle"])
-            print(f"  {v} seed {seed}: VQA {r['vqa']:.3f}, binding {mean_std([r['binding_score']])} ("
-                  + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
-                  + f"), hold-out {'-' if r['holdout'] is None else format(r['holdout'], '.3f')}, BLEU-4 "
-                  f"{r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; "
-                  f"e.g. '{r['examples'][0]}'"
-                  + (f"; at or below the bag-of-words oracle: {', '.join(r['at_or_below_oracle'])}"
-                     if r["at_or_below_oracle"] else ""))
-            models[v] = model
+            print_run(r)
             res["runs"].append(r)
-            save_bridge(cfg, f"{v}_seed{seed}", model, vocab, max_len=max_len)
+            save_bridge(cfg, f"{v}_seed{seed}", models[v], vocab, max_len=max_len)
             write_results(cfg.out, res)
-        rounds = 3 if cfg.quick else 15
-        for v, ms in interleaved_step_ms(models, stream, feats["train"], cfg, device, rounds).items():
-            next(r for r in res["runs"] if r["seed"] == seed and r["variant"] == v)["fwd_bwd_ms"] = ms
+        costs = step_costs(models, lm, stream, feats["train"], cfg, device)
+        for r in res["runs"][-len(variants):]:                 # this seed's runs
+            r.update(costs[r["variant"]])
         res["summary"] = summarise(res["runs"], cfg)
         write_results(cfg.out, res)
     res["wall_s"] = time.perf_counter() - start
     write_results(cfg.out, res)
-    report(cfg, res, variants, world)
-    return res
+    return res, world
+
+
+# ---- Plumbing: command line, validation, results, reports ----------------------------------------
+
+def print_run(r):
+    hold = "-" if r["holdout"] is None else format(r["holdout"], ".3f")
+    below = ", ".join(r["at_or_below_oracle"])
+    print(f"  {r['variant']} seed {r['seed']}: VQA {r['vqa']:.3f}, binding "
+          f"{mean_std([r['binding_score']])} ("
+          + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
+          + f"), hold-out {hold}, BLEU-4 {r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 "
+          f"{r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'"
+          + (f"; at or below the bag-of-words oracle: {below}" if below else ""))
 
 
 CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
@@ -657,15 +754,32 @@ CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
           "P_over_B2_step_time": "P / B2: step time (forward + backward; goal <= 0.7)",
           "P_over_B2_memory": "P / B2: training memory",
           "B1_over_B2_seconds_to_target": "B1 (stage 1 counted) / B2: seconds to target",
-          "B1_to_B2_final_seconds_ratio": "B1's seconds (stage 1 counted) to B2's final score / B2's",
+          "B1_to_B2_final_seconds_ratio":
+              "B1's seconds (stage 1 counted) to B2's final score / B2's",
           "B1_minus_B2_binding": "B1 - B2: test binding score"}
 
 
 def report(cfg, res, variants, world):
-    runs = res["runs"]
-    by = {v: [r for r in runs if r["variant"] == v] for v in variants}
-    types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in runs)]
-    cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
+    """The tables, the claims, then where the figures and results.json are."""
+    by = {v: [r for r in res["runs"] if r["variant"] == v] for v in variants}
+    print_test_table(res, by)
+    print_cost_table(res, by)
+    print_curve_table(res["runs"], by)
+    claims = {k: [s[k] for s in res["summary"].values() if k in s] for k in CLAIMS}
+    if any(claims.values()):
+        print("\nthe claims (per-seed ratios, mean ± sample std; '-': a run that never got there)")
+    for k, xs in claims.items():
+        if xs:
+            print(f"  {CLAIMS[k]:<64s} {mean_std(xs, '.2f')}")
+    r1 = [r["itc_r1"] for r in res["runs"] if "itc_r1" in r]
+    if r1:
+        print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
+    print_outputs(figures(cfg, res, variants, world), cfg.out, res["wall_s"])
+
+
+def print_test_table(res, by):
+    types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in res["runs"])]
+    keys = ["vqa", "binding_score"] + types + ["holdout", "bleu4", "cider"]
     ref = oracle_reference(res["baselines"]["test"]["bag_oracle"])
 
     def cell(xs, key):
@@ -673,13 +787,13 @@ def report(cfg, res, variants, world):
         xs = [x for x in xs if x is not None]
         return mean_std(xs) + ("*" if xs and key in ref and np.mean(xs) <= ref[key] else "")
 
+    cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
     print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}"
           + "".join(f"{c:>15s}" for c in cols))
     for v, rs in by.items():
-        vals = [([r[k] for r in rs], k) for k in ("vqa", "binding_score")]
-        vals += [([r["per_type"].get(t) for r in rs], t) for t in types]
-        vals += [([r[k] for r in rs], k) for k in ("holdout", "bleu4", "cider")]
-        print(f"{v:>11s}" + "".join(f"{cell(x, k):>15s}" for x, k in vals))
+        print(f"{v:>11s}" + "".join(
+            f"{cell([r['per_type'].get(k) if k in types else r[k] for r in rs], k):>15s}"
+            for k in keys))
     for name in ("blind_prior", "bag_oracle"):
         b = res["baselines"]["test"][name]
         if b is not None:
@@ -688,59 +802,60 @@ def report(cfg, res, variants, world):
     if ref:
         print("* at or below the bag-of-words oracle (bag_oracle): the caption's words alone, "
               "without binding, score as much")
+
+
+def print_cost_table(res, by):
+    cols = ("samples to target", "s to target", "train ms/step", "fwd+bwd ms", "memory MiB")
     print(f"\ncost (target: 0.9 x the best final val binding score per seed, "
           f"{mean_std([s['target'] for s in res['summary'].values()])})\n" + f"{'':>11s}"
-          + "".join(f"{c:>17s}" for c in ("samples to target", "s to target", "train ms/step", "fwd+bwd ms", "memory MiB")))
+          + "".join(f"{c:>17s}" for c in cols))
     for v, rs in by.items():
         reached = f" ({sum(r['samples_to_target'] is not None for r in rs)}/{len(rs)})"
-        print(f"{v:>11s}" + "".join(f"{x:>17s}" for x in (
-            mean_std([r["samples_to_target"] for r in rs], ".0f") + reached, mean_std([r["seconds_to_target"] for r in rs], ".0f"),
-            mean_std([r["step_ms"] for r in rs], ".0f"), mean_std([r.get("fwd_bwd_ms") for r in rs], ".0f"),
-            mean_std([r["mem_mib"] for r in rs], ".1f"))))
+        cells = [mean_std([r.get(k) for r in rs], f) for k, f in (
+            ("seconds_to_target", ".0f"), ("step_ms", ".0f"), ("fwd_bwd_ms", ".0f"),
+            ("mem_mib", ".1f"))]
+        print(f"{v:>11s}" + "".join(f"{x:>17s}" for x in [
+            mean_std([r["samples_to_target"] for r in rs], ".0f") + reached] + cells))
+
+
+def print_curve_table(runs, by):
     steps = [c["samples"] for c in runs[0]["curve"]]
-    pick = steps[:: max(1, len(steps) // 8)] + ([steps[-1]] if (len(steps) - 1) % max(1, len(steps) // 8) else [])
-    print("\nvalidation binding score against samples seen (mean over seeds)\n" + f"{'samples':>11s}"
-          + "".join(f"{s:>7d}" for s in pick))
+    every = max(1, len(steps) // 8)
+    pick = steps[::every] + ([steps[-1]] if (len(steps) - 1) % every else [])
+    print("\nvalidation binding score against samples seen (mean over seeds)\n"
+          + f"{'samples':>11s}" + "".join(f"{s:>7d}" for s in pick))
     for v, rs in by.items():
         curve = {c["samples"]: [] for c in rs[0]["curve"]}
         for r in rs:
             for c in r["curve"]:
                 curve[c["samples"]].append(score(c))
         print(f"{v:>11s}" + "".join(f"{np.mean(curve[s]):7.3f}" for s in pick))
-    claims = {k: [s[k] for s in res["summary"].values() if k in s] for k in CLAIMS}
-    if any(claims.values()):
-        print("\nthe claims (per-seed ratios, mean ± sample std; '-': a run that never got there)")
-    for k, xs in claims.items():
-        if xs:
-            print(f"  {CLAIMS[k]:<64s} {mean_std(xs, '.2f')}")
-    r1 = [r["itc_r1"] for r in runs if "itc_r1" in r]
-    if r1:
-        print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
-    print_outputs(figures(cfg, res, variants, world), cfg.out, res["wall_s"])
 
 
 def figures(cfg, res, variants, world):
-    """PNGs under --out when matplotlib is installed (else none): test scenes, and the validation binding score
-    against samples seen and against training seconds (B1's stage 1 counted, as in 'to target'), mean ± sample
-    std over seeds. -> their paths."""
+    """PNGs under --out when matplotlib is installed (else none): test scenes, and the validation
+    binding score against samples seen and against training seconds (B1's stage 1 counted, as in 'to
+    target'), mean ± sample std over seeds. -> their paths."""
     plt = pyplot()
     if plt is None:
         return []
-    paths = [scene_grid(world["test"], os.path.join(cfg.out, "scenes.png"), title="test scenes (shapes world v2)")]
+    paths = [scene_grid(world["test"], os.path.join(cfg.out, "scenes.png"),
+                        title="test scenes (shapes world v2)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     for v in variants:
         rs = [r for r in res["runs"] if r["variant"] == v]
         for ax, x, s1 in ((axes[0], "samples", "stage1_samples"), (axes[1], "train_s", "stage1_s")):
-            xs = [np.mean([r["curve"][k][x] + r[s1] for r in rs]) for k in range(len(rs[0]["curve"]))]
-            ms = [mean_sd([score(r["curve"][k]) for r in rs]) for k in range(len(rs[0]["curve"]))]
+            points = range(len(rs[0]["curve"]))
+            xs = [np.mean([r["curve"][k][x] + r[s1] for r in rs]) for k in points]
+            ms = [mean_sd([score(r["curve"][k]) for r in rs]) for k in points]
             line, = ax.plot(xs, [m for m, _ in ms], marker=".", label=v)
             if len(rs) > 1:
                 ax.fill_between(xs, [m - sd for m, sd in ms], [m + sd for m, sd in ms], alpha=0.2,
                                 color=line.get_color())
     target = np.mean([s["target"] for s in res["summary"].values()])
-    for ax, xlabel in zip(axes, ("samples seen (B1: stage 1 included)", "training seconds (B1: stage 1 included)")):
+    for ax, xlabel in zip(axes, ("samples seen", "training seconds")):
         ax.axhline(target, color="gray", ls=":", lw=1)
-        ax.set(xlabel=xlabel)
+        ax.set(xlabel=f"{xlabel} (B1: stage 1 included)")
     axes[0].set(ylabel="validation binding score")
     axes[0].legend(fontsize=8)
     fig.suptitle(f"quality against training compute (dotted: the target, {target:.3f}; "
@@ -749,99 +864,112 @@ def figures(cfg, res, variants, world):
     return [p for p in paths if p]
 
 
-# ----------------------------------------------------------------------------------------------------
-# Command line and input checks
-# ----------------------------------------------------------------------------------------------------
+DATA, BB, QF, EXP = "data", "frozen backbones", "Q-Former and its training", "experiment"
 
-VARIANTS = ("B1", "B2", "P", "P-a", "P-b", "C0")
 
 @dataclass
 class Config:
-    n_train: int = flag(6000, SHARED_HELP["n_train"], "data")
-    n_eval: int = flag(500, "val / test / hold-out scenes (about 5 questions each)", "data")
-    image_size: int = flag(48, "image side in pixels", "data")
-    data_dir: str = flag("", SHARED_HELP["data_dir"], "data")
-    patch: int = flag(8, SHARED_HELP["patch"], "frozen backbones")
-    vit_dim: int = flag(64, SHARED_HELP["vit_dim"], "frozen backbones")
-    vit_layers: int = flag(4, SHARED_HELP["vit_layers"], "frozen backbones")
-    vit_steps: int = flag(400, SHARED_HELP["vit_steps"], "frozen backbones")
-    image_tokens: int = flag(
-        9, "image tokens P the Q-Former attends to (a square; the patch grid is pooled; 9 = one per cell)", "frozen backbones")
-    d_model: int = flag(64, "LM width E", "frozen backbones")
-    enc_layers: int = flag(3, "LM encoder blocks", "frozen backbones")
-    dec_layers: int = flag(2, "LM decoder blocks", "frozen backbones")
-    n_head: int = flag(4, "attention heads (all models)", "frozen backbones")
-    lm_mix: int = flag(3, "Primer conv over this many tokens in the LM encoder (1 = off)", "frozen backbones")
-    lm_mix_init: float = flag(
-        0.5, "std of the LM conv's random taps on the predecessors at init (0 = the identity)", "frozen backbones")
-    lm_steps: int = flag(3000, "text-only LM pretraining steps", "frozen backbones")
-    lm_scenes: int = flag(50_000, SHARED_HELP["lm_scenes"], "frozen backbones")
-    lm_batch: int = flag(
-        256, "LM pretraining batch (QA pairs; a quarter as many captions)", "frozen backbones")
-    lm_lr: float = flag(3e-3, SHARED_HELP["lm_lr"], "frozen backbones")
-    queries: int = flag(32, "learnable queries N_q", "Q-Former and its training")
-    q_dim: int = flag(64, "Q-Former width D", "Q-Former and its training")
-    q_layers: int = flag(
-        4, "Q-Former blocks (cross-attention in every other one)", "Q-Former and its training")
-    variants: str = flag(
-        "B1,B2,P", f"comma-separated, from {', '.join(VARIANTS)}", "Q-Former and its training")
-    stage1_steps: int = flag(300, "B1's stage 1 steps (ITC + ITM + ITG)", "Q-Former and its training")
-    steps: int = flag(2000, "stage 2 steps of every variant", "Q-Former and its training")
-    batch_size: int = flag(64, "batch size of stage 1 and stage 2", "Q-Former and its training")
-    lr: float = flag(2e-3, "AdamW learning rate (stages 1, 2)", "Q-Former and its training")
-    caption_frac: float = flag(
-        0.25, "fraction of stage 2 items that are captions (the rest are questions)", "Q-Former and its training")
-    text_init: str = flag(
-        "lm", "B1/B2's Q-Former word embeddings start from the frozen LM's input embeddings "
-              "(lm, as BLIP-2 starts from BERT) or at random", "Q-Former and its training", ("lm", "random"))
-    eval_every: int = flag(
-        200, "stage 2 steps between validation evaluations (the learning curve)", "experiment")
-    target_em: float = flag(
-        -1.0, "binding-score target for 'samples to target', in (0, 1]; -1 = 0.9 x the best final score of any variant", "experiment")
-    seeds: str = flag("0", SHARED_HELP["seeds"], "experiment")
-    vary_backbones: bool = flag(False, SHARED_HELP["vary_backbones"], "experiment")
-    ignore_gates: bool = flag(False, SHARED_HELP["ignore_gates"], "experiment")
+    n_train: int = flag(6000, SHARED_HELP["n_train"], DATA)
+    n_eval: int = flag(500, "val / test / hold-out scenes (about 5 questions each)", DATA)
+    image_size: int = flag(48, "image side in pixels", DATA)
+    data_dir: str = flag("", SHARED_HELP["data_dir"], DATA)
+    patch: int = flag(8, SHARED_HELP["patch"], BB)
+    vit_dim: int = flag(64, SHARED_HELP["vit_dim"], BB)
+    vit_layers: int = flag(4, SHARED_HELP["vit_layers"], BB)
+    vit_steps: int = flag(400, SHARED_HELP["vit_steps"], BB)
+    image_tokens: int = flag(9, "image tokens P the Q-Former attends to (a square; the patch grid "
+                             "is pooled; 9 = one per cell)", BB)
+    d_model: int = flag(64, "LM width E", BB)
+    enc_layers: int = flag(3, "LM encoder blocks", BB)
+    dec_layers: int = flag(2, "LM decoder blocks", BB)
+    n_head: int = flag(4, "attention heads (all models)", BB)
+    lm_mix: int = flag(3, "Primer conv over this many tokens in the LM encoder (1 = off)", BB)
+    lm_mix_init: float = flag(0.5, "std of the LM conv's random taps on the predecessors at init "
+                              "(0 = the identity)", BB)
+    lm_steps: int = flag(3000, "text-only LM pretraining steps", BB)
+    lm_scenes: int = flag(50_000, SHARED_HELP["lm_scenes"], BB)
+    lm_batch: int = flag(256, "LM pretraining batch (QA pairs; a quarter as many captions)", BB)
+    lm_lr: float = flag(3e-3, SHARED_HELP["lm_lr"], BB)
+    queries: int = flag(32, "learnable queries N_q", QF)
+    q_dim: int = flag(64, "Q-Former width D", QF)
+    q_layers: int = flag(4, "Q-Former blocks (cross-attention in every other one)", QF)
+    variants: str = flag("B1,B2,P", f"comma-separated, from {', '.join(VARIANTS)}", QF)
+    stage1_steps: int = flag(300, "B1's stage 1 steps (ITC + ITM + ITG)", QF)
+    steps: int = flag(2000, "stage 2 steps of every variant", QF)
+    batch_size: int = flag(64, "batch size of stage 1 and stage 2", QF)
+    lr: float = flag(2e-3, "AdamW learning rate (stages 1, 2)", QF)
+    caption_frac: float = flag(0.25, "fraction of stage 2 items that are captions (the rest are "
+                               "questions)", QF)
+    text_init: str = flag("lm", "B1/B2's Q-Former word embeddings start from the frozen LM's input "
+                          "embeddings (lm, as BLIP-2 starts from BERT) or at random", QF,
+                          ("lm", "random"))
+    eval_every: int = flag(200, "stage 2 steps between validation evaluations (the learning curve)",
+                           EXP)
+    target_em: float = flag(-1.0, "binding-score target for 'samples to target', in (0, 1]; -1 = "
+                            "0.9 x the best final score of any variant", EXP)
+    seeds: str = flag("0", SHARED_HELP["seeds"], EXP)
+    vary_backbones: bool = flag(False, SHARED_HELP["vary_backbones"], EXP)
+    ignore_gates: bool = flag(False, SHARED_HELP["ignore_gates"], EXP)
     device: str = flag("auto", SHARED_HELP["device"], "run", ("auto", "cpu", "cuda", "mps"))
     dtype: str = flag("float32", SHARED_HELP["dtype"], "run", ("float32", "bfloat16"))
     compile: bool = flag(False, "torch.compile the Q-Former and LM blocks (opt-in)", "run")
     threads: int = flag(0, SHARED_HELP["threads"], "run")
     quick: bool = flag(False, SHARED_HELP["quick"], "run")
     out: str = flag(os.path.join("out", "qformer_efficient"), SHARED_HELP["out"], "run")
-    cache_dir: str = flag(
-        os.path.join("out", "cache"), "frozen backbones (shared ViT, LM), reused by every later run and by multimodal_align.py", "run")
+    cache_dir: str = flag(os.path.join("out", "cache"), "frozen backbones (shared ViT, LM), reused "
+                          "by every later run and by multimodal_align.py", "run")
 
 
-QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32, enc_layers=2, dec_layers=1,
-             lm_steps=400, lm_scenes=2000, lm_batch=64, queries=8, q_dim=32, q_layers=2, stage1_steps=20, steps=150,
-             batch_size=32, eval_every=30, out=os.path.join("out", "qformer_efficient_quick"))
+QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32,
+             enc_layers=2, dec_layers=1, lm_steps=400, lm_scenes=2000, lm_batch=64, queries=8,
+             q_dim=32, q_layers=2, stage1_steps=20, steps=150, batch_size=32, eval_every=30,
+             out=os.path.join("out", "qformer_efficient_quick"))
 
 
 def validate(cfg):
     """Every user error, before any training -> (variants, seeds)."""
-    check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens", "d_model", "enc_layers",
-                        "dec_layers", "n_head", "lm_mix", "lm_scenes", "lm_batch", "lm_lr", "queries", "q_dim",
-                        "q_layers", "steps", "batch_size", "lr", "eval_every"),
+    check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens",
+                        "d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_scenes",
+                        "lm_batch", "lm_lr", "queries", "q_dim", "q_layers", "steps", "batch_size",
+                        "lr", "eval_every"),
                   at_least_0=("vit_steps", "lm_steps", "stage1_steps", "lm_mix_init"))  # 0: skip
     if not 0 <= cfg.caption_frac <= 1:
         raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:
-        raise BadInput(f"--target-em must be in (0, 1] (or -1 for 0.9 x the best variant), got {cfg.target_em}")
+        raise BadInput("--target-em must be in (0, 1] (or -1 for 0.9 x the best variant), got "
+                       f"{cfg.target_em}")
     variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
     bad = [v for v in variants if v not in VARIANTS]
     if bad or not variants:
-        raise BadInput(f"--variants: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose from {', '.join(VARIANTS)}")
-    if cfg.d_model % (2 * cfg.n_head) or cfg.q_dim % cfg.n_head or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
-        raise BadInput("--d-model must be a multiple of 2 x --n-head, --q-dim and --vit-dim of --n-head, --vit-dim of 4")
+        raise BadInput(f"--variants: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose "
+                       f"from {', '.join(VARIANTS)}")
+    if cfg.d_model % (2 * cfg.n_head) or cfg.q_dim % cfg.n_head or cfg.vit_dim % cfg.n_head \
+            or cfg.vit_dim % 4:
+        raise BadInput("--d-model must be a multiple of 2 x --n-head, --q-dim and --vit-dim of "
+                       "--n-head, --vit-dim of 4")
     if cfg.batch_size < 2 and "B1" in variants:
-        raise BadInput("--batch-size must be at least 2 for B1 (ITC and ITM need in-batch negatives)")
-    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)   # sizes, dtype, data, seeds, device, out
+        raise BadInput("--batch-size must be at least 2 for B1 (ITC and ITM need in-batch "
+                       "negatives)")
+    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)  # data, seeds, device, out
     return variants, seeds
 
 
+def parse(argv=None):
+    """The command line -> Config: defaults < --quick's QUICK < the flags given."""
+    return parse_flags(Config, argv, "qformer_efficient.py", __doc__,
+                       presets=[("quick", True, QUICK)])
+
+
 def main(argv=None):
-    """parse -> validate -> run -> report (validate and report: inside run)."""
-    cfg = parse_flags(Config, argv, "qformer_efficient.py", __doc__, presets=[("quick", True, QUICK)])
-    return run_main("qformer_efficient.py", run, cfg)
+    """parse -> validate -> run -> report; bad input: one line on stderr, exit 2 (data/run.main)."""
+    cfg = parse(argv)
+
+    def validate_run_report():
+        variants, seeds = validate(cfg)
+        res, world = run(cfg, variants, seeds)
+        report(cfg, res, variants, world)
+        return res
+    return run_main("qformer_efficient.py", validate_run_report)
 
 
 if __name__ == "__main__":

@@ -357,7 +357,7 @@ def tiny_bridge(variant):
     lm = t5lm.T5LM(len(vocab), cfg)
     for blk in lm.enc:                         # the conv starts as the identity: make it mix, so the cache
         blk.mix_w.data.normal_()               # tests cover it
-    model = qfe.Bridge(qfe.QFormer(len(vocab), cfg), lm, variant, vocab, cfg, CPU)
+    model = qfe.Bridge(qfe.QFormer(len(vocab), cfg), variant, vocab, cfg)
     img = torch.randn(3, cfg.image_tokens, cfg.vit_dim)
     return lm, model, img
 
@@ -371,7 +371,7 @@ def test_grounded_variants_never_backpropagate_through_the_lm_encoder(variant):
     """P, P-a, C0: the LM encoder only ever sees the prompt, under no_grad. Even with the LM left trainable
     (on purpose) no encoder parameter gets a gradient, while the decoder and the Q-Former side do."""
     lm, model, img = tiny_bridge(variant)
-    model.loss(img, PROMPTS, TARGETS).backward()
+    model.loss(lm, img, PROMPTS, TARGETS).backward()
     assert all(g is None for g in lm_grads(lm, ("enc.", "norm_enc")))
     assert lm.dec[0].cross.q.weight.grad is not None
     assert model.qf.queries.grad.abs().sum() > 0 and model.out_proj.weight.grad.abs().sum() > 0
@@ -385,11 +385,11 @@ def test_prefix_variants_train_the_qformer_through_the_frozen_encoder(variant):
     (the contrast that keeps the test above honest); frozen as in run(), the LM gets none and the gradient
     still reaches the Q-Former through the encoder."""
     lm, model, img = tiny_bridge(variant)
-    model.loss(img, PROMPTS, TARGETS).backward()
+    model.loss(lm, img, PROMPTS, TARGETS).backward()
     assert lm.enc[0].qkv.weight.grad.abs().sum() > 0
     lm, model, img = tiny_bridge(variant)
     lm.requires_grad_(False)
-    model.loss(img, PROMPTS, TARGETS).backward()
+    model.loss(lm, img, PROMPTS, TARGETS).backward()
     assert all(p.grad is None for p in lm.parameters())
     assert model.qf.queries.grad.abs().sum() > 0 and model.out_proj.weight.grad.abs().sum() > 0
     if variant == "P-b":
@@ -429,18 +429,18 @@ def test_prompt_encoded_once_per_prompt(monkeypatch):
     lm, model, img = tiny_bridge("P")
     calls, orig = [], lm.encode
     monkeypatch.setattr(lm, "encode", lambda *a, **k: calls.append(a[0].shape[0]) or orig(*a, **k))
-    model.loss(img, PROMPTS, TARGETS)
-    model.loss(img, PROMPTS[::-1], TARGETS[::-1])
-    model.loss(img[:2], [PROMPTS[0], PROMPTS[0]], ["red", "red"])
+    model.loss(lm, img, PROMPTS, TARGETS)
+    model.loss(lm, img, PROMPTS[::-1], TARGETS[::-1])
+    model.loss(lm, img[:2], [PROMPTS[0], PROMPTS[0]], ["red", "red"])
     assert model.cache.computed == 3 and calls == [3]
-    model.loss(img[:1], ["question: what colour is the square square ?"], ["red"])
+    model.loss(lm, img[:1], ["question: what colour is the square square ?"], ["red"])
     assert model.cache.computed == 4 and calls == [3, 1]
 
 
 def test_cached_prompt_equals_encoding_it_alone():
     """Batching prompts of other lengths (padding) does not change a prompt's encoding."""
     lm, model, img = tiny_bridge("P")
-    h, keep = model.cache(PROMPTS)
+    h, keep = model.cache(lm, PROMPTS)
     for j, p in enumerate(PROMPTS):
         ids = torch.tensor([qfe.encode(model.vocab, p, bos=False)])
         with torch.no_grad():
@@ -454,15 +454,15 @@ def test_a_one_word_prompt_can_be_encoded_alone():
     """'caption:' is one token, and P encodes it alone whenever it is the only new prompt of a batch: with
     --caption-frac 1 at the first step, with --caption-frac 0 at the captioning evaluation."""
     lm, model, img = tiny_bridge("P")
-    h, keep = model.cache(["caption:"])
+    h, keep = model.cache(lm, ["caption:"])
     assert h.shape[:2] == (1, 1) and keep.all()
 
 
 def test_p_memory_is_queries_then_encoded_prompt():
     """P's decoder memory: [W_out z ; h_p], with z = QFormer([queries ; W_in h_p], image), all queries kept."""
     lm, model, img = tiny_bridge("P")
-    mem, keep = model.memory(img, PROMPTS)
-    h, kp = model.cache(PROMPTS)
+    mem, keep = model.memory(lm, img, PROMPTS)
+    h, kp = model.cache(lm, PROMPTS)
     z, _ = model.qf(img, model.in_proj(h), kp, "bi")
     torch.testing.assert_close(mem, torch.cat([model.out_proj(z), h], 1))
     torch.testing.assert_close(keep, torch.cat([torch.ones(3, z.shape[1], dtype=torch.bool), kp], 1))
@@ -470,10 +470,56 @@ def test_p_memory_is_queries_then_encoded_prompt():
 
 def test_c0_ignores_the_image_and_p_does_not():
     """C0 (the language-prior floor) gives the same memory for any image; P, the same model otherwise, does not."""
-    _, c0, img = tiny_bridge("C0")
-    torch.testing.assert_close(c0.memory(img, PROMPTS)[0], c0.memory(other_image(img), PROMPTS)[0])
-    _, p, img = tiny_bridge("P")
-    assert (p.memory(img, PROMPTS)[0] - p.memory(other_image(img), PROMPTS)[0]).abs().max() > 1e-4
+    lm, c0, img = tiny_bridge("C0")
+    torch.testing.assert_close(c0.memory(lm, img, PROMPTS)[0],
+                               c0.memory(lm, other_image(img), PROMPTS)[0])
+    lm, p, img = tiny_bridge("P")
+    assert (p.memory(lm, img, PROMPTS)[0]
+            - p.memory(lm, other_image(img), PROMPTS)[0]).abs().max() > 1e-4
+
+
+def test_one_memory_function_per_variant():
+    """MEMORY: a function per variant (B1 is B2 after stage 1: the same memory); W_in exactly where
+    the Q-Former reads h_p; every memory is [queries ; prompt] long, the queries always kept."""
+    assert qfe.VARIANTS == tuple(qfe.MEMORY) == ("B1", "B2", "P", "P-a", "P-b", "C0")
+    assert qfe.MEMORY["B1"] is qfe.MEMORY["B2"] and len(set(qfe.MEMORY.values())) == 5
+    for v in qfe.VARIANTS:
+        lm, model, img = tiny_bridge(v)
+        assert (model.in_proj is not None) == (v in qfe.READS_H_P)
+        mem, keep = model.memory(lm, img, PROMPTS)
+        n_q, T = model.qf.queries.shape[0], max(len(p.split()) for p in PROMPTS)
+        assert mem.shape == (3, n_q + T, lm.emb.weight.shape[1]) and keep.shape == mem.shape[:2]
+        assert keep[:, :n_q].all() and keep[:, n_q:].sum(1).tolist() == [7, 7, 1]
+
+
+def test_the_frozen_lm_is_no_part_of_the_bridge():
+    """The LM is passed to every call: no submodule of the Bridge, none of its parameters, no
+    checkpoint key."""
+    lm, model, img = tiny_bridge("P-b")
+    assert not any(m is lm for m in model.modules())
+    lm_params = {id(p) for p in lm.parameters()}
+    assert not any(id(p) in lm_params for p in model.parameters())
+    assert {k.split(".")[0] for k in model.state_dict()} == {"qf", "out_proj", "in_proj"}
+
+
+def test_step_costs_measure_every_variant_and_leave_the_weights():
+    """step_costs, after training: memory, forward + backward and whole-step times per variant, on
+    the same batches; the timed AdamW steps (lr 0) change no weight and leave no gradient."""
+    models, lm = {}, None
+    for v in ("B2", "P"):
+        lm_v, models[v], img = tiny_bridge(v)
+        lm = lm or lm_v.requires_grad_(False)
+    feats = torch.randn(4, *img.shape[1:])
+    stream = [[(0, PROMPTS[0], "red"), (1, PROMPTS[2], "a red circle")],
+              [(2, PROMPTS[1], "red"), (3, PROMPTS[0], "red")]]
+    before = {v: {k: t.clone() for k, t in m.state_dict().items()} for v, m in models.items()}
+    costs = qfe.step_costs(models, lm, stream, feats, qfe.Config(quick=True), CPU)
+    assert set(costs) == {"B2", "P"}
+    assert all(set(c) == {"mem_mib", "fwd_bwd_ms", "step_ms"} and min(c.values()) > 0
+               for c in costs.values())
+    for v, m in models.items():
+        assert all(torch.equal(before[v][k], t) for k, t in m.state_dict().items())
+        assert all(p.grad is None for p in m.parameters())
 
 
 def test_generate_matches_teacher_forced_argmax():
@@ -491,10 +537,10 @@ def test_generate_matches_teacher_forced_argmax():
     for b in range(2):
         n = (out[b] == 2).nonzero()[0, 0].item() + 1 if (out[b] == 2).any() else out.shape[1]
         assert torch.equal(pred[b, :n], out[b, :n])
-    _, model, img = tiny_bridge("P")
-    mem, keep = model.memory(img, PROMPTS)
-    first = model.lm[0].generate(mem, keep, model.vocab["<bos>"], model.vocab["<eos>"], 1)[:, 0]
-    assert torch.equal(model.answer(img, PROMPTS), first)
+    lm, model, img = tiny_bridge("P")
+    mem, keep = model.memory(lm, img, PROMPTS)
+    first = lm.generate(mem, keep, model.vocab["<bos>"], model.vocab["<eos>"], 1)[:, 0]
+    assert torch.equal(model.answer(lm, img, PROMPTS), first)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -713,25 +759,25 @@ def test_checkpoint_loads_weights_only_and_reproduces_the_run(smoke, monkeypatch
         lm = t5lm.load_or_pretrain(world, vocab, cfg, CPU).requires_grad_(False)
         vit, _, _ = vision.load_or_pretrain(vision.config_for(cfg), cfg.cache_dir, CPU)
     qf = qfe.QFormer(len(vocab), cfg, max_len=ck["max_len"])
-    bridge = qfe.Bridge(qf, lm, "P", vocab, cfg, CPU)
+    bridge = qfe.Bridge(qf, "P", vocab, cfg)
     bridge.load_state_dict(ck["model"])
     feats = vision.tokens(vit, world["test"]["images"], int(math.isqrt(cfg.image_tokens)), CPU)
     run = next(r for r in smoke.second["runs"] if r["variant"] == "P")
-    em, per_type = qfe.vqa(bridge, feats, qfe.vqa_items(world["test"]), vocab, CPU)
+    em, per_type = qfe.vqa(bridge, lm, feats, qfe.vqa_items(world["test"]), vocab, CPU)
     assert (em, per_type) == (run["vqa"], run["per_type"])
     max_new = max(len(r[0].split()) for r in refs["test"]) + 2
-    bridge.cache([qfe.CAPTION_PROMPT, qfe.qa_prompt("x")])           # as in the run: 'caption:' cached in a batch
-    assert bridge.generate(feats[:3], [qfe.CAPTION_PROMPT] * 3, max_new) == run["examples"]
+    bridge.cache(lm, [qfe.CAPTION_PROMPT, qfe.qa_prompt("x")])           # as in the run: 'caption:' cached in a batch
+    assert bridge.generate(lm, feats[:3], [qfe.CAPTION_PROMPT] * 3, max_new) == run["examples"]
 
 
-def test_quick_switches_the_defaults_and_explicit_flags_win(monkeypatch, tmp_path):
-    """--quick sets every QUICK value; a flag given with it still wins; without it the defaults are Config()'s."""
-    monkeypatch.setattr(qfe, "run", lambda cfg: cfg)
-    cfg = qfe.main(["--quick"])
+def test_quick_switches_the_defaults_and_explicit_flags_win(tmp_path):
+    """--quick sets every QUICK value; a flag given with it still wins; without it the defaults are
+    Config()'s. (parse: main's first step.)"""
+    cfg = qfe.parse(["--quick"])
     assert cfg.quick and all(getattr(cfg, k) == v for k, v in qfe.QUICK.items())
-    cfg = qfe.main(["--quick", "--steps", "7", "--out", str(tmp_path)])
+    cfg = qfe.parse(["--quick", "--steps", "7", "--out", str(tmp_path)])
     assert cfg.steps == 7 and cfg.out == str(tmp_path) and cfg.n_train == qfe.QUICK["n_train"]
-    assert qfe.main([]) == qfe.Config()
+    assert qfe.parse([]) == qfe.Config()
 
 
 @pytest.mark.parametrize("vision_passes", [False, True])
