@@ -1,39 +1,43 @@
 """Benchmark the MoE dispatch implementations against each other and against a dense reference.
 
-    python -m kernels.bench             # all CPU shapes, fp32 + bf16, eager + compiled (~5-10 min on 2 cores)
+    python -m kernels.bench             # all CPU shapes, fp32 + bf16, eager + compiled: 5-10 min
     python -m kernels.bench --quick     # one shape, fp32, < 1 min
     python -m kernels.bench --device cuda --json out/bench.json
 
 The dense reference does the same FLOPs as the MoE layer with perfect balance and no routing at all:
 x (E, T*K/E, D) -> bmm w_in -> gelu -> bmm w_out. In principle no dispatch beats it, so
-frac_of_dense = dense_ms / impl_ms is "how much of the achievable throughput this dispatch keeps" (on a
-2-core CPU the per-expert matmuls of the loop sometimes run faster than the bmm: see docs/kernels.md).
-speedup_vs_loop = loop_eager_ms / impl_ms, same shape, dtype and pass.
+frac_of_dense = dense_ms / impl_ms is "how much of the achievable throughput this dispatch keeps"
+(on a 2-core CPU the per-expert matmuls of the loop sometimes run faster than the bmm: see
+docs/kernels.md). speedup_vs_loop = loop_eager_ms / impl_ms, same shape, dtype and pass.
 Routing is random top-k (distinct experts per token, softmax gates), so loads are nearly balanced;
 "capacity" runs with capacity_factor 1.25 and so drops a few assignments.
 
-Checked before timed: every implementation's output and its gradients for x, gates, w_in and w_out (with a
-random upstream gradient) are compared at the benchmark shape with the eager loop run in fp32 on the same
-values (for "capacity": the loop with the slots it should drop removed, and the drop mask itself). An
-implementation whose relative error ||got - want|| / ||want|| exceeds the dtype's tolerance gets no time:
-its row says "refused", its JSON ms is null, and the exit status is 1.
+Checked before timed: every implementation's output and its gradients for x, gates, w_in and w_out
+(with a random upstream gradient) are compared at the benchmark shape with the eager loop run in
+fp32 on the same values (for "capacity": the loop with the slots it should drop removed, and the
+drop mask itself). An implementation whose relative error ||got - want|| / ||want|| exceeds the
+dtype's tolerance gets no time: its row says "refused", its JSON ms is null, and the exit status
+is 1. Timed: the median of interleaved rounds (data.run.interleaved_ms), after two warm-up calls,
+at least 5 rounds and about 1 s per case (at most 50 rounds).
 
-GPU (H200-sized) shapes, bf16: python -m kernels.bench --device cuda --shapes gpu,gpu_e64 --dtypes bf16
+GPU (H200-sized) shapes, bf16:
+    python -m kernels.bench --device cuda --shapes gpu,gpu_e64 --dtypes bf16
 Each shape's log names the grouped GEMM's route (kernels.grouped_route): on CUDA "native"
 (torch._grouped_mm) only on sm90 in bf16; fp32 "grouped" there times the per-group loop, in fp32.
 """
 
-import argparse
-import json
+import math
 import os
-import statistics
 import sys
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 import kernels
+from data.run import (BadInput, flag, interleaved_ms, main as guarded, parse_flags, parse_list,
+                      pick_device, set_threads, write_json)
 from kernels import moe_ffn
 
 # name: (T, D, H, E, K)
@@ -49,29 +53,20 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}   # relative error allowed aga
 GRAD_NAMES = ("y", "dx", "dgates", "dw_in", "dw_out")
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(fns, device, min_runs=5, min_seconds=1.0, warmup=2, max_runs=50):
-    """Median wall time in ms of each fn, timed in rounds that call every fn once (so a machine shared
-    with other jobs slows all of them alike), after warm-up; at least min_runs rounds and about
-    min_seconds per fn."""
-    for f in fns:
-        for _ in range(warmup):
-            f()
-    _sync(device)
-    times = [[] for _ in fns]
-    start = time.perf_counter()
-    while len(times[0]) < min_runs or (time.perf_counter() - start < min_seconds * len(fns)
-                                       and len(times[0]) < max_runs):
-        for f, ts in zip(fns, times):
-            t0 = time.perf_counter()
-            f()
-            _sync(device)
-            ts.append((time.perf_counter() - t0) * 1e3)
-    return [statistics.median(ts) for ts in times]
+def rounds_for(fns, device, min_rounds=5, seconds_per_fn=1.0, max_rounds=50):
+    """How many rounds of interleaved_ms time each fn in {name: fn(round)} for about seconds_per_fn,
+    at least min_rounds and at most max_rounds. Every fn is called twice here: warm-up (compile,
+    caches, the allocator), and the second call measures what one round costs."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for f in fns.values():
+        f(0)
+    sync()
+    t0 = time.perf_counter()
+    for f in fns.values():
+        f(0)
+    sync()
+    round_s = max(time.perf_counter() - t0, 1e-9)
+    return max(min_rounds, min(max_rounds, math.ceil(seconds_per_fn * len(fns) / round_s)))
 
 
 def make_inputs(T, D, H, E, K, dtype, device, seed=0):
@@ -99,17 +94,20 @@ def step_fns(forward, params, grad_y):
 
 
 def expected_drops(idx_TK, E, C):
-    """Which assignments "capacity" must drop: an expert keeps its first C in token order (t*K + k)."""
+    """Which assignments "capacity" must drop: an expert keeps its first C in token order
+    (t*K + k)."""
     idx_A = idx_TK.reshape(-1)
     order_A = torch.argsort(idx_A, stable=True)
     sorted_A = idx_A[order_A]
-    pos_sorted = torch.arange(len(idx_A), device=idx_A.device) - torch.searchsorted(sorted_A, sorted_A)
-    pos_A = torch.empty_like(pos_sorted).scatter_(0, order_A, pos_sorted)   # place in its expert's queue
+    first_A = torch.searchsorted(sorted_A, sorted_A)
+    pos_sorted = torch.arange(len(idx_A), device=idx_A.device) - first_A
+    pos_A = torch.empty_like(pos_sorted).scatter_(0, order_A, pos_sorted)   # place in its queue
     return (pos_A >= C).view(idx_TK.shape)
 
 
 def value_and_grads(fn, inputs, grad_y):
-    """[y, dx, dgates, dw_in, dw_out] of fn(x, idx, gates, w_in, w_out) -> (y, dropped), and dropped."""
+    """[y, dx, dgates, dw_in, dw_out] of fn(x, idx, gates, w_in, w_out) -> (y, dropped), and
+    dropped."""
     x, idx, gates, w_in, w_out = inputs
     leaves = [t.detach().clone().requires_grad_() for t in (x, gates, w_in, w_out)]
     y, dropped = fn(leaves[0], idx, leaves[1], leaves[2], leaves[3])
@@ -122,21 +120,22 @@ def check_impl(impl, compiled, inputs, grad_y):
     """Compare one implementation with the fp32 eager loop at this shape. Returns (ok, message)."""
     x, idx, gates, w_in, w_out = inputs
     dtype = x.dtype
-    got, dropped = value_and_grads(lambda *a: moe_ffn(*a, impl=impl, capacity_factor=CAPACITY_FACTOR,
-                                                      compile=compiled), inputs, grad_y)
+    fn = lambda *a: moe_ffn(*a, impl=impl, capacity_factor=CAPACITY_FACTOR, compile=compiled)
+    got, dropped = value_and_grads(fn, inputs, grad_y)
     keep = torch.ones_like(idx, dtype=torch.bool)
     if impl == "capacity":
         T, K = idx.shape
         E = w_in.shape[0]
         want_dropped = expected_drops(idx, E, kernels.capacity(T, K, E, CAPACITY_FACTOR))
         if not torch.equal(dropped, want_dropped):
-            return False, f"dropped {int(dropped.sum())} assignments, expected {int(want_dropped.sum())}"
+            return False, (f"dropped {int(dropped.sum())} assignments, expected "
+                           f"{int(want_dropped.sum())}")
         keep = ~want_dropped
-    # the oracle: kernels' per-expert loop in fp32, called directly (not through moe_ffn's impl table)
+    # the oracle: kernels' per-expert loop in fp32, called directly (not through moe_ffn's table)
     ref_inputs = [t.float() if t.is_floating_point() else t for t in inputs]
-    ref_inputs[2] = ref_inputs[2] * keep                                    # a dropped slot weighs 0
+    ref_inputs[2] = ref_inputs[2] * keep                               # a dropped slot weighs 0
     want, _ = value_and_grads(lambda *a: kernels._moe_loop(*a, 0.0), ref_inputs, grad_y.float())
-    want[2] = want[2] * keep                                                # ...and gets no gate gradient
+    want[2] = want[2] * keep                                           # ...and no gate gradient
     worst = max((float((g.float() - w).norm() / w.norm().clamp_min(1e-30)), n)
                 for n, g, w in zip(GRAD_NAMES, got, want))
     ok = worst[0] <= TOL[dtype]
@@ -144,6 +143,8 @@ def check_impl(impl, compiled, inputs, grad_y):
 
 
 def bench_shape(name, dtype, device, impls, compiled_modes, log):
+    """Check every implementation against the fp32 loop at one shape and dtype, then time those that
+    agree, interleaved with the dense reference -> one row per case and pass."""
     T, D, H, E, K = SHAPES[name]
     x, idx, gates, w_in, w_out, grad_y = make_inputs(T, D, H, E, K, dtype, device)
     params, inputs = (x, gates, w_in, w_out), (x, idx, gates, w_in, w_out)
@@ -176,18 +177,21 @@ def bench_shape(name, dtype, device, impls, compiled_modes, log):
         log(f"  {shape} {dt} {impl:8s} {'compiled' if compiled else 'eager':8s} {verdict}; {msg} "
             f"[{time.perf_counter() - t0:.1f}s]")
         checked.append(((impl, compiled), step_fns(fn, ps, gy) if ok else None))
+    return time_cases(checked, device, shape, dt, log)
 
+
+def time_cases(checked, device, shape, dt, log):
+    """[((impl, compiled), (fwd, fwd_bwd) or None if refused)] -> rows with ms (None: refused),
+    speedup_vs_loop and frac_of_dense; each pass timed with interleaved_ms."""
     rows = []
     for p, pass_name in enumerate(("fwd", "fwd+bwd")):
-        timed = [(key, fns[p]) for key, fns in checked if fns is not None]
+        timed = {key: (lambda r, f=fns[p]: f()) for key, fns in checked if fns is not None}
         t0 = time.perf_counter()
-        ms = dict(zip([key for key, _ in timed], time_interleaved([f for _, f in timed], device)))
+        ms = interleaved_ms(timed, device, rounds=rounds_for(timed, device), warmup=0)
         log(f"  {shape} {dt} {pass_name}: {len(timed)} cases timed, interleaved "
             f"[{time.perf_counter() - t0:.1f}s]")
-        for key, _ in checked:
-            rows.append(dict(shape=shape, impl=key[0], compiled=key[1], dtype=dt, **{"pass": pass_name},
-                             ms=ms.get(key)))
-
+        rows += [dict(shape=shape, impl=key[0], compiled=key[1], dtype=dt, **{"pass": pass_name},
+                      ms=ms.get(key)) for key, _ in checked]
     for r in rows:
         same = [q for q in rows if q["pass"] == r["pass"]]
         loop_ms = next((q["ms"] for q in same if q["impl"] == "loop" and not q["compiled"]), None)
@@ -198,7 +202,8 @@ def bench_shape(name, dtype, device, impls, compiled_modes, log):
 
 
 def print_table(rows):
-    head = f"{'shape':24s} {'dtype':5s} {'pass':8s} {'impl':9s} {'mode':9s} {'ms':>9s} {'vs loop':>8s} {'of dense':>9s}"
+    head = (f"{'shape':24s} {'dtype':5s} {'pass':8s} {'impl':9s} {'mode':9s} {'ms':>9s} "
+            f"{'vs loop':>8s} {'of dense':>9s}")
     print(head)
     print("-" * len(head))
     for r in rows:
@@ -208,66 +213,64 @@ def print_table(rows):
               f"{'compiled' if r['compiled'] else 'eager':9s} {cells}")
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):                       # bad input: one line on stderr, exit status 2
-        self.exit(2, f"kernels.bench: error: {message}\n")
+IMPLS, DTYPES = ("loop", "grouped", "capacity"), {"fp32": torch.float32, "bf16": torch.bfloat16}
+QUICK = {"shapes": "a", "dtypes": "fp32"}                  # --quick: explicit flags win
+
+
+@dataclass
+class Config:
+    quick: bool = flag(False, "one shape (a), fp32 only: under a minute on CPU")
+    device: str = flag("cpu", "cpu or cuda", choices=("cpu", "cuda"))
+    shapes: str = flag("", f"comma-separated shape names from {', '.join(SHAPES)}; empty = a,b,c "
+                       "on CPU, a,b,c,gpu,gpu_e64 on CUDA")
+    dtypes: str = flag("fp32,bf16", "comma-separated fp32,bf16 (fp32 with --quick)")
+    impls: str = flag(",".join(IMPLS), "which dispatch implementations to time")
+    no_compile: bool = flag(False, "eager only (skip torch.compile)")
+    threads: int = flag(0, "torch CPU threads (0 = torch's default)")
+    json: str = flag("", "also write the records to this JSON file")
+
+
+def parse_config(argv):
+    """argv -> (Config, device, shape names, dtypes, impls); anything unknown is a BadInput."""
+    doc = __doc__.strip()
+    cfg = parse_flags(Config, argv, "kernels.bench", doc, presets=[("quick", True, QUICK)],
+                      epilog=doc[doc.index("\n\n") + 2:])
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    shapes = parse_list(cfg.shapes or ("a,b,c,gpu,gpu_e64" if device.type == "cuda" else "a,b,c"),
+                        str, "shapes")
+    dtypes, impls = parse_list(cfg.dtypes, str, "dtypes"), parse_list(cfg.impls, str, "impls")
+    for name, given, known in (("shapes", shapes, SHAPES), ("dtypes", dtypes, DTYPES),
+                               ("impls", impls, IMPLS)):
+        if bad := [v for v in given if v not in known]:
+            raise BadInput(f"--{name}: unknown {name[:-1]} {bad[0]!r}; choose from "
+                           f"{', '.join(known)}")
+    return cfg, device, shapes, [DTYPES[d] for d in dtypes], impls
 
 
 def main(argv=None):
-    ap = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    ap.add_argument("--quick", action="store_true", help="one shape (a), fp32 only: under a minute on CPU")
-    ap.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    ap.add_argument("--shapes", default=None,
-                    help=f"comma-separated shape names from {sorted(SHAPES)} "
-                         "(default: a,b,c on CPU; a,b,c,gpu,gpu_e64 on CUDA)")
-    ap.add_argument("--dtypes", default=None, help="comma-separated fp32,bf16 (default both; fp32 with --quick)")
-    ap.add_argument("--impls", default="loop,grouped,capacity", help="which dispatch implementations to time")
-    ap.add_argument("--no-compile", action="store_true", help="eager only (skip torch.compile)")
-    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
-    ap.add_argument("--json", default=None, help="also write the records to this JSON file")
-    args = ap.parse_args(argv)
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        ap.error("--device cuda: CUDA is not available on this machine")
-    if args.threads < 0:
-        ap.error(f"--threads must be >= 0 (0 = torch's default), got {args.threads}")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    default_shapes = "a" if args.quick else ("a,b,c,gpu,gpu_e64" if device.type == "cuda" else "a,b,c")
-    shapes = (args.shapes or default_shapes).split(",")
-    dtype_names = (args.dtypes or ("fp32" if args.quick else "fp32,bf16")).split(",")
-    impls = args.impls.split(",")
-    for s in shapes:
-        if s not in SHAPES:
-            ap.error(f"--shapes: unknown shape {s!r}; choose from {sorted(SHAPES)}")
-    dtypes = []
-    for d in dtype_names:
-        if d not in ("fp32", "bf16"):
-            ap.error(f"--dtypes: unknown dtype {d!r}; choose fp32 or bf16")
-        dtypes.append(torch.float32 if d == "fp32" else torch.bfloat16)
-    for i in impls:
-        if i not in ("loop", "grouped", "capacity"):
-            ap.error(f"--impls: unknown impl {i!r}")
-    compiled_modes = (False,) if args.no_compile else (False, True)
-
-    print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
-    rows = []
-    for s in shapes:
-        for dtype in dtypes:
-            rows += bench_shape(s, dtype, device, impls, compiled_modes, log=print)
-    print()
-    print_table(rows)
-    if args.json:
-        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-        print(f"wrote {args.json}")
-    refused = sorted({f"{r['impl']} {'compiled' if r['compiled'] else 'eager'} {r['dtype']} {r['shape']}"
-                      for r in rows if r["ms"] is None})
-    if refused:
-        print(f"refused to time {len(refused)} case(s) that disagree with the loop: {'; '.join(refused)}")
-        sys.exit(1)
+    """parse -> check and time every shape x dtype -> the table (and the JSON records). Bad input:
+    one line on stderr, exit status 2; an implementation that disagrees with the loop: exit 1."""
+    def parse_and_run():
+        cfg, device, shapes, dtypes, impls = parse_config(argv)
+        print(f"torch {torch.__version__}, device {device}, threads {torch.get_num_threads()}")
+        modes = (False,) if cfg.no_compile else (False, True)
+        rows = [r for s in shapes for dtype in dtypes
+                for r in bench_shape(s, dtype, device, impls, modes, log=print)]
+        print()
+        print_table(rows)
+        if cfg.json:
+            os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+            write_json(cfg.json, rows)
+            print(f"wrote {cfg.json}")
+        refused = sorted({f"{r['impl']} {'compiled' if r['compiled'] else 'eager'} {r['dtype']} "
+                          f"{r['shape']}" for r in rows if r["ms"] is None})
+        if refused:
+            print(f"refused to time {len(refused)} case(s) that disagree with the loop: "
+                  f"{'; '.join(refused)}")
+            sys.exit(1)
+        return rows
+    return guarded("kernels.bench", parse_and_run)
 
 
 if __name__ == "__main__":

@@ -389,7 +389,8 @@ def test_moe_layer_compiles_as_one_graph(dtype):
 
 def _tiny_bench(monkeypatch, tmp_path, capsys, dtypes="fp32"):
     monkeypatch.setitem(bench.SHAPES, "a", (64, 16, 32, 4, 2))
-    monkeypatch.setattr(bench, "time_interleaved", lambda fns, device: [f() or 1.0 for f in fns])
+    monkeypatch.setattr(bench, "interleaved_ms",
+                        lambda fns, device, **kw: {k: f(0) or 1.0 for k, f in fns.items()})
     out = tmp_path / "bench.json"
     code = 0
     try:
