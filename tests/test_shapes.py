@@ -1,5 +1,6 @@
-"""The shapes world v2: captions and answers agree with the scenes (swapped-binding "no"s included), the
-geometry lines up with the patch grid, the data-only baselines against brute force; the on-disk format."""
+"""The shapes world v2: captions and answers agree with the scenes (swapped-binding "no"s
+included), the geometry lines up with the patch grid, the data-only baselines against brute force;
+the on-disk format."""
 
 import itertools
 import json
@@ -10,8 +11,8 @@ import numpy as np
 import pytest
 
 from data import shapes
-from data.shapes import (CELLS, COLOURS, HOLDOUT_PAIRS, SHAPES, ShapesDataError, generate, load_dir, parse_caption,
-                         save_dir)
+from data.shapes import (CELLS, COLOURS, HOLDOUT_PAIRS, SHAPES, ShapesDataError, generate, load_dir,
+                         parse_caption, save_dir)
 
 
 def answer_from_scene(objs, q, t):
@@ -38,9 +39,10 @@ def test_captions_and_answers_agree_with_scenes():
             if d["type"] == "exist" and d["a"] == "no":
                 colour, shape = d["q"].split()[-3:-1]
                 no += 1
-                swapped += colour in {c for _, c, _, _ in objs} and shape in {s for s, _, _, _ in objs}
+                swapped += (colour in {c for _, c, _, _ in objs}
+                            and shape in {s for s, _, _, _ in objs})
         assert {d["type"] for d in qa} >= {"shape", "count", "exist"}
-    assert no > 100 and swapped / no >= 0.5                 # at least half the "no"s are swapped bindings
+    assert no > 100 and swapped / no >= 0.5           # at least half the "no"s are swapped bindings
 
 
 def test_answers_are_balanced_within_each_type():
@@ -59,7 +61,7 @@ def test_objects_line_up_with_the_patch_grid_and_are_drawn():
             r, col = divmod(k, 3)
             cell = img[r * 16:(r + 1) * 16, col * 16:(col + 1) * 16].reshape(-1, 3).astype(int)
             near = (np.abs(cell - np.array(COLOURS[c])).sum(1) < 60).sum()
-            assert near >= (20 if z == "small" else 60)        # drawn in its colour, at its size, in its cell
+            assert near >= (20 if z == "small" else 60)   # its colour, at its size, in its cell
             colour_map[r * 16:(r + 1) * 16, col * 16:(col + 1) * 16] = True
         far = (np.abs(img.reshape(-1, 3)[~colour_map.flatten()].astype(int)[:, None] -
                       np.array(list(COLOURS.values()))[None]).sum(-1) < 60).sum()
@@ -69,7 +71,8 @@ def test_objects_line_up_with_the_patch_grid_and_are_drawn():
 def test_shapes_differ_by_many_pixels_at_every_size():
     for px in (shapes.object_px(48, "small"), shapes.object_px(48, "large")):
         m = shapes._masks(px)
-        assert min((m[a] ^ m[b]).sum() for a, b in itertools.combinations(SHAPES, 2)) >= 0.3 * px * px          # 24 of 64, 68 of 196
+        differ = min((m[a] ^ m[b]).sum() for a, b in itertools.combinations(SHAPES, 2))
+        assert differ >= 0.3 * px * px                          # 24 of 64, 68 of 196
 
 
 def test_holdout_pairs_only_in_holdout_split():
@@ -77,21 +80,24 @@ def test_holdout_pairs_only_in_holdout_split():
     for split in ("train", "val", "test"):
         ds = generate(200, split, seed=1, images=False)
         assert not any((c, s) in held for objs in ds["objects"] for s, c, _, _ in objs)
-        assert not any(tuple(d["q"].split()[-3:-1]) in held for qa in ds["qa"] for d in qa if d["type"] == "exist")
+        assert not any(tuple(d["q"].split()[-3:-1]) in held
+                       for qa in ds["qa"] for d in qa if d["type"] == "exist")
     ds = generate(100, "holdout", seed=1, images=False)
     assert all(any((c, s) in held for s, c, _, _ in objs) for objs in ds["objects"])
 
 
 def test_blind_prior_against_brute_force():
-    ref, test = generate(300, "train", seed=4, images=False), generate(40, "test", seed=4, images=False)
+    ref = generate(300, "train", seed=4, images=False)
+    test = generate(40, "test", seed=4, images=False)
     got = shapes.baselines(test, ref=ref)
-    # brute force: for every test question, scan the whole reference set for the same question and take
-    # the most frequent answer (unseen: the type's majority on the test set)
+    # brute force: for every test question, scan the whole reference set for the same question and
+    # take the most frequent answer (unseen: the type's majority on the test set)
     hits = {}
     for qa in test["qa"]:
         for d in qa:
             votes = Counter(r["a"] for rqa in ref["qa"] for r in rqa if r["q"] == d["q"])
-            votes = votes or Counter(x["a"] for tqa in test["qa"] for x in tqa if x["type"] == d["type"])
+            votes = votes or Counter(x["a"] for tqa in test["qa"] for x in tqa
+                                     if x["type"] == d["type"])
             best = min(a for a, v in votes.items() if v == max(votes.values()))
             hits.setdefault(d["type"], []).append(best == d["a"])
     for t, h in hits.items():
@@ -100,17 +106,18 @@ def test_blind_prior_against_brute_force():
 
 
 def pairings(objs):
-    """Every scene the caption's words allow, as (colour, shape) lists: the shapes in a fixed order, each
-    ordering of the colours (objects are drawn i.i.d., so each is as likely), none with a hold-out pair
-    (the generator rejects those). Sizes and cells do not matter to any answer's chance but position's."""
+    """Every scene the caption's words allow, as (colour, shape) lists: the shapes in a fixed order,
+    each ordering of the colours (objects are drawn i.i.d., so each is as likely), none with a
+    hold-out pair (the generator rejects those). Sizes and cells do not matter to any answer's
+    chance but position's."""
     shps = [o[0] for o in objs]
     worlds = [list(zip(cols, shps)) for cols in itertools.permutations([o[1] for o in objs])]
     return [w for w in worlds if not set(w) & set(HOLDOUT_PAIRS)]
 
 
 def exist_chances(pairs, colour, shape):
-    """(P(the question is 'is there a <colour> <shape> ?' and the answer yes), the same and no) in one
-    scene, read off the question generator's rules."""
+    """(P(the question is 'is there a <colour> <shape> ?' and the answer yes), the same and no) in
+    one scene, read off the question generator's rules."""
     have, banned = set(pairs), set(HOLDOUT_PAIRS)
     yes = 0.5 * pairs.count((colour, shape)) / len(pairs)
     swaps = {(c, s) for c, _ in pairs for _, s in pairs} - have - banned
@@ -130,7 +137,7 @@ def best_answer_from_words(objs, d):
         return shapes.COUNT_WORDS[len(objs)]
     if t == "position":                              # any present cell: each is as likely
         return CELLS[min(o[3] for o in objs)]
-    if t == "shape":                         # the asked cell holds any of the objects, each as likely
+    if t == "shape":                       # the asked cell holds any of the objects, each as likely
         n = Counter(o[0] for o in objs)
         return max(sorted(n), key=n.get)
     worlds = pairings(objs)
@@ -142,10 +149,10 @@ def best_answer_from_words(objs, d):
 
 
 def test_bag_of_words_oracle_reaches_the_bayes_answer_from_the_words():
-    """The fitted oracle (majority tables on 20,000 scenes) against the answer a perfect reader of the
-    caption's words would give, computed from the generator's rules: within 0.02 per type on 2,000 test
-    scenes (measured, fitted / from the rules: colour 0.656 / 0.663, shape 0.518 / 0.520, position
-    0.362 / 0.364, exist 0.772 / 0.789; on 3,000 val scenes exist 0.788 / 0.798)."""
+    """The fitted oracle (majority tables on 20,000 scenes) against the answer a perfect reader of
+    the caption's words would give, computed from the generator's rules: within 0.02 per type on
+    2,000 test scenes (measured, fitted / from the rules: colour 0.656 / 0.663, shape 0.518 /
+    0.520, position 0.362 / 0.364, exist 0.772 / 0.789; on 3,000 val scenes exist 0.788 / 0.798)."""
     test = generate(2000, "test", seed=3, images=False)
     got = shapes.baselines(test)["bag_oracle"]
     hits = {}
@@ -154,7 +161,7 @@ def test_bag_of_words_oracle_reaches_the_bayes_answer_from_the_words():
             hits.setdefault(d["type"], []).append(best_answer_from_words(objs, d) == d["a"])
     for t, h in hits.items():
         assert got[t] == pytest.approx(np.mean(h), abs=0.02), t
-    assert got["colour"] > 0.6 and got["exist"] > 0.75 and got["count"] == 1.0   # far above the blind
+    assert got["colour"] > 0.6 and got["exist"] > 0.75 and got["count"] == 1.0   # far above blind
 
 
 def test_binding_controlled_groups_share_words_but_not_scenes():
@@ -167,7 +174,8 @@ def test_binding_controlled_groups_share_words_but_not_scenes():
 
 def test_deterministic_from_seed():
     a, b = generate(20, "train", seed=5), generate(20, "train", seed=5)
-    assert np.array_equal(a["images"], b["images"]) and a["captions"] == b["captions"] and a["qa"] == b["qa"]
+    assert (np.array_equal(a["images"], b["images"]) and a["captions"] == b["captions"]
+            and a["qa"] == b["qa"])
     assert generate(20, "train", seed=6)["captions"] != a["captions"]
 
 
