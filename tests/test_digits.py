@@ -19,8 +19,8 @@ def test_procedural_digits_deterministic_and_in_range():
     assert x1.min() >= 0 and x1.max() <= 1
     assert np.bincount(y1, minlength=10).tolist() == [6] * 10          # balanced labels
     ink = (x1 > 0.3).mean((1, 2))
-    assert (ink > 0.03).all() and (ink < 0.5).all()                     # every image has a stroke, not a blob
-    assert (x1[:, 0, :] == 0).mean() > 0.9                              # background (border) stays black
+    assert (ink > 0.03).all() and (ink < 0.5).all()           # every image has a stroke, not a blob
+    assert (x1[:, 0, :] == 0).mean() > 0.9                         # background (border) stays black
 
 
 def test_procedural_classes_differ_more_than_samples_within():
@@ -29,7 +29,7 @@ def test_procedural_classes_differ_more_than_samples_within():
     x = x.reshape(len(x), -1)
     means = np.stack([x[y == k].mean(0) for k in range(10)])
     nearest = np.array([np.argmin(((means - xi) ** 2).sum(1)) for xi in x])
-    assert (nearest == y).mean() > 0.6                                  # nearest class mean, no training
+    assert (nearest == y).mean() > 0.6                             # nearest class mean, no training
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0, 2.0, 5.0, 37.0])
@@ -41,9 +41,10 @@ def test_biased_colouring_has_exact_conflicting_fraction(ratio):
         n_k = (y == k).sum()
         conf = attr[y == k] != k
         assert conf.sum() == int(round(ratio / 100 * n_k))
-        # conflicting colours are spread evenly over the 9 other colours (counts differ by at most 1)
+        # conflicting colours are spread evenly over the 9 other colours (counts differ by <= 1)
         c = np.bincount(attr[y == k][conf], minlength=10)
-        assert c[k] == 0 and (c.sum() == 0 or c[np.arange(10) != k].max() - c[np.arange(10) != k].min() <= 1)
+        others = c[np.arange(10) != k]
+        assert c[k] == 0 and (c.sum() == 0 or others.max() - others.min() <= 1)
 
 
 def test_uniform_colouring_is_balanced_and_images_keep_black_background():
@@ -57,7 +58,7 @@ def test_uniform_colouring_is_balanced_and_images_keep_black_background():
     x = digits.apply_colour(grey, np.array([0, 3, 9]), np.random.default_rng(0))
     assert x.shape == (3, 3, 28, 28)
     assert (x[:, :, 0, 0] == 0).all()                                  # background black
-    assert np.allclose(x[:, :, 12, 12], digits.COLOURS[[0, 3, 9]], atol=0.15)   # stroke = colour + small jitter
+    assert np.allclose(x[:, :, 12, 12], digits.COLOURS[[0, 3, 9]], atol=0.15)   # colour + jitter
 
 
 @pytest.mark.parametrize("suffix", ["", ".gz"])
@@ -72,22 +73,26 @@ def test_idx_roundtrip(tmp_path, suffix):
     # the header by hand: magic 0x00000803, then 3 big-endian uint32 sizes
     if not suffix:
         raw = (tmp_path / "i").read_bytes()
-        assert raw[:16] == bytes([0, 0, 8, 3, 0, 0, 0, 7, 0, 0, 0, 28, 0, 0, 0, 28]) and len(raw) == 16 + 7 * 784
+        assert (raw[:16] == bytes([0, 0, 8, 3, 0, 0, 0, 7, 0, 0, 0, 28, 0, 0, 0, 28])
+                and len(raw) == 16 + 7 * 784)
 
 
 def write_mnist_dir(d, n_train=60, n_test=30, gz=False, seed=0):
     rng = np.random.default_rng(seed)
     s = ".gz" if gz else ""
     for split, n in (("train", n_train), ("t10k", n_test)):
-        digits.write_idx(d / f"{split}-images-idx3-ubyte{s}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
-        digits.write_idx(d / f"{split}-labels-idx1-ubyte{s}", rng.integers(0, 10, n, dtype=np.uint8))
+        digits.write_idx(d / f"{split}-images-idx3-ubyte{s}",
+                         rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        digits.write_idx(d / f"{split}-labels-idx1-ubyte{s}",
+                         rng.integers(0, 10, n, dtype=np.uint8))
 
 
 @pytest.mark.parametrize("gz", [False, True])
 def test_load_idx_dataset(tmp_path, gz):
     write_mnist_dir(tmp_path, gz=gz)
     tx, ty, sx, sy = digits.load_idx_dataset(str(tmp_path))
-    assert tx.shape == (60, 28, 28) and sx.shape == (30, 28, 28) and ty.shape == (60,) and sy.shape == (30,)
+    assert tx.shape == (60, 28, 28) and sx.shape == (30, 28, 28)
+    assert ty.shape == (60,) and sy.shape == (30,)
     assert tx.dtype == np.float32 and 0 <= tx.min() and tx.max() <= 1
 
 
@@ -113,14 +118,16 @@ def test_palette_is_well_separated_and_jitter_is_lffs():
     c = digits.COLOURS
     assert c.shape == (10, 3) and len({tuple(v) for v in c.round(3)}) == 10
     d = np.sqrt(((c[:, None] - c[None]) ** 2).sum(-1))
-    assert d[~np.eye(10, dtype=bool)].min() > 0.4                       # v1's closest pair (orange/brown) was 0.37
-    # colour direction matters, not brightness (strokes have random contrast): normalised colours stay apart too
+    assert d[~np.eye(10, dtype=bool)].min() > 0.4        # v1's closest pair (orange/brown) was 0.37
+    # colour direction matters, not brightness (strokes have random contrast): normalised
+    # colours stay apart too
     u = c / np.linalg.norm(c, axis=1, keepdims=True)
     angle = np.degrees(np.arccos(np.clip(u @ u.T, -1, 1)))
     assert angle[~np.eye(10, dtype=bool)].min() > 20
-    assert digits.JITTER == 0.005                                        # LfF's Colored MNIST severity
-    x = digits.apply_colour(np.ones((2000, 28, 28), np.float32), np.ones(2000, int), np.random.default_rng(0))
-    assert x[:, 1, 0, 0].std() == pytest.approx(0.005, rel=0.1)        # orange's green channel, 0.6 +- 0.005
+    assert digits.JITTER == 0.005                                     # LfF's Colored MNIST severity
+    x = digits.apply_colour(np.ones((2000, 28, 28), np.float32), np.ones(2000, int),
+                            np.random.default_rng(0))
+    assert x[:, 1, 0, 0].std() == pytest.approx(0.005, rel=0.1)    # orange's green, 0.6 +- 0.005
     assert abs(x[:, 1, 0, 0].mean() - digits.COLOURS[1, 1]) < 0.001
 
 
@@ -130,7 +137,7 @@ def test_idx_parent_folder_layouts(tmp_path):
     (tmp_path / "MNIST" / "processed").mkdir()
     write_mnist_dir(write_mnist_dir_nested, gz=True)
     assert digits.find_idx_dir(str(tmp_path)) == str(write_mnist_dir_nested)
-    tx, ty, sx, sy = digits.load_idx_dataset(str(tmp_path))               # two levels up still finds raw/
+    tx, ty, sx, sy = digits.load_idx_dataset(str(tmp_path))         # two levels up still finds raw/
     assert tx.shape == (60, 28, 28) and sy.shape == (30,)
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -143,15 +150,15 @@ def test_cached_procedural_split_is_identical_on_reload(tmp_path):
     x2, y2 = digits.procedural_split_cached(40, 5, str(tmp_path))
     xr, yr = digits.procedural_split(40, 5)
     assert np.array_equal(x1, x2) and np.array_equal(y1, y2) and np.array_equal(y1, yr)
-    assert x1.dtype == np.float32 and np.abs(x1 - xr).max() <= 0.5 / 255 + 1e-6     # uint8 quantisation only
+    assert x1.dtype == np.float32 and np.abs(x1 - xr).max() <= 0.5 / 255 + 1e-6  # uint8 rounding
 
 
 def test_ratio_problem_follows_the_colouring_rounding():
     y = np.repeat(np.arange(10), 30)                       # 30 images per class
-    assert digits.ratio_problem(y, [5.0]) is None          # round(1.5) = 2 conflicting images per class
+    assert digits.ratio_problem(y, [5.0]) is None      # round(1.5) = 2 conflicting images per class
     assert "--ratios 1:" in digits.ratio_problem(y, [5.0, 1.0])   # round(0.3) = 0
     assert digits.ratio_problem(y, [1.0]).endswith("use rho >= 1.67")
-    for r in (1.0, 5.0):                                   # the check agrees with what the colouring does
+    for r in (1.0, 5.0):                             # the check agrees with what the colouring does
         a = digits.biased_attributes(y, r, np.random.default_rng(0))
         assert ((a != y).sum() == 0) == (digits.ratio_problem(y, [r]) is not None)
     assert "class without images" in digits.ratio_problem(np.zeros(5, int), [50.0])
