@@ -8,8 +8,8 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from data.domains import (DataError, LANGUAGES, check_lengths, synthetic_domains, text_domains,  # noqa: E402
-                          train_batch, val_windows)
+from data.domains import (DataError, LANGUAGES, check_lengths, synthetic_domains,  # noqa: E402
+                          text_domains, train_batch, val_windows)
 
 SMALL = dict(train_bytes=20_000, val_bytes=4_000)
 
@@ -22,7 +22,7 @@ def test_synthetic_is_deterministic_balanced_and_valid_utf8():
     dm._SYNTH_CACHE.clear()                                  # regenerate from scratch: same bytes
     c = synthetic_domains(seed=3, overlap=0.1, **SMALL)
     assert all(np.array_equal(x, y) for x, y in zip(a.train + a.val, c.train + c.val))
-    for t in a.train:                                        # valid UTF-8 up to the cut at the budget
+    for t in a.train:                                      # valid UTF-8 up to the cut at the budget
         text = bytes(t).decode("utf-8", "ignore")
         assert len(text.encode("utf-8")) >= len(t) - 3
 
@@ -30,10 +30,10 @@ def test_synthetic_is_deterministic_balanced_and_valid_utf8():
 def test_scripts_differ_in_bytes_and_latin_languages_share_a_script():
     d = synthetic_domains(seed=0, overlap=0.0, **SMALL)
     sets = {n: set(np.unique(t).tolist()) for n, t in zip(d.names, d.train)}
-    assert max(sets["kana"]) >= 0xE3 and max(sets["latin_open"]) < 0x80          # 3-byte vs pure ASCII
-    assert 0xCE in sets["greek"] and 0xCE not in sets["cyrillic"]              # different lead bytes
+    assert max(sets["kana"]) >= 0xE3 and max(sets["latin_open"]) < 0x80       # 3-byte vs pure ASCII
+    assert 0xCE in sets["greek"] and 0xCE not in sets["cyrillic"]             # different lead bytes
     letters = lambda s: {b for b in s if 97 <= b <= 122}
-    assert letters(sets["latin_open"]) & letters(sets["latin_cluster"])        # shared Latin letters
+    assert letters(sets["latin_open"]) & letters(sets["latin_cluster"])       # shared Latin letters
 
 
 def test_overlap_knob_shares_words():
@@ -50,7 +50,7 @@ def test_train_batch_one_domain_per_sequence_balanced_and_stateless():
     x, y, dom = train_batch(d, 16, 32, seed=1, step=5)
     assert x.shape == y.shape == (16, 32) and (x[:, 1:] == y[:, :-1]).all()
     assert np.bincount(dom, minlength=8).tolist() == [2] * 8
-    for b in range(16):                                      # the window really is in that domain's stream
+    for b in range(16):                               # the window really is in that domain's stream
         s = d.train[dom[b]]
         hits = np.flatnonzero(s[:len(s) - 32] == x[b, 0])
         assert any((s[h:h + 32] == x[b]).all() for h in hits)
@@ -74,18 +74,20 @@ def _write(root, domains):
 def test_text_reader_split_balance_and_cache(tmp_path):
     docs_a = [f"alpha document {i} " * 5 for i in range(60)]
     docs_b = [f"βήτα κείμενο {i} " * 9 for i in range(40)]
-    _write(tmp_path / "d", {"a": {"1.txt": "\n\n".join(docs_a[:30]), "2.txt": "\n\n".join(docs_a[30:])},
+    _write(tmp_path / "d", {"a": {"1.txt": "\n\n".join(docs_a[:30]),
+                                  "2.txt": "\n\n".join(docs_a[30:])},
                             "b": {"x.txt": "\n\n".join(docs_b)}, "empty": {}})
     cache = tmp_path / "cache"
     d = text_domains(str(tmp_path / "d"), cache_dir=str(cache))
-    assert d.names == ["a", "b"]                                            # a folder without .txt is skipped
-    assert len(d.train[0]) == len(d.train[1]) and len(d.val[0]) == len(d.val[1])   # balanced by tokens
+    assert d.names == ["a", "b"]                                  # a folder without .txt is skipped
+    assert len(d.train[0]) == len(d.train[1]) and len(d.val[0]) == len(d.val[1])  # by tokens
     val_text = bytes(d.val[0]).decode("utf-8", "ignore")
     train_text = bytes(d.train[0]).decode("utf-8", "ignore")
     val_docs = {p.strip() for p in val_text.split("\n\n") if p.strip()}
-    assert val_docs and not any(v in train_text.split("\n\n") for v in list(val_docs)[:-1])   # split by document
+    # split by document
+    assert val_docs and not any(v in train_text.split("\n\n") for v in list(val_docs)[:-1])
     assert len(list(cache.glob("*.npy"))) == 4
-    d2 = text_domains(str(tmp_path / "d"), cache_dir=str(cache))                       # from the cache
+    d2 = text_domains(str(tmp_path / "d"), cache_dir=str(cache))                    # from the cache
     assert all(np.array_equal(p, q) for p, q in zip(d.train + d.val, d2.train + d2.val))
 
 
