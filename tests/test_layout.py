@@ -1,5 +1,6 @@
-"""The repository's layout holds: no paper file imports another, data/ has no import cycle and imports no
-paper file, and each file's --help lists every flag of its Config (one flag builder: data.run.flag)."""
+"""The repository's layout holds: no paper file imports another, data/ has no import cycle and
+imports no paper file, and each file's --help lists every flag of its Config (one flag builder,
+data.run.flag)."""
 import ast
 import importlib
 from dataclasses import fields
@@ -57,6 +58,6 @@ def test_help_lists_every_config_field(name, capsys):
     out = capsys.readouterr().out
     assert e.value.code == 0
     shown = [f for f in fields(mod.Config) if f.metadata.get("help") is not None]
-    assert len(shown) >= len(fields(mod.Config)) - 1                  # at most one hidden (test-only) flag
+    assert len(shown) >= len(fields(mod.Config)) - 1           # at most one hidden (test-only) flag
     for f in shown:
         assert "--" + f.name.replace("_", "-") in out, f"{name} --help lacks --{f.name}"
