@@ -1,5 +1,5 @@
-"""data/multimodal.py: the frozen-LM cache (its config stored, keyed by the building code and the thread count)
-and the gates that stop a run. CPU, milliseconds."""
+"""data/multimodal.py: the frozen-LM cache (its config stored, keyed by the building code and the
+thread count) and the gates that stop a run. CPU, milliseconds."""
 import pytest
 import torch
 
@@ -17,14 +17,15 @@ def test_cached_lm_saves_its_config_and_still_reads_bare_caches(tmp_path):
         torch.manual_seed(len(calls))
         return torch.nn.Linear(2, 2)
 
-    args = (None, {"<unk>": 0}, cfg, ["d_model"], "lm", lambda: torch.nn.Linear(2, 2), train, torch.device("cpu"))
+    args = (None, {"<unk>": 0}, cfg, ["d_model"], "lm", lambda: torch.nn.Linear(2, 2), train,
+            torch.device("cpu"))
     a = cached_lm(*args)
     (path,) = tmp_path.glob("lm_*.pt")
     ck = torch.load(path, weights_only=True)
     assert ck["config"] == {"d_model": 4} and ck["vocab"] == {"<unk>": 0}
     b = cached_lm(*args)                                   # loaded, not retrained
     assert len(calls) == 1 and torch.equal(a.weight, b.weight)
-    torch.save(a.state_dict(), path)                       # a cache written before configs were stored
+    torch.save(a.state_dict(), path)                       # a cache from before configs were stored
     assert torch.equal(cached_lm(*args).weight, a.weight) and len(calls) == 1
 
 
@@ -44,7 +45,8 @@ def test_build_key_changes_with_the_code_and_the_thread_count():
 
 
 def test_build_key_ignores_docstrings_comments_and_line_breaks(tmp_path):
-    """Only what the code computes is keyed: re-wrapping a line or rewording a docstring keeps a backbone."""
+    """Only what the code computes is keyed: re-wrapping a line or rewording a docstring keeps
+    a backbone."""
     import importlib.util
 
     from data.multimodal import code_digest
@@ -64,8 +66,10 @@ def test_build_key_ignores_docstrings_comments_and_line_breaks(tmp_path):
 
 def test_a_failed_gate_stops_unless_quick_or_ignore_gates(capsys):
     from types import SimpleNamespace as NS
-    with pytest.raises(GateFailed, match=r"failed its gate \(frozen LM text ceiling \(x\): shape 0.5 -> FAIL\)"):
-        gate_or_stop(NS(ignore_gates=False, quick=False), False, "frozen LM text ceiling (x): shape 0.5 -> FAIL")
+    with pytest.raises(GateFailed, match=(r"failed its gate \(frozen LM text ceiling \(x\): "
+                                          r"shape 0.5 -> FAIL\)")):
+        gate_or_stop(NS(ignore_gates=False, quick=False), False,
+                     "frozen LM text ceiling (x): shape 0.5 -> FAIL")
     for cfg in (NS(ignore_gates=True, quick=False), NS(ignore_gates=False, quick=True)):
         gate_or_stop(cfg, False, "vision encoder: minimal pairs 0.5 -> FAIL")
     gate_or_stop(NS(ignore_gates=False, quick=False), True, "ok -> PASS")
