@@ -18,7 +18,7 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
      BLIP-2's trainable LayerNorm);
   3. the variants, one data stream per seed, identical stage-2 settings, training only the Q-Former
      side (each variant's decoder memory: one function in the table MEMORY):
-       B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three attention masks, below).
+       B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three masks: qformer_mask).
             Stage 2: query outputs -> linear -> soft prefix of the LM *encoder input*; LM loss.
        B2   no stage 1: the same stage 2 from a fresh Q-Former. (B1 and B2 are instruction-aware
             in stage 2, as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2
@@ -41,11 +41,6 @@ The argument in one file, on the shapes world v2 (data/shapes.py), where answers
     python qformer_efficient.py --variants B1,B2,P,P-a,P-b,C0
     python qformer_efficient.py --quick       # every section on a tiny config, under a minute
     python qformer_efficient.py --data-dir DIR # real data: DIR/images.npy + DIR/annotations.jsonl
-
-The Q-Former's attention masks in stage 1 ("may attend", rows attend to columns; Q queries, T text):
-    ITC  unimodal     Q->Q, T->T           queries and text never see each other
-    ITM  bidirectional Q<->T, all          a 2-way match head on every query output, averaged
-    ITG  multimodal causal: Q->Q; T->Q and T->earlier T; the image reaches the text only via queries
 
 Shape legend:
     B = batch   Q = queries (N_q)   T = text tokens   P = image tokens (cells)   C = ViT width
@@ -87,10 +82,12 @@ GATE_TEXT = 0.95
 # ---- The Q-Former and its three stage-1 masks ----------------------------------------------------
 
 def qformer_mask(n_q, keep_BT, kind):
-    """Boolean 'may attend' mask (B, 1, Q+T, Q+T) over [queries ; text]; padded text never attended.
-        uni     (ITC): Q->Q, T->T only
-        bi      (ITM, instruction-aware stage 2, P): everything
-        causal  (ITG): Q->Q; T->Q; T->T for earlier-or-same positions"""
+    """Boolean 'may attend' mask (B, 1, Q+T, Q+T) over [queries ; text] (rows attend to columns; Q
+    queries, T text); padded text is never attended. Stage 1 uses all three:
+        uni     (ITC, unimodal): Q->Q, T->T only: queries and text never see each other
+        bi      (ITM, bidirectional; also stage 2's instruction-aware Q-Former and P): everything
+        causal  (ITG, multimodal causal): Q->Q; T->Q; T->T for earlier-or-same positions: the image
+                reaches the text only through the queries"""
     B, T = keep_BT.shape
     L, dev = n_q + T, keep_BT.device
     is_q = torch.arange(L, device=dev) < n_q
@@ -248,11 +245,9 @@ class PromptCache:
                 self.store[p] = h[j, : int((ids[j] != pad_id).sum())]
             self.computed += len(new)
         hs = [self.store[p] for p in prompts]
-        out = torch.zeros(len(hs), max(len(h) for h in hs), hs[0].shape[-1], device=dev)
-        keep = torch.zeros(out.shape[:2], dtype=torch.bool, device=dev)
-        for j, h in enumerate(hs):
-            out[j, : len(h)], keep[j, : len(h)] = h, True
-        return out, keep
+        n_B = torch.tensor([len(h) for h in hs], device=dev)
+        out = nn.utils.rnn.pad_sequence(hs, batch_first=True)             # zeros after each prompt
+        return out, torch.arange(out.shape[1], device=dev) < n_B[:, None]
 
 
 def text_embeddings_from_lm(qf, lm):
@@ -436,9 +431,8 @@ def score(point):
 
 
 def text_ceiling(lm, ds, vocab, device):
-    """The frozen LM given the true caption: 'context: <c> question: <q>' -> first decoded word ==
-    answer, per question type. The best a bridge could do if its queries were as good as a caption.
-    """
+    """The frozen LM given the true caption: 'context: <c> question: <q>' -> first decoded word
+    == answer, per question type. The best a bridge could do with queries as good as the caption."""
     items = [(0, f"context: {c} {qa_prompt(d['q'])}", vocab.get(d["a"], -1), d["type"])
              for c, qs in zip(ds["captions"], ds["qa"]) for d in qs]
     return exact_match(lambda c: t5lm.first_word(lm, [p for _, p, _, _ in c], vocab, device), items,

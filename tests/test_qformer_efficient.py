@@ -1,6 +1,7 @@
-"""Q-Former: the three stage-1 masks, image positions, hard negatives, BLEU-4 / CIDEr by hand, the frozen LM
-(gradients, the prompt cache, greedy decoding), the convergence summary, and main(): a smoke run of every variant
-with its printed sections, a deterministic rerun, checkpoints, a --data-dir run and the bad-input matrix."""
+"""Q-Former: the three stage-1 masks, image positions, hard negatives, BLEU-4 / CIDEr by hand, the
+frozen LM (gradients, the prompt cache, greedy decoding), the convergence summary, and main(): a
+smoke run of every variant with its printed sections, a deterministic rerun, checkpoints, a
+--data-dir run and the bad-input matrix."""
 
 import ast
 import contextlib
@@ -22,19 +23,20 @@ from data.shapes import BINDING_TYPES, QUESTION_TYPES, generate, save_dir
 ROOT = Path(__file__).resolve().parents[1]
 CPU = torch.device("cpu")
 V = 40
-UNIT = dict(queries=3, q_dim=16, q_layers=2, vit_dim=16, image_tokens=9, n_head=2, d_model=16, enc_layers=2,
-            dec_layers=1)
-# every main() call: a 4x4 patch grid pooled to 2x2 image tokens, backbones of one block, a few steps
-TINY = dict(n_train=120, n_eval=30, image_size=16, patch=4, vit_dim=16, vit_layers=1, vit_steps=2, image_tokens=4,
-            d_model=16, enc_layers=1, dec_layers=1, n_head=2, lm_steps=2, lm_scenes=100, lm_batch=16, queries=4,
-            q_dim=16, q_layers=2, stage1_steps=2, steps=3, batch_size=8, eval_every=1, seeds="0",
-            device="cpu", ignore_gates=True)   # backbones this small fail their gates
+UNIT = dict(queries=3, q_dim=16, q_layers=2, vit_dim=16, image_tokens=9, n_head=2, d_model=16,
+            enc_layers=2, dec_layers=1)
+# every main() call: a 4x4 patch grid pooled to 2x2 image tokens, backbones of one block, few steps
+TINY = dict(n_train=120, n_eval=30, image_size=16, patch=4, vit_dim=16, vit_layers=1, vit_steps=2,
+            image_tokens=4, d_model=16, enc_layers=1, dec_layers=1, n_head=2, lm_steps=2,
+            lm_scenes=100, lm_batch=16, queries=4, q_dim=16, q_layers=2, stage1_steps=2, steps=3,
+            batch_size=8, eval_every=1, seeds="0", device="cpu",
+            ignore_gates=True)   # backbones this small fail their gates
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """These models are tiny: with two threads on a busy 2-core machine each op waits on the other job (a main()
-    call took 44 s instead of 3 s). One thread for this file, restored after it."""
+    """These models are tiny: with two threads on a busy 2-core machine each op waits on the other
+    job (a main() call took 44 s instead of 3 s). One thread for this file, restored after it."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -61,8 +63,8 @@ def inputs(cfg, B=3, T=6, seed=1):
 
 
 def other_image(img):
-    """Another image of the same shape. (Not img * a + b: the Q-Former's LayerNorm on the image tokens makes that
-    the same image, so a test using it could not fail.)"""
+    """Another image of the same shape. (Not img * a + b: the Q-Former's LayerNorm on the image
+    tokens makes that the same image, so a test using it could not fail.)"""
     return torch.randn(img.shape, generator=torch.Generator().manual_seed(9), dtype=img.dtype)
 
 
@@ -70,9 +72,9 @@ def run_qf(qf, img, ids, kind):
     return qf(img, qf.embed_text(ids), torch.ones_like(ids, dtype=torch.bool), kind)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The file stands alone
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def imported_roots(path):
     roots = set()
@@ -86,32 +88,38 @@ def imported_roots(path):
 
 
 def test_imports_only_stdlib_torch_numpy_and_the_shared_modules():
-    """One paper, one file: qformer_efficient.py uses the standard library, torch, numpy and the shared data/ and
-    kernels/ packages, never another paper file (not even through data/ or kernels/)."""
-    papers = {"moe_testbed", "multimodal_align", "logit_correction"} | {p.stem for p in ROOT.glob("*.py")}
+    """One paper, one file: qformer_efficient.py uses the standard library, torch, numpy and the
+    shared data/ and kernels/ packages, never another paper file (not even through data/ or
+    kernels/)."""
+    papers = ({"moe_testbed", "multimodal_align", "logit_correction"}
+              | {p.stem for p in ROOT.glob("*.py")})
     papers.discard("qformer_efficient")
     roots = imported_roots(ROOT / "qformer_efficient.py")
     allowed = set(sys.stdlib_module_names) | {"torch", "numpy", "data", "kernels"}
     assert roots <= allowed, roots - allowed
     assert not roots & papers
-    assert {"data"} <= roots                                          # the walk does see the imports
+    assert {"data"} <= roots                                         # the walk does see the imports
     for shared in sorted((ROOT / "data").glob("*.py")) + sorted((ROOT / "kernels").glob("*.py")):
         assert not imported_roots(shared) & papers, shared.name
     src = (ROOT / "qformer_efficient.py").read_text()
-    assert "import_module" not in src and "__import__" not in src    # no import the walk above cannot see
+    # no import the walk above cannot see
+    assert "import_module" not in src and "__import__" not in src
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Masks
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_mask_matrices_by_hand():
-    """The three masks of BLIP-2's stage 1, written out for 2 queries and 3 text positions (the last padded)."""
+    """The three masks of BLIP-2's stage 1, written out for 2 queries and 3 text positions (the last
+    padded)."""
     keep = torch.tensor([[True, True, False]])
     want = {
-        "uni": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0]],
+        "uni": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [0, 0, 1, 1, 0], [0, 0, 1, 1, 0],
+                [0, 0, 1, 1, 0]],
         "bi": [[1, 1, 1, 1, 0]] * 5,
-        "causal": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]],
+        "causal": [[1, 1, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [1, 1, 1, 1, 0],
+                   [1, 1, 1, 1, 0]],
     }
     for kind, m in want.items():
         got = qfe.qformer_mask(2, keep, kind)
@@ -137,8 +145,8 @@ def test_itc_unimodal_mask_separates_queries_and_text():
 
 
 def test_itg_multimodal_causal_mask():
-    """ITG: queries see no text; text position t sees no later text; every text position sees the image
-    (through the queries)."""
+    """ITG: queries see no text; text position t sees no later text; every text position sees the
+    image (through the queries)."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     z1, t1 = run_qf(qf, img, ids, "causal")
@@ -153,14 +161,15 @@ def test_itg_multimodal_causal_mask():
 
 
 def test_itg_image_reaches_text_only_through_queries():
-    """Only the query rows cross-attend, and to the image tokens: text can learn about the image only from
-    the queries, in every mask."""
+    """Only the query rows cross-attend, and to the image tokens: text can learn about the image
+    only from the queries, in every mask."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     seen = []
     for layer in qf.layers:
         if layer.cross is not None:
-            layer.cross.register_forward_hook(lambda m, a, o: seen.append((a[0].shape[1], a[1].shape[1])))
+            layer.cross.register_forward_hook(
+                lambda m, a, o: seen.append((a[0].shape[1], a[1].shape[1])))
     for kind in ("uni", "bi", "causal"):
         run_qf(qf, img, ids, kind)
     assert len(seen) == 3 * sum(layer.cross is not None for layer in qf.layers) > 0
@@ -168,7 +177,8 @@ def test_itg_image_reaches_text_only_through_queries():
 
 
 def test_itm_bidirectional_full_visibility():
-    """ITM / stage 2: every position sees every other: the queries and the first word see the last word."""
+    """ITM / stage 2: every position sees every other: the queries and the first word see the last
+    word."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     assert qfe.qformer_mask(cfg.queries, torch.ones(2, 5, dtype=torch.bool), "bi").all()
@@ -195,15 +205,15 @@ def test_padding_is_never_attended():
         torch.testing.assert_close(t1[:, :-2], t2[:, :-2], rtol=0, atol=1e-12)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Image positions
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", ["uni", "bi"])
 def test_image_position_reaches_the_queries(kind):
-    """Attention over a set is blind to order: the fixed img_pos table, tied to the token index, is what tells
-    the queries which cell a token came from. Permuting the image tokens changes the query outputs; with
-    img_pos zeroed the same permutation changes nothing."""
+    """Attention over a set is blind to order: the fixed img_pos table, tied to the token index, is
+    what tells the queries which cell a token came from. Permuting the image tokens changes the
+    query outputs; with img_pos zeroed the same permutation changes nothing."""
     cfg, qf = tiny_qformer()
     img, ids = inputs(cfg)
     perm = torch.tensor([4, 0, 8, 2, 6, 1, 7, 3, 5])
@@ -218,9 +228,9 @@ def test_image_position_reaches_the_queries(kind):
     torch.testing.assert_close(z1, z2, rtol=0, atol=1e-6)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 1 pieces
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_itc_similarity_is_max_over_queries():
     """s(i, j) = max over the queries k of cos(z_ik, t_j), against a loop."""
@@ -238,7 +248,8 @@ def test_itc_similarity_is_max_over_queries():
 
 
 def test_hard_negatives_never_pick_a_positive():
-    """Neither the diagonal nor an identical caption is ever sampled, even when they are by far the most similar."""
+    """Neither the diagonal nor an identical caption is ever sampled, even when they are by far the
+    most similar."""
     g = torch.Generator().manual_seed(0)
     B = 12
     same = torch.eye(B, dtype=torch.bool)
@@ -252,55 +263,63 @@ def test_hard_negatives_never_pick_a_positive():
 
 
 def test_hard_negatives_follow_similarity():
-    """Sampling is p ∝ softmax(sim) over the negatives: a column at +8 is drawn ~99.9% of the time."""
+    """Sampling is p ∝ softmax(sim) over the negatives: a column at +8 is drawn ~99.9% of the time.
+    """
     g = torch.Generator().manual_seed(1)
     B = 6
     sim = torch.zeros(B, B)
     sim[:, 3] = 8.0
-    idx = torch.stack([qfe.hard_negatives(sim, torch.eye(B, dtype=torch.bool), g) for _ in range(300)])
+    idx = torch.stack([qfe.hard_negatives(sim, torch.eye(B, dtype=torch.bool), g)
+                       for _ in range(300)])
     share = (idx[:, [0, 1, 2, 4, 5]] == 3).float().mean().item()
     assert share > 0.95
     assert (idx[:, 3] != 3).all()
 
 
 def test_hard_negatives_row_without_negatives_falls_back():
-    """When every caption in the batch is identical, any other index is used (never the row itself)."""
+    """When every caption in the batch is identical, any other index is used (never the row itself).
+    """
     g = torch.Generator().manual_seed(0)
     idx = qfe.hard_negatives(torch.zeros(3, 3), torch.ones(3, 3, dtype=torch.bool), g)
     assert (idx != torch.arange(3)).all()
 
 
 def test_stage1_loss_trains_the_qformer():
-    """ITC + ITM + ITG: every part reaches the Q-Former and the heads, and a few steps on one batch lower it."""
+    """ITC + ITM + ITG: every part reaches the Q-Former and the heads, and a few steps on one batch
+    lower it."""
     cfg, qf = tiny_qformer()
     qf = qf.float().train()
     heads = qfe.Stage1Heads(cfg.q_dim)
     vocab = {"<pad>": 0, "<cls>": 1, "<dec>": 2, "<eos>": 3}
     img = torch.randn(4, cfg.image_tokens, cfg.vit_dim, generator=torch.Generator().manual_seed(2))
-    caps = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [5, 6, 7, 0], [10, 11, 12, 13]])   # rows 0 and 2 identical
+    caps = torch.tensor([[5, 6, 7, 0], [8, 9, 0, 0], [5, 6, 7, 0], [10, 11, 12, 13]])  # 0 = 2
     loss, parts = qfe.stage1_loss(qf, heads, img, caps, 0, vocab, torch.Generator().manual_seed(0))
     assert math.isfinite(loss.item()) and set(parts) == {"itc", "itm", "itg"}
     assert loss.item() == pytest.approx(sum(parts.values()), rel=1e-5)
     loss.backward()
-    for p in (qf.queries, qf.emb.weight, qf.img_norm.weight, heads.temp, heads.itm.weight, heads.txt_proj.weight):
+    for p in (qf.queries, qf.emb.weight, qf.img_norm.weight, heads.temp, heads.itm.weight,
+              heads.txt_proj.weight):
         assert p.grad is not None and p.grad.abs().sum() > 0
     opt = torch.optim.Adam(list(qf.parameters()) + list(heads.parameters()), lr=3e-3)
     first = None
     for _ in range(30):
-        loss, parts = qfe.stage1_loss(qf, heads, img, caps, 0, vocab, torch.Generator().manual_seed(0))
+        gen = torch.Generator().manual_seed(0)
+        loss, parts = qfe.stage1_loss(qf, heads, img, caps, 0, vocab, gen)
         first = first or parts
         opt.zero_grad()
         loss.backward()
         opt.step()
-    assert parts["itg"] < 0.7 * first["itg"] and parts["itc"] + parts["itm"] < first["itc"] + first["itm"]
+    assert parts["itg"] < 0.7 * first["itg"]
+    assert parts["itc"] + parts["itm"] < first["itc"] + first["itm"]
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # BLEU-4 and CIDEr against hand-computed values
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_bleu_identical_is_one():
-    assert qfe.bleu4(["a red circle at the top"], [["a red circle at the top"]]) == pytest.approx(1.0)
+    same = "a red circle at the top"
+    assert qfe.bleu4([same], [[same]]) == pytest.approx(1.0)
 
 
 def test_bleu_hand_computed_precisions():
@@ -310,7 +329,8 @@ def test_bleu_hand_computed_precisions():
 
 
 def test_bleu_brevity_penalty_and_closest_reference():
-    """Every n-gram matches; c = 6, the closest reference length is 7 (not 12): BP = exp(1 - 7/6)."""
+    """Every n-gram matches; c = 6, the closest reference length is 7 (not 12): BP = exp(1 - 7/6).
+    """
     got = qfe.bleu4(["the cat sat on the mat"], [["the cat sat on the mat today", "x " * 11 + "x"]])
     assert got == pytest.approx(math.exp(1 - 7 / 6))
 
@@ -329,24 +349,28 @@ def test_bleu_is_corpus_level():
 
 
 def test_cider_style():
-    """Identical captions score 10; a one-document corpus has idf 0 everywhere; 3-word captions have no 4-grams
-    (so 7.5 = 10 x 3/4); no shared n-gram scores 0; a partial match lies in between."""
+    """Identical captions score 10; a one-document corpus has idf 0 everywhere; 3-word captions have
+    no 4-grams (so 7.5 = 10 x 3/4); no shared n-gram scores 0; a partial match lies in between."""
     refs = [["a red circle at top"], ["a blue square at left"], ["two green crosses in the center"]]
     hyps = ["a red circle at top", "a blue square at left", "two green crosses in the center"]
     assert qfe.cider(hyps, refs) == pytest.approx(10.0)
     assert qfe.cider(["a red circle"], [["a red circle"]]) == 0.0
-    assert qfe.cider(["a red circle", "two blue squares"], [["a red circle"], ["two blue squares"]]) == pytest.approx(7.5)
+    assert qfe.cider(["a red circle", "two blue squares"],
+                     [["a red circle"], ["two blue squares"]]) == pytest.approx(7.5)
     assert qfe.cider(["zzz", "yyy", "xxx"], refs) == 0.0
-    part = qfe.cider(["a red square at left", "a blue square at left", "two green crosses in the center"], refs)
+    part = qfe.cider(["a red square at left", "a blue square at left",
+                      "two green crosses in the center"], refs)
     assert 0 < part < 10
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Stage 2: the frozen LM, the variants, the prompt cache
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
-WORDS = "<pad> <bos> <eos> <unk> <cls> <dec> question: caption: what colour is the circle square ? red a".split()
-PROMPTS = ["question: what colour is the circle ?", "question: what colour is the square ?", "caption:"]
+WORDS = ("<pad> <bos> <eos> <unk> <cls> <dec> question: caption: what colour is the circle square "
+         "? red a").split()
+PROMPTS = ["question: what colour is the circle ?", "question: what colour is the square ?",
+           "caption:"]
 TARGETS = ["red", "red", "a red circle"]
 
 
@@ -355,7 +379,7 @@ def tiny_bridge(variant):
     cfg = qfe.Config(**UNIT)
     vocab = {w: i for i, w in enumerate(WORDS)}
     lm = t5lm.T5LM(len(vocab), cfg)
-    for blk in lm.enc:                         # the conv starts as the identity: make it mix, so the cache
+    for blk in lm.enc:                  # the conv starts as the identity: make it mix, so the cache
         blk.mix_w.data.normal_()               # tests cover it
     model = qfe.Bridge(qfe.QFormer(len(vocab), cfg), variant, vocab, cfg)
     img = torch.randn(3, cfg.image_tokens, cfg.vit_dim)
@@ -368,22 +392,23 @@ def lm_grads(lm, part):
 
 @pytest.mark.parametrize("variant", ["P", "P-a", "C0"])
 def test_grounded_variants_never_backpropagate_through_the_lm_encoder(variant):
-    """P, P-a, C0: the LM encoder only ever sees the prompt, under no_grad. Even with the LM left trainable
-    (on purpose) no encoder parameter gets a gradient, while the decoder and the Q-Former side do."""
+    """P, P-a, C0: the LM encoder only ever sees the prompt, under no_grad. Even with the LM left
+    trainable (on purpose) no encoder parameter gets a gradient, while the decoder and the Q-Former
+    side do."""
     lm, model, img = tiny_bridge(variant)
     model.loss(lm, img, PROMPTS, TARGETS).backward()
     assert all(g is None for g in lm_grads(lm, ("enc.", "norm_enc")))
     assert lm.dec[0].cross.q.weight.grad is not None
     assert model.qf.queries.grad.abs().sum() > 0 and model.out_proj.weight.grad.abs().sum() > 0
-    if variant != "P-a":                                              # P-a's Q-Former does not see the prompt
+    if variant != "P-a":                                    # P-a's Q-Former does not see the prompt
         assert model.in_proj.weight.grad.abs().sum() > 0
 
 
 @pytest.mark.parametrize("variant", ["B1", "B2", "P-b"])
 def test_prefix_variants_train_the_qformer_through_the_frozen_encoder(variant):
-    """B1, B2, P-b put the queries into the LM encoder's input: with a trainable LM its encoder gets gradients
-    (the contrast that keeps the test above honest); frozen as in run(), the LM gets none and the gradient
-    still reaches the Q-Former through the encoder."""
+    """B1, B2, P-b put the queries into the LM encoder's input: with a trainable LM its encoder gets
+    gradients (the contrast that keeps the test above honest); frozen as in run(), the LM gets none
+    and the gradient still reaches the Q-Former through the encoder."""
     lm, model, img = tiny_bridge(variant)
     model.loss(lm, img, PROMPTS, TARGETS).backward()
     assert lm.enc[0].qkv.weight.grad.abs().sum() > 0
@@ -425,7 +450,8 @@ def test_b1_b2_words_start_from_the_lm_input_embeddings(q_dim):
 
 
 def test_prompt_encoded_once_per_prompt(monkeypatch):
-    """P encodes each distinct prompt once, in one batch, then reuses it; a new prompt costs one more encoding."""
+    """P encodes each distinct prompt once, in one batch, then reuses it; a new prompt costs one
+    more encoding."""
     lm, model, img = tiny_bridge("P")
     calls, orig = [], lm.encode
     monkeypatch.setattr(lm, "encode", lambda *a, **k: calls.append(a[0].shape[0]) or orig(*a, **k))
@@ -451,25 +477,29 @@ def test_cached_prompt_equals_encoding_it_alone():
 
 
 def test_a_one_word_prompt_can_be_encoded_alone():
-    """'caption:' is one token, and P encodes it alone whenever it is the only new prompt of a batch: with
-    --caption-frac 1 at the first step, with --caption-frac 0 at the captioning evaluation."""
+    """'caption:' is one token, and P encodes it alone whenever it is the only new prompt of a
+    batch: with --caption-frac 1 at the first step, with --caption-frac 0 at the captioning
+    evaluation."""
     lm, model, img = tiny_bridge("P")
     h, keep = model.cache(lm, ["caption:"])
     assert h.shape[:2] == (1, 1) and keep.all()
 
 
 def test_p_memory_is_queries_then_encoded_prompt():
-    """P's decoder memory: [W_out z ; h_p], with z = QFormer([queries ; W_in h_p], image), all queries kept."""
+    """P's decoder memory: [W_out z ; h_p], with z = QFormer([queries ; W_in h_p], image), all
+    queries kept."""
     lm, model, img = tiny_bridge("P")
     mem, keep = model.memory(lm, img, PROMPTS)
     h, kp = model.cache(lm, PROMPTS)
     z, _ = model.qf(img, model.in_proj(h), kp, "bi")
     torch.testing.assert_close(mem, torch.cat([model.out_proj(z), h], 1))
-    torch.testing.assert_close(keep, torch.cat([torch.ones(3, z.shape[1], dtype=torch.bool), kp], 1))
+    torch.testing.assert_close(keep,
+                               torch.cat([torch.ones(3, z.shape[1], dtype=torch.bool), kp], 1))
 
 
 def test_c0_ignores_the_image_and_p_does_not():
-    """C0 (the language-prior floor) gives the same memory for any image; P, the same model otherwise, does not."""
+    """C0 (the language-prior floor) gives the same memory for any image; P, the same model
+    otherwise, does not."""
     lm, c0, img = tiny_bridge("C0")
     torch.testing.assert_close(c0.memory(lm, img, PROMPTS)[0],
                                c0.memory(lm, other_image(img), PROMPTS)[0])
@@ -523,8 +553,8 @@ def test_step_costs_measure_every_variant_and_leave_the_weights():
 
 
 def test_generate_matches_teacher_forced_argmax():
-    """Greedy decoding == argmax of the teacher-forced decoder on its own output, up to the first <eos>;
-    Bridge.answer is its first step."""
+    """Greedy decoding == argmax of the teacher-forced decoder on its own output, up to the first
+    <eos>; Bridge.answer is its first step."""
     torch.manual_seed(0)
     cfg = qfe.Config(**UNIT)
     lm = t5lm.T5LM(V, cfg).eval()
@@ -543,26 +573,30 @@ def test_generate_matches_teacher_forced_argmax():
     assert torch.equal(model.answer(lm, img, PROMPTS), first)
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The convergence summary
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def test_binding_score_is_the_mean_over_binding_types():
-    """count is answerable from a bag of words, so it is left out; no binding type at all -> None."""
+    """count is answerable from a bag of words, so it is left out; no binding type at all -> None.
+    """
     assert set(BINDING_TYPES) == set(QUESTION_TYPES) - {"count"}
-    assert qfe.binding_score(dict(colour=1.0, shape=0.5, position=0.0, count=1.0, exist=0.5)) == pytest.approx(0.5)
+    per_type = dict(colour=1.0, shape=0.5, position=0.0, count=1.0, exist=0.5)
+    assert qfe.binding_score(per_type) == pytest.approx(0.5)
     assert qfe.binding_score(dict(count=1.0, other=1.0)) is None
 
 
 def fake_run(variant, scores, stage1_samples=0, stage1_s=0.0, mem=1.0, ms=1.0):
-    curve = [dict(step=i + 1, samples=10 * (i + 1), train_s=float(i + 1), binding_score=s, vqa=0.0) for i, s in enumerate(scores)]
-    return dict(variant=variant, seed=0, curve=curve, stage1_samples=stage1_samples, stage1_s=stage1_s, mem_mib=mem,
-                fwd_bwd_ms=ms, binding_score=scores[-1])
+    curve = [dict(step=i + 1, samples=10 * (i + 1), train_s=float(i + 1), binding_score=s, vqa=0.0)
+             for i, s in enumerate(scores)]
+    return dict(variant=variant, seed=0, curve=curve, stage1_samples=stage1_samples,
+                stage1_s=stage1_s, mem_mib=mem, fwd_bwd_ms=ms, binding_score=scores[-1])
 
 
 def test_to_target_and_summarise():
-    """Target = 0.9 x the best final binding score (reached at exactly 0.9 too); B1's stage 1 samples and seconds
-    count; a variant that never reaches it gets None; --target-em replaces the default target."""
+    """Target = 0.9 x the best final binding score (reached at exactly 0.9 too); B1's stage 1
+    samples and seconds count; a variant that never reaches it gets None; --target-em replaces the
+    default target."""
     runs = [fake_run("B1", [0.2, 0.9, 0.9], stage1_samples=100, stage1_s=5.0, mem=3.0, ms=3.0),
             fake_run("B2", [None, 0.5, 1.0], mem=4.0, ms=8.0),
             fake_run("P", [0.95, 0.95, 0.96], mem=1.0, ms=2.0),
@@ -574,16 +608,18 @@ def test_to_target_and_summarise():
     assert got == {"B1": (120, 7.0), "B2": (30, 3.0), "P": (10, 1.0), "C0": (None, None)}
     assert s["P_over_B2_samples_to_target"] == pytest.approx(1 / 3)
     assert s["P_over_B2_seconds_to_target"] == pytest.approx(1 / 3)
-    assert s["P_over_B2_step_time"] == pytest.approx(0.25) and s["P_over_B2_memory"] == pytest.approx(0.25)
+    assert s["P_over_B2_step_time"] == pytest.approx(0.25)
+    assert s["P_over_B2_memory"] == pytest.approx(0.25)
     assert s["B1_over_B2_seconds_to_target"] == pytest.approx(7 / 3)
     assert s["B1_minus_B2_binding"] == pytest.approx(-0.1)
     s = qfe.summarise(runs, qfe.Config(target_em=0.5))["0"]
-    assert s["target"] == 0.5 and runs[1]["samples_to_target"] == 20 and runs[0]["samples_to_target"] == 120
+    assert s["target"] == 0.5
+    assert runs[1]["samples_to_target"] == 20 and runs[0]["samples_to_target"] == 120
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # main(): the smoke run, its printout, the rerun, checkpoints
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def fail(*a, **k):
     pytest.fail("trained something it should have loaded or never reached")
@@ -591,8 +627,9 @@ def fail(*a, **k):
 
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
-    """Every variant on the TINY config, then the same command again (backbones from the cache). The LM gets
-    300 steps (~2 s) so that answers and captions are not all empty: the rerun comparison then means something."""
+    """Every variant on the TINY config, then the same command again (backbones from the cache). The
+    LM gets 300 steps (~2 s) so that answers and captions are not all empty: the rerun comparison
+    then means something."""
     root = tmp_path_factory.mktemp("smoke")
     out, cache = root / "out", root / "cache"
     args = argv(out, cache, variants=",".join(qfe.VARIANTS), lm_steps=300)
@@ -605,13 +642,13 @@ def smoke(tmp_path_factory):
                 mp.setattr(t5lm, "pretrain", fail)
             res = qfe.main(args)
         printed.append((buf.getvalue(), res))
-    return SimpleNamespace(out=out, cache=cache, stdout=printed[0][0], first=printed[0][1], stdout2=printed[1][0],
-                           second=printed[1][1])
+    return SimpleNamespace(out=out, cache=cache, stdout=printed[0][0], first=printed[0][1],
+                           stdout2=printed[1][0], second=printed[1][1])
 
 
 def test_smoke_results_cover_every_variant(smoke):
-    """results.json: the gates, baselines, one run per variant with its curve, costs and caption scores, the
-    summary; B1 alone has a stage 1; only the cached-prompt variants encode prompts."""
+    """results.json: the gates, baselines, one run per variant with its curve, costs and caption
+    scores, the summary; B1 alone has a stage 1; only the cached-prompt variants encode prompts."""
     res = json.loads((smoke.out / "results.json").read_text())
     assert set(res) == {"config", "baselines", "gates", "runs", "summary", "wall_s"}
     assert res == json.loads(json.dumps(smoke.second))
@@ -620,19 +657,22 @@ def test_smoke_results_cover_every_variant(smoke):
     assert all(0 <= v <= 1 for v in res["gates"]["0"]["lm_text_ceiling"].values())
     assert all(r["backbone_seed"] == 0 for r in res["runs"])
     assert set(res["baselines"]) == {"test", "holdout"}
-    assert [r["variant"] for r in res["runs"]] == list(qfe.VARIANTS) and {r["seed"] for r in res["runs"]} == {0}
+    assert [r["variant"] for r in res["runs"]] == list(qfe.VARIANTS)
+    assert {r["seed"] for r in res["runs"]} == {0}
     bs = TINY["batch_size"]
     for r in res["runs"]:
-        for k in ("vqa", "binding_score", "per_type", "holdout", "bleu4", "cider", "samples_to_target",
-                  "seconds_to_target", "step_ms", "mem_mib", "fwd_bwd_ms", "curve", "stage1_samples"):
+        for k in ("vqa", "binding_score", "per_type", "holdout", "bleu4", "cider",
+                  "samples_to_target", "seconds_to_target", "step_ms", "mem_mib", "fwd_bwd_ms",
+                  "curve", "stage1_samples"):
             assert k in r, (r["variant"], k)
         assert set(r["per_type"]) == set(QUESTION_TYPES) and 0 <= r["vqa"] <= 1
         assert r["step_ms"] > 0 and r["fwd_bwd_ms"] > 0 and r["mem_mib"] > 0
-        assert [(c["step"], c["samples"]) for c in r["curve"]] == [(1, bs), (2, 2 * bs), (3, 3 * bs)]
+        assert [(c["step"], c["samples"]) for c in r["curve"]] == [(k, k * bs) for k in (1, 2, 3)]
         for c in r["curve"]:
             assert set(c) == {"step", "samples", "train_s", "vqa", "binding_score", "per_type"}
             assert c["binding_score"] == pytest.approx(qfe.binding_score(c["per_type"]))
-        assert (r["samples_to_target"], r["seconds_to_target"]) == qfe.to_target(r, res["summary"]["0"]["target"])
+        assert ((r["samples_to_target"], r["seconds_to_target"])
+                == qfe.to_target(r, res["summary"]["0"]["target"]))
         assert r["stage1_samples"] == (TINY["stage1_steps"] * bs if r["variant"] == "B1" else 0)
         assert ("itc_r1" in r) == (r["variant"] == "B1")
         assert r["at_or_below_oracle"] == qfe.at_or_below_oracle(
@@ -641,7 +681,8 @@ def test_smoke_results_cover_every_variant(smoke):
         assert (r["prompts_encoded"] > 0) == (r["variant"] in ("P", "P-a", "P-b", "C0"))
     best = max(r["curve"][-1]["binding_score"] for r in res["runs"])
     assert best > 0 and res["summary"]["0"]["target"] == pytest.approx(0.9 * best)
-    for k in ("P_over_B2_samples_to_target", "P_over_B2_step_time", "P_over_B2_memory", "B1_over_B2_seconds_to_target"):
+    for k in ("P_over_B2_samples_to_target", "P_over_B2_step_time", "P_over_B2_memory",
+              "B1_over_B2_seconds_to_target"):
         assert k in res["summary"]["0"]
     assert any(r["bleu4"] > 0 or r["cider"] > 0 for r in res["runs"])    # the LM says something
 
@@ -662,8 +703,9 @@ def test_rows_at_or_below_the_bag_of_words_oracle_are_named():
 
 
 def test_smoke_prints_every_section(smoke):
-    """The printout: gates, one line per run, the test table (whose numbers are the results'), the baselines, the
-    cost table, the learning curve, every claim in the summary, and where the results went."""
+    """The printout: gates, one line per run, the test table (whose numbers are the results'), the
+    baselines, the cost table, the learning curve, every claim in the summary, and where the results
+    went."""
     out, res = smoke.stdout, smoke.first
     lines, variants = out.splitlines(), list(qfe.VARIANTS)
     assert "vision encoder: minimal pairs" in out and "frozen LM: pretrained" in out
@@ -684,31 +726,36 @@ def test_smoke_prints_every_section(smoke):
     assert cols.split() == ["samples"] + [str(c["samples"]) for c in res["runs"][0]["curve"]]
     assert "the claims (per-seed ratios" in out
     for k in res["summary"]["0"]:
-        if k != "target":                                              # every claim, labelled, with its value
+        if k != "target":                                    # every claim, labelled, with its value
             assert any(line.startswith(f"  {qfe.CLAIMS[k]}") for line in lines), k
     assert "B1 stage 1 ITC image->text R@1: " in out
     assert lines[-1].startswith(f"results: {smoke.out / 'results.json'} (")
 
 
 def test_smoke_logs_metrics_of_every_training_loop(smoke):
-    """metrics.jsonl: the losses of every training loop under a name that tells variants and seeds apart, and each
-    validation point of the learning curves as the run measured it (the rerun appends its own lines)."""
+    """metrics.jsonl: the losses of every training loop under a name that tells variants and seeds
+    apart, and each validation point of the learning curves as the run measured it (the rerun
+    appends its own lines)."""
     recs = [json.loads(line) for line in (smoke.out / "metrics.jsonl").read_text().splitlines()]
     names = [r["run"] for r in recs if "loss" in r]
-    assert {"vision", "T5 LM", "B1 seed 0 stage 1"} | {f"{v} seed 0" for v in qfe.VARIANTS} <= set(names)
+    want = {"vision", "T5 LM", "B1 seed 0 stage 1"} | {f"{v} seed 0" for v in qfe.VARIANTS}
+    assert want <= set(names)
     starts = [r["run"] for r in recs if r.get("step") == 1 and "loss" in r]
-    assert starts.count("vision") == starts.count("T5 LM") == 1             # the rerun loads both backbones
-    assert starts.count("P seed 0") == 2                                      # and trains every variant again
+    assert starts.count("vision") == starts.count("T5 LM") == 1     # the rerun loads both backbones
+    assert starts.count("P seed 0") == 2                            # and trains every variant again
     for r in smoke.first["runs"]:
         val = [x for x in recs if x["run"] == f"{r['variant']} seed 0" and x.get("split") == "val"]
         first = val[:len(r["curve"])]                                   # the first run's points
-        assert [(x["step"], x["binding_score"]) for x in first] == [(c["step"], c["binding_score"]) for c in r["curve"]]
+        assert ([(x["step"], x["binding_score"]) for x in first]
+                == [(c["step"], c["binding_score"]) for c in r["curve"]])
 
 
 def test_figures_without_matplotlib_are_none(monkeypatch, tmp_path):
-    """matplotlib is optional: without it (pyplot() gives None) no PNG is written and none is named."""
+    """matplotlib is optional: without it (pyplot() gives None) no PNG is written and none is named.
+    """
     monkeypatch.setattr(qfe, "pyplot", lambda: None)
-    assert qfe.figures(qfe.Config(out=str(tmp_path)), {}, [], {}) == [] and not list(tmp_path.iterdir())
+    assert qfe.figures(qfe.Config(out=str(tmp_path)), {}, [], {}) == []
+    assert not list(tmp_path.iterdir())
 
 
 def test_smoke_writes_and_names_the_figures(smoke):
@@ -719,24 +766,26 @@ def test_smoke_writes_and_names_the_figures(smoke):
 
 
 def test_rerun_keeps_earlier_results_and_repeats_the_numbers(smoke):
-    """The second run loads both backbones (pretraining is patched to fail), moves the first run's results and
-    checkpoints to previous_1/, and, on CPU with the same seed, gives the same numbers and the same weights."""
+    """The second run loads both backbones (pretraining is patched to fail), moves the first run's
+    results and checkpoints to previous_1/, and, on CPU with the same seed, gives the same numbers
+    and the same weights."""
     assert f"earlier results moved to {smoke.out / 'previous_1'}" in smoke.stdout2
     assert "vision encoder: loaded" in smoke.stdout2 and "frozen LM: loaded" in smoke.stdout2
     prev = smoke.out / "previous_1"
     want = ["results.json"] + [f"bridge_{v}_seed0.pt" for v in qfe.VARIANTS]
-    want += [] if qfe.pyplot() is None else ["binding_vs_compute.png", "scenes.png"]      # the figures move too
+    want += [] if qfe.pyplot() is None else ["binding_vs_compute.png", "scenes.png"]  # figures too
     assert sorted(p.name for p in prev.iterdir()) == sorted(want)
     assert json.loads((prev / "results.json").read_text()) == json.loads(json.dumps(smoke.first))
     a, b = smoke.first, smoke.second
     assert a["gates"] == b["gates"] and a["baselines"] == b["baselines"]
     assert a["summary"]["0"]["target"] == b["summary"]["0"]["target"]
-    keys = ("variant", "vqa", "binding_score", "per_type", "holdout", "bleu4", "cider", "examples", "samples_to_target",
-            "stage1_samples", "itc_r1", "prompts_encoded", "mem_mib")
-    curve_keys = ("step", "samples", "vqa", "binding_score", "per_type")           # not train_s: wall time
+    keys = ("variant", "vqa", "binding_score", "per_type", "holdout", "bleu4", "cider", "examples",
+            "samples_to_target", "stage1_samples", "itc_r1", "prompts_encoded", "mem_mib")
+    curve_keys = ("step", "samples", "vqa", "binding_score", "per_type")    # not train_s: wall time
     for r1, r2 in zip(a["runs"], b["runs"]):
         assert {k: r1.get(k) for k in keys} == {k: r2.get(k) for k in keys}
-        assert [[c[k] for k in curve_keys] for c in r1["curve"]] == [[c[k] for k in curve_keys] for c in r2["curve"]]
+        assert ([[c[k] for k in curve_keys] for c in r1["curve"]]
+                == [[c[k] for k in curve_keys] for c in r2["curve"]])
     for v in qfe.VARIANTS:
         m1 = torch.load(prev / f"bridge_{v}_seed0.pt", weights_only=True)["model"]
         m2 = torch.load(smoke.out / f"bridge_{v}_seed0.pt", weights_only=True)["model"]
@@ -744,13 +793,15 @@ def test_rerun_keeps_earlier_results_and_repeats_the_numbers(smoke):
 
 
 def test_checkpoint_loads_weights_only_and_reproduces_the_run(smoke, monkeypatch):
-    """bridge_P_seed0.pt: plain data (weights_only=True) with the Bridge's weights (not the frozen LM's, not the
-    fixed image positions), its config and vocabulary; a fresh Bridge built from that config takes the weights
-    strictly and, with the cached backbones, gives the reported test answers and captions."""
+    """bridge_P_seed0.pt: plain data (weights_only=True) with the Bridge's weights (not the frozen
+    LM's, not the fixed image positions), its config and vocabulary; a fresh Bridge built from that
+    config takes the weights strictly and, with the cached backbones, gives the reported test
+    answers and captions."""
     monkeypatch.setattr(vision, "pretrain", fail)
     monkeypatch.setattr(t5lm, "pretrain", fail)
     ck = torch.load(smoke.out / "bridge_P_seed0.pt", weights_only=True)
-    assert set(ck) == {"model", "config", "vocab", "max_len"} and ck["config"] == smoke.second["config"]
+    assert set(ck) == {"model", "config", "vocab", "max_len"}
+    assert ck["config"] == smoke.second["config"]
     assert not any(k.startswith("lm") for k in ck["model"]) and "qf.img_pos" not in ck["model"]
     cfg = qfe.Config(**ck["config"])
     world, vocab, refs = qfe.load_data(cfg)
@@ -766,7 +817,8 @@ def test_checkpoint_loads_weights_only_and_reproduces_the_run(smoke, monkeypatch
     em, per_type = qfe.vqa(bridge, lm, feats, qfe.vqa_items(world["test"]), vocab, CPU)
     assert (em, per_type) == (run["vqa"], run["per_type"])
     max_new = max(len(r[0].split()) for r in refs["test"]) + 2
-    bridge.cache(lm, [qfe.CAPTION_PROMPT, qfe.qa_prompt("x")])           # as in the run: 'caption:' cached in a batch
+    # as in the run: 'caption:' cached in a batch
+    bridge.cache(lm, [qfe.CAPTION_PROMPT, qfe.qa_prompt("x")])
     assert bridge.generate(lm, feats[:3], [qfe.CAPTION_PROMPT] * 3, max_new) == run["examples"]
 
 
@@ -830,11 +882,13 @@ def test_vary_backbones_redraws_the_world_and_both_backbones(tmp_path, monkeypat
 
 
 def test_main_reads_a_data_dir(tmp_path):
-    """--data-dir: splits from the file, no hold-out split (so no hold-out score, no bag-of-attributes oracle)."""
+    """--data-dir: splits from the file, no hold-out split (so no hold-out score, no
+    bag-of-attributes oracle)."""
     ds = generate(120, "train", seed=3, size=16)
     save_dir(ds, tmp_path / "data", ["train"] * 90 + ["val"] * 15 + ["test"] * 15)
     with contextlib.redirect_stdout(io.StringIO()):
-        res = qfe.main(argv(tmp_path / "out", tmp_path / "cache", variants="B1,P", data_dir=tmp_path / "data"))
+        res = qfe.main(argv(tmp_path / "out", tmp_path / "cache", variants="B1,P",
+                            data_dir=tmp_path / "data"))
     assert [r["variant"] for r in res["runs"]] == ["B1", "P"]
     assert all(r["holdout"] is None and 0 <= r["vqa"] <= 1 for r in res["runs"])
     assert set(res["baselines"]) == {"test"} and res["baselines"]["test"]["bag_oracle"] is None
@@ -842,9 +896,9 @@ def test_main_reads_a_data_dir(tmp_path):
     assert (tmp_path / "out" / "bridge_P_seed0.pt").exists()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Bad input: one line, exit status 2, nothing trained, nothing overwritten
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def broken_dir(p):
     d = p / "broken"
@@ -859,24 +913,33 @@ BAD = [
     pytest.param(lambda p: ["--lr", "0"], "--lr must be positive", id="lr-0"),
     pytest.param(lambda p: ["--lr=-1"], "--lr must be positive", id="lr-negative"),
     pytest.param(lambda p: ["--lr", "nan"], "--lr must be positive", id="lr-nan"),
-    pytest.param(lambda p: ["--lr", "inf"], "--lr must be positive and finite, got inf", id="lr-inf"),
+    pytest.param(lambda p: ["--lr", "inf"], "--lr must be positive and finite, got inf",
+                 id="lr-inf"),
     pytest.param(lambda p: ["--device", "cuda"], "CUDA is not available", id="cuda-missing",
-                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")),
+                 marks=pytest.mark.skipif(torch.cuda.is_available(),
+                                          reason="this machine has CUDA")),
     pytest.param(lambda p: ["--target-em", "0"], "--target-em must be in (0, 1]", id="target-em-0"),
-    pytest.param(lambda p: ["--target-em", "1.5"], "--target-em must be in (0, 1]", id="target-em-1.5"),
+    pytest.param(lambda p: ["--target-em", "1.5"], "--target-em must be in (0, 1]",
+                 id="target-em-1.5"),
     pytest.param(lambda p: ["--variants", "B1,Q9"], "unknown 'Q9'", id="unknown-variant"),
     pytest.param(lambda p: ["--variants", ","], "empty list", id="no-variant"),
     pytest.param(lambda p: ["--queries", "0"], "--queries must be positive", id="queries-0"),
     pytest.param(lambda p: ["--image-tokens", "5"], "--image-tokens", id="image-tokens-not-square"),
     pytest.param(lambda p: ["--image-tokens", "25"], "--image-tokens", id="image-tokens-over-grid"),
     pytest.param(lambda p: ["--seeds", "a"], "--seeds", id="seeds"),
-    pytest.param(lambda p: ["--caption-frac", "2"], "--caption-frac must be in [0, 1]", id="caption-frac-2"),
-    pytest.param(lambda p: ["--data-dir", str(p / "no-such-dir")], "no such directory", id="missing-data-dir"),
-    pytest.param(lambda p: ["--data-dir", broken_dir(p)], "bad annotation line", id="malformed-data-dir"),
-    pytest.param(lambda p: ["--quer", "4"], "unrecognized arguments: --quer 4", id="abbreviated-flag"),
+    pytest.param(lambda p: ["--caption-frac", "2"], "--caption-frac must be in [0, 1]",
+                 id="caption-frac-2"),
+    pytest.param(lambda p: ["--data-dir", str(p / "no-such-dir")], "no such directory",
+                 id="missing-data-dir"),
+    pytest.param(lambda p: ["--data-dir", broken_dir(p)], "bad annotation line",
+                 id="malformed-data-dir"),
+    pytest.param(lambda p: ["--quer", "4"], "unrecognized arguments: --quer 4",
+                 id="abbreviated-flag"),
     pytest.param(lambda p: ["--threads", "-1"], "--threads must be >= 0", id="threads-negative"),
-    pytest.param(lambda p: ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'", id="unknown-dtype"),
-    pytest.param(lambda p: ["--device", "tpu"], "argument --device: invalid choice: 'tpu'", id="unknown-device"),
+    pytest.param(lambda p: ["--dtype", "float16"], "argument --dtype: invalid choice: 'float16'",
+                 id="unknown-dtype"),
+    pytest.param(lambda p: ["--device", "tpu"], "argument --device: invalid choice: 'tpu'",
+                 id="unknown-device"),
 ]
 
 
@@ -891,10 +954,10 @@ def bad_run(p, extra, capsys, monkeypatch):
 
 @pytest.mark.parametrize("make, msg", BAD)
 def test_bad_input_exits_2_with_one_line_before_training(make, msg, tmp_path, capsys, monkeypatch):
-    """Each user error: exit status 2, exactly one line on stderr naming the problem, no traceback, nothing trained
-    (the training functions are patched to fail), no backbone written, and an earlier run's results in that --out
-    untouched: byte for byte, nothing moved to previous_<k>/, no metrics.jsonl (even for an error caught only when
-    the data is read)."""
+    """Each user error: exit status 2, exactly one line on stderr naming the problem, no traceback,
+    nothing trained (the training functions are patched to fail), no backbone written, and an
+    earlier run's results in that --out untouched: byte for byte, nothing moved to previous_<k>/, no
+    metrics.jsonl (even for an error caught only when the data is read)."""
     (tmp_path / "f").write_text("a file, not a folder")
     out = tmp_path / "out"
     out.mkdir()
