@@ -1,5 +1,5 @@
-"""logit_correction.py: losses against hand-computed values, fast code against slow oracles, Group MixUp,
-a smoke run of main(), determinism, and bad-input errors. CPU, seconds."""
+"""logit_correction.py: losses against hand-computed values, fast code against slow oracles, Group
+MixUp, a smoke run of main(), determinism, and bad-input errors. CPU, seconds."""
 import json
 import math
 import os
@@ -16,18 +16,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import logit_correction as lc  # noqa: E402
 from data import digits  # noqa: E402
 
-TINY = ["--threads", "1", "--n-train", "300", "--n-val", "100", "--n-test", "100", "--epochs", "2", "--batch-size", "64",
-        "--log-every", "0"]
+TINY = ["--threads", "1", "--n-train", "300", "--n-val", "100", "--n-test", "100", "--epochs", "2",
+        "--batch-size", "64", "--log-every", "0"]
 
 
-# ---------------------------------------------------------------------------------------------- losses
+# ------------------------------------------------------------------------------------------ losses
 
 def test_lc_loss_equals_ce_when_prior_is_uniform():
     torch.manual_seed(0)
     logits, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
-    for c in (0.01, 0.37):                                # any constant column: ln c cancels in the softmax
+    # any constant column: ln c cancels in the softmax
+    for c in (0.01, 0.37):
         delta = torch.full((16, 10), c)
-        assert torch.allclose(lc.lc_loss(logits, y, delta), F.cross_entropy(logits, y, reduction="none"), atol=1e-6)
+        assert torch.allclose(lc.lc_loss(logits, y, delta),
+                              F.cross_entropy(logits, y, reduction="none"), atol=1e-6)
 
 
 def test_corrected_logits_shift_by_log_prior_exactly():
@@ -36,11 +38,13 @@ def test_corrected_logits_shift_by_log_prior_exactly():
     delta = torch.rand(8, 10, dtype=torch.float64) * 0.5 + 1e-3
     shift = lc.corrected_logits(logits, delta) - logits
     assert torch.allclose(shift, torch.log(delta), atol=1e-12, rtol=0)
-    # by hand: raw logits (0, 0), prior column (0.9, 0.1), label 1 -> CE((ln .9, ln .1), 1) = -ln(0.1) = ln 10
+    # by hand: raw logits (0, 0), prior column (0.9, 0.1), label 1
+    #   -> CE((ln .9, ln .1), 1) = -ln(0.1) = ln 10
     val = lc.lc_loss(torch.zeros(1, 2), torch.tensor([1]), torch.tensor([[0.9, 0.1]]))
     assert val.item() == pytest.approx(math.log(10), abs=1e-6)
     # the floor: a zero prior entry becomes ln(eps), never -inf
-    assert lc.corrected_logits(torch.zeros(1, 2), torch.tensor([[0.0, 1.0]]), eps=1e-4)[0, 0].item() == pytest.approx(math.log(1e-4))
+    assert lc.corrected_logits(torch.zeros(1, 2), torch.tensor([[0.0, 1.0]]),
+                               eps=1e-4)[0, 0].item() == pytest.approx(math.log(1e-4))
 
 
 def test_gce_value_and_gradient_by_hand():
@@ -55,17 +59,19 @@ def test_gce_value_and_gradient_by_hand():
     # q -> 0 recovers cross-entropy: (1 - p^q) / q -> -ln p
     z = torch.randn(5, 10, dtype=torch.float64)
     y = torch.randint(0, 10, (5,))
-    assert torch.allclose(lc.gce_loss(z, y, q=1e-7), F.cross_entropy(z, y, reduction="none"), atol=1e-5)
+    assert torch.allclose(lc.gce_loss(z, y, q=1e-7), F.cross_entropy(z, y, reduction="none"),
+                          atol=1e-5)
 
 
 def test_margins_against_loop():
     torch.manual_seed(0)
     z, y = torch.randn(20, 10), torch.randint(0, 10, (20,))
-    slow = [z[i, y[i]].item() - max(z[i, k].item() for k in range(10) if k != y[i]) for i in range(20)]
+    slow = [z[i, y[i]].item() - max(z[i, k].item() for k in range(10) if k != y[i])
+            for i in range(20)]
     assert lc.margins(z, y).tolist() == pytest.approx(slow, abs=1e-6)
 
 
-# ---------------------------------------------------------------------------------------------- group prior
+# ------------------------------------------------------------------------------------- group prior
 
 def test_update_prior_against_counting_loop():
     torch.manual_seed(0)
@@ -75,10 +81,12 @@ def test_update_prior_against_counting_loop():
         slow[yi, ai] += 1
     num0, den0 = torch.full((10, 10), 0.3), 30.0
     num, den = lc.update_prior(num0, den0, y, a, 0.9)
-    assert np.allclose(num.numpy(), 0.9 * 0.3 + slow, atol=1e-6) and den == pytest.approx(0.9 * 30 + 64)
-    num, den = lc.update_prior(torch.zeros(10, 10), 0.0, y, a, 0.9)         # first step: the batch frequencies
+    assert np.allclose(num.numpy(), 0.9 * 0.3 + slow, atol=1e-6)
+    assert den == pytest.approx(0.9 * 30 + 64)
+    # first step: the batch frequencies
+    num, den = lc.update_prior(torch.zeros(10, 10), 0.0, y, a, 0.9)
     assert np.allclose((num / den).numpy(), slow / 64, atol=1e-7)
-    # a partial batch counts by its size: 64 then 16 samples = the frequencies of all 80 when beta = 1
+    # a partial batch counts by its size: 64 then 16 samples = the frequencies of all 80 at beta = 1
     y2, a2 = torch.randint(0, 10, (16,)), torch.randint(0, 10, (16,))
     num, den = lc.update_prior(num, den, y2, a2, 1.0)
     both = np.zeros((10, 10))
@@ -87,8 +95,8 @@ def test_update_prior_against_counting_loop():
 
 
 def test_prior_reaches_true_group_frequencies_within_one_epoch():
-    """Perfect pseudo-attributes, one epoch of shuffled batches: Delta = the true P(y, a), rare cells included.
-    The v1 estimator (uniform start, no bias correction) is still far off after the same epoch."""
+    """Perfect pseudo-attributes, one epoch of shuffled batches: Delta = the true P(y, a), rare
+    cells included. A uniform start without bias correction is still far off after that epoch."""
     g = torch.Generator().manual_seed(0)
     N, B, beta = 20000, 256, 0.995
     y = torch.arange(N) % 10
@@ -106,40 +114,51 @@ def test_prior_reaches_true_group_frequencies_within_one_epoch():
     delta = num / den
     assert delta.sum().item() == pytest.approx(1.0, abs=1e-5)
     diag = torch.eye(10, dtype=torch.bool)
-    assert torch.allclose(delta[diag], true[diag], rtol=0.01)                 # aligned cells within 1 %
-    assert (delta[~diag] - true[~diag]).abs().max() < 1e-4                    # rare cells (true 2.2e-4 each)
-    # the margin LC asks of the rare cells, ln Delta[y, a] / Delta[a, a], within 0.1 of the truth on average
+    # aligned cells within 1 %
+    assert torch.allclose(delta[diag], true[diag], rtol=0.01)
+    # rare cells (true 2.2e-4 each)
+    assert (delta[~diag] - true[~diag]).abs().max() < 1e-4
+    # the margin LC asks of the rare cells, ln Delta[y, a] / Delta[a, a], within 0.1 of the truth on
+    # average
     lr = lambda d: torch.log(d[~diag].clamp_min(1e-4)).mean() - torch.log(d[diag]).mean()
     assert abs(lr(delta) - lr(true)) < 0.1
-    assert abs(lr(v1) - lr(true)) > 2.0                                       # v1: nowhere near after one epoch
+    # v1: nowhere near after one epoch
+    assert abs(lr(v1) - lr(true)) > 2.0
 
 
-# ---------------------------------------------------------------------------------------------- LfF, GroupDRO, sampler
+# -------------------------------------------------------------------------- LfF, GroupDRO, sampler
 
 def test_lff_weights_by_hand():
-    """4 images, classes (0, 0, 1, 1); EMA 0.5. First visit: the EMA is the loss itself; weights use class maxima."""
+    """4 images, classes (0, 0, 1, 1); EMA 0.5. First visit: the EMA is the loss itself; weights use
+    class maxima."""
     S = SimpleNamespace(cfg=SimpleNamespace(lff_ema=0.5), y_N=torch.tensor([0, 0, 1, 1]),
-                        ema_b=torch.zeros(4), ema_d=torch.zeros(4), seen=torch.zeros(4, dtype=torch.bool))
+                        ema_b=torch.zeros(4), ema_d=torch.zeros(4),
+                        seen=torch.zeros(4, dtype=torch.bool))
     idx, y = torch.tensor([0, 1, 2]), torch.tensor([0, 0, 1])
     w = lc.lff_weights(S, idx, y, torch.tensor([2.0, 1.0, 4.0]), torch.tensor([1.0, 1.0, 2.0]))
-    # class 0: max l_b = 2, max l_d = 1 -> image 0: (1, 1) -> 1/2; image 1: (0.5, 1) -> 1/3; class 1: (1, 1) -> 1/2
+    # class 0: max l_b = 2, max l_d = 1 -> image 0: (1, 1) -> 1/2; image 1: (0.5, 1) -> 1/3;
+    # class 1: (1, 1) -> 1/2
     assert w.tolist() == pytest.approx([0.5, 1 / 3, 0.5], abs=1e-6)
     assert S.seen.tolist() == [True, True, True, False]
-    # second visit of image 1 (and first of image 3): EMA_b(1) = 0.5 * 1 + 0.5 * 3 = 2, EMA_d(1) = 0.5 * 1 + 0.5 * 0 = 0.5
-    w = lc.lff_weights(S, torch.tensor([1, 3]), torch.tensor([0, 1]), torch.tensor([3.0, 1.0]), torch.tensor([0.0, 8.0]))
+    # second visit of image 1 (and first of image 3): EMA_b(1) = 0.5 * 1 + 0.5 * 3 = 2,
+    # EMA_d(1) = 0.5 * 1 + 0.5 * 0 = 0.5
+    w = lc.lff_weights(S, torch.tensor([1, 3]), torch.tensor([0, 1]), torch.tensor([3.0, 1.0]),
+                       torch.tensor([0.0, 8.0]))
     # class 0 maxima now: l_b max(2, 2) = 2, l_d max(1, 0.5) = 1 -> image 1: (1, 0.5) -> 2/3
     # class 1 maxima: l_b max(4, 1) = 4, l_d max(2, 8) = 8 -> image 3: (0.25, 1) -> 0.2
     assert w.tolist() == pytest.approx([2 / 3, 0.2], abs=1e-6)
-    assert S.ema_b.tolist() == pytest.approx([2.0, 2.0, 4.0, 1.0]) and S.ema_d.tolist() == pytest.approx([1.0, 0.5, 2.0, 8.0])
+    assert S.ema_b.tolist() == pytest.approx([2.0, 2.0, 4.0, 1.0])
+    assert S.ema_d.tolist() == pytest.approx([1.0, 0.5, 2.0, 8.0])
 
 
 def test_groupdro_update_and_loss_by_hand():
     q = torch.full((4,), 0.25)
     loss = torch.tensor([1.0, 2.0, 0.0, 3.0])
     new = lc.dro_update(q, loss, torch.tensor([True, True, False, True]), eta=0.5)
-    e = [math.exp(0.5), math.exp(1.0), 1.0, math.exp(1.5)]                 # group 2 absent: its factor is 1
+    # group 2 absent: its factor is 1
+    e = [math.exp(0.5), math.exp(1.0), 1.0, math.exp(1.5)]
     assert new.tolist() == pytest.approx([v / sum(e) for v in e], abs=1e-6)
-    # the training loss: sum_g q_g * (mean CE of group g in the batch), gradients through the CE only
+    # the training loss: sum_g q_g * (mean CE of group g in the batch), gradients through CE only
     torch.manual_seed(0)
     net = lc.mlp()
     S = SimpleNamespace(net=net, a_N=torch.tensor([0, 0, 5, 1]), q_G=torch.full((100,), 0.01),
@@ -151,26 +170,31 @@ def test_groupdro_update_and_loss_by_hand():
     w = {g: 0.01 * math.exp(0.1 * v.item()) for g, v in gl.items()}
     Z = sum(w.values()) + 0.01 * 97
     assert got.item() == pytest.approx(sum(w[g] / Z * gl[g].item() for g in gl), rel=1e-5)
-    assert S.q_G.sum().item() == pytest.approx(1.0, abs=1e-6) and S.q_G[5].item() == pytest.approx(w[5] / Z, rel=1e-5)
+    assert S.q_G.sum().item() == pytest.approx(1.0, abs=1e-6)
+    assert S.q_G[5].item() == pytest.approx(w[5] / Z, rel=1e-5)
 
 
 def test_balanced_order_group_frequencies():
-    g = torch.cat([torch.zeros(5000), torch.full((40,), 7), torch.full((1,), 42), torch.full((200,), 99)]).long()
+    g = torch.cat([torch.zeros(5000), torch.full((40,), 7), torch.full((1,), 42),
+                   torch.full((200,), 99)]).long()
     g = g[torch.randperm(len(g), generator=torch.Generator().manual_seed(1))]
     idx = lc.balanced_order(g, 40000, torch.Generator().manual_seed(0))
     freq = torch.bincount(g[idx], minlength=100).float() / len(idx)
     assert set(torch.nonzero(freq).squeeze(1).tolist()) == {0, 7, 42, 99}     # never an empty group
-    assert freq[[0, 7, 42, 99]].tolist() == pytest.approx([0.25] * 4, abs=0.01)  # 1/4 each, whatever its size
-    inside = torch.bincount(idx[g[idx] == 7], minlength=len(g))[g == 7]     # uniform within a group too
+    # 1/4 each, whatever its size
+    assert freq[[0, 7, 42, 99]].tolist() == pytest.approx([0.25] * 4, abs=0.01)
+    # uniform within a group too
+    inside = torch.bincount(idx[g[idx] == 7], minlength=len(g))[g == 7]
     assert inside.min() > 0.5 * inside.float().mean()
     assert (g[lc.balanced_order(g, 10, torch.Generator().manual_seed(3))] >= 0).all()
 
 
-# ---------------------------------------------------------------------------------------------- Group MixUp
+# ------------------------------------------------------------------------------------- Group MixUp
 
 def test_group_mixup_partners_are_same_class_minority():
     y_N = torch.tensor([0, 0, 0, 0, 1, 1, 1, 2, 2, 2])
-    a_mem = torch.tensor([0, 0, 3, 5, 1, 1, 1, 7, 2, 2])                # class 0: minority {2, 3}; class 1: none
+    # class 0: minority {2, 3}; class 1: none
+    a_mem = torch.tensor([0, 0, 3, 5, 1, 1, 1, 7, 2, 2])
     pools = lc.minority_pools(y_N, a_mem, C=10)
     assert pools[0].tolist() == [2, 3] and pools[1].tolist() == [] and pools[2].tolist() == [7]
     gen = torch.Generator().manual_seed(0)
@@ -180,26 +204,33 @@ def test_group_mixup_partners_are_same_class_minority():
         assert (y_N[j] == y_N[idx]).all()                               # same class, always
         for i in range(10):
             if len(pools[y_N[i]]):
-                assert a_mem[j[i]] != y_N[i]                            # a (pseudo-)minority partner
+                # a (pseudo-)minority partner
+                assert a_mem[j[i]] != y_N[i]
             else:
-                assert j[i] == i                                        # no minority yet: itself, a no-op mix
+                # no minority yet: itself, a no-op mix
+                assert j[i] == i
 
 
 def test_group_mixup_batch_pools_fall_back_to_same_class():
-    """--mix-pool batch (official code): minority partners come from the batch; a class without a pseudo-minority
-    sample in the batch is mixed with a random same-class sample of the batch."""
-    idx = torch.tensor([10, 11, 12, 13, 14, 15, 16])                    # training-set indices of the batch
+    """--mix-pool batch (official code): minority partners come from the batch; a class without a
+    pseudo-minority sample in the batch is mixed with a random same-class sample of the batch."""
+    # training-set indices of the batch
+    idx = torch.tensor([10, 11, 12, 13, 14, 15, 16])
     y = torch.tensor([0, 0, 0, 1, 1, 2, 2])
-    a_hat = torch.tensor([0, 0, 4, 1, 1, 2, 2])                         # only class 0 has a pseudo-minority (12)
+    # only class 0 has a pseudo-minority (12)
+    a_hat = torch.tensor([0, 0, 4, 1, 1, 2, 2])
     pools = [idx[m] for m in lc.minority_pools(y, a_hat, C=10)]
     assert pools[0].tolist() == [12] and all(len(p) == 0 for p in pools[1:])
     gen = torch.Generator().manual_seed(0)
     pos = {int(i): b for b, i in enumerate(idx)}
     for _ in range(20):
         j = lc.pick_partners(y, idx, pools, gen, fallback="class")
-        assert j[:3].tolist() == [12, 12, 12]                           # class 0: always its minority sample
-        assert all(y[pos[int(jj)]] == y[b] for b, jj in enumerate(j))   # every partner in the batch, same class
-        assert sorted(j[3:5].tolist()) == [13, 14] and sorted(j[5:].tolist()) == [15, 16]   # a within-class shuffle
+        # class 0: always its minority sample
+        assert j[:3].tolist() == [12, 12, 12]
+        # every partner in the batch, same class
+        assert all(y[pos[int(jj)]] == y[b] for b, jj in enumerate(j))
+        # a within-class shuffle
+        assert sorted(j[3:5].tolist()) == [13, 14] and sorted(j[5:].tolist()) == [15, 16]
 
 
 def test_group_mixup_mixes_inputs_and_prior_with_the_same_lambda():
@@ -213,11 +244,12 @@ def test_group_mixup_mixes_inputs_and_prior_with_the_same_lambda():
         assert torch.allclose(x_mix[b], lam[b] * x_i[b] + (1 - lam[b]) * x_j[b], atol=1e-6)
         assert torch.allclose(d_mix[b], lam[b] * d_i[b] + (1 - lam[b]) * d_j[b], atol=1e-6)
     # recover lambda from the inputs (x_i = 1, x_j = 0) and check Delta used the very same one
-    x_mix, d_mix = lc.group_mixup(torch.ones(B, 3), torch.zeros(B, 3), torch.ones(B, 10), torch.zeros(B, 10), lam)
+    x_mix, d_mix = lc.group_mixup(torch.ones(B, 3), torch.zeros(B, 3), torch.ones(B, 10),
+                                  torch.zeros(B, 10), lam)
     assert torch.allclose(x_mix[:, 0], lam) and torch.allclose(d_mix[:, 0], lam)
 
 
-# ---------------------------------------------------------------------------------------------- evaluation
+# -------------------------------------------------------------------------------------- evaluation
 
 def test_evaluate_against_slow_oracle():
     torch.manual_seed(0)
@@ -236,14 +268,17 @@ def test_evaluate_against_slow_oracle():
     assert got["unbiased"] == pytest.approx(100 * np.mean(accs), abs=1e-4)
     assert got["worst_group"] == pytest.approx(100 * min(accs), abs=1e-4)
     al = a == y
-    assert got["aligned"] == pytest.approx(100 * (pred[al] == y[al]).float().mean().item(), abs=1e-4)
-    assert got["conflicting"] == pytest.approx(100 * (pred[~al] == y[~al]).float().mean().item(), abs=1e-4)
+    assert got["aligned"] == pytest.approx(100 * (pred[al] == y[al]).float().mean().item(),
+                                           abs=1e-4)
+    assert got["conflicting"] == pytest.approx(100 * (pred[~al] == y[~al]).float().mean().item(),
+                                               abs=1e-4)
 
 
-# ---------------------------------------------------------------------------------------------- main()
+# ------------------------------------------------------------------------------------------ main()
 
 REQUIRED = {"method", "ratio", "seed", "dataset", "protocol", "n_conflicting", "unbiased_acc_last",
-            "unbiased_acc_best_val", "aligned_acc", "conflicting_acc", "worst_group_acc", "epochs", "history"}
+            "unbiased_acc_best_val", "aligned_acc", "conflicting_acc", "worst_group_acc", "epochs",
+            "history"}
 
 
 def test_mlp_default_is_lcs_reference_and_lffs_an_option():
@@ -308,20 +343,26 @@ def test_lc_does_not_collapse_at_its_default_setting(tmp_path):
 
 
 def test_smoke_main_all_methods_and_determinism(tmp_path, capsys):
-    args = TINY + ["--methods", ",".join(lc.METHODS), "--ratios", "5", "--seeds", "3", "--margins", "--explain"]
+    args = TINY + ["--methods", ",".join(lc.METHODS), "--ratios", "5", "--seeds", "3", "--margins",
+                   "--explain"]
     res = lc.main(args + ["--out", str(tmp_path / "a")])
     saved = json.loads((tmp_path / "a" / "results.json").read_text())
-    assert len(saved["runs"]) == len(lc.METHODS) and {r["method"] for r in saved["runs"]} == set(lc.METHODS)
+    assert len(saved["runs"]) == len(lc.METHODS)
+    assert {r["method"] for r in saved["runs"]} == set(lc.METHODS)
     for r in saved["runs"]:
         assert REQUIRED <= set(r) and r["dataset"] == "procedural" and r["epochs"] == 2
-        assert r["n_conflicting"] == 10 * round(0.05 * 30)                # 30 images per class, rho = 5 %
-        assert 0 <= r["unbiased_acc_best_val"] <= 100 and 0 <= r["worst_group_acc"] <= r["unbiased_acc_best_val"]
+        # 30 images per class, rho = 5 %
+        assert r["n_conflicting"] == 10 * round(0.05 * 30)
+        assert 0 <= r["unbiased_acc_best_val"] <= 100
+        assert 0 <= r["worst_group_acc"] <= r["unbiased_acc_best_val"]
         if r["method"] in lc.TWO_NETS:                     # the mechanism, every epoch
             assert {"precision", "recall", "colour_acc"} <= set(r["history"][0])
     ex = next(r for r in saved["runs"] if r["method"] == "lc")["explain"]
-    assert ex["aligned"]["label"] == ex["aligned"]["colour"] and ex["conflicting"]["label"] != ex["conflicting"]["colour"]
+    assert ex["aligned"]["label"] == ex["aligned"]["colour"]
+    assert ex["conflicting"]["label"] != ex["conflicting"]["colour"]
     assert "|dL/df|" in capsys.readouterr().out
-    ck = torch.load(tmp_path / "a" / "ckpt" / f"lc_r5_s3_{saved['runs'][0]['protocol']}.pt", weights_only=True)
+    ck = torch.load(tmp_path / "a" / "ckpt" / f"lc_r5_s3_{saved['runs'][0]['protocol']}.pt",
+                    weights_only=True)
     assert ck["config"]["method"] == "lc" and ck["config"]["epochs"] == 2
     assert ck["config"]["lr"] == lc.TUNED["lc"]["lr"]
     lc.mlp().load_state_dict(ck["best_val"])
@@ -333,12 +374,16 @@ def test_smoke_main_all_methods_and_determinism(tmp_path, capsys):
 def test_quick_sets_smoke_sizes_and_keeps_the_default_protocol_key():
     quick, *_ = lc.parse_config(["--quick"])
     assert (quick.n_train, quick.n_val, quick.n_test, quick.epochs) == (5000, 1000, 2000, 20)
-    mine, *_ = lc.parse_config(["--quick", "--epochs", "5", "--n-val", "300"])    # explicit flags win
+    # explicit flags win
+    mine, *_ = lc.parse_config(["--quick", "--epochs", "5", "--n-val", "300"])
     assert (mine.n_train, mine.n_val, mine.n_test, mine.epochs) == (5000, 300, 2000, 5)
-    assert quick.out.endswith("logit_correction_quick") and lc.parse_config([])[0].out.endswith("logit_correction")
-    assert lc.parse_config(["--quick", "--out", "elsewhere"])[0].out == "elsewhere"   # its own folder, unless told
+    assert quick.out.endswith("logit_correction_quick")
+    assert lc.parse_config([])[0].out.endswith("logit_correction")
+    # its own folder, unless told
+    assert lc.parse_config(["--quick", "--out", "elsewhere"])[0].out == "elsewhere"
     sweep, methods, ratios, seeds = lc.parse_config(["--sweep", "--seeds", "7"])
-    assert (methods, ratios, seeds) == ("erm,lff,lc_nomix,lc,groupdro".split(","), [0.5, 1.0, 2.0, 5.0], [7])
+    assert (methods, ratios, seeds) == ("erm,lff,lc_nomix,lc,groupdro".split(","),
+                                        [0.5, 1.0, 2.0, 5.0], [7])
     full, *_ = lc.parse_config([])
     assert lc.protocol_of(full, "procedural")[1] == "3ec138cc"          # the measured runs' key
     assert lc.protocol_of(quick, "procedural")[1] != "3ec138cc"
@@ -350,10 +395,11 @@ def test_rerun_adds_to_results_and_skips_finished_runs(tmp_path, capsys):
     res = lc.main(TINY + ["--methods", "erm,lc_nomix", "--ratios", "5,10"] + out)
     assert "finished earlier" in capsys.readouterr().out
     saved = json.loads((tmp_path / "results.json").read_text())["runs"]
-    assert sorted((r["method"], r["ratio"]) for r in saved) == [("erm", 5.0), ("erm", 10.0), ("lc_nomix", 5.0),
-                                                                ("lc_nomix", 10.0)]
+    assert sorted((r["method"], r["ratio"]) for r in saved) == [
+        ("erm", 5.0), ("erm", 10.0), ("lc_nomix", 5.0), ("lc_nomix", 10.0)]
     assert saved[0] == first[0] and len(res["runs"]) == 4
-    lc.main(TINY + ["--methods", "erm", "--ratios", "5", "--lr", "0.003"] + out)    # another protocol: a new run
+    # another protocol: a new run
+    lc.main(TINY + ["--methods", "erm", "--ratios", "5", "--lr", "0.003"] + out)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert len(saved["runs"]) == 5 and len(saved["protocols"]) == 2
     capsys.readouterr()
@@ -365,40 +411,49 @@ def write_idx_folder(d, gz):
     d.mkdir(parents=True)
     rng, s = np.random.default_rng(0), ".gz" if gz else ""
     for split, n in (("train", 300), ("t10k", 80)):
-        digits.write_idx(d / f"{split}-images-idx3-ubyte{s}", rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
+        digits.write_idx(d / f"{split}-images-idx3-ubyte{s}",
+                         rng.integers(0, 256, (n, 28, 28), dtype=np.uint8))
         digits.write_idx(d / f"{split}-labels-idx1-ubyte{s}", (np.arange(n) % 10).astype(np.uint8))
 
 
 @pytest.mark.parametrize("layout", ["plain", "gz", "parent"])
 def test_smoke_main_on_idx_folder(tmp_path, layout):
-    """--data-dir: the IDX files themselves (plain or .gz), or a parent folder (torchvision's MNIST/raw/)."""
-    write_idx_folder(tmp_path / "MNIST" / "raw" if layout == "parent" else tmp_path / "mnist", gz=layout == "gz")
+    """--data-dir: the IDX files themselves (plain or .gz), or a parent folder (torchvision's
+    MNIST/raw/)."""
+    write_idx_folder(tmp_path / "MNIST" / "raw" if layout == "parent" else tmp_path / "mnist",
+                     gz=layout == "gz")
     data = tmp_path if layout == "parent" else tmp_path / "mnist"
-    res = lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--mix-pool", "global", "--data-dir", str(data),
+    res = lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--mix-pool", "global",
+                          "--data-dir", str(data),
                           "--out", str(tmp_path / "o")])
     assert [r["dataset"] for r in res["runs"]] == [f"idx:{data.name}"] * 2
-    assert res["runs"][0]["n_conflicting"] >= 10                        # ~20 per class in 200 images, 5 % -> >= 1
+    # ~20 per class in 200 images, 5 % -> >= 1
+    assert res["runs"][0]["n_conflicting"] >= 10
 
 
-@pytest.mark.parametrize("bad", [["--ratios", "0"], ["--ratios", "100"], ["--ratios", "1,-2"], ["--ratios", "abc"],
-                                 ["--methods", "erm,jtt"], ["--epochs", "x"], ["--mix-pool", "all"], ["--device", "tpu"],
-                                 ["--q", "0"], ["--q", "1.5"], ["--lr", "-1e-3"], ["--lr-b", "-1"],
-                                 ["--mlp", "cnn"],
-                                 ["--epochs", "-1"], ["--decay-every", "-2"],
-                                 ["--epoch", "2"], ["--threads", "-1"], ["--seeds", "1,-1"], ["--data-seed", "-1"],
-                                 ["--n-train", "0"], ["--prior-momentum", "1"], ["--log-every", "-1"], ["--lr", "inf"],
+@pytest.mark.parametrize("bad", [["--ratios", "0"], ["--ratios", "100"], ["--ratios", "1,-2"],
+                                 ["--ratios", "abc"], ["--methods", "erm,jtt"], ["--epochs", "x"],
+                                 ["--mix-pool", "all"], ["--device", "tpu"], ["--q", "0"],
+                                 ["--q", "1.5"], ["--lr", "-1e-3"], ["--lr-b", "-1"],
+                                 ["--mlp", "cnn"], ["--epochs", "-1"], ["--decay-every", "-2"],
+                                 ["--epoch", "2"], ["--threads", "-1"], ["--seeds", "1,-1"],
+                                 ["--data-seed", "-1"], ["--n-train", "0"],
+                                 ["--prior-momentum", "1"], ["--log-every", "-1"], ["--lr", "inf"],
                                  ["--n-train", "5"],                   # a class without images
-                                 ["--ratios", "1"],                    # 30 images per class: no conflicting image
-                                 ["--device", "cuda"], ["--device", "mps"], ["--out", "FILE"], ["--out", "READONLY"],
-                                 ["--out", "BAD_RESULTS"], ["--report", "BAD_RESULTS"],
-                                 ["--report", "MISSING"], ["--data-dir", "MISSING"], ["--data-dir", "CORRUPT"],
+                                 ["--ratios", "1"],         # 30 images per class: none conflicting
+                                 ["--device", "cuda"], ["--device", "mps"], ["--out", "FILE"],
+                                 ["--out", "READONLY"], ["--out", "BAD_RESULTS"],
+                                 ["--report", "BAD_RESULTS"], ["--report", "MISSING"],
+                                 ["--data-dir", "MISSING"], ["--data-dir", "CORRUPT"],
                                  ["--data-dir", "MISMATCH"]])
 def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
-    """One line on stderr, exit 2, no traceback, before any training; an earlier results.json stays byte-identical."""
+    """One line on stderr, exit 2, no traceback, before any training; an earlier results.json stays
+    byte-identical."""
     flag, case = bad
     if bad == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is present")
-    if bad == ["--device", "mps"] and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+    if bad == ["--device", "mps"] and getattr(torch.backends, "mps",
+                                              None) and torch.backends.mps.is_available():
         pytest.skip("MPS is present")
     if case == "READONLY" and os.geteuid() == 0:
         pytest.skip("root may write into a read-only folder")
@@ -413,14 +468,16 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
         (d / "t10k-images-idx3-ubyte").write_bytes(raw[:4] + b"\xff\xff\xff\xff" + raw[8:])
     if case == "MISMATCH":
         digits.write_idx(d / "t10k-labels-idx1-ubyte", np.zeros(19, np.uint8))
-    if case == "BAD_RESULTS":                              # not a results.json: refused, and left as it is
+    # not a results.json: refused, and left as it is
+    if case == "BAD_RESULTS":
         earlier = b'{"runs": {"not": "a list"}}'
     (out / "results.json").write_bytes(earlier)
     if flag == "--data-dir":
         bad = [flag, str(d)]
     elif flag == "--report":
         bad = [flag, str(out / ("results.json" if case == "BAD_RESULTS" else "missing.json"))]
-    elif case == "FILE":                                   # --out below a plain file cannot be created
+    # --out below a plain file cannot be created
+    elif case == "FILE":
         bad, out = [], out / "results.json" / "sub"
     elif case in ("READONLY", "BAD_RESULTS"):
         bad = []
@@ -429,33 +486,41 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, bad):
         lc.main(TINY + ["--ratios", "5"] + bad + ["--out", str(out)])
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("logit_correction.py: error:") and "\n" not in err and "Traceback" not in err
-    assert (tmp_path / "out" / "results.json").read_bytes() == earlier          # earlier results intact
+    assert err.startswith("logit_correction.py: error:")
+    assert "\n" not in err and "Traceback" not in err
+    # earlier results intact
+    assert (tmp_path / "out" / "results.json").read_bytes() == earlier
     assert not (tmp_path / "out" / "metrics.jsonl").exists()                   # nothing trained
 
 
 def test_metrics_jsonl_one_record_per_epoch_and_run(tmp_path):
-    res = lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--seeds", "1,2", "--out", str(tmp_path)])
+    res = lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--seeds", "1,2", "--out",
+                          str(tmp_path)])
     recs = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert [(r["method"], r["seed"], r["epoch"]) for r in recs] == [(m, s, e) for s in (1, 2) for m in ("erm", "lc")
+    assert [(r["method"], r["seed"],
+             r["epoch"]) for r in recs] == [(m, s, e) for s in (1, 2) for m in ("erm", "lc")
                                                                     for e in (1, 2)]
     key = res["runs"][0]["protocol"]
     for r in recs:
         run = next(x for x in res["runs"] if (x["method"], x["seed"]) == (r["method"], r["seed"]))
         h = run["history"][r["epoch"] - 1]
-        assert r["protocol"] == key and r["ratio"] == 5.0 and r["step"] == r["epoch"] * 5    # 300 images, batch 64
+        # 300 images, batch 64
+        assert r["protocol"] == key and r["ratio"] == 5.0 and r["step"] == r["epoch"] * 5
         assert r["loss"] == h["loss"] and r["val_unbiased"] == h["val_unbiased"]
-        assert ("precision" in r and "recall" in r) == (r["method"] == "lc")         # LC's pseudo-attributes
+        # LC's pseudo-attributes
+        assert ("precision" in r and "recall" in r) == (r["method"] == "lc")
     last = [r for r in recs if r["epoch"] == 2]
-    assert all(r["test_unbiased"] == pytest.approx(next(x["unbiased_acc_last"] for x in res["runs"] if
-                                                        (x["method"], x["seed"]) == (r["method"], r["seed"])))
-               for r in last)
-    lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--seeds", "1,2", "--out", str(tmp_path)])
-    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(recs)   # finished runs: skipped
+    last_acc = {(x["method"], x["seed"]): x["unbiased_acc_last"] for x in res["runs"]}
+    assert all(r["test_unbiased"] == pytest.approx(last_acc[r["method"], r["seed"]]) for r in last)
+    lc.main(TINY + ["--methods", "erm,lc", "--ratios", "5", "--seeds", "1,2", "--out",
+                    str(tmp_path)])
+    # finished runs: skipped
+    assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == len(recs)
 
 
 def test_no_pictures_without_matplotlib(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(lc, "pyplot", lambda: None)                          # as if matplotlib were absent
+    # as if matplotlib were absent
+    monkeypatch.setattr(lc, "pyplot", lambda: None)
     lc.main(TINY + ["--methods", "erm", "--ratios", "5", "--out", str(tmp_path)])
     assert "picture:" not in capsys.readouterr().out and not list(tmp_path.glob("*.png"))
 
@@ -470,8 +535,8 @@ def test_pictures_with_matplotlib(tmp_path, capsys):
 
 
 def test_count_table_and_plot_with_a_stub_matplotlib(tmp_path):
-    """The accuracy-vs-number-of-conflicting-images table; the plot runs against a stand-in pyplot (matplotlib
-    itself is optional and not installed in CI)."""
+    """The accuracy-vs-number-of-conflicting-images table; the plot runs against a stand-in pyplot
+    (matplotlib itself is optional and not installed in CI)."""
     calls = []
 
     class Ax:
@@ -492,11 +557,15 @@ def test_count_table_and_plot_with_a_stub_matplotlib(tmp_path):
             Path(path).write_text("png")
 
     plt = SimpleNamespace(subplots=lambda **k: (Fig(), Ax()), close=lambda fig: None)
-    runs = [{"method": m, "ratio": r, "seed": s, "n_conflicting": n, "unbiased_acc_best_val": acc + s,
+    runs = [{"method": m, "ratio": r, "seed": s, "n_conflicting": n,
+             "unbiased_acc_best_val": acc + s,
              "history": [{"precision": 100.0, "recall": 80.0}]}
-            for m, acc in (("erm", 50.0), ("lc", 70.0)) for r, n in ((0.5, 280), (1.0, 550)) for s in (1, 2)]
+            for m, acc in (("erm", 50.0), ("lc", 70.0)) for r,
+            n in ((0.5, 280), (1.0, 550)) for s in (1, 2)]
     text = lc.count_table(runs)
-    assert "  0.5    280      51.50      71.50 100.0/ 80.0" in text               # mean over the two seeds
-    assert lc.plot_acc_vs_conflicting(runs, str(tmp_path), plt) == str(tmp_path / "acc_vs_conflicting.png")
+    # mean over the two seeds
+    assert "  0.5    280      51.50      71.50 100.0/ 80.0" in text
+    assert lc.plot_acc_vs_conflicting(runs, str(tmp_path),
+                                      plt) == str(tmp_path / "acc_vs_conflicting.png")
     assert (tmp_path / "acc_vs_conflicting.png").read_text() == "png"
     assert calls == [("erm", [280, 550], [51.5, 51.5]), ("lc", [280, 550], [71.5, 71.5])]
