@@ -66,11 +66,12 @@ NAMES = ("y", "dx", "dgates", "dw_in", "dw_out")
 
 def assert_matches(got, want, atol, rtol):
     for name, a, b in zip(NAMES, got, want):
-        torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(a, b.to(a.dtype), atol=atol, rtol=rtol,
+                                   msg=lambda m: f"{name}: {m}")
 
 
 def assert_rel_close(got, want, tol):
-    """Norm-wise relative error ||got - want|| / ||want|| <= tol for the output and every gradient."""
+    """Norm-wise relative error ||got - want|| / ||want|| <= tol, output and every gradient."""
     for name, a, b in zip(NAMES, got, want):
         err = float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
         assert err <= tol, f"{name}: relative error {err:.2e} > {tol}"
@@ -104,7 +105,8 @@ def no_loop(monkeypatch):
     monkeypatch.setattr(kernels, "_grouped_wgrad_loop", boom)
 
 
-# float64 goes through the always-correct per-group path of the grouped GEMM; D = 12 is not a power of two
+# float64 goes through the always-correct per-group path of the grouped GEMM; D = 12 is not a power
+# of two
 SHAPES = [(T, E, K) for T in (1, 7, 64) for E in (1, 4, 8) for K in sorted({1, 2, E}) if K <= E]
 
 
@@ -113,12 +115,14 @@ SHAPES = [(T, E, K) for T in (1, 7, 64) for E in (1, 4, 8) for K in sorted({1, 2
 def test_matches_oracle_float64(impl, T, E, K):
     args = make(T, 12, 20, E, K)
     want, _ = value_and_grads(oracle, *args)
-    got, dropped = value_and_grads(moe_ffn, *args, impl=impl, capacity_factor=float(E))  # cf = E: never drops
+    # cf = E: never drops
+    got, dropped = value_and_grads(moe_ffn, *args, impl=impl, capacity_factor=float(E))
     assert_matches(got, want, atol=1e-10, rtol=1e-10)
     assert not dropped.any()
 
 
-@pytest.mark.parametrize("D,H", [(12, 20), (6, 10)])   # (12, 20): native torch._grouped_mm rows; (6, 10): fallback
+# (12, 20): native torch._grouped_mm rows; (6, 10): fallback
+@pytest.mark.parametrize("D,H", [(12, 20), (6, 10)])
 def test_grouped_float32(D, H):
     args = make(64, D, H, 4, 2, dtype=torch.float32)
     want, _ = value_and_grads(oracle, *[a.double() if a.is_floating_point() else a for a in args])
@@ -132,8 +136,9 @@ TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2}   # norm-wise, against the flo
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("compiled", [False, True])
 def test_native_grouped_gemm_forward_and_both_gradients(dtype, compiled, monkeypatch):
-    """fp32 and bf16 on CPU take torch._grouped_mm for the two forward GEMMs and the four gradient GEMMs
-    (eager: torch's own autograd; compiled fp32: inside the custom op) -- never the per-group loop."""
+    """fp32 and bf16 on CPU take torch._grouped_mm for the two forward GEMMs and the four gradient
+    GEMMs (eager: torch's own autograd; compiled fp32: inside the custom op) -- never the per-group
+    loop."""
     no_loop(monkeypatch)
     args = make(32, 16, 32, 4, 2, dtype=dtype)          # compiled: the graph the next tests reuse
     want, _ = value_and_grads(oracle, *as_double(args))
@@ -145,18 +150,21 @@ def test_native_grouped_gemm_forward_and_both_gradients(dtype, compiled, monkeyp
     assert_rel_close(got, want, TOL[dtype])
     if not compiled:
         gemms = [a for n, f, a, k in log.ops if n == "aten._grouped_mm"]
-        assert len(gemms) == 6                                # 2 forward, 2 input-gradient, 2 weight-gradient
-        assert sum(a[0].dim() == 2 and a[1].dim() == 2 for a in gemms) == 2   # the 2D x 2D weight gradients
+        # 2 forward, 2 input-gradient, 2 weight-gradient
+        assert len(gemms) == 6
+        # the 2D x 2D weight gradients
+        assert sum(a[0].dim() == 2 and a[1].dim() == 2 for a in gemms) == 2
         assert all(a[0].dtype == dtype for a in gemms)
 
 
 # aten ops that read a tensor's value on the host: on CUDA each one waits for the GPU
 HOST_READS = {"aten._local_scalar_dense", "aten.nonzero", "aten.masked_select", "aten.bincount",
-              "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.repeat_interleave"}
+              "aten._unique2", "aten.unique_consecutive", "aten.unique_dim",
+              "aten.repeat_interleave"}
 # accumulating scatters: atomic adds on CUDA, so their sums are not repeatable there
-ATOMICS = {"aten.index_add", "aten.index_add_", "aten.scatter_add", "aten.scatter_add_", "aten.put_",
-           "aten.index_put", "aten.index_put_", "aten._index_put_impl_", "aten.scatter_reduce",
-           "aten.index_reduce"}
+ATOMICS = {"aten.index_add", "aten.index_add_", "aten.scatter_add", "aten.scatter_add_",
+           "aten.put_", "aten.index_put", "aten.index_put_", "aten._index_put_impl_",
+           "aten.scatter_reduce", "aten.index_reduce"}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -165,18 +173,21 @@ def test_grouped_has_no_host_reads_and_no_atomics(dtype):
     with OpLog() as log:
         value_and_grads(moe_ffn, *args, impl="grouped")
     assert not HOST_READS & set(log.names()) and not ATOMICS & set(log.names())
-    with OpLog() as log:                                    # the capacity path: no host reads either
+    # the capacity path: no host reads either
+    with OpLog() as log:
         value_and_grads(moe_ffn, *args, impl="capacity", capacity_factor=1.0)
     assert not HOST_READS & set(log.names())
     with OpLog() as log:                                    # the probe sees them: the loop has both
         value_and_grads(moe_ffn, *args, impl="loop")
     assert HOST_READS & set(log.names()) and ATOMICS & set(log.names())
-    with OpLog() as log:                                    # and debug=True's id check reads on the host
+    # and debug=True's id check reads on the host
+    with OpLog() as log:
         moe_ffn(*args[:5], impl="grouped", debug=True)
     assert "aten._local_scalar_dense" in log.names()
 
 
-@pytest.mark.parametrize("impl,compiled", [("grouped", False), ("grouped", True), ("capacity", False)])
+@pytest.mark.parametrize("impl,compiled",
+                         [("grouped", False), ("grouped", True), ("capacity", False)])
 def test_bit_for_bit_repeatable(impl, compiled):
     """Same inputs, same bits: output and all four gradients over several calls (no atomics)."""
     args = make(32, 16, 32, 4, 2, dtype=torch.float32, seed=3)
@@ -187,7 +198,8 @@ def test_bit_for_bit_repeatable(impl, compiled):
             assert torch.equal(a, b), name
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])   # float32: torch._grouped_mm's route
+# float32: torch._grouped_mm's route
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("impl", ["loop", "grouped", "capacity"])
 @pytest.mark.parametrize("case", ["empty_expert", "all_on_one", "tied_scores", "repeated_expert"])
 def test_edge_routings(impl, case, dtype):
@@ -206,10 +218,12 @@ def test_edge_routings(impl, case, dtype):
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     assert_matches(got, want, atol=tol, rtol=tol)
     if case == "empty_expert":
-        assert got[3][3].abs().max() == 0 and got[4][3].abs().max() == 0   # no gradient to the idle expert
+        # no gradient to the idle expert
+        assert got[3][3].abs().max() == 0 and got[4][3].abs().max() == 0
 
 
-@pytest.mark.parametrize("T,E,K,cf", [(64, 4, 2, 1.0), (64, 8, 2, 0.5), (7, 4, 4, 0.3), (33, 8, 8, 1.0)])
+@pytest.mark.parametrize("T,E,K,cf",
+                         [(64, 4, 2, 1.0), (64, 8, 2, 0.5), (7, 4, 4, 0.3), (33, 8, 8, 1.0)])
 def test_capacity_drops_like_oracle(T, E, K, cf):
     # skewed routing so that some experts overflow
     g = torch.Generator().manual_seed(1)
@@ -244,7 +258,8 @@ def test_compiled_equals_eager_and_does_not_recompile():
 @pytest.mark.parametrize("change,word", [
     (lambda a: a.update(idx=a["idx"] + 10, debug=True), "expert_idx_TK"),  # ids out of range
     (lambda a: a.update(idx=a["idx"] - 10, debug=True), "expert_idx_TK"),
-    (lambda a: a.update(idx=torch.zeros(8, 5, dtype=torch.long), gates=torch.rand(8, 5)), "top-k"),  # K > E
+    # K > E
+    (lambda a: a.update(idx=torch.zeros(8, 5, dtype=torch.long), gates=torch.rand(8, 5)), "top-k"),
     (lambda a: a.update(x=a["x"][:, :5]), "w_in"),                            # D mismatch
     (lambda a: a.update(w_out=a["w_out"][:, :3]), "w_out"),
     (lambda a: a.update(gates=a["gates"][:4]), "gates_TK"),
@@ -268,8 +283,8 @@ def test_bad_input_raises_value_error(change, word):
 @pytest.mark.parametrize("impl", ["loop", "grouped", "capacity"])
 @pytest.mark.parametrize("shift", [10, -10])
 def test_out_of_range_ids_trip_the_device_assert(impl, shift):
-    """Without debug there is no host read, but a bad id still fails (RuntimeError from the on-device
-    assert; on CUDA it fires asynchronously) instead of being silently skipped."""
+    """Without debug there is no host read, but a bad id still fails (RuntimeError from the
+    on-device assert; on CUDA it fires asynchronously) instead of being silently skipped."""
     x, idx, gates, w_in, w_out, _ = make(8, 12, 20, 4, 2)
     with pytest.raises(RuntimeError, match="expert_idx_TK"):
         moe_ffn(x, idx + shift, gates, w_in, w_out, impl=impl, capacity_factor=1.0)
@@ -346,18 +361,19 @@ def test_routes_of_a_gpu_run_on_the_cpu(monkeypatch, capability, dtype, want):
         assert all(a[0].dtype == dtype for n, f, a, k in log.ops if n in ("aten.mm", "aten.matmul"))
 
 
-# ---------------------------------------------------------------- the whole MoE layer of moe_testbed.py
+# ---------------------------------------------------------- the whole MoE layer of moe_testbed.py
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_moe_layer_compiles_as_one_graph(dtype):
-    """Router, dispatch, combine, aux and z losses and the drop count: torch.compile(fullgraph=True) of the
-    layer's forward and backward, equal to eager, and a new routing pattern reuses the graph. A host read
-    anywhere in the layer (.item(), int(tensor), .tolist(), nonzero) would break the graph and fail this.
-    The graph stops after autograd's tracing (aot_eager): Inductor's code for the dispatch is tested above."""
+    """Router, dispatch, combine, aux and z losses and the drop count: torch.compile(fullgraph=True)
+    of the layer's forward and backward, equal to eager, and a new routing pattern reuses the graph.
+    A host read anywhere in the layer (.item(), int(tensor), .tolist(), nonzero) would break the
+    graph and fail this. The graph stops after autograd's tracing (aot_eager): Inductor's code for
+    the dispatch is tested above."""
     import moe_testbed as mt
     torch._dynamo.reset()
-    cfg = mt.Config(experts=4, top_k=2, n_layer=2, d_model=16, n_head=2, expert_hidden=16, seq_len=8,
-                    batch_size=4, router="topk", balance="aux", balance_scope="global")
+    cfg = mt.Config(experts=4, top_k=2, n_layer=2, d_model=16, n_head=2, expert_hidden=16,
+                    seq_len=8, batch_size=4, router="topk", balance="aux", balance_scope="global")
     torch.manual_seed(0)
     layer = mt.MoEFFN(cfg, 8)
     ctx = dict(tok_BS=torch.zeros(4, 8, dtype=torch.long), dom_B=torch.arange(4))
@@ -370,13 +386,15 @@ def test_moe_layer_compiles_as_one_graph(dtype):
             y, st = fn(x, ctx)
         loss = (y.float() * grad_y).sum() + st["aux"] + st["z"]
         grads = torch.autograd.grad(loss, [x, layer.router.weight, layer.w_in_EDH, layer.w_out_EHD])
-        return [y.float().detach(), st["aux"].detach(), st["z"].detach(), st["n_drop"]] + list(grads)
+        return [y.float().detach(), st["aux"].detach(), st["z"].detach(),
+                st["n_drop"]] + list(grads)
 
     x = torch.randn(4, 8, 16, generator=g)
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
     want, got = step(layer, x), step(compiled, x)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for name, a, b in zip(("y", "aux", "z", "n_drop", "dx", "drouter", "dw_in", "dw_out"), got, want):
+    names = ("y", "aux", "z", "n_drop", "dx", "drouter", "dw_in", "dw_out")
+    for name, a, b in zip(names, got, want):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol, msg=lambda m: f"{name}: {m}")
     with torch._dynamo.config.patch(error_on_recompile=True):
         x2 = torch.randn(4, 8, 16, generator=g) * 3
@@ -385,7 +403,7 @@ def test_moe_layer_compiles_as_one_graph(dtype):
     torch._dynamo.reset()
 
 
-# ---------------------------------------------------------------- kernels.bench checks before it times
+# ------------------------------------------------------------- kernels.bench checks before it times
 
 def _tiny_bench(monkeypatch, tmp_path, capsys, dtypes="fp32"):
     monkeypatch.setitem(bench.SHAPES, "a", (64, 16, 32, 4, 2))
@@ -406,24 +424,28 @@ def test_bench_times_correct_implementations(monkeypatch, tmp_path, capsys):
     assert {r["impl"] for r in rows} == {"dense", "loop", "grouped", "capacity"}
     assert all(r["ms"] == 1.0 for r in rows)
     keys = {"shape", "impl", "compiled", "dtype", "pass", "ms", "speedup_vs_loop", "frac_of_dense"}
-    assert all(set(r) == keys for r in rows)                       # the JSON keys of kernels.bench v1
+    # the JSON keys of kernels.bench v1
+    assert all(set(r) == keys for r in rows)
 
 
-def _wrong_gate_gradient(x, idx, gates, w_in, w_out, cf):     # right output, no gradient to the gates
+# right output, no gradient to the gates
+def _wrong_gate_gradient(x, idx, gates, w_in, w_out, cf):
     return kernels._moe_grouped(x, idx, gates.detach(), w_in, w_out, cf)
 
 
-def _wrong_output(x, idx, gates, w_in, w_out, cf):           # 5% too large: past bf16's tolerance too
+# 5% too large: past bf16's tolerance too
+def _wrong_output(x, idx, gates, w_in, w_out, cf):
     y, dropped = kernels._moe_grouped(x, idx, gates, w_in, w_out, cf)
     return y * 1.05, dropped
 
 
-def _wrong_drops(x, idx, gates, w_in, w_out, cf):            # a smaller capacity than it was asked for
+# a smaller capacity than it was asked for
+def _wrong_drops(x, idx, gates, w_in, w_out, cf):
     return kernels._moe_capacity(x, idx, gates, w_in, w_out, cf * 0.7)
 
 
-@pytest.mark.parametrize("impl,wrong", [("grouped", _wrong_gate_gradient), ("grouped", _wrong_output),
-                                        ("capacity", _wrong_drops)])
+@pytest.mark.parametrize("impl,wrong", [("grouped", _wrong_gate_gradient),
+                                        ("grouped", _wrong_output), ("capacity", _wrong_drops)])
 def test_bench_refuses_to_time_a_wrong_implementation(monkeypatch, tmp_path, capsys, impl, wrong):
     monkeypatch.setitem(kernels._IMPL_FNS, impl, wrong)
     code, rows, text = _tiny_bench(monkeypatch, tmp_path, capsys)
@@ -444,8 +466,8 @@ def test_bench_defaults_pass_their_check_on_a_gpu_routes(monkeypatch, tmp_path, 
     assert code == 0 and "REFUSED" not in text and all(r["ms"] == 1.0 for r in rows)
 
 
-@pytest.mark.parametrize("bad", [["--threads", "-1"], ["--shapes", "zz"], ["--dtypes", "fp16"], ["--impls", "x"],
-                                 ["--bogus"]])
+@pytest.mark.parametrize("bad", [["--threads", "-1"], ["--shapes", "zz"], ["--dtypes", "fp16"],
+                                 ["--impls", "x"], ["--bogus"]])
 def test_bench_bad_input_one_line_exit_2(bad, capsys):
     with pytest.raises(SystemExit) as e:
         bench.main(bad)
