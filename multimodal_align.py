@@ -127,8 +127,7 @@ def deep_insert_blocks(blocks, h_BTD, img_BMD, insert_layer, caches=None):
     Layers < l: text alone at positions [0, M+1, M+2, ...]; at layer l the image tokens are spliced
     in at positions 1..M; layers >= l see the merged sequence. caches: optional per-layer dicts."""
     M, T = img_BMD.shape[1], h_BTD.shape[1]
-    dev = h_BTD.device
-    pos_all = torch.arange(M + T, device=dev)
+    pos_all = torch.arange(M + T, device=h_BTD.device)
     pos_text = torch.cat([pos_all[:1], pos_all[M + 1:]])
     h, pos = h_BTD, pos_text
     for i, blk in enumerate(blocks):
@@ -197,8 +196,8 @@ class Bridge(nn.Module):
         h = deep_insert_blocks(self.lm.blocks, self.lm.emb(ids_BT), img, insert_layer, caches)
         nxt = self.lm.head(self.lm.norm(h[:, -1:])).argmax(-1)
         new = [nxt]
-        for step in range(1, max_new):
-            pos = torch.tensor([M + ids_BT.shape[1] + step - 1], device=ids_BT.device)  # original
+        for step in range(1, max_new):   # each new token at its place in [bos, image, text]
+            pos = torch.tensor([M + ids_BT.shape[1] + step - 1], device=ids_BT.device)
             h = self.lm.emb(nxt)
             for blk, c in zip(self.lm.blocks, caches):
                 h = blk(h, pos, cache=c)
@@ -311,8 +310,8 @@ def pretrain_lm(world, vocab, cfg, device, metrics=None, seed=0):
     (initialisation, text scenes, order; data/multimodal.backbone_seed)."""
     torch.manual_seed(seed)
     lm = LM(len(vocab), cfg).to(device)
-    src = world["train"] if cfg.data_dir else generate(cfg.lm_scenes, "train", seed=7 + seed,
-                                                       images=False)
+    src = (world["train"] if cfg.data_dir
+           else generate(cfg.lm_scenes, "train", seed=7 + seed, images=False))
     ids = pad([encode(vocab, t, eos=True) for t in lm_texts(src, np.random.default_rng(seed))],
               vocab["<pad>"])
     it = batches(len(ids), min(cfg.batch_size, len(ids)), seed=2 + seed)
@@ -328,6 +327,7 @@ def pretrain_lm(world, vocab, cfg, device, metrics=None, seed=0):
         return ((ce * ans).sum() / ans.sum().clamp(min=1)
                 + 0.1 * ce.sum() / (x[:, 1:] != pad_id).sum())
 
+    # data/layers.train_loop: AdamW, linear warm-up, cosine decay, a progress bar; loss_fn(step)
     train_loop(list(lm.parameters()), loss_fn, cfg.lm_steps, cfg, "lm", device, lr=cfg.lm_lr,
                metrics=metrics)
     return lm.eval()
@@ -376,7 +376,8 @@ def backbones(cfg, world, vocab, device, metrics, seed):
     trains on it. -> dict(seed, world, vit, feats, lm, gates)."""
     if seed and not cfg.data_dir:
         world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
-    vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)  # (N, P, C)s
+    # the cached (or pretrained) ViT, its tokens per split (N, P, C) and its gate report
+    vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)
     lm = frozen_lm(world, vocab, cfg, device, metrics, seed=seed)
     ceiling = text_ceiling(lm, world["test"], vocab, device)
     gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT))
@@ -390,7 +391,7 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metric
                  val_feats=None):
     """Stage 1 (projector only, captioning) then stage 2 (projector + LM, QA and captions),
     inserting at l. feats with 0 tokens per scene (the no-image control): stage 2 alone. val_feats:
-    the val split's tokens, for early stopping. name: in the progress lines and metrics (a path).
+    the val split's tokens, for early stopping. name: the run in progress lines and metrics.jsonl.
     -> (model, training seconds, stage 2's val record or None)."""
     torch.manual_seed(seed)
     model = Bridge(copy.deepcopy(lm0), cfg).to(device)
@@ -413,9 +414,9 @@ def train_bridge(lm0, feats, world, vocab, cfg, l, seed, device, name="", metric
         return F.cross_entropy(logits.flatten(0, 1).float(), tgt.to(device).flatten(),
                                ignore_index=pad_id)
 
-    it_cap = batches(len(caps), cfg.batch_size, seed=seed * 10 + 3)
-    it_cap2 = batches(len(caps), max(1, cfg.batch_size // 4), seed=seed * 10 + 5)  # stage 2's
-    it_qa = batches(len(qas), cfg.batch_size, seed=seed * 10 + 4)
+    it_cap = batches(len(caps), cfg.batch_size, seed=seed * 10 + 3)                    # stage 1
+    it_cap2 = batches(len(caps), max(1, cfg.batch_size // 4), seed=seed * 10 + 5)      # stage 2
+    it_qa = batches(len(qas), cfg.batch_size, seed=seed * 10 + 4)                      # stage 2
 
     def stage2_loss(step):   # QA, plus a quarter-size caption batch: it keeps describing scenes
         return qa_loss([qas[i] for i in next(it_qa)]) + 0.5 * caption_loss(next(it_cap2))
@@ -770,14 +771,13 @@ def compute_figure(plt, res, layers, cfg):
     rel = [prefill_flops(c0["T"], c0["M"], N, l, cfg.d_model, 4 * cfg.d_model) / c0["flops_formula"]
            for l in range(N)]
     fig, ax = plt.subplots(figsize=(6, 4))
-    sweep = [l for l in layers if l is not None]
+    sweep, note = [l for l in layers if l is not None], dict(textcoords="offset points", fontsize=7)
     for key, label in (("overall", "QA, all types"), ("binding_score", "binding score")):
         ms = [mean_sd([r[key] for r in runs if r["insert_layer"] == l]) for l in sweep]
         ax.errorbar([rel[l] for l in sweep], [m for m, _ in ms], yerr=[sd or 0 for _, sd in ms],
                     marker="o", capsize=3, label=f"{label} (finetuned at l)")
         for l, (m, _) in zip(sweep, ms):
-            ax.annotate(f"l={l}", (rel[l], m), textcoords="offset points", xytext=(4, 4),
-                        fontsize=7)
+            ax.annotate(f"l={l}", (rel[l], m), xytext=(4, 4), **note)
     if zr := [r["zero_retrain"] for r in runs if "zero_retrain" in r]:
         ax.plot(rel, [np.mean([z[lp] for z in zr]) for lp in range(N)], "k--", marker=".",
                 label="QA, l=0 model moved to l' (no finetune)")
@@ -787,8 +787,7 @@ def compute_figure(plt, res, layers, cfg):
             for n, label in BASELINES.items()]:
         if y is not None:
             ax.axhline(y, color=colour, ls=":", lw=1)
-            ax.annotate(label, (max(rel), y), textcoords="offset points", xytext=(0, 2), fontsize=7,
-                        color=colour, ha="right")
+            ax.annotate(label, (max(rel), y), xytext=(0, 2), color=colour, ha="right", **note)
     ax.set(xlabel="prefill FLOPs relative to l = 0 (formula)", ylabel="test accuracy",
            title="DeepInsert: quality against prefill compute")
     ax.legend(fontsize=7)
