@@ -3,15 +3,16 @@
 Paper: "MoE Routing Testbed" (Falke et al., Amazon AGI, arXiv 2604.07030, 2026); restated in
 ../shared/papers/moe_testbed.md. Train a small byte-level MoE transformer on a mix of 8 clearly
 distinct "languages" (each training sequence from one), and compare every learned router with a
-REFERENCE router that routes each token by its known domain label -- the upper bound on specialization.
+REFERENCE router that routes each token by its known domain label: the upper bound on
+specialization.
 
-    python moe_testbed.py --quick                      # a tiny run: table + heat map, < 1 min CPU
-    python moe_testbed.py --quick --sweep balance      # purity vs the sequences balancing spans
-    python moe_testbed.py --experts 8 --threads 1      # top-2, aux loss at global scope (~2.5 min CPU)
-    python moe_testbed.py --sweep scopes --accum 8     # every router / scope, micro-batches of 4
+    python moe_testbed.py --quick                   # a tiny run: table + heat map, < 1 min CPU
+    python moe_testbed.py --quick --sweep balance   # purity vs the sequences balancing spans
+    python moe_testbed.py --experts 8 --threads 1   # top-2, aux loss, global scope (~2.5 min CPU)
+    python moe_testbed.py --sweep scopes --accum 8  # every router / scope, micro-batches of 4
     python moe_testbed.py --sweep scopes --accum 8 --seeds 0,1,2 --jobs 2
     torchrun --standalone --nproc_per_node 2 moe_testbed.py   # data parallel, same global batch
-    python moe_testbed.py --preset gpu                 # larger model and batch, bf16 + compile, one GPU
+    python moe_testbed.py --preset gpu              # larger model and batch, bf16 + compile, a GPU
 
 Scopes (the paper's, and Qwen's global-batch balancing, arXiv 2501.11873): an optimizer step is
 --accum micro-batches on each of W ranks. sequence = one sequence; micro = one micro-batch (one
@@ -19,12 +20,14 @@ forward pass); global = every token of the optimizer step, all micro-batches on 
 pre-pass); running = Megatron-core's global_aux_loss: the step's micro-batches seen so far.
 Other pieces: Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias balancing
 (DeepSeek-V3, 2408.15664), router z-loss (ST-MoE, 2202.08906), expert choice (2202.09368), hash
-layers (2106.04426). Expert dispatch: kernels.moe_ffn. Run habits (flags, torchrun, results): data/run.py.
+layers (2106.04426). Expert dispatch: kernels.moe_ffn. The run habits (flags, torchrun, results)
+live in data/run.py; the paper reads top to bottom, and the command line and reports come after
+"Plumbing".
 
 Shape legend (gpt-fast style suffixes):
     B = sequences in a micro-batch  S = sequence length (bytes)   T = B*S tokens, flattened
     D = model dim                   H = expert hidden dim         V = vocabulary (256 bytes)
-    E = experts                     K = top-k slots per token     C = tokens per expert (expert choice)
+    E = experts                     K = top-k slots per token     C = tokens per expert (EC)
     L = domains                     G = balancing groups, or experts in a reference group
 """
 
@@ -41,31 +44,33 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from data.domains import DataError, check_lengths, synthetic_domains, text_domains, train_batch, val_windows
+from data.domains import (DataError, check_lengths, synthetic_domains, text_domains, train_batch,
+                          val_windows)
 from data.layers import RMSNorm, rope
-from data.run import (BadInput, all_ranks_sum, autocast, check_numbers, config_key, exit_process, flag,
-                      finished_result, hungarian, interleaved_ms, keep_previous, linear_probe, load_checkpoint,
-                      log_metrics, main_distributed, mean_sd, mean_std, parse_flags, pick_device, pool_map,
-                      progress, pyplot, rank_world, save_checkpoint, save_png, say, set_threads,
-                      worker_threads, writable_dirs, write_json, write_results)
+from data.run import (BadInput, all_ranks_sum, autocast, check_numbers, config_key, exit_process,
+                      finished_result, flag, hungarian, interleaved_ms, keep_previous, linear_probe,
+                      load_checkpoint, log_metrics, main_distributed, mean_sd, parse_flags,
+                      pick_device, pool_map, progress, pyplot, rank_world, save_checkpoint,
+                      save_png, say, set_threads, table, worker_threads, writable_dirs, write_json,
+                      write_results)
 from kernels import dispatch_route, moe_ffn
 
 
-# ---------------- Routers: one function each; each returns expert ids idx_TK (slot 0: the top-1) and gates_TK
+# ---------------- Routers, one function each: expert ids idx_TK (slot 0: the top-1) and gates_TK
 
 def route_topk(probs_TE, bias_E, K):
-    """Token choice: p_t = softmax(W h_t); the k experts with the largest p_ti + b_i. The aux-free bias b
-    (zero otherwise) only selects; the gate is the raw probability (Switch/GShard/OLMoE form):
-    y_t = sum_{i in topk} p_ti E_i(h_t)."""
+    """Token choice: p_t = softmax(W h_t); the k experts with the largest p_ti + b_i. The aux-free
+    bias b (zero otherwise) only selects; the gate is the raw probability (Switch/GShard/OLMoE
+    form): y_t = sum_{i in topk} p_ti E_i(h_t)."""
     idx_TK = (probs_TE + bias_E).topk(K, -1).indices
     return idx_TK, probs_TE.gather(1, idx_TK)
 
 
 def reference_groups(L, E, K):
-    """The reference map. home_LG: domain d -> its G = E//L experts (E >= L; leftover experts unused), or the
-    one expert d*E//L that it shares with other domains (E < L). spill_LJ: when K > G, J = K-G further fixed
-    experts (the next ones, cyclically), so the reference uses K experts like every other router: same
-    compute, and the load stays exactly balanced on a balanced mix."""
+    """The reference map. home_LG: domain d -> its G = E//L experts (E >= L; leftover experts
+    unused), or the one expert d*E//L that it shares with other domains (E < L). spill_LJ: when K >
+    G, J = K-G further fixed experts (the next ones, cyclically), so the reference uses K experts
+    like every other router: same compute, and the load stays exactly balanced on a balanced mix."""
     G = max(1, E // L)
     first_L = torch.arange(L) * G if E >= L else torch.arange(L) * E // L
     home_LG = first_L[:, None] + torch.arange(G)
@@ -74,13 +79,13 @@ def reference_groups(L, E, K):
 
 
 def route_reference(probs_TE, dom_T, home_LG, spill_LJ, K, uniform):
-    """Oracle: a token of domain d fills its slots from d's home group (top by router probability, or
-    round-robin when `uniform`), then from d's spill experts. Gates: the router's probabilities, as in
-    route_topk (learned), or 1/K each (uniform). Slot 0 is always a home expert."""
+    """Oracle: a token of domain d fills its slots from d's home group (top by router probability,
+    or round-robin when `uniform`), then from d's spill experts. Gates: the router's probabilities,
+    as in route_topk (learned), or 1/K each (uniform). Slot 0 is always a home expert."""
     cand_TG, dev = home_LG[dom_T], probs_TE.device
     T, G = cand_TG.shape
     k = min(K, G)
-    if uniform:                                            # token t takes home experts t, t+1, ... (mod G)
+    if uniform:                                     # token t takes home experts t, t+1, ... (mod G)
         j_Tk = (torch.arange(T, device=dev)[:, None] + torch.arange(k, device=dev)) % G
     else:
         j_Tk = probs_TE.gather(1, cand_TG).topk(k, -1).indices
@@ -97,26 +102,27 @@ def route_hash(tok_T, hash_VK):
 
 
 def expert_choice_ffn(x_TD, probs_TE, C, w_in_EDH, w_out_EHD):
-    """Expert choice: every expert takes its top-C tokens by router probability, so a token gets 0..E
-    experts: a fixed [E, C, D] buffer, gather, two bmm's, scatter-add. NOT causal: a token's experts
-    depend on the other (and later) tokens of the micro-batch."""
+    """Expert choice: every expert takes its top-C tokens by router probability, so a token gets
+    0..E experts: a fixed [E, C, D] buffer, gather, two bmm's, scatter-add. NOT causal: a token's
+    experts depend on the other (and later) tokens of the micro-batch."""
     gate_EC, tok_EC = probs_TE.t().topk(C, dim=1)
     h_ECH = F.gelu(torch.bmm(x_TD[tok_EC], w_in_EDH))
     out_ECD = torch.bmm(h_ECH, w_out_EHD) * gate_EC[..., None].to(x_TD.dtype)
-    y_TD = torch.zeros_like(x_TD).index_add(0, tok_EC.reshape(-1), out_ECD.reshape(-1, x_TD.shape[1]))
-    return y_TD, tok_EC
+    return torch.zeros_like(x_TD).index_add(0, tok_EC.reshape(-1), out_ECD.flatten(0, 1)), tok_EC
 
 
 # ---------------- Balancing and capacity, each at a scope
 
 def aux_loss(probs_TE, counts_GE, coef):
-    """Switch/GShard load-balancing loss over G groups of equal size (the scope's groups in this forward):
+    """Switch/GShard load-balancing loss over G groups of equal size (the scope's groups in this
+    forward):
         L = coef * E * mean_g sum_i f_gi * P_gi
-        f_gi = counts_gi / sum_i counts_gi: share of the top-k slots given to expert i   (no gradient)
+        f_gi = counts_gi / sum_i counts_gi: share of the top-k slots given to expert i (no grad)
         P_gi = mean router probability of expert i over the tokens of group g
-    Gradient per token: coef*E*f_gi / T, whatever the scope. At global scope the counts span the whole
-    optimizer step (all micro-batches, all ranks) while P stays this forward's: averaged over micro-batches
-    (1/accum) and ranks (DDP), the gradient is the one-pass gradient on the step's concatenated batch."""
+    Gradient per token: coef*E*f_gi / T, whatever the scope. At global scope the counts span the
+    whole optimizer step (all micro-batches, all ranks) while P stays this forward's: averaged over
+    micro-batches (1/accum) and ranks (DDP), the gradient is the one-pass gradient on the step's
+    concatenated batch."""
     G, E = counts_GE.shape
     f_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
     P_GE = probs_TE.float().reshape(G, -1, E).mean(1)
@@ -125,22 +131,24 @@ def aux_loss(probs_TE, counts_GE, coef):
 
 @torch.no_grad()
 def update_bias(bias_E, counts_GE, rate):
-    """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i), load measured over each
-    group of the scope (global: one group, counts summed over the step and the ranks), signs averaged over
-    the groups of every rank, so the bias stays the same on all ranks and equal to the one-process update."""
+    """Aux-loss-free balancing (DeepSeek-V3): b_i += gamma * sign(mean load - load_i), load measured
+    over each group of the scope (global: one group, counts summed over the step and the ranks),
+    signs averaged over the groups of every rank, so the bias stays the same on all ranks and equal
+    to the one-process update."""
     load_GE = counts_GE / counts_GE.sum(-1, keepdim=True)
     votes_E = torch.sign(load_GE.mean(-1, keepdim=True) - load_GE).sum(0)
-    tot = all_ranks_sum(torch.cat([votes_E, votes_E.new_tensor([len(load_GE)])]))   # [votes, groups]
+    tot = all_ranks_sum(torch.cat([votes_E, votes_E.new_tensor([len(load_GE)])]))  # [votes, groups]
     bias_E += rate * tot[:-1] / tot[-1]
 
 
 def capacity_keep(idx_TK, E, C, G, offset_E=None):
-    """Token dropping: C slots per expert in each of G equal groups of tokens; an assignment is kept if its
-    place in its expert's queue (token order t*K+k, after offset_E earlier assignments of the scope) is < C.
-    C = ceil(cf * tokens_in_scope * K / E). A dropped slot leaves the token its residual path."""
+    """Token dropping: C slots per expert in each of G equal groups of tokens; an assignment is kept
+    if its place in its expert's queue (token order t*K+k, after offset_E earlier assignments of the
+    scope) is < C. C = ceil(cf * tokens_in_scope * K / E). A dropped slot leaves the token its
+    residual path."""
     T, K = idx_TK.shape
     onehot_GAE = F.one_hot(idx_TK.reshape(G, -1), E)
-    pos_GA = ((onehot_GAE.cumsum(1) - 1) * onehot_GAE).sum(-1)                 # A = assignments per group
+    pos_GA = ((onehot_GAE.cumsum(1) - 1) * onehot_GAE).sum(-1)           # A = assignments per group
     if offset_E is not None:
         pos_GA = pos_GA + offset_E.long()[idx_TK.reshape(G, -1)]
     return (pos_GA < C).reshape(T, K)
@@ -148,12 +156,12 @@ def capacity_keep(idx_TK, E, C, G, offset_E=None):
 
 class StepRouting:
     """What the MoE layers share across the micro-batches (and ranks) of one optimizer step:
-    counts[layer]: the step's expert selections, (1, E), all ranks -- from the routing pre-pass, for the
-        global-scope aux loss with accumulation (None: count this forward, summed over ranks);
+    counts[layer]: the step's expert selections, (1, E), all ranks, from the routing pre-pass, for
+        the global-scope aux loss with accumulation (None: count this forward, summed over ranks);
     carry[layer]: selections in the step's earlier chunks (global-scope capacity queues);
     running[layer]: selections in the step's micro-batches so far, all ranks (scope running);
     index: the optimizer step (training only; --reference-steps reads it).
-    Chunks are ordered micro-batch-major: chunk m*W + r is micro-batch m of rank r (see micro_batches)."""
+    Chunks are ordered micro-batch-major: chunk m*W + r is micro-batch m of rank r."""
 
     def __init__(self, step_tokens, reduce, counts=None, index=None):
         self.step_tokens, self.reduce, self.counts, self.index = step_tokens, reduce, counts, index
@@ -171,7 +179,8 @@ class StepRouting:
         return self.running[layer]
 
     def capacity_offset(self, layer, counts_E):
-        """Selections of expert i queued before this chunk: earlier micro-batches (all ranks) + lower ranks."""
+        """Selections of expert i queued before this chunk: earlier micro-batches (all ranks) +
+        lower ranks."""
         rank, world = rank_world() if self.reduce is all_ranks_sum else (0, 1)
         rows_WE = counts_E.new_zeros(world, counts_E.shape[0])
         rows_WE[rank] = counts_E
@@ -181,7 +190,7 @@ class StepRouting:
         return carry_E + rows_WE[:rank].sum(0)
 
 
-# ---------------- The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses, record
+# ---------------- The MoE layer: router (fp32) -> route_* -> capacity -> kernels.moe_ffn; losses
 
 class MoEFFN(nn.Module):
     def __init__(self, cfg, n_domains, layer_id=0):
@@ -191,8 +200,8 @@ class MoEFFN(nn.Module):
         self.router = nn.Linear(D, E, bias=False)
         self.w_in_EDH = nn.Parameter(torch.randn(E, D, H) * 0.02)
         self.w_out_EHD = nn.Parameter(torch.randn(E, H, D) * 0.02 / math.sqrt(2 * cfg.n_layer))
-        self.register_buffer("bias_E", torch.zeros(E))                      # aux_free selection bias
-        g = torch.Generator().manual_seed(1234)                            # hash: byte -> K distinct experts
+        self.register_buffer("bias_E", torch.zeros(E))                     # aux_free selection bias
+        g = torch.Generator().manual_seed(1234)                   # hash: byte -> K distinct experts
         self.register_buffer("hash_VK", torch.stack([torch.randperm(E, generator=g)[:cfg.top_k]
                                                      for _ in range(256)]))
         home_LG, spill_LJ = reference_groups(n_domains, E, cfg.top_k)
@@ -203,21 +212,22 @@ class MoEFFN(nn.Module):
         cfg, E = self.cfg, self.E
         B, S, D = x_BSD.shape
         x_TD = x_BSD.reshape(B * S, D)
-        step = ctx.get("step") or StepRouting(B * S * rank_world()[1], all_ranks_sum)   # this forward
+        step = ctx.get("step") or StepRouting(B * S * rank_world()[1], all_ranks_sum)  # or: 1 pass
         logits_TE = self.router_logits(x_TD)
         probs_TE = logits_TE.softmax(-1)
         z = cfg.z_coef * torch.logsumexp(logits_TE, -1).pow(2).mean()         # ST-MoE z-loss
-        ent_sum = torch.special.entr(probs_TE.detach()).sum() / math.log(E)   # router entropy, [0, 1] a token
+        ent_sum = torch.special.entr(probs_TE.detach()).sum() / math.log(E)  # entropy in [0, 1]
         if cfg.router == "expert_choice":
             return self.expert_choice(x_TD, probs_TE, z, ent_sum, B, S)
         idx_TK, gates_TK = self.route(probs_TE, ctx, S, step)
         if cfg.router == "hash":                           # the router weight is not used
             z, ent_sum = z.detach() * 0, None
-        # balancing groups of this forward: one per sequence, or one for the micro-batch (micro and global)
+        # balancing groups of this forward: one per sequence, or the micro-batch (micro and global)
         G = B if cfg.balance_scope == "sequence" else 1
         counts_GE = F.one_hot(idx_TK.reshape(G, -1), E).sum(1).float()
         aux = z.new_zeros(())
-        if cfg.router == "topk" and cfg.balance == "aux" and self.training and torch.is_grad_enabled():
+        if (cfg.router == "topk" and cfg.balance == "aux" and self.training
+                and torch.is_grad_enabled()):
             scope_GE = counts_GE
             if cfg.balance_scope == "global":
                 scope_GE = step.global_counts(self.layer_id, counts_GE)
@@ -225,7 +235,7 @@ class MoEFFN(nn.Module):
                 scope_GE = step.running_counts(self.layer_id, counts_GE)
             aux = aux_loss(probs_TE, scope_GE, cfg.aux_coef)
         keep_TK = self.capacity(idx_TK, B, S, step)
-        y_TD = self.dispatch(x_TD, idx_TK, gates_TK * keep_TK.to(gates_TK.dtype))   # dropped: gate 0
+        y_TD = self.dispatch(x_TD, idx_TK, gates_TK * keep_TK.to(gates_TK.dtype))  # dropped: gate 0
         stats = dict(layer=self.layer_id, aux=aux, z=z, counts_GE=counts_GE, ent_sum=ent_sum,
                      assign_TE=F.one_hot(idx_TK, E).sum(1).float(), top1_T=idx_TK[:, 0],
                      n_drop=(~keep_TK).sum(), n_slots=idx_TK.numel())
@@ -238,16 +248,17 @@ class MoEFFN(nn.Module):
         if cfg.router == "topk" and not labels_first:
             idx_TK, gates_TK = route_topk(probs_TE, self.bias_E, self.K)
         elif cfg.router in ("reference", "topk"):
-            idx_TK, gates_TK = route_reference(probs_TE, ctx["dom_B"].repeat_interleave(S), self.home_LG,
-                                               self.spill_LJ, self.K, cfg.reference_gate == "uniform")
+            dom_T = ctx["dom_B"].repeat_interleave(S)
+            idx_TK, gates_TK = route_reference(probs_TE, dom_T, self.home_LG, self.spill_LJ, self.K,
+                                               cfg.reference_gate == "uniform")
         else:
             return route_hash(ctx["tok_BS"].reshape(-1), self.hash_VK)
-        if cfg.norm_topk:                                  # Mixtral/DeepSeek form: gates sum to 1 over the k
+        if cfg.norm_topk:                         # Mixtral/DeepSeek form: gates sum to 1 over the k
             gates_TK = gates_TK / gates_TK.sum(-1, keepdim=True)
         return idx_TK, gates_TK
 
     def capacity(self, idx_TK, B, S, step):
-        """Which assignments fit: all when dropless; else C = ceil(cf * tokens_in_scope * K / E) per expert."""
+        """Which assignments fit: all (dropless), or C = ceil(cf * tokens_in_scope * K / E) each."""
         cf, E, K = self.cfg.capacity_factor, self.E, self.K
         if cf == 0:
             return torch.ones_like(idx_TK, dtype=torch.bool)
@@ -261,13 +272,14 @@ class MoEFFN(nn.Module):
     def dispatch(self, x_TD, idx_TK, gates_TK):
         x_in, w_in, w_out = x_TD, self.w_in_EDH, self.w_out_EHD
         dev = x_TD.device.type
-        if torch.is_autocast_enabled(dev):    # a custom op is not on autocast's list: cast as for a matmul,
-            dt = torch.get_autocast_dtype(dev)  # so the grouped GEMM gets bf16 (its fast path), not fp32
+        if torch.is_autocast_enabled(dev):    # a custom op is not on autocast's list: cast as for
+            dt = torch.get_autocast_dtype(dev)  # a matmul: the grouped GEMM's fast path is bf16
             x_in, w_in, w_out = x_TD.to(dt), w_in.to(dt), w_out.to(dt)
-        return moe_ffn(x_in, idx_TK, gates_TK, w_in, w_out, impl=self.cfg.impl, compile=self.cfg.compile)[0]
+        cfg = self.cfg
+        return moe_ffn(x_in, idx_TK, gates_TK, w_in, w_out, impl=cfg.impl, compile=cfg.compile)[0]
 
     def router_logits(self, x_TD):
-        """W h_t in fp32 even under bf16 autocast: top-k choices and the softmax are sensitive to rounding."""
+        """W h_t in fp32 even under bf16 autocast: top-k and softmax are sensitive to rounding."""
         with torch.autocast(x_TD.device.type, enabled=False):
             return F.linear(x_TD.float(), self.router.weight.float())
 
@@ -275,8 +287,9 @@ class MoEFFN(nn.Module):
         E, T, dev = self.E, x_TD.shape[0], x_TD.device
         C = T * self.K // E
         y_TD, tok_EC = expert_choice_ffn(x_TD, probs_TE, C, self.w_in_EDH, self.w_out_EHD)
-        assign_TE = torch.zeros(T, E, device=dev).index_put_(
-            (tok_EC.reshape(-1), torch.arange(E, device=dev).repeat_interleave(C)), torch.ones(E * C, device=dev))
+        expert_EC = torch.arange(E, device=dev).repeat_interleave(C)
+        assign_TE = torch.zeros(T, E, device=dev).index_put_((tok_EC.reshape(-1), expert_EC),
+                                                             torch.ones(E * C, device=dev))
         chosen_T = assign_TE.sum(1) > 0
         # top-1 = the chosen expert with the largest probability; an unchosen token: its argmax
         top1_T = torch.where(chosen_T, (probs_TE * assign_TE).argmax(1), probs_TE.argmax(1))
@@ -285,7 +298,7 @@ class MoEFFN(nn.Module):
         return y_TD.view(B, S, -1), stats
 
 
-# ---------------- The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA), dense or MoE FFN
+# ---------------- The rest of the model: byte-level decoder (RMSNorm, RoPE, causal SDPA)
 
 class Attention(nn.Module):
     def __init__(self, cfg):
@@ -296,7 +309,8 @@ class Attention(nn.Module):
 
     def forward(self, x_BSD, pos_S):
         B, S, D = x_BSD.shape
-        q, k, v = self.qkv(x_BSD).view(B, S, 3, self.nh, D // self.nh).permute(2, 0, 3, 1, 4)   # (B, nh, S, hd)
+        qkv = self.qkv(x_BSD).view(B, S, 3, self.nh, D // self.nh)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)                                   # each (B, nh, S, hd)
         q, k = rope(q, pos_S), rope(k, pos_S)                          # rotate half (GPT-NeoX form)
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         return self.proj(y.transpose(1, 2).reshape(B, S, D))
@@ -317,7 +331,8 @@ class Block(nn.Module):
         self.ln1, self.ln2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
         self.ffn = (MoEFFN(cfg, n_domains, layer_id) if moe
-                    else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden))   # same active parameters
+                    # same active parameters
+                    else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden))
 
     def forward(self, x, pos_S, ctx):
         x = x + self.attn(self.ln1(x), pos_S)
@@ -340,7 +355,7 @@ class Model(nn.Module):
 
     def forward(self, tok_BS, dom_B, step=None):
         pos_S = torch.arange(tok_BS.shape[1], device=tok_BS.device)
-        ctx = dict(tok_BS=tok_BS, dom_B=dom_B, step=step)                    # dom_B: only the reference reads it
+        ctx = dict(tok_BS=tok_BS, dom_B=dom_B, step=step)       # dom_B: only the reference reads it
         x, layer_stats = self.emb(tok_BS), []
         for blk in self.blocks:
             x, stats = blk(x, pos_S, ctx)
@@ -355,7 +370,8 @@ def moe_layer_ids(cfg):
     try:
         ids = sorted({int(s) for s in cfg.moe_layers.split(",")})
     except ValueError:
-        raise BadInput(f"--moe-layers must be 'upper', 'all' or comma-separated indices, got {cfg.moe_layers!r}")
+        raise BadInput(f"--moe-layers must be 'upper', 'all' or comma-separated indices, "
+                       f"got {cfg.moe_layers!r}") from None
     if not ids or ids[0] < 0 or ids[-1] >= cfg.n_layer:
         raise BadInput(f"--moe-layers {cfg.moe_layers!r}: indices must lie in [0, {cfg.n_layer})")
     return ids
@@ -369,7 +385,8 @@ def utilization(f_E):
 
 
 def max_violation(f_E):
-    """MaxVio (Wang et al. 2408.15664) = (max_i load_i - mean load) / mean load = E * max_i f_i - 1."""
+    """MaxVio (Wang et al. 2408.15664) = (max_i load_i - mean load) / mean load = E * max_i f_i - 1.
+    """
     return float(len(f_E) * f_E.max() - 1.0)
 
 
@@ -378,7 +395,8 @@ def dead_experts(f_E):
 
 
 def purity(top1_LE):
-    """Fraction of tokens whose top-1 expert's majority domain is their own: sum_e max_d M[d,e] / N."""
+    """Fraction of tokens whose top-1 expert's majority domain is their own: sum_e max_d M[d,e] / N.
+    """
     return float(top1_LE.max(0).sum() / top1_LE.sum())
 
 
@@ -393,12 +411,12 @@ def nmi(top1_LE):
 
 
 def agreement(top1_LE, home_LG):
-    """Reference agreement: fraction of tokens whose top-1 expert lies in their domain's home group, after
-    the best one-to-one relabelling of learned experts onto reference experts (a learned router's numbering
-    is arbitrary). Top-1, not every slot: the reference also uses K slots (route_reference), so any top-k
-    router can reach 1.0. gain[e, r] = tokens of expert e in-group if e were reference expert r; the
-    relabelling maximising sum_e gain[e, perm[e]] is found exactly by the Hungarian algorithm.
-    Returns (agreement, perm)."""
+    """Reference agreement: fraction of tokens whose top-1 expert lies in their domain's home group,
+    after the best one-to-one relabelling of learned experts onto reference experts (a learned
+    router's numbering is arbitrary). Top-1, not every slot: the reference also uses K slots
+    (route_reference), so any top-k router can reach 1.0. gain[e, r] = tokens of expert e in-group
+    if e were reference expert r; the relabelling maximising sum_e gain[e, perm[e]] is found exactly
+    by the Hungarian algorithm. Returns (agreement, perm)."""
     L, E = top1_LE.shape
     in_group_LR = np.zeros((L, E))
     for d in range(L):
@@ -413,21 +431,22 @@ def routing_metrics(a, home_LG):
     f_E = a["assign"].sum(0) / a["assign"].sum()
     agr, perm = agreement(a["top1"], home_LG)
     share_LE = a["assign"] / np.maximum(a["assign"].sum(1, keepdims=True), 1e-12)
-    return dict(utilization=utilization(f_E), maxvio=max_violation(f_E), dead_experts=dead_experts(f_E),
-                purity=purity(a["top1"]), agreement=agr, nmi=nmi(a["top1"]),
+    return dict(utilization=utilization(f_E), maxvio=max_violation(f_E),
+                dead_experts=dead_experts(f_E), purity=purity(a["top1"]), agreement=agr,
+                nmi=nmi(a["top1"]), dropped_frac=a["drop"] / max(a["slots"], 1),
                 entropy=None if a["ent"] is None else float(a["ent"] / a["top1"].sum()),
-                dropped_frac=a["drop"] / max(a["slots"], 1), routing_matrix=share_LE.round(4).tolist(),
+                routing_matrix=share_LE.round(4).tolist(),
                 expert_order=np.argsort(perm).tolist())
 
 
 def add_record(acc, layer_stats, dom_T, L, E):
-    """Add one forward's routing record into per-layer domain x expert matrices (the only host syncs)."""
+    """Add one forward's routing record into per-layer domain x expert matrices (the host syncs)."""
     for st in layer_stats:
-        a = acc.setdefault(st["layer"], dict(assign=np.zeros((L, E)), top1=np.zeros((L, E)), drop=0, slots=0,
-                                             ent=None if st["ent_sum"] is None else 0.0))
+        a = acc.setdefault(st["layer"], dict(assign=np.zeros((L, E)), top1=np.zeros((L, E)), drop=0,
+                                             slots=0, ent=None if st["ent_sum"] is None else 0.0))
         a["assign"] += torch.zeros(L, E).index_add_(0, dom_T, st["assign_TE"].float().cpu()).numpy()
-        a["top1"] += torch.zeros(L, E).index_put_((dom_T, st["top1_T"].cpu()), torch.ones(len(dom_T)),
-                                                  accumulate=True).numpy()
+        a["top1"] += torch.zeros(L, E).index_put_((dom_T, st["top1_T"].cpu()),
+                                                  torch.ones(len(dom_T)), accumulate=True).numpy()
         a["drop"] += int(st["n_drop"])
         a["slots"] += st["n_slots"]
         if a["ent"] is not None:
@@ -445,9 +464,10 @@ def lr_at(cfg, step):
 
 
 def micro_batches(cfg, doms, step, device):
-    """This rank's micro-batches of step `step`. Every rank draws the same global batch (a function of seed
-    and step); chunk c = m*W + r of mu = B/(W*accum) consecutive rows is micro-batch m of rank r. So W ranks
-    x accum A see exactly the chunks one process sees with accum A*W, in the same (micro-batch-major) order."""
+    """This rank's micro-batches of step `step`. Every rank draws the same global batch (a function
+    of seed and step); chunk c = m*W + r of mu = B/(W*accum) consecutive rows is micro-batch m of
+    rank r. So W ranks x accum A see exactly the chunks one process sees with accum A*W, in the same
+    (micro-batch-major) order."""
     rank, world = rank_world()
     mu = cfg.batch_size // (world * cfg.accum)
     arrays = train_batch(doms, cfg.batch_size, cfg.seq_len, cfg.seed, step,
@@ -466,13 +486,13 @@ def prepass_runs(cfg):
 
 @torch.no_grad()
 def prepass_counts(model, cfg, chunks, device, index):
-    """Global-scope aux loss with accumulation: f must count every token of the step before the first
-    backward. Megatron-core's global_aux_loss instead uses a running mean of the counts of the micro-batches
-    seen so far (only the last micro-batch sees the whole step's f: --balance-scope running);
-    Qwen (2501.11873) synchronises f over the parallel groups. We pay one no-grad forward per
-    micro-batch for the exact one-pass gradient: ~1/3 more compute (a forward is ~1/3 of a
-    forward + backward; counted in train_flops_per_token).
-    Returns {layer: (1, E) counts over the step and all ranks}."""
+    """Global-scope aux loss with accumulation: f must count every token of the step before the
+    first backward. Megatron-core's global_aux_loss instead uses a running mean of the counts of the
+    micro-batches seen so far (only the last micro-batch sees the whole step's f: --balance-scope
+    running); Qwen (2501.11873) synchronises f over the parallel groups. We pay one no-grad forward
+    per micro-batch for the exact one-pass gradient: ~1/3 more compute (a forward is ~1/3 of a
+    forward + backward; counted in train_flops_per_token). Returns {layer: (1, E) counts over the
+    step and all ranks}."""
     routing, total = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, index=index), {}
     for x, _, dom in chunks:
         with autocast(cfg, device):
@@ -483,9 +503,9 @@ def prepass_counts(model, cfg, chunks, device, index):
 
 
 def accumulate_grads(net, cfg, doms, step, device, aux_only=False):
-    """Forward + backward every micro-batch of this rank (DDP syncs on the last); the gradient of the step's
-    mean loss (ce + aux + z), or of its aux loss alone. Returns (ce, aux) means over this rank's
-    micro-batches (tensors: no host sync) and the records [(layer_stats, dom_B)]."""
+    """Forward + backward every micro-batch of this rank (DDP syncs on the last); the gradient of
+    the step's mean loss (ce + aux + z), or of its aux loss alone. Returns (ce, aux) means over this
+    rank's micro-batches (tensors: no host sync) and the records [(layer_stats, dom_B)]."""
     raw = getattr(net, "module", net)                      # under DDP the Model sits in .module
     chunks = list(micro_batches(cfg, doms, step, device))
     counts = prepass_counts(raw, cfg, chunks, device, step) if prepass_runs(cfg) else None
@@ -507,7 +527,8 @@ def accumulate_grads(net, cfg, doms, step, device, aux_only=False):
 
 
 def train_step(net, opt, cfg, doms, step, device):
-    """One optimizer step. Returns (ce, aux) averaged over ranks (tensors) and this rank's routing records."""
+    """One optimizer step. Returns (ce, aux) averaged over ranks (tensors) and this rank's routing
+    records."""
     for g in opt.param_groups:
         g["lr"] = lr_at(cfg, step)
     opt.zero_grad(set_to_none=True)
@@ -528,54 +549,88 @@ def train_step(net, opt, cfg, doms, step, device):
 
 
 def make_optimizer(model, cfg, device):
-    fused = torch.device(device).type == "cuda"           # one kernel for all parameters (CUDA only)
-    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0, fused=fused)
+    fused = torch.device(device).type == "cuda"          # one kernel for all parameters (CUDA only)
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0,
+                             fused=fused)
 
 
 def wrap_ddp(model, cfg):
-    """DistributedDataParallel over the ranks (the plain model in one process). The aux-free bias is kept
-    equal on all ranks by update_bias; the hash router leaves the router weight without a gradient."""
-    return model if rank_world()[1] == 1 else DDP(model, find_unused_parameters=cfg.router == "hash")
+    """DistributedDataParallel over the ranks (the plain model in one process). The aux-free bias is
+    kept equal on all ranks by update_bias; the hash router leaves the router weight without a
+    gradient."""
+    if rank_world()[1] == 1:
+        return model
+    return DDP(model, find_unused_parameters=cfg.router == "hash")
 
 
 def train(model, opt, cfg, doms, name, device, state, end, ckpt_path, quiet=False):
-    """Optimizer steps state["step"] .. end-1 (state: step, train_s, history; updated). Every --log-every
-    steps a log line with the step batch's routing (log_step); every --ckpt-every steps a checkpoint."""
+    """Optimizer steps state["step"] .. end-1 (state: step, train_s, history; updated). Every
+    --log-every steps a log line with the step batch's routing (log_step); every --ckpt-every steps
+    a checkpoint."""
     rank, start = rank_world()[0], state["step"]
     net = wrap_ddp(model, cfg)
-    bar = progress(range(start, end), name, total=cfg.steps, initial=start, quiet=rank != 0 or quiet)
-    t_start = time.perf_counter()
+    bar = progress(range(start, end), name, cfg.steps, initial=start, quiet=rank != 0 or quiet)
+    t0 = time.perf_counter()
     for step in bar:
-        t0 = time.perf_counter()
+        t_step = time.perf_counter()
         ce, aux, records = train_step(net, opt, cfg, doms, step, device)
-        state["train_s"] += time.perf_counter() - t0
+        state["train_s"] += time.perf_counter() - t_step
         state["step"] = step + 1
         if state["step"] % cfg.log_every == 0 or state["step"] == end:
-            tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t_start)
-            state["history"] += log_step(cfg, name, doms, device, step, ce.item(), aux.item(), records, tok_s,
-                                         quiet)
+            tok_s = (step + 1 - start) * cfg.batch_size * cfg.seq_len / (time.perf_counter() - t0)
+            state["history"] += log_step(cfg, name, doms, device, step, ce.item(), aux.item(),
+                                         records, tok_s, quiet)
             bar.set_postfix(bpb=f"{ce.item() / math.log(2):.3f}")
         if rank == 0 and (state["step"] % cfg.ckpt_every == 0 or state["step"] == end):
-            save_checkpoint(ckpt_path, model, cfg, opt=opt.state_dict(), rng=torch.get_rng_state(), **state)
+            save_checkpoint(ckpt_path, model, cfg, opt=opt.state_dict(), rng=torch.get_rng_state(),
+                            **state)
     bar.close()
     return state
+
+
+HISTORY_KEYS = ("purity", "nmi", "utilization", "maxvio", "entropy", "dropped_frac")
+
+
+def log_step(cfg, name, doms, device, step, ce, aux, records, tok_s, quiet):
+    """Step `step`'s log line, its metrics.jsonl record and its routing history (the training
+    batch's routing, this rank's share, per MoE layer) -> the history records."""
+    L, acc = len(doms.names), {}
+    for layer_stats, dom in records:
+        add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, cfg.experts)
+    home_LG = reference_groups(L, cfg.experts, cfg.top_k)[0].numpy()
+    recs = [dict(step=step + 1, layer=layer, train_bpb=round(ce / math.log(2), 4),
+                 **{k: (None if m[k] is None else round(m[k], 4)) for k in HISTORY_KEYS})
+            for layer, m in ((layer, routing_metrics(a, home_LG)) for layer, a in acc.items())]
+    layers = "".join(f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity "
+                     f"{r['purity']:.3f}" for r in recs)
+    say(f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}{layers} | "
+        f"{tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
+    if rank_world()[0] == 0:
+        log_metrics(os.path.join(cfg.out, "metrics.jsonl"), run=name, seed=cfg.seed, step=step + 1,
+                    loss=round(ce, 5), bpb=round(ce / math.log(2), 5), aux=round(aux, 6),
+                    lr=lr_at(cfg, step),
+                    **{f"L{r['layer']}_{k}": r[k] for r in recs for k in ("purity", "utilization")})
+    return recs
 
 
 # ---------------- Evaluation
 
 @torch.no_grad()
 def evaluate(model, cfg, doms, device):
-    """Held-out bits per byte per domain, and routing metrics per MoE layer and averaged over layers. The
-    windows go through in "steps" of --batch-size sequences and micro-batches of B/(W*accum), ordered as in
-    training, so capacity and expert choice see the scopes they saw in training."""
+    """Held-out bits per byte per domain, and routing metrics per MoE layer and averaged over
+    layers. The windows go through in "steps" of --batch-size sequences and micro-batches of
+    B/(W*accum), ordered as in training, so capacity and expert choice see the scopes they saw in
+    training."""
     model.eval()
     L, E = len(doms.names), cfg.experts
     vx, vy, vdom = val_windows(doms, cfg.seq_len, cfg.eval_seqs)
     mu = cfg.batch_size // (rank_world()[1] * cfg.accum)
-    nll_L, n_L, nll_S, acc = np.zeros(L), np.zeros(L), np.zeros(cfg.seq_len), {}   # nll_S: by position
-    feats, wins = {}, []                                   # router inputs (every 4th byte) for the domain probe
+    # nll_S: by position
+    nll_L, n_L, nll_S, acc = np.zeros(L), np.zeros(L), np.zeros(cfg.seq_len), {}
+    feats, wins = {}, []                       # router inputs (every 4th byte) for the domain probe
     hooks = [m.register_forward_hook(lambda m, i, o: feats.setdefault(m.layer_id, []).append(
-        i[0][:, ::4].float().reshape(-1, i[0].shape[-1]).cpu())) for m in model.modules() if isinstance(m, MoEFFN)]
+        i[0][:, ::4].float().reshape(-1, i[0].shape[-1]).cpu()))
+        for m in model.modules() if isinstance(m, MoEFFN)]
     for s0 in range(0, len(vx), cfg.batch_size):
         rows = np.arange(s0, min(s0 + cfg.batch_size, len(vx)))
         if cfg.batch_order == "by_domain":
@@ -586,7 +641,8 @@ def evaluate(model, cfg, doms, device):
             wins.append(rows[i:i + mu])
             with autocast(cfg, device):
                 logits, layer_stats = model(x, dom, routing)
-            nll_BS = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1), reduction="none").view(y.shape)
+            nll_BS = F.cross_entropy(logits.float().reshape(-1, 256), y.reshape(-1),
+                                     reduction="none").view(y.shape)
             np.add.at(nll_L, dom.cpu().numpy(), nll_BS.sum(1).cpu().numpy())
             nll_S += nll_BS.sum(0).cpu().numpy()
             np.add.at(n_L, dom.cpu().numpy(), y.shape[1])
@@ -595,8 +651,10 @@ def evaluate(model, cfg, doms, device):
     for h in hooks:
         h.remove()
     bpb_S = nll_S / len(vx) / math.log(2)
-    out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)), bpb_by_position=bpb_S.round(4).tolist(),
-               per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, nll_L / n_L / math.log(2))})
+    bpb_L = nll_L / n_L / math.log(2)
+    out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)),
+               bpb_by_position=bpb_S.round(4).tolist(),
+               per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, bpb_L)})
     return dict(out, **routing_summary(acc, feats, wins, vdom, bpb_S, cfg, L))
 
 
@@ -605,8 +663,8 @@ METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "
 
 
 def routing_summary(acc, feats, wins, vdom, bpb_S, cfg, L):
-    """Per MoE layer: routing metrics and the domain probes; their means over layers; the routing matrix of
-    all layers; N (probe_n) and the val bpb after the first N bytes of a window."""
+    """Per MoE layer: routing metrics and the domain probes; their means over layers; the routing
+    matrix of all layers; N (probe_n) and the val bpb after the first N bytes of a window."""
     if not acc:
         return dict({k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[], probe_n=None,
                     val_bpb_after_n=None)
@@ -621,26 +679,27 @@ def routing_summary(acc, feats, wins, vdom, bpb_S, cfg, L):
         out[k] = float(np.mean(vals)) if vals else None
     total = sum(a["assign"] for a in acc.values())
     n = probe_n([lay["probe_by_position"] for lay in per_layer])
-    return dict(out, routing_matrix=(total / total.sum(1, keepdims=True)).round(4).tolist(), per_layer=per_layer,
-                probe_n=n, val_bpb_after_n=None if n is None else float(bpb_S[n:].mean()))
+    return dict(out, routing_matrix=(total / total.sum(1, keepdims=True)).round(4).tolist(),
+                per_layer=per_layer, probe_n=n,
+                val_bpb_after_n=None if n is None else float(bpb_S[n:].mean()))
 
 
 def probe_rows(feats, wins, vdom):
-    """The probe's rows: router inputs x, the domain of each row, and whether the row's window is an even
-    one of its domain (the probe is fitted on the even windows and scored on the odd ones)."""
+    """The probe's rows: router inputs x, the domain of each row, and whether the row's window is an
+    even one of its domain (the probe is fitted on the even windows and scored on the odd ones)."""
     x = torch.cat(feats)
-    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))            # window of each row
-    k = np.zeros(len(vdom), dtype=int)                                             # window's rank in its domain
+    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))          # window of each row
+    k = np.zeros(len(vdom), dtype=int)                                 # window's rank in its domain
     for d in np.unique(vdom):
         k[vdom == d] = np.arange((vdom == d).sum())
     return x, torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
 
 
 def domain_probe(feats, wins, vdom):
-    """How well the domain can be read linearly from the router's input: a ridge probe fitted on half of
-    each domain's held-out windows, scored on the other half (every 4th byte). Near 1: the information a
-    router would need to route by domain is there, and a purity below it is the routing's own doing.
-    None with one window per domain (--eval-seqs 1): nothing to score on."""
+    """How well the domain can be read linearly from the router's input: a ridge probe fitted on
+    half of each domain's held-out windows, scored on the other half (every 4th byte). Near 1: the
+    information a router would need to route by domain is there, and a purity below it is the
+    routing's own doing. None with one window per domain (--eval-seqs 1): nothing to score on."""
     x, dom, even = probe_rows(feats, wins, vdom)
     return None if even.all() else linear_probe(x[even], dom[even], x[~even], dom[~even])
 
@@ -652,7 +711,8 @@ def probe_by_position(feats, wins, vdom, S, stride=4):
     x, dom, even = probe_rows(feats, wins, vdom)
     if even.all():
         return None
-    pos = np.tile(np.arange(0, S, stride), len(x) // len(range(0, S, stride)))      # position of each row
+    # position of each row
+    pos = np.tile(np.arange(0, S, stride), len(x) // len(range(0, S, stride)))
     out = []
     for p in range(0, S, stride):
         te = ~even & torch.from_numpy(pos == p)
@@ -688,7 +748,8 @@ def train_flops_per_token(cfg, prepass=True):
     return fwd_bwd * 4 / 3 if prepass and prepass_runs(cfg) else fwd_bwd
 
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # dense bf16, nominal (vendor sheets)
+# dense bf16, nominal (vendor sheets)
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
 
 
 def flops_note(cfg, device, tok_s):
@@ -706,14 +767,16 @@ def flops_note(cfg, device, tok_s):
 def run_dispatch(cfg, device):
     """How the MoE layers' experts run on this device: impl, the grouped GEMM's route
     (kernels.grouped_route: "native" = torch._grouped_mm, no host syncs; "loop" = a per-group loop,
-    6 host syncs per MoE layer per forward + backward) and a note. Printed once, kept in results.json."""
+    6 host syncs per MoE layer per forward + backward) and a note. Printed once, kept in
+    results.json."""
     if cfg.impl == "loop":
         return dict(impl="loop", route="loop", note=" (--impl loop: a matmul pair per expert)")
     route = dispatch_route(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
                            cfg.d_model, cfg.expert_hidden)
-    note = (" (a per-group loop: 6 host syncs per MoE layer per step; torch._grouped_mm runs on sm90 with "
-            "--dtype bfloat16 and --d-model, --expert-hidden multiples of 8)") if route == "loop" and (
-        device.type == "cuda") else ""
+    note = ""
+    if route == "loop" and device.type == "cuda":
+        note = (" (a per-group loop: 6 host syncs per MoE layer per step; torch._grouped_mm runs "
+                "on sm90 with --dtype bfloat16 and --d-model, --expert-hidden multiples of 8)")
     return dict(impl=cfg.impl, route=route, note=note)
 
 
@@ -744,101 +807,172 @@ def bench(cfg, doms, device, n=20, warm=3):
                 moe_model_tflops=train_flops_per_token(cfg) * tokens / sec["moe"] / 1e12)
 
 
+def report_bench(b):
+    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) "
+        f"{b['dense_step_s'] * 1e3:.1f} ms -> ratio {b['ratio']:.2f} (median of "
+        f"{b['steps_timed']} interleaved steps; params total "
+        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
+        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
+        + (", routing pre-pass included)" if b["prepass"] else ")"))
+    if b["prepass"]:
+        say(f"without the routing pre-pass (--balance-scope running): MoE step "
+            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
+
+
+# ---------------- The experiment: the configurations a sweep compares; one run, trained, evaluated
+
+def sweep_plan(cfg, world=1):
+    """[(name, overrides)] for --sweep scopes | balance | capacity."""
+    aux, none = dict(balance="aux"), dict(balance="none")
+    if cfg.sweep == "scopes":                          # every router / scope at the given --accum
+        return ([("reference", dict(none, router="reference")),
+                 ("reference-uniform", dict(none, router="reference", reference_gate="uniform")),
+                 ("hash", dict(none, router="hash")), ("topk-none", dict(none, router="topk"))]
+                + [(f"aux-{s}", dict(aux, balance_scope=s)) for s in ("sequence", "micro",
+                                                                       "global")]
+                + [(f"auxfree-{s}", dict(balance="aux_free", balance_scope=s))
+                   for s in ("micro", "global")]
+                + [("expert-choice", dict(none, router="expert_choice"))])
+    if cfg.sweep == "balance":    # aux loss over groups of n sequences: 1, micro-batches of n, B
+        per_rank = cfg.batch_size // world
+        return ([("balance-1", dict(aux, balance_scope="sequence"))]
+                + [(f"balance-{n}", dict(aux, balance_scope="micro", accum=per_rank // n))
+                   for n in (2 ** i for i in range(1, 30)) if n < per_rank and per_rank % n == 0]
+                + [(f"balance-{cfg.batch_size}", dict(aux, balance_scope="global"))])
+    base = dict(aux, balance_scope="global", batch_order="by_domain")            # capacity
+    return [("dropless", base)] + [(f"cf{cf:g}-{sc}", dict(base, capacity_factor=cf,
+                                                           capacity_scope=sc))
+                                   for cf in (1.0, 1.25) for sc in ("sequence", "micro", "global")]
+
+
+def run_one(cfg, doms, name, device, quiet=False):
+    """Train (or resume) one configuration, evaluate it -> its result (None after --stop-at). Under
+    torchrun every rank trains; rank 0 alone logs, checkpoints, evaluates (no collectives in there)
+    and writes; the other ranks return {}."""
+    run_dir = os.path.join(cfg.out, f"{name}-s{cfg.seed}")
+    res_path, ckpt_path = os.path.join(run_dir, "result.json"), os.path.join(run_dir, "ckpt.pt")
+    key = config_key(cfg, RESUME_FREE)
+    done = cfg.resume and not cfg.stop_at and finished_result(res_path, key)
+    if done:
+        say(f"[{name} seed {cfg.seed}] finished earlier: reusing {res_path}")
+        return done
+    if rank_world()[0] == 0:
+        os.makedirs(run_dir, exist_ok=True)
+    model, opt, state = start_or_resume(cfg, doms, name, device, ckpt_path)
+    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
+    state = train(model, opt, cfg, doms, name, device, state, end, ckpt_path, quiet)
+    if end < cfg.steps:
+        say(f"[{name}] stopped at step {end} (--stop-at); continue with --resume", quiet)
+        return None
+    if rank_world()[0] != 0:
+        return {}
+    res = result_record(cfg, name, evaluate(model, cfg, doms, device), state)
+    write_json(res_path, res)
+    return res
+
+
 # ---------------- Plumbing: command line, validation, runs and results, reports
 
-MODEL, ROUTING, TRAIN, DATA, RUNS, MACHINE = ("model", "routing and balancing", "training", "data",
-                                             "runs and output", "machine")
+MODEL, ROUTING, TRAIN, DATA = "model", "routing and balancing", "training", "data"
+RUNS, MACHINE = "runs and output", "machine"
 
 
 @dataclass
 class Config:
     experts: int = flag(8, "number of experts E per MoE layer", MODEL)
-    top_k: int = flag(2, "experts per token K (every router; expert choice: T*K/E tokens per expert)", MODEL)
+    top_k: int = flag(2, "experts per token K (expert choice: T*K/E tokens per expert)", MODEL)
     n_layer: int = flag(2, "transformer blocks", MODEL)
-    moe_layers: str = flag("upper", "blocks with an MoE FFN: 'upper' (upper half), 'all', or indices ('1,2')",
-                           MODEL)
+    moe_layers: str = flag("upper", "blocks with an MoE FFN: upper (half), all, or 1,2", MODEL)
     d_model: int = flag(128, "model width D", MODEL)
     n_head: int = flag(4, "attention heads", MODEL)
-    expert_hidden: int = flag(128, "hidden width H of one expert (a dense FFN gets K*H: same active "
-                                   "parameters)", MODEL)
-    dense: bool = flag(False, "train the dense baseline (FFN width K*H everywhere) instead of the MoE", MODEL)
-    router: str = flag("topk", "reference = domain-label oracle, topk = token choice, expert_choice (not "
-                               "causal), hash", ROUTING, ("reference", "topk", "expert_choice", "hash"))
-    reference_gate: str = flag("learned", "reference router: learned (top by router probability in the "
-                                          "group, gates = probs) | uniform (round-robin, gates 1/K)", ROUTING,
-                               ("learned", "uniform"))
-    reference_steps: int = flag(0, "topk only, a diagnostic: route by the domain label (as --router "
-                                   "reference) for the first N steps, then learn (does a learned router "
-                                   "keep a domain routing it did not find?)", ROUTING)
-    balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 selection "
-                               "bias", ROUTING, ("none", "aux", "aux_free"))
-    balance_scope: str = flag("global", "tokens the balancing spans: one sequence, one micro-batch, global "
-                              "= the optimizer step (every micro-batch on every process; with --accum > 1 a "
-                              "no-grad forward per micro-batch counts the step first: ~+1/3 compute), or "
-                              "running = the step's micro-batches so far (Megatron-core's global_aux_loss; "
-                              "no extra forward, only the last micro-batch sees the whole step)", ROUTING,
+    expert_hidden: int = flag(128, "hidden width H of one expert (a dense FFN gets K*H)", MODEL)
+    dense: bool = flag(False, "train the dense baseline (FFN width K*H) instead of the MoE", MODEL)
+    router: str = flag("topk", "reference = domain-label oracle, topk = token choice, "
+                       "expert_choice (not causal), hash", ROUTING,
+                       ("reference", "topk", "expert_choice", "hash"))
+    reference_gate: str = flag("learned", "reference router: learned (top by router probability in "
+                               "the group, gates = probs) | uniform (round-robin, gates 1/K)",
+                               ROUTING, ("learned", "uniform"))
+    reference_steps: int = flag(0, "topk only, a diagnostic: route by the domain label for the "
+                                "first N steps, then learn (does a learned router keep a domain "
+                                "routing it did not find?)", ROUTING)
+    balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 "
+                        "selection bias", ROUTING, ("none", "aux", "aux_free"))
+    balance_scope: str = flag("global", "tokens the balancing spans: one sequence, one "
+                              "micro-batch, global = the optimizer step (every micro-batch on "
+                              "every process; with --accum > 1 a no-grad forward per micro-batch "
+                              "counts the step first: ~+1/3 compute), or running = the step's "
+                              "micro-batches so far (Megatron-core's global_aux_loss; only the "
+                              "last micro-batch sees the whole step)", ROUTING,
                               ("sequence", "micro", "global", "running"))
     aux_coef: float = flag(0.01, "aux loss coefficient alpha", ROUTING)
     z_coef: float = flag(0.001, "router z-loss coefficient (learned routers)", ROUTING)
     bias_rate: float = flag(1e-3, "aux_free bias update rate gamma", ROUTING)
-    capacity_factor: float = flag(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); over-capacity "
-                                       "slots dropped; 0 = dropless", ROUTING)
-    capacity_scope: str = flag("micro", "tokens one capacity spans (global: queues run across the step)",
-                               ROUTING, ("sequence", "micro", "global"))
-    norm_topk: bool = flag(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek form); "
-                                  "default: raw softmax probs", ROUTING)
-    batch_size: int = flag(32, "sequences per optimizer step, over all processes and micro-batches", TRAIN)
-    accum: int = flag(1, "micro-batches per optimizer step on each process (gradient accumulation): a "
-                         "micro-batch holds batch-size/(processes*accum) sequences", TRAIN)
+    capacity_factor: float = flag(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); slots "
+                                  "over it are dropped; 0 = dropless", ROUTING)
+    capacity_scope: str = flag("micro", "tokens one capacity spans (global: queues run across the "
+                               "step)", ROUTING, ("sequence", "micro", "global"))
+    norm_topk: bool = flag(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek "
+                           "form); default: raw softmax probs", ROUTING)
+    batch_size: int = flag(32, "sequences per optimizer step (all processes, micro-batches)", TRAIN)
+    accum: int = flag(1, "micro-batches per optimizer step on each process (gradient "
+                      "accumulation): a micro-batch holds batch-size/(processes*accum) sequences",
+                      TRAIN)
     steps: int = flag(1000, "optimizer steps", TRAIN)
     lr: float = flag(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%%)", TRAIN)
     warmup: int = flag(100, "warmup steps", TRAIN)
-    seed: int = flag(0, "seed for weights and batch order (the procedural languages are fixed: seed 0)", TRAIN)
-    seeds: str = flag("", "comma-separated seeds, e.g. 0,1,2: repeat every run, report mean ± sample std",
+    seed: int = flag(0, "seed for weights and batch order (the languages are fixed: seed 0)", TRAIN)
+    seeds: str = flag("", "comma-separated seeds, e.g. 0,1,2: repeat every run, mean ± sample std",
                       TRAIN)
     seq_len: int = flag(128, "bytes per training sequence", DATA)
-    overlap: float = flag(0.1, "procedural data: probability a word is a loanword shared by all languages",
-                          DATA)
+    overlap: float = flag(0.1, "procedural data: share of loanwords common to all languages", DATA)
     train_bytes: int = flag(300_000, "procedural data: training bytes per domain", DATA)
     data_dir: str = flag("", "real text instead: DIR/<domain>/*.txt (UTF-8), >= 2 domains", DATA)
     eval_seqs: int = flag(32, "held-out sequences per domain for evaluation", DATA)
-    batch_order: str = flag("mixed", "mixed = random domain order in a batch, by_domain = batch sorted by "
-                                     "domain (a micro-batch holds few domains)", DATA, ("mixed", "by_domain"))
-    quick: bool = flag(False, "a tiny configuration, < 1 min on a 2-core CPU (flags given win)", RUNS)
-    sweep: str = flag("", "scopes = every router and scope, balance = aux loss over groups of 1, 2, 4, ... "
-                          "sequences, capacity = cf 1.0/1.25 x capacity scope, batches sorted by domain",
-                      RUNS, ("scopes", "balance", "capacity"), const="scopes")
-    jobs: int = flag(1, "run a sweep's (or --seeds') configurations in this many worker processes", RUNS)
-    bench: bool = flag(False, "time MoE vs dense training steps side by side and print the ratio", RUNS)
-    log_every: int = flag(100, "steps between log lines, metrics.jsonl and routing-history records", RUNS)
+    batch_order: str = flag("mixed", "mixed = random domain order in a batch, by_domain = sorted "
+                            "by domain (a micro-batch holds few domains)", DATA,
+                            ("mixed", "by_domain"))
+    quick: bool = flag(False, "a tiny configuration, < 1 min on a 2-core CPU (flags given win)",
+                       RUNS)
+    sweep: str = flag("", "scopes = every router and scope, balance = aux loss over groups of "
+                      "1, 2, 4, ... sequences, capacity = cf 1.0/1.25 x capacity scope, batches "
+                      "sorted by domain", RUNS, ("scopes", "balance", "capacity"), const="scopes")
+    jobs: int = flag(1, "run a sweep's (or --seeds') runs in this many worker processes", RUNS)
+    bench: bool = flag(False, "time MoE vs dense training steps side by side: the ratio", RUNS)
+    log_every: int = flag(100, "steps between log lines, metrics.jsonl and routing records", RUNS)
     ckpt_every: int = flag(250, "steps between checkpoints", RUNS)
-    stop_at: int = flag(0, None, RUNS)                     # hidden, for tests: stop there, as if interrupted
-    out: str = flag(os.path.join("out", "moe_testbed"), "output folder: results.json, metrics.jsonl, PNGs "
-                    "(with matplotlib), a subfolder per run with its checkpoint", RUNS)
-    resume: bool = flag(False, "continue each run from its checkpoint in --out (finished runs are reused)",
+    stop_at: int = flag(0, None, RUNS)                     # hidden (tests): stop as if interrupted
+    out: str = flag(os.path.join("out", "moe_testbed"), "output folder: results.json, "
+                    "metrics.jsonl, PNGs (with matplotlib), a folder per run with its checkpoint",
+                    RUNS)
+    resume: bool = flag(False, "continue each run from its checkpoint (finished runs are reused)",
                         RUNS)
-    device: str = flag("auto", "auto = cuda, then mps, else cpu", MACHINE, ("auto", "cpu", "cuda", "mps"))
+    device: str = flag("auto", "auto = cuda, then mps, else cpu", MACHINE,
+                       ("auto", "cpu", "cuda", "mps"))
     dtype: str = flag("float32", "bfloat16 = bf16 autocast (the router stays fp32)", MACHINE,
                       ("float32", "bfloat16"))
-    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N each "
-                           "worker max(1, cores // N). The docs' numbers: --threads 1", MACHINE)
-    compile: bool = flag(False, "torch.compile the attention blocks and the expert dispatch", MACHINE)
+    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N "
+                        "each worker max(1, cores // N). The docs' numbers: --threads 1", MACHINE)
+    compile: bool = flag(False, "torch.compile the attention blocks and the expert dispatch",
+                         MACHINE)
     impl: str = flag("grouped", "expert dispatch in kernels.moe_ffn", MACHINE, ("grouped", "loop"))
-    preset: str = flag("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, "
-                              "bf16, compile", MACHINE, ("cpu", "gpu"))
+    preset: str = flag("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 "
+                       "micro-batches, bf16, compile", MACHINE, ("cpu", "gpu"))
 
 
-GPU = dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64, accum=2, lr=1e-3,
-           warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16", compile=True)   # --preset gpu
-QUICK = dict(d_model=64, expert_hidden=64, seq_len=64, batch_size=16, steps=300, warmup=30, train_bytes=50_000,
-             eval_seqs=8, log_every=100, out=os.path.join("out", "moe_testbed_quick"))        # --quick
+GPU = dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64,
+           accum=2, lr=1e-3, warmup=200, eval_seqs=64, train_bytes=4_000_000, dtype="bfloat16",
+           compile=True)                                   # --preset gpu
+QUICK = dict(d_model=64, expert_hidden=64, seq_len=64, batch_size=16, steps=300, warmup=30,
+             train_bytes=50_000, eval_seqs=8, log_every=100,
+             out=os.path.join("out", "moe_testbed_quick"))  # --quick
 # may differ between an interrupted run and its resumption; everything else must match
-RESUME_FREE = ("threads", "quick", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep", "seeds",
-               "device", "compile", "impl", "preset", "jobs")
+RESUME_FREE = ("threads", "quick", "resume", "stop_at", "out", "log_every", "ckpt_every", "sweep",
+               "seeds", "device", "compile", "impl", "preset", "jobs")
 
 
 def parse_args(argv):
-    """Flags -> Config: Config defaults, then the --preset's values, then --quick's, then the flags given."""
+    """Flags -> Config: the defaults, then --preset's values, then --quick's, then flags given."""
     return parse_flags(Config, argv, "moe_testbed.py", __doc__,
                        presets=[("preset", "gpu", GPU), ("quick", True, QUICK)])
 
@@ -850,81 +984,90 @@ def seed_list(cfg):
         raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}") from None
 
 
+def need(ok, msg):
+    if not ok:
+        raise BadInput(msg)
+
+
 def validate(cfg, world=1):
-    """Every check that can fail, before any process group exists: all ranks see the same flags and
-    WORLD_SIZE, so they all fail alike and exit without waiting for each other. (choices: argparse)"""
-    def need(ok, msg):
-        if not ok:
-            raise BadInput(msg)
-    check_numbers(cfg, ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden", "seq_len",
-                        "batch_size", "accum", "steps", "eval_seqs", "log_every", "ckpt_every", "train_bytes",
-                        "jobs", "lr"),
-                  ("warmup", "stop_at", "reference_steps", "aux_coef", "z_coef", "bias_rate", "capacity_factor"))
-    need(cfg.reference_steps == 0 or cfg.router == "topk", "--reference-steps applies to --router topk only")
-    need(cfg.balance_scope != "running" or cfg.balance != "aux_free", "--balance-scope running counts the aux "
-         "loss's f; aux_free moves its bias after the step: use micro or global")
+    """Every check that can fail, before any process group exists: all ranks see the same flags
+    and WORLD_SIZE, so they all fail alike and exit without waiting for each other."""
+    check_numbers(cfg, ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden",
+                        "seq_len", "batch_size", "accum", "steps", "eval_seqs", "log_every",
+                        "ckpt_every", "train_bytes", "jobs", "lr"),
+                  ("warmup", "stop_at", "reference_steps", "aux_coef", "z_coef", "bias_rate",
+                   "capacity_factor"))
+    need(cfg.reference_steps == 0 or cfg.router == "topk",
+         "--reference-steps applies to --router topk only")
+    need(cfg.balance_scope != "running" or cfg.balance != "aux_free", "--balance-scope running "
+         "counts the aux loss's f; aux_free moves its bias after the step: use micro or global")
     need(cfg.top_k <= cfg.experts, f"--top-k {cfg.top_k} is larger than --experts {cfg.experts}")
     need(cfg.d_model % cfg.n_head == 0 and (cfg.d_model // cfg.n_head) % 2 == 0,
          f"--d-model {cfg.d_model} must be a multiple of 2*--n-head ({2 * cfg.n_head}) for RoPE")
-    need(world >= 1 and cfg.batch_size % (world * cfg.accum) == 0, f"--batch-size {cfg.batch_size} must be "
-         f"divisible by --accum {cfg.accum} x the number of processes (WORLD_SIZE={world})")
-    need(cfg.capacity_factor == 0 or cfg.router != "expert_choice",
-         "--capacity-factor does not apply to expert_choice (every expert takes exactly T*K/E tokens)")
-    need(cfg.router != "expert_choice" or cfg.batch_size // (world * cfg.accum) * cfg.seq_len * cfg.top_k
-         >= cfg.experts, "expert_choice needs a micro-batch of at least experts/top-k tokens")
+    need(world >= 1 and cfg.batch_size % (world * cfg.accum) == 0, f"--batch-size {cfg.batch_size} "
+         f"must be divisible by --accum {cfg.accum} x the number of processes (WORLD_SIZE={world})")
+    mu = cfg.batch_size // (world * cfg.accum)
+    need(cfg.capacity_factor == 0 or cfg.router != "expert_choice", "--capacity-factor does not "
+         "apply to expert_choice (every expert takes exactly T*K/E tokens)")
+    need(cfg.router != "expert_choice" or mu * cfg.seq_len * cfg.top_k >= cfg.experts,
+         "expert_choice needs a micro-batch of at least experts/top-k tokens")
     need(0.0 <= cfg.overlap <= 1.0, f"--overlap must be in [0, 1], got {cfg.overlap}")
-    need(not (cfg.sweep and (cfg.dense or cfg.bench)), "--sweep cannot be combined with --dense or --bench")
-    need(world == 1 or not cfg.bench, "--bench times two models in one process: run it without torchrun")
+    need(not (cfg.sweep and (cfg.dense or cfg.bench)), "--sweep cannot be combined with --dense or "
+         "--bench")
+    need(world == 1 or not cfg.bench, "--bench times two models in one process: run it without "
+         "torchrun")
     need(world == 1 or cfg.jobs == 1, "--jobs runs worker processes: not under torchrun")
     moe_layer_ids(cfg)
     seed_list(cfg)
-    for _, o in sweep_plan(cfg, world) if cfg.sweep else ():   # every configuration of a sweep, too
+    for _, o in sweep_plan(cfg, world) if cfg.sweep else ():    # every run of a sweep, too
         validate(Config(**{**asdict(cfg), **o, "sweep": ""}), world)
 
 
 def prepare(cfg, world):
-    """Checks, device, threads, output folder and data: what every rank does, and fails alike, before
-    the process group exists. -> (device, domains)"""
+    """Checks, device, threads, output folder and data: what every rank does (and fails alike)
+    before the process group exists. -> (device, domains)"""
     validate(cfg, world)
     device = pick_device(cfg.device)
-    if cfg.preset == "gpu" and device.type != "cuda":
-        raise BadInput(f"--preset gpu is sized for a CUDA GPU, but the device is {device}; "
-                       "use the default --preset cpu")
+    need(cfg.preset != "gpu" or device.type == "cuda", f"--preset gpu is sized for a CUDA GPU, but "
+         f"the device is {device}; use the default --preset cpu")
     set_threads(cfg.threads)
     writable_dirs(out=cfg.out)                             # every rank checks: they all fail alike
-    if cfg.data_dir:                                       # rank 0 alone writes the cache; the others re-read
-        doms = text_domains(cfg.data_dir, cache_dir=os.path.join(cfg.out, "data_cache")
-                            if rank_world()[0] == 0 else None)
-    else:                                                  # the languages are fixed; --seed varies training
+    if cfg.data_dir:                                       # rank 0 alone writes the cache
+        cache = os.path.join(cfg.out, "data_cache") if rank_world()[0] == 0 else None
+        doms = text_domains(cfg.data_dir, cache_dir=cache)
+    else:                                                  # fixed languages; --seed varies training
         doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
     check_lengths(doms, cfg.seq_len)
     return device, doms
 
 
 def main(argv=None):
-    """parse -> validate (every rank, before the process group) -> run -> report. Under torchrun the
-    ranks set up and tear down the process group together (data.run.main_distributed)."""
-    return main_distributed("moe_testbed.py", argv, parse_args, prepare, run, errors=(BadInput, DataError))
+    """parse -> validate, load (every rank, before the process group) -> run -> report; under
+    torchrun the ranks set the process group up and tear it down together."""
+    return main_distributed("moe_testbed.py", argv, parse_args, prepare, run,
+                            errors=(BadInput, DataError))
 
 
 def run(cfg, doms, device):
     """The bench, or every (configuration, seed) of the run or sweep; rank 0 reports and writes."""
     t0, (rank, world) = time.time(), rank_world()
     mu = cfg.batch_size // (world * cfg.accum)
-    say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: {', '.join(doms.names)} | "
-        f"{sum(map(len, doms.train)):,} train / {sum(map(len, doms.val)):,} val bytes | step = {cfg.accum} "
-        f"micro-batch(es) of {mu} sequences" + (f" x {world} processes ({dist.get_backend()})" if world > 1 else ""))
+    say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: "
+        f"{', '.join(doms.names)} | {sum(map(len, doms.train)):,} train / "
+        f"{sum(map(len, doms.val)):,} val bytes | step = {cfg.accum} micro-batch(es) of {mu} "
+        f"sequences" + (f" x {world} processes ({dist.get_backend()})" if world > 1 else ""))
     dispatch = run_dispatch(cfg, device)
-    say(f"expert dispatch: {dispatch['impl']}, grouped GEMM route {dispatch['route']}" + dispatch["note"])
+    say(f"expert dispatch: {dispatch['impl']}, grouped GEMM route {dispatch['route']}"
+        + dispatch["note"])
     if cfg.bench:
         b = bench(cfg, doms, device)
         report_bench(b)
         save_results(cfg, dict(config=asdict(cfg), dispatch=dispatch, bench=b))
         return b
     if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
-        say("note: --accum 1: a micro-batch is the whole step, so micro and global scope are the same run")
+        say("note: --accum 1: a micro-batch is the whole step: micro and global scope are one run")
     plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
-    if rank == 0 and not cfg.resume:                       # a rerun keeps the earlier run folders and figures
+    if rank == 0 and not cfg.resume:                       # a rerun keeps earlier run folders, PNGs
         keep_previous(cfg.out, also=lambda f: f.endswith(".png") or any(
             os.path.isfile(os.path.join(cfg.out, f, x)) for x in ("result.json", "ckpt.pt")))
     runs = run_all(cfg, [(n, Config(**{**asdict(cfg), **o})) for n, o in plan], doms, device)
@@ -935,48 +1078,33 @@ def run(cfg, doms, device):
     return runs
 
 
-def sweep_plan(cfg, world=1):
-    """[(name, overrides)] for --sweep scopes | balance | capacity."""
-    if cfg.sweep == "scopes":                              # every router / scope at the given --accum
-        return ([("reference", dict(router="reference", balance="none")),
-                 ("reference-uniform", dict(router="reference", balance="none", reference_gate="uniform")),
-                 ("hash", dict(router="hash", balance="none")), ("topk-none", dict(router="topk", balance="none"))]
-                + [(f"aux-{s}", dict(balance="aux", balance_scope=s)) for s in ("sequence", "micro", "global")]
-                + [(f"auxfree-{s}", dict(balance="aux_free", balance_scope=s)) for s in ("micro", "global")]
-                + [("expert-choice", dict(router="expert_choice", balance="none"))])
-    if cfg.sweep == "balance":       # aux loss over groups of n sequences: 1 (sequence), micro-batches of n, B
-        per_rank, plan = cfg.batch_size // world, [("balance-1", dict(balance="aux", balance_scope="sequence"))]
-        plan += [(f"balance-{n}", dict(balance="aux", balance_scope="micro", accum=per_rank // n))
-                 for n in (2 ** i for i in range(1, 30)) if n < per_rank and per_rank % n == 0]
-        return plan + [(f"balance-{cfg.batch_size}", dict(balance="aux", balance_scope="global"))]
-    base = dict(balance="aux", balance_scope="global", batch_order="by_domain")      # capacity
-    return [("dropless", base)] + [(f"cf{cf:g}-{scope}", dict(base, capacity_factor=cf, capacity_scope=scope))
-                                   for cf in (1.0, 1.25) for scope in ("sequence", "micro", "global")]
-
-
 def run_name(cfg):
     if cfg.dense:
         return "dense"
     if cfg.router != "topk":
         uniform = cfg.router == "reference" and cfg.reference_gate == "uniform"
         name = cfg.router.replace("_", "-") + ("-uniform" if uniform else "")
+    elif cfg.balance == "none":
+        name = "topk-none"
     else:
-        name = "topk-none" if cfg.balance == "none" else f"{cfg.balance.replace('_', '')}-{cfg.balance_scope}"
+        name = f"{cfg.balance.replace('_', '')}-{cfg.balance_scope}"
         name += f"-ref{cfg.reference_steps}" if cfg.reference_steps else ""
-    return name + (f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else "")
+    cap = f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else ""
+    return name + cap
 
 
 def run_all(cfg, plan, doms, device):
-    """Every (seed, configuration): in this process, or in --jobs worker processes (same numbers: each run
-    seeds itself, and batches are a function of (seed, step)). None after --stop-at."""
+    """Every (seed, configuration): in this process, or in --jobs worker processes (same numbers:
+    each run seeds itself, and batches are a function of (seed, step)). None after --stop-at."""
     todo = [(name, Config(**{**asdict(c), "seed": s})) for s in seed_list(cfg) for name, c in plan]
     for name, c in todo:
         if c.router == "expert_choice" and c.seed == seed_list(cfg)[0]:
-            say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later tokens)")
+            say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later "
+                f"tokens)")
     if cfg.jobs > 1 and len(todo) > 1:
-        threads = worker_threads(cfg.threads, cfg.jobs)
-        results = pool_map(_worker, [({**asdict(c), "threads": threads}, name, doms) for name, c in todo],
-                           cfg.jobs)
+        tasks = [({**asdict(c), "threads": worker_threads(cfg.threads, cfg.jobs)}, name, doms)
+                 for name, c in todo]
+        results = pool_map(_worker, tasks, cfg.jobs)
     else:
         results = (run_one(c, doms, name, device) for name, c in todo)
     runs = []
@@ -984,11 +1112,11 @@ def run_all(cfg, plan, doms, device):
         if res is None:                                    # --stop-at
             return None
         runs.append(res)
-        if res:                                            # ranks > 0 return {}
-            for lay in res["per_layer"]:
-                say(f"[{res['name']} seed {res['seed']}] layer {lay['layer']}: share of routing slots (%)\n"
-                    + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
-            say(table([res], header=False) + f"  ({res['train_s']:.0f} s)")
+        for lay in res.get("per_layer", []):               # ranks > 0 return {}
+            say(f"[{res['name']} seed {res['seed']}] layer {lay['layer']}: share of routing slots "
+                f"(%)\n" + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
+        if res:
+            say(table([res], COLS, header=False) + f"  ({res['train_s']:.0f} s)")
     return runs
 
 
@@ -999,33 +1127,9 @@ def _worker(cfg_dict, name, doms):
     return run_one(cfg, doms, name, pick_device(cfg.device), quiet=True)
 
 
-def run_one(cfg, doms, name, device, quiet=False):
-    """Train (or resume) one configuration, evaluate it -> its result (None after --stop-at). Under
-    torchrun every rank trains; rank 0 alone logs, checkpoints, evaluates and writes (others return {})."""
-    run_dir = os.path.join(cfg.out, f"{name}-s{cfg.seed}")
-    res_path = os.path.join(run_dir, "result.json")
-    done = finished_result(res_path, config_key(cfg, RESUME_FREE)) if cfg.resume and not cfg.stop_at else None
-    if done:
-        say(f"[{name} seed {cfg.seed}] finished earlier: reusing {res_path}")
-        return done
-    if rank_world()[0] == 0:
-        os.makedirs(run_dir, exist_ok=True)
-    model, opt, state = start_or_resume(cfg, doms, name, device, os.path.join(run_dir, "ckpt.pt"))
-    end = min(cfg.steps, cfg.stop_at) if cfg.stop_at else cfg.steps
-    state = train(model, opt, cfg, doms, name, device, state, end, os.path.join(run_dir, "ckpt.pt"), quiet)
-    if end < cfg.steps:
-        say(f"[{name}] stopped at step {end} (--stop-at); continue with --resume", quiet)
-        return None
-    if rank_world()[0] != 0:
-        return {}
-    res = result_record(cfg, name, evaluate(model, cfg, doms, device), state)   # evaluate: no collectives
-    write_json(res_path, res)
-    return res
-
-
 def start_or_resume(cfg, doms, name, device, ckpt_path):
-    """The model (same initial weights on every rank), its optimizer and where training stands: step 0, or
-    (--resume) the checkpoint's step, time, routing history and RNG state, on every rank alike."""
+    """The model (same initial weights on every rank), its optimizer and where training stands:
+    step 0, or (--resume) the checkpoint's step, time, history and RNG state, on every rank."""
     torch.manual_seed(cfg.seed)
     model = Model(cfg, len(doms.names)).to(device)
     opt = make_optimizer(model, cfg, device)
@@ -1044,81 +1148,55 @@ def start_or_resume(cfg, doms, name, device, ckpt_path):
 
 
 def result_record(cfg, name, res, state):
-    """One run's record in results.json: what it ran, its evaluation, its routing history, its speed."""
-    world = rank_world()[1]
-    router = "dense" if cfg.dense else cfg.router
+    """One run in results.json: what it ran, its evaluation, its routing history, its speed."""
+    world, router = rank_world()[1], "dense" if cfg.dense else cfg.router
     balance = cfg.balance if router == "topk" else "none"
-    seqs = {"sequence": 1, "micro": cfg.batch_size // (world * cfg.accum)}.get(cfg.balance_scope, cfg.batch_size)
-    return dict(name=name, router=router, balance=balance, scope=cfg.balance_scope if balance != "none" else None,
-                accum=cfg.accum, balance_tokens=seqs * cfg.seq_len if balance != "none" else None,
+    seqs = {"sequence": 1, "micro": cfg.batch_size // (world * cfg.accum)}.get(cfg.balance_scope,
+                                                                                cfg.batch_size)
+    tokens = cfg.steps * cfg.batch_size * cfg.seq_len
+    return dict(name=name, router=router, balance=balance, accum=cfg.accum,
+                scope=cfg.balance_scope if balance != "none" else None,
+                balance_tokens=seqs * cfg.seq_len if balance != "none" else None,
                 capacity_factor=cfg.capacity_factor,
-                capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed, **res,
-                history=state["history"], train_s=round(state["train_s"], 1), world_size=world,
-                tokens_per_s=cfg.steps * cfg.batch_size * cfg.seq_len / max(state["train_s"], 1e-9),
+                capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed,
+                **res, history=state["history"], tokens_per_s=tokens / max(state["train_s"], 1e-9),
+                train_s=round(state["train_s"], 1), world_size=world,
                 config_key=config_key(cfg, RESUME_FREE))
 
 
-HISTORY_KEYS = ("purity", "nmi", "utilization", "maxvio", "entropy", "dropped_frac")
-
-
-def log_step(cfg, name, doms, device, step, ce, aux, records, tok_s, quiet):
-    """Step `step`'s log line, its metrics.jsonl record and its routing history (the training batch's
-    routing, this rank's share, per MoE layer) -> the history records."""
-    L, acc = len(doms.names), {}
-    for layer_stats, dom in records:
-        add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, cfg.experts)
-    home_LG = reference_groups(L, cfg.experts, cfg.top_k)[0].numpy()
-    recs = [dict(step=step + 1, layer=layer, train_bpb=round(ce / math.log(2), 4),
-                 **{k: (None if m[k] is None else round(m[k], 4)) for k in HISTORY_KEYS})
-            for layer, m in ((layer, routing_metrics(a, home_LG)) for layer, a in acc.items())]
-    say(f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}" + "".join(
-        f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity {r['purity']:.3f}"
-        for r in recs) + f" | {tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
-    if rank_world()[0] == 0:
-        log_metrics(os.path.join(cfg.out, "metrics.jsonl"), run=name, seed=cfg.seed, step=step + 1,
-                    loss=round(ce, 5), bpb=round(ce / math.log(2), 5), aux=round(aux, 6), lr=lr_at(cfg, step),
-                    **{f"L{r['layer']}_{k}": r[k] for r in recs for k in ("purity", "utilization")})
-    return recs
-
-
 def save_results(cfg, obj):                                # rank 0 only (its callers see to that)
-    if not cfg.resume:                                     # reruns never silently replace earlier results
+    if not cfg.resume:                                     # reruns never silently replace results
         keep_previous(cfg.out)
     write_results(cfg.out, obj)
     say(f"wrote {os.path.join(cfg.out, 'results.json')}")
 
 
-def report_bench(b):
-    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) {b['dense_step_s'] * 1e3:.1f} "
-        f"ms -> ratio {b['ratio']:.2f} (median of {b['steps_timed']} interleaved steps; params total "
-        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
-        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
-        + (", routing pre-pass included)" if b["prepass"] else ")"))
-    if b["prepass"]:
-        say(f"without the routing pre-pass (--balance-scope running): MoE step "
-            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
-
-
 def report(cfg, runs, device, wall_s):
-    world = rank_world()[1]
-    say(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, wall {wall_s:.0f} s "
-        f"on {device}" + (f" x {world} processes" if world > 1 else "")
+    world, r = rank_world()[1], runs[0]
+    say(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, wall "
+        f"{wall_s:.0f} s on {device}" + (f" x {world} processes" if world > 1 else "")
         + (f", {cfg.jobs} worker processes" if cfg.jobs > 1 else ""))
-    say(table(runs))
-    r = runs[0]
+    say(table(runs, COLS))
     if len(runs) == 1 and r["per_domain_bpb"]:
-        say("val bpb per domain: " + ", ".join(f"{k} {v:.3f}" for k, v in r["per_domain_bpb"].items()))
+        say("val bpb per domain: "
+            + ", ".join(f"{k} {v:.3f}" for k, v in r["per_domain_bpb"].items()))
         if r["domain_probe"] is not None:
             say(f"domain read linearly from the router's input (ridge probe, held-out windows): "
                 f"{r['domain_probe']:.3f}, against purity {r['purity']:.3f}")
         if r["probe_n"] is not None:
-            say(f"the probe scores >= 0.9 from byte N = {r['probe_n']} of a window on: val bpb after the "
-                f"first N bytes {r['val_bpb_after_n']:.3f} (all bytes {r['val_bpb']:.3f})")
+            say(f"the probe scores >= 0.9 from byte N = {r['probe_n']} of a window on: val bpb "
+                f"after the first N bytes {r['val_bpb_after_n']:.3f} (all bytes "
+                f"{r['val_bpb']:.3f})")
     for path in plots(runs, cfg.out):
         say(f"wrote {path}")
 
 
 SHADES = " ░▒▓█"
+COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f"),
+        ("probe_n", "N", ".0f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
+        ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
+        ("entropy", "entropy", ".3f"), ("dropped_frac", "dropped", ".3f"),
+        ("tokens_per_s", "tok/s", ".0f")]
 
 
 def heat_map(matrix_LE, names, order):
@@ -1128,56 +1206,38 @@ def heat_map(matrix_LE, names, order):
     top = M.max() or 1.0
     lines = ["domain \\ expert  " + "".join(f"{e:>6}" for e in order)]
     for name, row in zip(names, M):
-        lines.append(f"{name:>16} " + "".join(f" {SHADES[min(4, int(v / top * 4.999))] * 2}{v * 100:3.0f}"
-                                              for v in row))
-    return "\n".join(lines)
-
-
-COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f"),
-        ("probe_n", "N", ".0f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
-        ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
-        ("entropy", "entropy", ".3f"), ("dropped_frac", "dropped", ".3f"), ("tokens_per_s", "tok/s", ".0f")]
-
-
-def table_rows(runs):
-    """One row per configuration name: cells 'mean ± std' over seeds."""
-    rows = []
-    for n in dict.fromkeys(r["name"] for r in runs):
-        rs = [r for r in runs if r["name"] == n]
-        rows.append((n, len(rs), [mean_std([r.get(key) for r in rs], spec) for key, _, spec in COLS]))
-    return rows
-
-
-def table(runs, header=True):
-    head = f"{'run':<18}{'seeds':>6}" + "".join(f"{c[1]:>16}" for c in COLS)
-    lines = [head, "-" * len(head)] if header else []
-    lines += [f"{n:<18}{k:>6}" + "".join(f"{c:>16}" for c in cells) for n, k, cells in table_rows(runs)]
+        lines.append(f"{name:>16} " + "".join(
+            f" {SHADES[min(4, int(v / top * 4.999))] * 2}{v * 100:3.0f}" for v in row))
     return "\n".join(lines)
 
 
 def plots(runs, out_dir):
-    """PNGs when matplotlib is importable: routing over training; (balance sweep) purity vs the tokens a
-    balancing group spans; routing heat maps (first seed of each run, experts in the reference's order)."""
+    """PNGs when matplotlib is importable: routing over training; (balance sweep) purity vs the
+    tokens a balancing group spans; routing heat maps (first seed of each run, experts in the
+    reference's order). -> the paths written"""
     plt = pyplot()
     if plt is None:
         return []
-    paths, keys = [], ("purity", "utilization", "maxvio")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    keys = ("purity", "utilization", "maxvio")
     for r in runs:
         for layer in sorted({h["layer"] for h in r["history"]}):
             hs = [h for h in r["history"] if h["layer"] == layer]
             for ax, key in zip(axes, keys):
-                ax.plot([h["step"] for h in hs], [h[key] for h in hs], label=f"{r['name']} s{r['seed']} L{layer}")
+                ax.plot([h["step"] for h in hs], [h[key] for h in hs],
+                        label=f"{r['name']} s{r['seed']} L{layer}")
     for ax, key in zip(axes, keys):
         ax.set(xlabel="step", title=f"train-batch {key}")
     axes[0].legend(fontsize=6)
-    paths.append(save_png(plt, fig, os.path.join(out_dir, "history.png")))
-    sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk" and r["balance"] != "none"})
+    paths = [save_png(plt, fig, os.path.join(out_dir, "history.png"))]
+    sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk"
+                    and r["balance"] != "none"})
     if len(sizes) > 2:
         fig, ax = plt.subplots(figsize=(6, 4))
         for key in ("purity", "nmi", "utilization"):
             stats = [mean_sd([r[key] for r in runs if r["balance_tokens"] == n]) for n in sizes]
-            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], label=key, capsize=3)
+            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], label=key,
+                        capsize=3)
         ax.set_xscale("log", base=2)
         ax.set(xlabel="tokens per balancing group")
         ax.legend()
@@ -1187,23 +1247,30 @@ def plots(runs, out_dir):
         first.setdefault(r["name"], r)
     cells = [(r, lay) for r in first.values() for lay in r.get("per_layer") or []]
     if cells:
-        cols = min(len(cells), 4)
-        rows = -(-len(cells) // cols)
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False, layout="constrained")
-        top = max(float(np.max(lay["routing_matrix"])) for _, lay in cells)
-        for ax, (r, lay) in zip(axes.flat, cells):
-            order = lay["expert_order"]
-            im = ax.imshow(np.asarray(lay["routing_matrix"])[:, order], cmap="viridis", vmin=0, vmax=top)
-            ax.set_xticks(range(len(order)), order)
-            ax.set_yticks(range(len(r["per_domain_bpb"])), list(r["per_domain_bpb"]), fontsize=7)
-            ax.set_xlabel("expert (in the reference's order)")
-            ax.set_title(f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
-                         f"U {lay['utilization']:.2f}", fontsize=8)
-        for ax in axes.flat[len(cells):]:
-            ax.axis("off")
-        fig.colorbar(im, ax=axes, label="share of the domain's routing slots")
-        paths.append(save_png(plt, fig, os.path.join(out_dir, "routing.png")))
+        paths.append(routing_png(plt, cells, os.path.join(out_dir, "routing.png")))
     return paths
+
+
+def routing_png(plt, cells, path):
+    """The routing heat maps of [(run, layer)], as the terminal's, one colour scale for all."""
+    cols = min(len(cells), 4)
+    rows = -(-len(cells) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False,
+                             layout="constrained")
+    top = max(float(np.max(lay["routing_matrix"])) for _, lay in cells)
+    for ax, (r, lay) in zip(axes.flat, cells):
+        order = lay["expert_order"]
+        im = ax.imshow(np.asarray(lay["routing_matrix"])[:, order], cmap="viridis", vmin=0,
+                       vmax=top)
+        ax.set_xticks(range(len(order)), order)
+        ax.set_yticks(range(len(r["per_domain_bpb"])), list(r["per_domain_bpb"]), fontsize=7)
+        ax.set_xlabel("expert (in the reference's order)")
+        ax.set_title(f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
+                     f"U {lay['utilization']:.2f}", fontsize=8)
+    for ax in axes.flat[len(cells):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, label="share of the domain's routing slots")
+    return save_png(plt, fig, path)
 
 
 if __name__ == "__main__":

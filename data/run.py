@@ -297,6 +297,23 @@ def mean_std(xs, spec=".3f"):
     return format(m, spec) + (f" ± {format(sd, spec)}" if sd is not None else "")
 
 
+def table_rows(runs, cols, key="name"):
+    """One row per configuration (runs[key], in first-seen order): (name, seeds, cells), a cell 'mean ± sample
+    std' over its seeds for each column (field, title, format spec)."""
+    rows = []
+    for n in dict.fromkeys(r[key] for r in runs):
+        rs = [r for r in runs if r[key] == n]
+        rows.append((n, len(rs), [mean_std([r.get(f) for r in rs], spec) for f, _, spec in cols]))
+    return rows
+
+
+def table(runs, cols, header=True, width=16):
+    """The rows of table_rows as text: a header line (unless header=False), then one line per configuration."""
+    head = f"{'run':<18}{'seeds':>6}" + "".join(f"{title:>{width}}" for _, title, _ in cols)
+    lines = [head, "-" * len(head)] if header else []
+    lines += [f"{n:<18}{k:>6}" + "".join(f"{c:>{width}}" for c in cells) for n, k, cells in table_rows(runs, cols)]
+    return "\n".join(lines)
+
 def linear_probe(x_tr, y_tr, x_te, y_te, ridge=1e-2):
     """A linear read-out fitted in closed form (ridge regression onto one-hot labels, standardised
     features), scored by argmax on held-out rows -> accuracy."""

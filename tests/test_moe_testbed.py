@@ -74,7 +74,7 @@ def test_nmi_against_formula():
 
 def test_table_cells_are_mean_and_sample_std():
     runs = [dict(name="a", val_bpb=v, maxvio=None) for v in (1.0, 2.0, 4.0)] + [dict(name="b", val_bpb=5.0)]
-    (_, n_a, a), (_, n_b, b) = mt.table_rows(runs)
+    (_, n_a, a), (_, n_b, b) = run.table_rows(runs, mt.COLS)
     assert (n_a, a[0], a[2]) == (3, f"{7 / 3:.3f} ± {np.std([1, 2, 4], ddof=1):.3f}", "-")
     assert (n_b, b[0]) == (1, "5.000")
 
