@@ -72,7 +72,7 @@ from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, gene
 from data.shapes import caption as shapes_caption
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
-# Config, --quick and the command line: at the end of the file, after the banner of the plumbing.
+# Config, --quick, the command line and the reports: at the end, after the plumbing banner.
 
 EXTRA_TOKENS = ("<cls>", "<dec>")    # the Q-Former's BERT/BLIP-2 specials
 N_REFS = 5                           # reference captions per test image (other object orders)
@@ -535,12 +535,12 @@ def final_eval(model, lm, feats, world, refs, vocab, device):
     em, per_type = vqa(model, lm, feats["test"], vqa_items(world["test"]), vocab, device)
     hold = (vqa(model, lm, feats["holdout"], vqa_items(world["holdout"]), vocab, device)[0]
             if "holdout" in feats else None)
-    max_new, n = max(len(r[0].split()) for r in refs["test"]) + 2, len(refs["test"])
-    hyps = [h for i in range(0, n, 256) for h in model.generate(
-        lm, feats["test"][i:i + 256].to(device), [CAPTION_PROMPT] * len(refs["test"][i:i + 256]),
-        max_new)]
+    refs, img = refs["test"], feats["test"]
+    max_new = max(len(r[0].split()) for r in refs) + 2          # the longest reference, with room
+    hyps = [h for i in range(0, len(refs), 256) for h in model.generate(
+        lm, img[i:i + 256].to(device), [CAPTION_PROMPT] * len(refs[i:i + 256]), max_new)]
     return dict(vqa=em, binding_score=binding_score(per_type), per_type=per_type, holdout=hold,
-                bleu4=bleu4(hyps, refs["test"]), cider=cider(hyps, refs["test"]), examples=hyps[:3])
+                bleu4=bleu4(hyps, refs), cider=cider(hyps, refs), examples=hyps[:3])
 
 
 def to_target(r, target):
