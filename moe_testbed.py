@@ -330,8 +330,8 @@ class Block(nn.Module):
         super().__init__()
         self.ln1, self.ln2 = RMSNorm(cfg.d_model), RMSNorm(cfg.d_model)
         self.attn = Attention(cfg)
+        # the dense FFN has the width of K experts: the same active parameters
         self.ffn = (MoEFFN(cfg, n_domains, layer_id) if moe
-                    # same active parameters
                     else DenseFFN(cfg.d_model, cfg.top_k * cfg.expert_hidden))
 
     def forward(self, x, pos_S, ctx):
@@ -598,9 +598,11 @@ def log_step(cfg, name, doms, device, step, ce, aux, records, tok_s, quiet):
     for layer_stats, dom in records:
         add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, cfg.experts)
     home_LG = reference_groups(L, cfg.experts, cfg.top_k)[0].numpy()
-    recs = [dict(step=step + 1, layer=layer, train_bpb=round(ce / math.log(2), 4),
-                 **{k: (None if m[k] is None else round(m[k], 4)) for k in HISTORY_KEYS})
-            for layer, m in ((layer, routing_metrics(a, home_LG)) for layer, a in acc.items())]
+    recs = []
+    for layer, a in acc.items():
+        m = routing_metrics(a, home_LG)
+        recs.append(dict(step=step + 1, layer=layer, train_bpb=round(ce / math.log(2), 4),
+                         **{k: None if m[k] is None else round(m[k], 4) for k in HISTORY_KEYS}))
     layers = "".join(f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity "
                      f"{r['purity']:.3f}" for r in recs)
     say(f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}{layers} | "
@@ -625,8 +627,8 @@ def evaluate(model, cfg, doms, device):
     L, E = len(doms.names), cfg.experts
     vx, vy, vdom = val_windows(doms, cfg.seq_len, cfg.eval_seqs)
     mu = cfg.batch_size // (rank_world()[1] * cfg.accum)
-    # nll_S: by position
-    nll_L, n_L, nll_S, acc = np.zeros(L), np.zeros(L), np.zeros(cfg.seq_len), {}
+    nll_L, n_L, acc = np.zeros(L), np.zeros(L), {}
+    nll_S = np.zeros(cfg.seq_len)                          # per position in the window, summed
     feats, wins = {}, []                       # router inputs (every 4th byte) for the domain probe
     hooks = [m.register_forward_hook(lambda m, i, o: feats.setdefault(m.layer_id, []).append(
         i[0][:, ::4].float().reshape(-1, i[0].shape[-1]).cpu()))
@@ -688,8 +690,8 @@ def probe_rows(feats, wins, vdom):
     """The probe's rows: router inputs x, the domain of each row, and whether the row's window is an
     even one of its domain (the probe is fitted on the even windows and scored on the odd ones)."""
     x = torch.cat(feats)
-    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))          # window of each row
-    k = np.zeros(len(vdom), dtype=int)                                 # window's rank in its domain
+    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))      # window of each row
+    k = np.zeros(len(vdom), dtype=int)                                     # window's rank in domain
     for d in np.unique(vdom):
         k[vdom == d] = np.arange((vdom == d).sum())
     return x, torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
@@ -711,8 +713,7 @@ def probe_by_position(feats, wins, vdom, S, stride=4):
     x, dom, even = probe_rows(feats, wins, vdom)
     if even.all():
         return None
-    # position of each row
-    pos = np.tile(np.arange(0, S, stride), len(x) // len(range(0, S, stride)))
+    pos = np.tile(np.arange(0, S, stride), len(x) // len(range(0, S, stride)))   # row positions
     out = []
     for p in range(0, S, stride):
         te = ~even & torch.from_numpy(pos == p)
@@ -748,8 +749,7 @@ def train_flops_per_token(cfg, prepass=True):
     return fwd_bwd * 4 / 3 if prepass and prepass_runs(cfg) else fwd_bwd
 
 
-# dense bf16, nominal (vendor sheets)
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # bf16 dense, vendor sheets
 
 
 def flops_note(cfg, device, tok_s):
@@ -807,31 +807,17 @@ def bench(cfg, doms, device, n=20, warm=3):
                 moe_model_tflops=train_flops_per_token(cfg) * tokens / sec["moe"] / 1e12)
 
 
-def report_bench(b):
-    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) "
-        f"{b['dense_step_s'] * 1e3:.1f} ms -> ratio {b['ratio']:.2f} (median of "
-        f"{b['steps_timed']} interleaved steps; params total "
-        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
-        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
-        + (", routing pre-pass included)" if b["prepass"] else ")"))
-    if b["prepass"]:
-        say(f"without the routing pre-pass (--balance-scope running): MoE step "
-            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
-
-
 # ---------------- The experiment: the configurations a sweep compares; one run, trained, evaluated
 
 def sweep_plan(cfg, world=1):
     """[(name, overrides)] for --sweep scopes | balance | capacity."""
-    aux, none = dict(balance="aux"), dict(balance="none")
+    aux, none, scopes = dict(balance="aux"), dict(balance="none"), ("sequence", "micro", "global")
     if cfg.sweep == "scopes":                          # every router / scope at the given --accum
         return ([("reference", dict(none, router="reference")),
                  ("reference-uniform", dict(none, router="reference", reference_gate="uniform")),
                  ("hash", dict(none, router="hash")), ("topk-none", dict(none, router="topk"))]
-                + [(f"aux-{s}", dict(aux, balance_scope=s)) for s in ("sequence", "micro",
-                                                                       "global")]
-                + [(f"auxfree-{s}", dict(balance="aux_free", balance_scope=s))
-                   for s in ("micro", "global")]
+                + [(f"aux-{s}", dict(aux, balance_scope=s)) for s in scopes]
+                + [(f"auxfree-{s}", dict(balance="aux_free", balance_scope=s)) for s in scopes[1:]]
                 + [("expert-choice", dict(none, router="expert_choice"))])
     if cfg.sweep == "balance":    # aux loss over groups of n sequences: 1, micro-batches of n, B
         per_rank = cfg.batch_size // world
@@ -840,9 +826,9 @@ def sweep_plan(cfg, world=1):
                    for n in (2 ** i for i in range(1, 30)) if n < per_rank and per_rank % n == 0]
                 + [(f"balance-{cfg.batch_size}", dict(aux, balance_scope="global"))])
     base = dict(aux, balance_scope="global", batch_order="by_domain")            # capacity
-    return [("dropless", base)] + [(f"cf{cf:g}-{sc}", dict(base, capacity_factor=cf,
-                                                           capacity_scope=sc))
-                                   for cf in (1.0, 1.25) for sc in ("sequence", "micro", "global")]
+    return [("dropless", base)] + [
+        (f"cf{cf:g}-{s}", dict(base, capacity_factor=cf, capacity_scope=s))
+        for cf in (1.0, 1.25) for s in scopes]
 
 
 def run_one(cfg, doms, name, device, quiet=False):
@@ -1169,6 +1155,18 @@ def save_results(cfg, obj):                                # rank 0 only (its ca
         keep_previous(cfg.out)
     write_results(cfg.out, obj)
     say(f"wrote {os.path.join(cfg.out, 'results.json')}")
+
+
+def report_bench(b):
+    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) "
+        f"{b['dense_step_s'] * 1e3:.1f} ms -> ratio {b['ratio']:.2f} (median of "
+        f"{b['steps_timed']} interleaved steps; params total "
+        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
+        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
+        + (", routing pre-pass included)" if b["prepass"] else ")"))
+    if b["prepass"]:
+        say(f"without the routing pre-pass (--balance-scope running): MoE step "
+            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
 
 
 def report(cfg, runs, device, wall_s):
