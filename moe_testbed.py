@@ -454,6 +454,20 @@ def add_record(acc, layer_stats, dom_T, L, E):
     return acc
 
 
+# ---------------- Data: 8 procedural languages (or DIR/<domain>/*.txt), one domain per sequence
+
+def load_domains(cfg):
+    """The domains' train and held-out bytes (data/domains.py). Under torchrun rank 0 alone writes
+    the text cache; the procedural languages are fixed (seed 0): --seed varies training only."""
+    if cfg.data_dir:
+        cache = os.path.join(cfg.out, "data_cache") if rank_world()[0] == 0 else None
+        doms = text_domains(cfg.data_dir, cache_dir=cache)
+    else:
+        doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
+    check_lengths(doms, cfg.seq_len)
+    return doms
+
+
 # ---------------- Training: an optimizer step = cfg.accum micro-batches on each of W ranks
 
 def lr_at(cfg, step):
@@ -475,6 +489,13 @@ def micro_batches(cfg, doms, step, device):
     for m in range(cfg.accum):
         c = (m * world + rank) * mu
         yield tuple(torch.from_numpy(np.ascontiguousarray(a[c:c + mu])).to(device) for a in arrays)
+
+
+def balance_tokens(cfg, world):
+    """Tokens one balancing group spans: a sequence, a micro-batch, or the whole optimizer step."""
+    seqs = {"sequence": 1, "micro": cfg.batch_size // (world * cfg.accum)}.get(cfg.balance_scope,
+                                                                                cfg.batch_size)
+    return seqs * cfg.seq_len
 
 
 def prepass_runs(cfg):
@@ -1018,13 +1039,7 @@ def prepare(cfg, world):
          f"the device is {device}; use the default --preset cpu")
     set_threads(cfg.threads)
     writable_dirs(out=cfg.out)                             # every rank checks: they all fail alike
-    if cfg.data_dir:                                       # rank 0 alone writes the cache
-        cache = os.path.join(cfg.out, "data_cache") if rank_world()[0] == 0 else None
-        doms = text_domains(cfg.data_dir, cache_dir=cache)
-    else:                                                  # fixed languages; --seed varies training
-        doms = synthetic_domains(seed=0, overlap=cfg.overlap, train_bytes=cfg.train_bytes)
-    check_lengths(doms, cfg.seq_len)
-    return device, doms
+    return device, load_domains(cfg)
 
 
 def main(argv=None):
@@ -1137,12 +1152,10 @@ def result_record(cfg, name, res, state):
     """One run in results.json: what it ran, its evaluation, its routing history, its speed."""
     world, router = rank_world()[1], "dense" if cfg.dense else cfg.router
     balance = cfg.balance if router == "topk" else "none"
-    seqs = {"sequence": 1, "micro": cfg.batch_size // (world * cfg.accum)}.get(cfg.balance_scope,
-                                                                                cfg.batch_size)
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
     return dict(name=name, router=router, balance=balance, accum=cfg.accum,
                 scope=cfg.balance_scope if balance != "none" else None,
-                balance_tokens=seqs * cfg.seq_len if balance != "none" else None,
+                balance_tokens=balance_tokens(cfg, world) if balance != "none" else None,
                 capacity_factor=cfg.capacity_factor,
                 capacity_scope=cfg.capacity_scope if cfg.capacity_factor else None, seed=cfg.seed,
                 **res, history=state["history"], tokens_per_s=tokens / max(state["train_s"], 1e-9),
