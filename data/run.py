@@ -1,18 +1,20 @@
-"""The run harness all four paper files (and kernels/bench.py) share: the habits a user meets in each of
-them, written once. Nothing here is paper-specific, and nothing here imports a paper file.
+"""The run harness all four paper files (and kernels/bench.py) share: the habits a user meets in
+each of them, written once. Nothing here is paper-specific, and nothing here imports a paper file.
 
-  flags       flag() declares a Config field that is also a --flag (default, help, group, choices on one
-              line); parse_flags() builds the command line from the dataclass, with presets (--quick,
-              --preset gpu, --sweep) that the flags given explicitly override.
-  errors      BadInput: one line on stderr, exit status 2, before any work; Stopped: exit status 3 (a run
-              that refuses to go on, e.g. a frozen backbone that failed its gate). main() maps both.
+  flags       flag() declares a Config field that is also a --flag (default, help, group, choices
+              on one line); parse_flags() builds the command line from the dataclass, with presets
+              (--quick, --preset gpu, --sweep) that the flags given explicitly override.
+  errors      BadInput: one line on stderr, exit status 2, before any work; Stopped: exit status 3
+              (a run that refuses to go on, e.g. a frozen backbone that failed its gate). main()
+              maps both.
   machine     --device, --threads, bf16 autocast.
-  output      progress lines, metrics.jsonl, results.json written atomically, earlier results moved aside
-              (never replaced), runs keyed by their protocol, mean ± sample std, figures when matplotlib
-              is importable.
+  output      progress lines, metrics.jsonl, results.json written atomically, earlier results
+              moved aside (never replaced), runs keyed by their protocol, mean ± sample std, tables
+              over seeds, the Hungarian matching, figures when matplotlib is importable.
   runs        checkpoints that carry their config, finished runs reused, a pool of worker processes.
   timing      one statistic: the median of interleaved rounds.
-  torchrun    set-up and tear-down of the process group, the one all-reduce, rank 0 speaking for all.
+  torchrun    set-up and tear-down of the process group, the one all-reduce, rank 0 speaking for
+              all.
 """
 
 import argparse
@@ -42,22 +44,25 @@ class BadInput(ValueError):
 
 
 class Stopped(RuntimeError):
-    """A run that stops on purpose after a check (exit status 3), e.g. a frozen backbone below its gate."""
+    """A run that stops on purpose after a check (exit status 3), e.g. a frozen backbone below its
+    gate."""
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Flags: one flag() per Config field; presets under the flags given
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def flag(default, help, group="run", choices=None, const=None):
-    """A Config field that is also a --flag: its help text (None: hidden from --help, for tests), its --help
-    group, its choices, and for a str flag that may be given bare, the value it then takes (const)."""
-    return field(default=default, metadata=dict(help=help, group=group, choices=choices, const=const))
+    """A Config field that is also a --flag: its help text (None: hidden from --help, for tests),
+    its --help group, its choices, and for a str flag that may be given bare, the value it then
+    takes (const)."""
+    return field(default=default,
+                 metadata=dict(help=help, group=group, choices=choices, const=const))
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its errors (unknown or abbreviated flag, bad value) as one line and exit status 2, like
-    every other input error, instead of the usage block."""
+    """argparse, with its errors (unknown or abbreviated flag, bad value) as one line and exit
+    status 2, like every other input error, instead of the usage block."""
 
     def error(self, message):
         print(f"{self.prog}: error: {message}", file=sys.stderr)
@@ -65,18 +70,20 @@ class OneLineParser(argparse.ArgumentParser):
 
 
 def examples(doc):
-    """The 'python ...' / 'torchrun ...' lines of a docstring: --help's epilog, so examples are written once."""
+    """The 'python ...' / 'torchrun ...' lines of a docstring: --help's epilog, so examples are
+    written once."""
     lines = [ln[2:] if ln.startswith("  ") else ln for ln in doc.splitlines()
              if ln.lstrip().startswith(("python ", "torchrun "))]
     return "\n".join(["examples:"] + lines) if lines else None
 
 
 def parse_flags(cls, argv, prog, doc, presets=(), epilog=None):
-    """argv -> cls(...): one --flag per field of the dataclass cls (declared with flag()), in --help groups in
-    field order, each help ending in its default. A bool is a switch, --x/--no-x where a preset sets it (so
-    the preset's value can be undone). presets: [(field, value, {field: value, ...})]: where `field` is
-    `value` (as given, or by default) the overrides apply, later presets over earlier ones; the flags given
-    on the command line always win. Order: defaults < presets < flags given."""
+    """argv -> cls(...): one --flag per field of the dataclass cls (declared with flag()), in --help
+    groups in field order, each help ending in its default. A bool is a switch, --x/--no-x where a
+    preset sets it (so the preset's value can be undone). presets: [(field, value, {field: value,
+    ...})]: where `field` is `value` (as given, or by default) the overrides apply, later presets
+    over earlier ones; the flags given on the command line always win. Order: defaults < presets <
+    flags given."""
     ap = OneLineParser(prog=prog, description=doc.strip().split("\n\n")[0], allow_abbrev=False,
                        epilog=examples(doc) if epilog is None else epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -84,7 +91,9 @@ def parse_flags(cls, argv, prog, doc, presets=(), epilog=None):
     groups = {}
     for f in fields(cls):
         m = f.metadata
-        g = groups.get(m["group"]) or groups.setdefault(m["group"], ap.add_argument_group(m["group"]))
+        if m["group"] not in groups:
+            groups[m["group"]] = ap.add_argument_group(m["group"])
+        g = groups[m["group"]]
         name, kw = "--" + f.name.replace("_", "-"), dict(default=argparse.SUPPRESS)
         if m["help"] is None:
             kw["help"] = argparse.SUPPRESS
@@ -92,10 +101,11 @@ def parse_flags(cls, argv, prog, doc, presets=(), epilog=None):
             kw["help"] = m["help"]
         else:
             shown = f.default if f.default != "" else "-"
-            kw["help"] = m["help"] + (f"; bare {name}: {m['const']}" if m["const"] else "") + f" (default: {shown})"
+            bare = f"; bare {name}: {m['const']}" if m["const"] else ""
+            kw["help"] = m["help"] + bare + f" (default: {shown})"
         if isinstance(f.default, bool):
-            g.add_argument(name, action=argparse.BooleanOptionalAction if f.name in preset_keys else "store_true",
-                           **kw)
+            action = argparse.BooleanOptionalAction if f.name in preset_keys else "store_true"
+            g.add_argument(name, action=action, **kw)
         else:
             g.add_argument(name, type=type(f.default), choices=m["choices"],
                            **(dict(nargs="?", const=m["const"]) if m["const"] else {}), **kw)
@@ -108,7 +118,8 @@ def parse_flags(cls, argv, prog, doc, presets=(), epilog=None):
 
 
 def parse_list(s, typ, name):
-    """'1,2,3' -> [typ(v), ...]; a BadInput naming --name when a value does not parse or the list is empty."""
+    """'1,2,3' -> [typ(v), ...]; a BadInput naming --name when a value does not parse or the list is
+    empty."""
     try:
         vals = [typ(v) for v in s.split(",") if v.strip()]
     except ValueError:
@@ -119,17 +130,19 @@ def parse_list(s, typ, name):
 
 
 def check_numbers(cfg, positive, at_least_0=()):
-    """Each named Config field must be positive (at_least_0: >= 0, where 0 skips that training) and finite; the
-    first that is not is a BadInput, fields in the order given (at_least_0 first)."""
+    """Each named Config field must be positive (at_least_0: >= 0, where 0 skips that training) and
+    finite; the first that is not is a BadInput, fields in the order given (at_least_0 first)."""
     for f in at_least_0 + positive:
         v = getattr(cfg, f)
         if not (v >= 0 if f in at_least_0 else v > 0) or v == math.inf:     # "not": a NaN fails too
-            need = (">= 0" if f in at_least_0 else "positive") + (" and finite" if v == math.inf else "")
+            need = ((">= 0" if f in at_least_0 else "positive")
+                    + (" and finite" if v == math.inf else ""))
             raise BadInput(f"--{f.replace('_', '-')} must be {need}, got {v}")
 
 
 def main(prog, run_fn, *args):
-    """run_fn(*args), with a BadInput as one line on stderr and exit status 2, a Stopped as one line and 3."""
+    """run_fn(*args), with a BadInput as one line on stderr and exit status 2, a Stopped as one line
+    and 3."""
     try:
         return run_fn(*args)
     except BadInput as e:
@@ -140,13 +153,13 @@ def main(prog, run_fn, *args):
         sys.exit(3)
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Machine: device, threads, autocast
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def pick_device(name):
-    """--device auto | cpu | cuda | mps -> a torch.device; a BadInput (checked before any work) when the asked
-    one is not on this machine."""
+    """--device auto | cpu | cuda | mps -> a torch.device; a BadInput (checked before any work) when
+    the asked one is not on this machine."""
     mps = getattr(torch.backends, "mps", None)
     mps = mps is not None and mps.is_available()
     if name == "auto":
@@ -159,8 +172,9 @@ def pick_device(name):
 
 
 def set_threads(n):
-    """--threads, one meaning in every file: torch's CPU threads in this process; 0 keeps torch's default
-    (one per physical core). Thread count can change float summation order, so docs name the count they used."""
+    """--threads, one meaning in every file: torch's CPU threads in this process; 0 keeps torch's
+    default (one per physical core). Thread count can change float summation order, so docs name the
+    count they used."""
     if n < 0:
         raise BadInput(f"--threads must be >= 0 (0 = torch's default), got {n}")
     if n:
@@ -172,30 +186,33 @@ def autocast(cfg, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Output: progress, metrics, results kept across reruns, statistics, figures
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 class progress:
-    """A tqdm bar when stderr is a terminal; into a pipe or a log file (where a bar's carriage returns pile
-    up) one plain line every ~10 % instead. Iterate over it like tqdm; set_postfix(**kw) shows the latest
-    numbers in both forms. quiet: nothing at all (short loops, ranks other than 0)."""
+    """A tqdm bar when stderr is a terminal; into a pipe or a log file (where a bar's carriage
+    returns pile up) one plain line every ~10 % instead. Iterate over it like tqdm;
+    set_postfix(**kw) shows the latest numbers in both forms. quiet: nothing at all (short loops,
+    ranks other than 0)."""
 
     def __init__(self, iterable, desc, total=None, initial=0, quiet=False, lines=10):
         self.total = len(iterable) + initial if total is None else total
-        self.tty, self.quiet, self.desc, self.initial, self.post = sys.stderr.isatty(), quiet, desc, initial, {}
+        self.tty, self.quiet, self.desc = sys.stderr.isatty(), quiet, desc
+        self.initial, self.post = initial, {}
         self.every = max(1, -(-(self.total - initial) // lines))
-        self.bar = tqdm(iterable, desc=desc, total=self.total, initial=initial, leave=False, dynamic_ncols=True,
-                        disable=quiet or not self.tty)
+        self.bar = tqdm(iterable, desc=desc, total=self.total, initial=initial, leave=False,
+                        dynamic_ncols=True, disable=quiet or not self.tty)
 
     def __iter__(self):
         t0 = time.perf_counter()
         for i, x in enumerate(self.bar, self.initial + 1):
-            yield x                                        # the loop body runs here; then its line, if due
-            if not (self.tty or self.quiet) and ((i - self.initial) % self.every == 0 or i == self.total):
+            yield x                                 # the loop body runs here; then its line, if due
+            due = (i - self.initial) % self.every == 0 or i == self.total
+            if not (self.tty or self.quiet) and due:
                 post = "".join(f" {k}={v}" for k, v in self.post.items())
-                print(f"{self.desc}: {i}/{self.total} {time.perf_counter() - t0:.0f}s{post}", file=sys.stderr,
-                      flush=True)
+                print(f"{self.desc}: {i}/{self.total} {time.perf_counter() - t0:.0f}s{post}",
+                      file=sys.stderr, flush=True)
 
     def set_postfix(self, **kw):
         self.post = kw
@@ -206,8 +223,8 @@ class progress:
 
 
 def log_metrics(path, **record):
-    """metrics.jsonl: one JSON record per line, appended and flushed as training goes (a rerun adds lines,
-    an interrupted run keeps what it logged)."""
+    """metrics.jsonl: one JSON record per line, appended and flushed as training goes (a rerun adds
+    lines, an interrupted run keeps what it logged)."""
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
 
@@ -220,13 +237,14 @@ def write_json(path, obj):
 
 
 def write_results(out, res):
-    """<out>/results.json, atomically (rewritten after every run, so an interrupted sweep keeps what it had)."""
+    """<out>/results.json, atomically (rewritten after every run, so an interrupted sweep keeps what
+    it had)."""
     write_json(os.path.join(out, "results.json"), res)
 
 
 def writable_dirs(**dirs):
-    """Output folders (flag name -> path), created before any work; a BadInput if one cannot be created or
-    written to, so a run never trains for minutes and then fails to save."""
+    """Output folders (flag name -> path), created before any work; a BadInput if one cannot be
+    created or written to, so a run never trains for minutes and then fails to save."""
     for name, d in dirs.items():
         flag_name = "--" + name.replace("_", "-")
         try:
@@ -238,9 +256,10 @@ def writable_dirs(**dirs):
 
 
 def keep_previous(out, also=None):
-    """Reruns never silently replace results: an earlier results.json, its checkpoints (bridge_*.pt) and the
-    entries `also(name)` picks (a file's run folders, figures) move to previous_<k>/."""
-    old = [f for f in os.listdir(out) if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))
+    """Reruns never silently replace results: an earlier results.json, its checkpoints (bridge_*.pt)
+    and the entries `also(name)` picks (a file's run folders, figures) move to previous_<k>/."""
+    old = [f for f in os.listdir(out)
+           if f == "results.json" or (f.startswith("bridge_") and f.endswith(".pt"))
            or (also is not None and not f.startswith("previous_") and also(f))]
     if old:
         k = 1 + sum(d.startswith("previous_") for d in os.listdir(out))
@@ -251,19 +270,22 @@ def keep_previous(out, also=None):
 
 
 def print_outputs(figure_paths, out, wall_s):
-    """The last lines of a run: its figures, then where results.json is and how long the run took."""
+    """The last lines of a run: its figures, then where results.json is and how long the run took.
+    """
     for path in figure_paths:
         print(f"figure: {path}")
     print(f"results: {os.path.join(out, 'results.json')} ({wall_s:.0f} s)")
 
 
 def protocol_key(protocol):
-    """8 hex digits of the SHA-1 of the settings (a dict), independent of their order: runs are keyed by it."""
+    """8 hex digits of the SHA-1 of the settings (a dict), independent of their order: runs are
+    keyed by it."""
     return hashlib.sha1(json.dumps(protocol, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def load_results(path):
-    """The results.json at path ({"runs": []} when there is none yet); a BadInput when it is not one."""
+    """The results.json at path ({"runs": []} when there is none yet); a BadInput when it is not
+    one."""
     if not os.path.exists(path):
         return {"runs": []}
     try:
@@ -277,13 +299,16 @@ def load_results(path):
 
 
 def by_protocol(res):
-    """(key, its settings, its runs) for each protocol that results.json holds runs of, in key order."""
+    """(key, its settings, its runs) for each protocol that results.json holds runs of, in key
+    order."""
     for key in sorted({r.get("protocol") for r in res["runs"]}, key=str):
-        yield key, res.get("protocols", {}).get(key, {}), [r for r in res["runs"] if r.get("protocol") == key]
+        runs = [r for r in res["runs"] if r.get("protocol") == key]
+        yield key, res.get("protocols", {}).get(key, {}), runs
 
 
 def mean_sd(xs):
-    """(mean, sample std with ddof = 1) over seeds; the std is None for a single value. The one convention."""
+    """(mean, sample std with ddof = 1) over seeds; the std is None for a single value. The one
+    convention."""
     xs = [float(x) for x in xs if x is not None]
     return float(np.mean(xs)), (float(np.std(xs, ddof=1)) if len(xs) > 1 else None)
 
@@ -298,8 +323,8 @@ def mean_std(xs, spec=".3f"):
 
 
 def table_rows(runs, cols, key="name"):
-    """One row per configuration (runs[key], in first-seen order): (name, seeds, cells), a cell 'mean ± sample
-    std' over its seeds for each column (field, title, format spec)."""
+    """One row per configuration (runs[key], in first-seen order): (name, seeds, cells), a cell
+    'mean ± sample std' over its seeds for each column (field, title, format spec)."""
     rows = []
     for n in dict.fromkeys(r[key] for r in runs):
         rs = [r for r in runs if r[key] == n]
@@ -308,10 +333,12 @@ def table_rows(runs, cols, key="name"):
 
 
 def table(runs, cols, header=True, width=16):
-    """The rows of table_rows as text: a header line (unless header=False), then one line per configuration."""
+    """The rows of table_rows as text: a header line (unless header=False), then one line per
+    configuration."""
     head = f"{'run':<18}{'seeds':>6}" + "".join(f"{title:>{width}}" for _, title, _ in cols)
     lines = [head, "-" * len(head)] if header else []
-    lines += [f"{n:<18}{k:>6}" + "".join(f"{c:>{width}}" for c in cells) for n, k, cells in table_rows(runs, cols)]
+    lines += [f"{n:<18}{k:>6}" + "".join(f"{c:>{width}}" for c in cells)
+              for n, k, cells in table_rows(runs, cols)]
     return "\n".join(lines)
 
 def linear_probe(x_tr, y_tr, x_te, y_te, ridge=1e-2):
@@ -330,7 +357,8 @@ def hungarian(cost):
     Returns perm with perm[row] = column."""
     n = cost.shape[0]
     INF = float("inf")
-    u, v, p, way = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1, dtype=int), np.zeros(n + 1, dtype=int)
+    u, v = np.zeros(n + 1), np.zeros(n + 1)
+    p, way = np.zeros(n + 1, dtype=int), np.zeros(n + 1, dtype=int)
     for i in range(1, n + 1):
         p[0], j0 = i, 0
         minv, used = np.full(n + 1, INF), np.zeros(n + 1, dtype=bool)
@@ -364,8 +392,9 @@ def hungarian(cost):
 
 
 def pyplot():
-    """matplotlib.pyplot on the file-only Agg backend, or None: matplotlib is optional, and without it the
-    paper files print what they always printed and save no PNG. Imported here, on first use, not at start."""
+    """matplotlib.pyplot on the file-only Agg backend, or None: matplotlib is optional, and without
+    it the paper files print what they always printed and save no PNG. Imported here, on first use,
+    not at start."""
     try:
         import matplotlib
     except ImportError:
@@ -388,45 +417,49 @@ def heatmap(mat, rows, cols, title):
     lo, hi = float(np.min(mat)), float(np.max(mat))
     lines = [title, "      " + "".join(f"{c:>3s}" for c in cols)]
     for r, row in zip(rows, mat):
-        cells = "".join(f"  {shades[min(9, int((v - lo) / (hi - lo + 1e-12) * 9.999))]}" for v in row)
+        cells = "".join(f"  {shades[min(9, int((v - lo) / (hi - lo + 1e-12) * 9.999))]}"
+                        for v in row)
         lines.append(f"{r:>5s} {cells}   " + " ".join(f"{v:.3f}" for v in row))
     return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
 
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Runs: checkpoints that carry their config, finished runs reused, worker processes
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def config_key(cfg, free=()):
-    """The settings that decide a run's numbers: every field of the dataclass cfg except those in `free`
-    (threads, output folder, ...), as one JSON string (keys sorted)."""
+    """The settings that decide a run's numbers: every field of the dataclass cfg except those in
+    `free` (threads, output folder, ...), as one JSON string (keys sorted)."""
     return json.dumps({k: v for k, v in asdict(cfg).items() if k not in free}, sort_keys=True)
 
 
 def save_checkpoint(path, model, cfg, **state):
-    """model's weights (without torch.compile's `_orig_mod.` prefix), cfg as a dict and **state (optimizer,
-    step, ...), atomically: a crash mid-write leaves the previous checkpoint."""
+    """model's weights (without torch.compile's `_orig_mod.` prefix), cfg as a dict and **state
+    (optimizer, step, ...), atomically: a crash mid-write leaves the previous checkpoint."""
     weights = {k.replace("_orig_mod.", ""): v for k, v in model.state_dict().items()}
     torch.save(dict(model=weights, config=asdict(cfg), **state), path + ".tmp")
     os.replace(path + ".tmp", path)
 
 
 def load_checkpoint(path, cfg, free=(), device="cpu"):
-    """The checkpoint save_checkpoint wrote at path (None when there is none); a BadInput when it was made
-    with other settings than cfg (fields in `free` aside; fields added since then count as their defaults)."""
+    """The checkpoint save_checkpoint wrote at path (None when there is none); a BadInput when it
+    was made with other settings than cfg (fields in `free` aside; fields added since then count as
+    their defaults)."""
     if not os.path.exists(path):
         return None
     ck = torch.load(path, map_location=device, weights_only=True)
     old = {**asdict(type(cfg)()), **ck["config"]}
     diff = [k for k in asdict(cfg) if k not in free and old[k] != getattr(cfg, k)]
     if diff:
-        raise BadInput(f"--resume: checkpoint {path} was made with different settings: {', '.join(diff)}")
+        raise BadInput(f"--resume: checkpoint {path} was made with different settings: "
+                       f"{', '.join(diff)}")
     return ck
 
 
 def finished_result(path, key):
-    """The result a run wrote at path, if it was made with the settings `key` (config_key); else None."""
+    """The result a run wrote at path, if it was made with the settings `key` (config_key); else
+    None."""
     if not os.path.exists(path):
         return None
     with open(path) as f:
@@ -435,29 +468,30 @@ def finished_result(path, key):
 
 
 def worker_threads(threads, jobs):
-    """Torch threads of each of `jobs` worker processes: `threads` as given; for 0 (torch's default: one
-    thread per core in EVERY process) the cores shared out, so that the workers do not oversubscribe them."""
+    """Torch threads of each of `jobs` worker processes: `threads` as given; for 0 (torch's default:
+    one thread per core in EVERY process) the cores shared out, so that the workers do not
+    oversubscribe them."""
     return threads or max(1, (os.cpu_count() or 1) // jobs)
 
 
 def pool_map(fn, tasks, jobs):
-    """fn(*task) for each task in `jobs` worker processes -> the results in task order, as they come. The
-    workers start with 'spawn' (fresh interpreters): fn is a module-level function, the tasks are pickled
-    (so no worker rebuilds the data it is given)."""
+    """fn(*task) for each task in `jobs` worker processes -> the results in task order, as they
+    come. The workers start with 'spawn' (fresh interpreters): fn is a module-level function, the
+    tasks are pickled (so no worker rebuilds the data it is given)."""
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for fut in [pool.submit(fn, *task) for task in tasks]:
             yield fut.result()
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Timing: the median of interleaved rounds
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def interleaved_ms(fns, device, rounds=15, warmup=1):
-    """Wall time (ms) of each fn(round) in {name: fn}: `warmup` untimed calls each, then `rounds` round-robin
-    rounds, so that a busy spell of the machine hits every fn alike -> {name: median ms}. The one timing
-    statistic of the repository (the median: robust to a few disturbed rounds, unlike the mean, and not
-    biased to the luckiest round, as the minimum is)."""
+    """Wall time (ms) of each fn(round) in {name: fn}: `warmup` untimed calls each, then `rounds`
+    round-robin rounds, so that a busy spell of the machine hits every fn alike -> {name: median
+    ms}. The one timing statistic of the repository (the median: robust to a few disturbed rounds,
+    unlike the mean, and not biased to the luckiest round, as the minimum is)."""
     sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     for r in range(warmup):
         for f in fns.values():
@@ -473,9 +507,9 @@ def interleaved_ms(fns, device, rounds=15, warmup=1):
     return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
 
 
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # torchrun: data parallelism over processes (gloo on CPU, NCCL on GPUs)
-# ---------------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 def rank_world():
     """(rank, world size); before init_process_group, what torchrun put in the environment."""
@@ -485,8 +519,8 @@ def rank_world():
 
 
 def all_ranks_sum(t):
-    """Sum of a no-grad tensor over the data-parallel ranks (the tensor itself in one process). The ONE place
-    ranks exchange numbers besides DDP's gradient averaging."""
+    """Sum of a no-grad tensor over the data-parallel ranks (the tensor itself in one process). The
+    ONE place ranks exchange numbers besides DDP's gradient averaging."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = t.detach().clone()
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
@@ -504,7 +538,8 @@ def setup_distributed(device, world):
     gloo on CPU, NCCL on CUDA with one GPU per process. Returns this rank's device."""
     if world == 1:
         return device
-    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ]
+    missing = [v for v in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+               if v not in os.environ]
     if missing:
         raise BadInput(f"WORLD_SIZE={world} but {', '.join(missing)} unset: launch with torchrun")
     device = torch.device(device)
@@ -524,10 +559,10 @@ def setup_distributed(device, world):
 
 
 def meet_before_exit(world):
-    """A check failed alike on every rank before the process group existed. Under torchrun, the first rank to
-    exit gets the others stopped (SIGTERM): rank 1 could leave before rank 0 had even printed the error. So the
-    ranks join a gloo group only to leave together, after rank 0 has printed; with a timeout, so a rank that
-    never comes (it saw no error) cannot hold the others."""
+    """A check failed alike on every rank before the process group existed. Under torchrun, the
+    first rank to exit gets the others stopped (SIGTERM): rank 1 could leave before rank 0 had even
+    printed the error. So the ranks join a gloo group only to leave together, after rank 0 has
+    printed; with a timeout, so a rank that never comes (it saw no error) cannot hold the others."""
     if world == 1 or not all(v in os.environ for v in ("RANK", "MASTER_ADDR", "MASTER_PORT")):
         return
     if not (dist.is_available() and dist.is_gloo_available()):
@@ -541,10 +576,11 @@ def meet_before_exit(world):
 
 
 def shutdown_distributed(clean):
-    """Leave the process group together. Ranks > 0 finish first (rank 0 alone evaluates, checkpoints and
-    writes); one that destroyed the group and exited while rank 0 still used it made torch 2.11's gloo abort a
-    rank. So on a clean exit every rank meets at a barrier first. After an error that only some ranks saw, no
-    barrier (the others may never arrive): destroy and exit, and torchrun stops the remaining ranks."""
+    """Leave the process group together. Ranks > 0 finish first (rank 0 alone evaluates, checkpoints
+    and writes); one that destroyed the group and exited while rank 0 still used it made torch
+    2.11's gloo abort a rank. So on a clean exit every rank meets at a barrier first. After an error
+    that only some ranks saw, no barrier (the others may never arrive): destroy and exit, and
+    torchrun stops the remaining ranks."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if clean and dist.get_world_size() > 1:
@@ -554,10 +590,11 @@ def shutdown_distributed(clean):
 
 def main_distributed(prog, argv, parse, prepare, run_fn, errors=(BadInput,)):
     """main() under torchrun: parse(argv) -> cfg (argparse's one-line errors from rank 0 only);
-    prepare(cfg, world) -> (device, data): every check that can fail, before any process group exists (all
-    ranks see the same flags and WORLD_SIZE, so they fail alike and leave together); then the group;
-    run_fn(cfg, data, device). An error in `errors`: one line from rank 0, exit status 2."""
-    clean = grouped = False                                # clean: every rank is known to exit the same way
+    prepare(cfg, world) -> (device, data): every check that can fail, before any process group
+    exists (all ranks see the same flags and WORLD_SIZE, so they fail alike and leave together);
+    then the group; run_fn(cfg, data, device). An error in `errors`: one line from rank 0, exit
+    status 2."""
+    clean = grouped = False                        # clean: every rank is known to exit the same way
     world = int(os.environ.get("WORLD_SIZE", "1"))         # set by torchrun
     try:
         try:
@@ -569,7 +606,8 @@ def main_distributed(prog, argv, parse, prepare, run_fn, errors=(BadInput,)):
             raise
         device, data = prepare(cfg, world)
         grouped = True
-        device = setup_distributed(device, world)          # after every check that can fail alike on all ranks
+        # after every check that can fail alike on all ranks
+        device = setup_distributed(device, world)
         out = run_fn(cfg, data, device)
         clean = True
         return out
@@ -581,16 +619,17 @@ def main_distributed(prog, argv, parse, prepare, run_fn, errors=(BadInput,)):
         else:
             meet_before_exit(world)
         sys.exit(2)
-    finally:                                               # also on Ctrl-C: leave no process group behind
+    finally:                                         # also on Ctrl-C: leave no process group behind
         shutdown_distributed(clean)
 
 
 def exit_process(main_fn, argv=None):
-    """Run main_fn(argv) and exit; a torchrun rank leaves with os._exit, skipping the interpreter's teardown.
-    Even after the barrier and destroy_process_group above, a rank sometimes died at exit with SIGABRT
-    ("terminate called without an active exception": a C++ thread object destroyed while still running) on
-    torch 2.13 and 2.11. What is left at that point is only that teardown (results and checkpoints are written
-    and closed), so a rank skips it. One process (WORLD_SIZE unset or 1) exits the normal way."""
+    """Run main_fn(argv) and exit; a torchrun rank leaves with os._exit, skipping the interpreter's
+    teardown. Even after the barrier and destroy_process_group above, a rank sometimes died at exit
+    with SIGABRT ("terminate called without an active exception": a C++ thread object destroyed
+    while still running) on torch 2.13 and 2.11. What is left at that point is only that teardown
+    (results and checkpoints are written and closed), so a rank skips it. One process (WORLD_SIZE
+    unset or 1) exits the normal way."""
     try:
         main_fn(argv)
         code = 0

@@ -1,6 +1,6 @@
-"""Tests for moe_testbed.py: metrics, losses and capacity against slow, obviously correct oracles; routers;
-gradient accumulation against the one-pass step; tiny end-to-end runs (history, sweeps with --jobs, resume,
-bad input)."""
+"""Tests for moe_testbed.py: metrics, losses and capacity against slow, obviously correct oracles;
+routers; gradient accumulation against the one-pass step; tiny end-to-end runs (history, sweeps with
+--jobs, resume, bad input)."""
 
 import concurrent.futures
 import json
@@ -34,9 +34,11 @@ def _record(assign, top1, drop=0, slots=1):
 def test_perfect_specialization_purity_nmi_agreement_one():
     L = E = 8
     top1 = np.diag(np.full(L, 100.0))              # domain d -> expert d, always
-    m = mt.routing_metrics(_record(2 * top1, top1, 0, 1600), mt.reference_groups(L, E, 2)[0].numpy())
+    home_LG = mt.reference_groups(L, E, 2)[0].numpy()
+    m = mt.routing_metrics(_record(2 * top1, top1, 0, 1600), home_LG)
     assert m["purity"] == 1.0 and abs(m["nmi"] - 1.0) < 1e-12 and m["maxvio"] == pytest.approx(0.0)
-    assert m["agreement"] == 1.0 and m["utilization"] == pytest.approx(1.0) and m["dead_experts"] == 0
+    assert m["agreement"] == 1.0 and m["utilization"] == pytest.approx(1.0)
+    assert m["dead_experts"] == 0
 
 
 def test_permuted_specialization_is_matched():
@@ -58,7 +60,7 @@ def test_uniform_routing_u_one_nmi_zero_and_collapse():
     collapse[:, 2] = 10.0
     f = collapse.sum(0) / collapse.sum()
     assert mt.utilization(f) == pytest.approx(1 / 8) and mt.dead_experts(f) == 7
-    assert mt.max_violation(f) == pytest.approx(7.0)            # (max load - mean) / mean = (8 - 1) / 1
+    assert mt.max_violation(f) == pytest.approx(7.0)        # (max load - mean) / mean = (8 - 1) / 1
     assert mt.nmi(collapse) == 0.0
 
 
@@ -73,7 +75,8 @@ def test_nmi_against_formula():
 
 
 def test_table_cells_are_mean_and_sample_std():
-    runs = [dict(name="a", val_bpb=v, maxvio=None) for v in (1.0, 2.0, 4.0)] + [dict(name="b", val_bpb=5.0)]
+    runs = [dict(name="a", val_bpb=v, maxvio=None) for v in (1.0, 2.0, 4.0)]
+    runs += [dict(name="b", val_bpb=5.0)]
     (_, n_a, a), (_, n_b, b) = run.table_rows(runs, mt.COLS)
     assert (n_a, a[0], a[2]) == (3, f"{7 / 3:.3f} ± {np.std([1, 2, 4], ddof=1):.3f}", "-")
     assert (n_b, b[0]) == (1, "5.000")
@@ -113,32 +116,34 @@ def test_aux_loss_matches_oracle(G):
 
 
 def test_gradient_scale_does_not_depend_on_scope():
-    """If every sequence routes the same way (same f everywhere), all scopes are the same loss and gradient."""
+    """If every sequence routes the same way (same f everywhere), all scopes are the same loss and
+    gradient."""
     S, E = 6, 4
     logits = torch.randn(1, S, E).repeat(4, 1, 1).reshape(24, E).requires_grad_()
     probs = logits.softmax(-1)
     idx = probs.topk(2, -1).indices
-    grads = [torch.autograd.grad(mt.aux_loss(probs, _counts(idx, G), 0.01), logits, retain_graph=True)[0]
-             for G in (4, 2, 1)]
+    grads = [torch.autograd.grad(mt.aux_loss(probs, _counts(idx, G), 0.01), logits,
+                                 retain_graph=True)[0] for G in (4, 2, 1)]
     torch.testing.assert_close(grads[0], grads[1])
     torch.testing.assert_close(grads[0], grads[2])
 
 
 def test_aux_free_bias_moves_toward_underloaded():
     bias = torch.zeros(4)
-    counts = torch.tensor([[10.0, 4.0, 4.0, 2.0]])                            # expert 0 overloaded, 3 under
+    counts = torch.tensor([[10.0, 4.0, 4.0, 2.0]])                    # expert 0 overloaded, 3 under
     mt.update_bias(bias, counts, 1e-3)
     assert bias[0] < 0 and bias[3] > 0 and bias[1] > 0
-    bias2 = torch.zeros(4)                                                     # two micro groups disagreeing
+    bias2 = torch.zeros(4)                                            # two micro groups disagreeing
     mt.update_bias(bias2, torch.tensor([[9.0, 1, 1, 1], [1, 1, 1, 9.0]]), 1e-3)
     torch.testing.assert_close(bias2, torch.tensor([0.0, 1e-3, 1e-3, 0.0]))
 
 
-# ---------------------------------------------------------------- capacity per scope against a queue oracle
+# -------------------------------------------------------- capacity per scope against a queue oracle
 
 def slow_keep(idx_TK, E, C, group_tokens, start=None):
-    """Oracle: walk the assignments in token order (t*K + k); each group of `group_tokens` tokens has fresh
-    queues of C slots per expert, starting at `start` (earlier assignments of the scope) if given."""
+    """Oracle: walk the assignments in token order (t*K + k); each group of `group_tokens` tokens
+    has fresh queues of C slots per expert, starting at `start` (earlier assignments of the scope)
+    if given."""
     T, K = idx_TK.shape
     keep = torch.zeros(T, K, dtype=torch.bool)
     for g0 in range(0, T, group_tokens):
@@ -154,15 +159,17 @@ def slow_keep(idx_TK, E, C, group_tokens, start=None):
 @pytest.mark.parametrize("G", [1, 4])
 def test_capacity_keep_matches_queue_oracle(G):
     idx = torch.randint(0, 5, (24, 2), generator=torch.Generator().manual_seed(G))
-    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 4) % 5                          # two distinct experts per token
+    idx[:, 1] = (idx[:, 0] + 1 + idx[:, 1] % 4) % 5                 # two distinct experts per token
     for C in (1, 2, 3, 7):
         torch.testing.assert_close(mt.capacity_keep(idx, 5, C, G), slow_keep(idx, 5, C, 24 // G))
     off = torch.tensor([3, 0, 5, 1, 2])
-    torch.testing.assert_close(mt.capacity_keep(idx, 5, 4, 1, off), slow_keep(idx, 5, 4, 24, off.tolist()))
+    torch.testing.assert_close(mt.capacity_keep(idx, 5, 4, 1, off),
+                               slow_keep(idx, 5, 4, 24, off.tolist()))
 
 
 def test_micro_capacity_equals_the_kernel_capacity_dispatch():
-    """Micro scope = one forward = what kernels.moe_ffn(impl='capacity') drops (an independent implementation)."""
+    """Micro scope = one forward = what kernels.moe_ffn(impl='capacity') drops (an independent
+    implementation)."""
     g = torch.Generator().manual_seed(1)
     x, w_in = torch.randn(32, 6, generator=g), torch.randn(5, 6, 7, generator=g)
     w_out = torch.randn(5, 7, 6, generator=g)
@@ -172,12 +179,14 @@ def test_micro_capacity_equals_the_kernel_capacity_dispatch():
         keep = mt.capacity_keep(idx, 5, math.ceil(cf * 32 * 2 / 5), 1)
         y_ref, dropped = moe_ffn(x, idx, gates, w_in, w_out, impl="capacity", capacity_factor=cf)
         assert torch.equal(keep, ~dropped)
-        y, _ = moe_ffn(x, idx, gates * keep, w_in, w_out, impl="loop")         # the testbed's zero-gate drop
+        # the testbed's zero-gate drop
+        y, _ = moe_ffn(x, idx, gates * keep, w_in, w_out, impl="loop")
         torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
 
 
 def test_global_capacity_queues_run_across_chunks():
-    """Two chunks (micro-batches) of one step through StepRouting == one queue over the concatenation."""
+    """Two chunks (micro-batches) of one step through StepRouting == one queue over the
+    concatenation."""
     idx = torch.randint(0, 4, (20, 1), generator=torch.Generator().manual_seed(3))
     routing = mt.StepRouting(20, lambda t: t)
     keeps = []
@@ -190,8 +199,8 @@ def test_global_capacity_queues_run_across_chunks():
 # ---------------------------------------------------------------- routers
 
 def _cfg(**kw):
-    base = dict(experts=4, top_k=2, n_layer=2, d_model=16, n_head=2, expert_hidden=8, seq_len=8, batch_size=4,
-                steps=6, warmup=2, eval_seqs=2, log_every=3, ckpt_every=2)
+    base = dict(experts=4, top_k=2, n_layer=2, d_model=16, n_head=2, expert_hidden=8, seq_len=8,
+                batch_size=4, steps=6, warmup=2, eval_seqs=2, log_every=3, ckpt_every=2)
     base.update(kw)
     return mt.Config(**base)
 
@@ -204,9 +213,9 @@ def _ctx(B, S, dom=None):
 def test_capacity_drop_count():
     cfg = _cfg(router="topk", balance="aux_free", capacity_factor=1.0, batch_size=2)
     moe = mt.MoEFFN(cfg, 8)
-    torch.nn.init.zeros_(moe.router.weight)                                   # equal probs: the bias decides
-    moe.bias_E.copy_(torch.tensor([1.0, 0.5, 0.0, 0.0]))                       # everyone picks experts 0 and 1
-    y, st = moe(torch.randn(2, 8, 16), _ctx(2, 8))                              # T = 16, K = 2, E = 4
+    torch.nn.init.zeros_(moe.router.weight)                          # equal probs: the bias decides
+    moe.bias_E.copy_(torch.tensor([1.0, 0.5, 0.0, 0.0]))            # everyone picks experts 0 and 1
+    y, st = moe(torch.randn(2, 8, 16), _ctx(2, 8))                            # T = 16, K = 2, E = 4
     # C = ceil(1.0 * 16 * 2 / 4) = 8 slots per expert; 16 tokens want expert 0 and 16 want expert 1
     assert st["n_slots"] == 32 and int(st["n_drop"]) == 16
     # priority is token order: the last 8 tokens lost both experts and output exactly zero
@@ -220,7 +229,8 @@ def test_capacity_drop_count():
 
 
 def test_topk_output_uses_raw_probabilities_as_gates():
-    """y_t = sum_{i in top-k} p_ti * E_i(h_t), p = softmax over ALL experts (not renormalised): loop oracle."""
+    """y_t = sum_{i in top-k} p_ti * E_i(h_t), p = softmax over ALL experts (not renormalised): loop
+    oracle."""
     moe = mt.MoEFFN(_cfg(router="topk", balance="none"), 8)
     x = torch.randn(2, 8, 16)
     y, st = moe(x, _ctx(2, 8))
@@ -235,20 +245,22 @@ def test_topk_output_uses_raw_probabilities_as_gates():
 
 
 def test_router_logits_fp32_and_dispatch_bf16_under_autocast(monkeypatch):
-    """Under bf16 autocast the router computes fp32 logits (an nn.Linear would give bf16), while the expert
-    GEMMs get bf16 (the grouped kernel's fast path; the custom op is not on autocast's list, so MoEFFN casts)."""
+    """Under bf16 autocast the router computes fp32 logits (an nn.Linear would give bf16), while the
+    expert GEMMs get bf16 (the grouped kernel's fast path; the custom op is not on autocast's list,
+    so MoEFFN casts)."""
     moe = mt.MoEFFN(_cfg(router="topk", balance="none"), 8)
     x = torch.randn(2, 8, 16)
     seen, logits_dtypes = [], []
     real, real_logits = mt.moe_ffn, moe.router_logits
     monkeypatch.setattr(mt, "moe_ffn", lambda x_TD, i, g, w_in, w_out, **k: seen.append(
         (x_TD.dtype, w_in.dtype, w_out.dtype)) or real(x_TD, i, g, w_in, w_out, **k))
-    monkeypatch.setattr(moe, "router_logits", lambda x_TD: logits_dtypes.append(real_logits(x_TD).dtype)
+    monkeypatch.setattr(moe, "router_logits",
+                        lambda x_TD: logits_dtypes.append(real_logits(x_TD).dtype)
                         or real_logits(x_TD))
     y32, _ = moe(x, _ctx(2, 8))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y16, _ = moe(x, _ctx(2, 8))
-        assert moe.router(x.view(16, 16)).dtype == torch.bfloat16               # what the fp32 path avoids
+        assert moe.router(x.view(16, 16)).dtype == torch.bfloat16        # what the fp32 path avoids
     assert logits_dtypes == [torch.float32, torch.float32]
     assert seen == [(torch.float32,) * 3, (torch.bfloat16,) * 3]
     torch.testing.assert_close(y16.float(), y32, rtol=0.05, atol=0.02)
@@ -260,14 +272,15 @@ def test_fair_reference_agreement_and_utilization_one_on_a_balanced_mix(E, gate)
     L, K, S = 8, 2, 6
     cfg = _cfg(router="reference", experts=E, top_k=K, batch_size=2 * L, reference_gate=gate)
     moe = mt.MoEFFN(cfg, L)
-    dom = torch.arange(L).repeat(2)                                            # balanced: 2 sequences per domain
+    dom = torch.arange(L).repeat(2)                               # balanced: 2 sequences per domain
     _, st = moe(torch.randn(2 * L, S, 16), _ctx(2 * L, S, dom))
     acc = mt.add_record({}, [st], dom.repeat_interleave(S), L, E)
     m = mt.routing_metrics(acc[0], mt.reference_groups(L, E, K)[0].numpy())
     assert m["agreement"] == 1.0 and m["utilization"] == pytest.approx(1.0)
-    assert m["purity"] == (1.0 if E >= L else 0.5) and st["assign_TE"].sum(1).eq(K).all()   # K experts each
+    # K experts each
+    assert m["purity"] == (1.0 if E >= L else 0.5) and st["assign_TE"].sum(1).eq(K).all()
     home = mt.reference_groups(L, E, K)[0][dom.repeat_interleave(S)]
-    assert (st["top1_T"][:, None] == home).any(1).all()                        # slot 0: a home expert
+    assert (st["top1_T"][:, None] == home).any(1).all()                      # slot 0: a home expert
 
 
 def test_reference_gates_have_the_learned_routers_form():
@@ -275,11 +288,14 @@ def test_reference_gates_have_the_learned_routers_form():
     moe = mt.MoEFFN(cfg, 8)
     x = torch.randn(8, 3, 16)
     probs = moe.router(x.view(24, 16)).softmax(-1)
-    idx, gates = mt.route_reference(probs, torch.arange(8).repeat_interleave(3), moe.home_LG, moe.spill_LJ, 2, False)
-    assert torch.equal(idx[:, 0], torch.arange(8).repeat_interleave(3))        # G = 1: home expert d ...
-    assert torch.equal(idx[:, 1], (torch.arange(8).repeat_interleave(3) + 1) % 8)   # ... and spill d + 1
-    torch.testing.assert_close(gates, probs.gather(1, idx))                    # raw probabilities, like topk
-    _, gates = mt.route_reference(probs, torch.zeros(24, dtype=torch.long), moe.home_LG, moe.spill_LJ, 2, True)
+    idx, gates = mt.route_reference(probs, torch.arange(8).repeat_interleave(3), moe.home_LG,
+                                    moe.spill_LJ, 2, False)
+    assert torch.equal(idx[:, 0], torch.arange(8).repeat_interleave(3))   # G = 1: home expert d ...
+    # ... and spill d + 1
+    assert torch.equal(idx[:, 1], (torch.arange(8).repeat_interleave(3) + 1) % 8)
+    torch.testing.assert_close(gates, probs.gather(1, idx))           # raw probabilities, like topk
+    _, gates = mt.route_reference(probs, torch.zeros(24, dtype=torch.long), moe.home_LG,
+                                  moe.spill_LJ, 2, True)
     assert (gates == 0.5).all()
 
 
@@ -299,7 +315,7 @@ def test_expert_choice_matches_loop_oracle():
     y, tok_EC = mt.expert_choice_ffn(x, probs, C, w_in, w_out)
     ref = torch.zeros(T, D)
     for e in range(E):
-        chosen = sorted(range(T), key=lambda t: -probs[t, e].item())[:C]     # expert e's top-C tokens
+        chosen = sorted(range(T), key=lambda t: -probs[t, e].item())[:C]   # expert e's top-C tokens
         assert sorted(chosen) == sorted(tok_EC[e].tolist())
         for t in chosen:
             ref[t] += probs[t, e] * (F.gelu(x[t] @ w_in[e]) @ w_out[e])
@@ -316,8 +332,8 @@ def _doms():
                                  val=[rng.integers(40 * d, 40 * d + 50, 500) for d in range(4)])
 
 
-ACC = dict(experts=4, top_k=2, n_layer=2, moe_layers="all", d_model=16, n_head=2, expert_hidden=8, seq_len=8,
-           batch_size=8, warmup=2)
+ACC = dict(experts=4, top_k=2, n_layer=2, moe_layers="all", d_model=16, n_head=2, expert_hidden=8,
+           seq_len=8, batch_size=8, warmup=2)
 
 
 def _grads(cfg, aux_only=False, step=3):
@@ -328,7 +344,8 @@ def _grads(cfg, aux_only=False, step=3):
 
 
 def test_accum_one_is_the_one_pass_step_bit_for_bit():
-    """accum = 1: the gradient is exactly that of (ce + aux + z) on the whole batch, as before accumulation."""
+    """accum = 1: the gradient is exactly that of (ce + aux + z) on the whole batch, as before
+    accumulation."""
     cfg = mt.Config(**ACC, balance="aux", balance_scope="global")
     _, _, got = _grads(cfg)
     torch.manual_seed(0)
@@ -343,17 +360,17 @@ def test_accum_one_is_the_one_pass_step_bit_for_bit():
 
 @pytest.mark.parametrize("scope", ["global", "micro", "sequence"])
 def test_accum_aux_gradient_equals_the_one_pass_computation(scope):
-    """accum 4 (micro-batches of 2 sequences): the aux-loss gradient equals the one-pass gradient of the
-    scope's loss on the concatenated batch. Global: f over all 8 sequences (the pre-pass); micro: groups of
-    the 2 sequences of each micro-batch; sequence: unchanged. The one-pass oracle: accum 1 with the groups
-    made explicit through aux_loss on the full batch."""
+    """accum 4 (micro-batches of 2 sequences): the aux-loss gradient equals the one-pass gradient of
+    the scope's loss on the concatenated batch. Global: f over all 8 sequences (the pre-pass);
+    micro: groups of the 2 sequences of each micro-batch; sequence: unchanged. The one-pass oracle:
+    accum 1 with the groups made explicit through aux_loss on the full batch."""
     cfg = mt.Config(**ACC, balance="aux", balance_scope=scope, accum=4)
     _, aux4, g4 = _grads(cfg, aux_only=True)
     torch.manual_seed(0)
     model = mt.Model(cfg, 4)
     x, _, dom = (torch.from_numpy(a) for a in mt.train_batch(_doms(), 8, 8, 0, 3))
     probs, idx = {}, {}
-    real = mt.route_topk                                     # capture every layer's probabilities and choices
+    real = mt.route_topk                           # capture every layer's probabilities and choices
 
     def spy(probs_TE, bias_E, K):
         out = real(probs_TE, bias_E, K)
@@ -361,15 +378,17 @@ def test_accum_aux_gradient_equals_the_one_pass_computation(scope):
         return out
     mt.route_topk = spy
     try:
-        model(x, dom, mt.StepRouting(64, lambda t: t, counts={0: torch.ones(1, 4), 1: torch.ones(1, 4)}))
+        counts = {0: torch.ones(1, 4), 1: torch.ones(1, 4)}
+        model(x, dom, mt.StepRouting(64, lambda t: t, counts=counts))
     finally:
         mt.route_topk = real
     G = {"global": 1, "micro": 4, "sequence": 8}[scope]
     oracle = sum(slow_aux(probs[i], idx[i], G, cfg.aux_coef) for i in probs)
     _assert_oracle(model, oracle, aux4, g4)
-    if scope == "global":                                    # not vacuous: micro scope gives another gradient
+    if scope == "global":                          # not vacuous: micro scope gives another gradient
         _, _, gm = _grads(mt.Config(**{**mt.asdict(cfg), "balance_scope": "micro"}), aux_only=True)
-        assert any(not torch.allclose(gm[n], g4[n], rtol=1e-3) for n in g4 if n.endswith("router.weight"))
+        assert any(not torch.allclose(gm[n], g4[n], rtol=1e-3)
+                   for n in g4 if n.endswith("router.weight"))
 
 
 def _assert_oracle(model, oracle, aux, grads):
@@ -383,10 +402,12 @@ def _assert_oracle(model, oracle, aux, grads):
 
 
 def test_accum_global_equals_accum_one_on_the_same_batch():
-    """The optimizer step does not depend on how it is cut into micro-batches (global scope, ce + aux + z)."""
+    """The optimizer step does not depend on how it is cut into micro-batches (global scope, ce +
+    aux + z)."""
     c1, a1, g1 = _grads(mt.Config(**ACC, balance="aux", balance_scope="global"))
     c4, a4, g4 = _grads(mt.Config(**ACC, balance="aux", balance_scope="global", accum=4))
-    assert c4.item() == pytest.approx(c1.item(), rel=1e-6) and a4.item() == pytest.approx(a1.item(), rel=1e-6)
+    assert c4.item() == pytest.approx(c1.item(), rel=1e-6)
+    assert a4.item() == pytest.approx(a1.item(), rel=1e-6)
     for n in g1:
         torch.testing.assert_close(g4[n], g1[n], rtol=1e-4, atol=1e-8, msg=n)
 
@@ -445,7 +466,8 @@ def test_prepass_runs_only_where_priced(monkeypatch, scope, accum, dense, runs):
 
 
 def test_global_capacity_with_accum_equals_one_pass():
-    """Global capacity: queues across the micro-batches of a step drop exactly what one pass drops."""
+    """Global capacity: queues across the micro-batches of a step drop exactly what one pass drops.
+    """
     base = dict(ACC, balance="none", capacity_factor=0.5, capacity_scope="global")
     torch.manual_seed(0)
     drops = []
@@ -459,9 +481,9 @@ def test_global_capacity_with_accum_equals_one_pass():
 
 # ---------------------------------------------------------------- end to end (tiny)
 
-TINY = ["--experts", "4", "--n-layer", "2", "--d-model", "16", "--n-head", "2", "--expert-hidden", "8",
-        "--seq-len", "16", "--batch-size", "8", "--steps", "6", "--warmup", "2", "--eval-seqs", "2",
-        "--log-every", "3", "--ckpt-every", "2", "--threads", "1"]
+TINY = ["--experts", "4", "--n-layer", "2", "--d-model", "16", "--n-head", "2",
+        "--expert-hidden", "8", "--seq-len", "16", "--batch-size", "8", "--steps", "6", "--warmup",
+        "2", "--eval-seqs", "2", "--log-every", "3", "--ckpt-every", "2", "--threads", "1"]
 
 
 def _data_dir(tmp_path, n_dom=3):
@@ -476,17 +498,19 @@ def _data_dir(tmp_path, n_dom=3):
 
 
 def test_smoke_main_writes_results_and_history(tmp_path, capsys):
-    args = TINY + ["--accum", "2", "--out", str(tmp_path / "o"), "--data-dir", str(_data_dir(tmp_path))]
+    args = TINY + ["--accum", "2", "--out", str(tmp_path / "o"),
+                   "--data-dir", str(_data_dir(tmp_path))]
     runs = mt.main(args)
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     r = res["runs"][0]
-    for k in ("router", "balance", "scope", "accum", "balance_tokens", "capacity_factor", "seed", "val_bpb",
-              "utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy", "dropped_frac",
-              "per_domain_bpb", "routing_matrix", "tokens_per_s", "history"):
+    for k in ("router", "balance", "scope", "accum", "balance_tokens", "capacity_factor", "seed",
+              "val_bpb", "utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi",
+              "entropy", "dropped_frac", "per_domain_bpb", "routing_matrix", "tokens_per_s",
+              "history"):
         assert k in r
     assert r["router"] == "topk" and r["scope"] == "global" and len(r["routing_matrix"]) == 3
     assert res["dispatch"] == dict(impl="grouped", route="native", note="")   # fp32, 16 x 8, CPU
-    assert r["accum"] == 2 and r["balance_tokens"] == 8 * 16                  # global: the whole step
+    assert r["accum"] == 2 and r["balance_tokens"] == 8 * 16                # global: the whole step
     assert 0 < r["val_bpb"] < 9 and runs[0]["val_bpb"] == r["val_bpb"]
     assert len(r["bpb_by_position"]) == 16 and np.mean(r["bpb_by_position"]) == pytest.approx(
         r["val_bpb"], abs=1e-3)
@@ -494,35 +518,44 @@ def test_smoke_main_writes_results_and_history(tmp_path, capsys):
         np.mean(r["bpb_by_position"][r["probe_n"]:]), abs=1e-3)
     assert [(h["step"], h["layer"]) for h in r["history"]] == [(3, 1), (6, 1)]
     for h in r["history"]:
-        assert set(mt.HISTORY_KEYS) <= set(h) and 0 < h["utilization"] <= 1 and 0 < h["entropy"] <= 1
+        assert set(mt.HISTORY_KEYS) <= set(h)
+        assert 0 < h["utilization"] <= 1 and 0 < h["entropy"] <= 1
     out = capsys.readouterr().out
     assert "domain \\ expert" in out                         # the heat map (printed via tqdm.write)
     assert out.count("expert dispatch: grouped, grouped GEMM route native") == 1   # once per run
     metrics = [json.loads(ln) for ln in (tmp_path / "o" / "metrics.jsonl").read_text().splitlines()]
-    assert [(m["run"], m["seed"], m["step"]) for m in metrics] == [("aux-global", 0, 3), ("aux-global", 0, 6)]
+    assert [(m["run"], m["seed"], m["step"]) for m in metrics] == [("aux-global", 0, 3),
+                                                                    ("aux-global", 0, 6)]
     for m, h in zip(metrics, r["history"]):
-        assert m["bpb"] == pytest.approx(m["loss"] / math.log(2)) and m["bpb"] == pytest.approx(h["train_bpb"], abs=1e-4)
-        assert m["lr"] == mt.lr_at(mt.parse_args(args), m["step"] - 1) and m["L1_purity"] == h["purity"]
+        assert m["bpb"] == pytest.approx(m["loss"] / math.log(2))
+        assert m["bpb"] == pytest.approx(h["train_bpb"], abs=1e-4)
+        assert m["lr"] == mt.lr_at(mt.parse_args(args), m["step"] - 1)
+        assert m["L1_purity"] == h["purity"]
     first = (tmp_path / "o" / "results.json").read_bytes()
     ckpt = (tmp_path / "o" / "aux-global-s0" / "ckpt.pt").read_bytes()
     mt.main(args)
-    assert (tmp_path / "o" / "previous_1" / "results.json").read_bytes() == first   # the rerun kept the first
-    assert (tmp_path / "o" / "previous_1" / "aux-global-s0" / "ckpt.pt").read_bytes() == ckpt   # and its run folder
-    assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 4     # and added its lines
+    # the rerun kept the first
+    assert (tmp_path / "o" / "previous_1" / "results.json").read_bytes() == first
+    # and its run folder
+    assert (tmp_path / "o" / "previous_1" / "aux-global-s0" / "ckpt.pt").read_bytes() == ckpt
+    # and added its lines
+    assert len((tmp_path / "o" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
 def test_domain_probe_reads_a_domain_that_is_there_and_not_one_that_is_not():
-    """The probe on hand-made router inputs, windows in val_windows' order (domains interleaved), fed in two
-    micro-batches: a domain direction under weaker noise -> 1.0; noise alone -> near chance (1/4)."""
+    """The probe on hand-made router inputs, windows in val_windows' order (domains interleaved),
+    fed in two micro-batches: a domain direction under weaker noise -> 1.0; noise alone -> near
+    chance (1/4)."""
     L, n, S, D = 4, 8, 16, 8
     vdom = np.tile(np.arange(L), n)
     wins = [np.arange(0, 16), np.arange(16, 32)]
     g = torch.Generator().manual_seed(0)
     noise = [torch.randn(len(w) * S // 4, D, generator=g) for w in wins]
-    signal = [3 * F.one_hot(torch.from_numpy(vdom[w]).repeat_interleave(S // 4), D).float() for w in wins]
+    signal = [3 * F.one_hot(torch.from_numpy(vdom[w]).repeat_interleave(S // 4), D).float()
+              for w in wins]
     assert mt.domain_probe([0.3 * a + b for a, b in zip(noise, signal)], wins, vdom) == 1.0
     assert mt.domain_probe(noise, wins, vdom) < 0.5
-    one = np.arange(L)                                     # one window per domain: nothing to score on
+    one = np.arange(L)                                  # one window per domain: nothing to score on
     assert mt.domain_probe([torch.randn(L * S // 4, D)], [one], one) is None
 
 
@@ -536,7 +569,8 @@ def test_probe_by_position_and_n():
     feats = []
     for w in wins:
         sig = 3 * F.one_hot(torch.from_numpy(vdom[w]).repeat_interleave(S // 4), D).float()
-        sig = sig * torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(len(w))[:, None]   # positions 0, 4 blind
+        # positions 0, 4 blind
+        sig = sig * torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(len(w))[:, None]
         feats.append(sig + 0.3 * torch.randn(len(w) * S // 4, D, generator=g))
     curve = mt.probe_by_position(feats, wins, vdom, S)
     assert [p for p, _ in curve] == [0, 4, 8, 12]
@@ -547,13 +581,14 @@ def test_probe_by_position_and_n():
 
 
 def test_reference_steps_route_by_label_before_step_n_then_learn():
-    """--reference-steps N: training forwards of steps < N route as the reference; from step N on, and in
-    evaluation, as the learned top-k."""
+    """--reference-steps N: training forwards of steps < N route as the reference; from step N on,
+    and in evaluation, as the learned top-k."""
     cfg = mt.parse_args(TINY + ["--reference-steps", "3"])
     ffn = mt.MoEFFN(cfg, n_domains=2, layer_id=1)
     probs = torch.rand(16, 4, generator=torch.Generator().manual_seed(0)).softmax(-1)
     ctx = dict(dom_B=torch.tensor([0, 1]), tok_BS=None)
-    ref = mt.route_reference(probs, ctx["dom_B"].repeat_interleave(8), ffn.home_LG, ffn.spill_LJ, 2, False)
+    ref = mt.route_reference(probs, ctx["dom_B"].repeat_interleave(8), ffn.home_LG, ffn.spill_LJ,
+                             2, False)
     top = mt.route_topk(probs, ffn.bias_E, 2)
     assert not torch.equal(ref[0], top[0])                 # so the check below can fail
     for index, training, want in [(0, True, ref), (2, True, ref), (3, True, top), (0, False, top),
@@ -567,7 +602,8 @@ def test_reference_steps_history_is_pure_until_n(tmp_path):
     args = TINY + ["--steps", "4", "--log-every", "1", "--data-dir", str(_data_dir(tmp_path))]
     run = mt.main(args + ["--reference-steps", "2", "--out", str(tmp_path / "r")])[0]
     plain = mt.main(args + ["--out", str(tmp_path / "p")])[0]
-    assert run["name"] == "aux-global-ref2" and [h["purity"] for h in run["history"][:2]] == [1.0, 1.0]
+    assert run["name"] == "aux-global-ref2"
+    assert [h["purity"] for h in run["history"][:2]] == [1.0, 1.0]
     assert plain["history"][0]["purity"] < 1.0 and 0 < run["domain_probe"] <= 1
 
 
@@ -587,18 +623,20 @@ def test_sweep_jobs_two_equals_jobs_one(tmp_path):
     one = mt.main(args + ["--out", str(tmp_path / "j1")])
     two = mt.main(args + ["--out", str(tmp_path / "j2"), "--jobs", "2"])
     assert [r["name"] for r in one] == ["balance-1", "balance-2", "balance-4"]
-    assert [r["balance_tokens"] for r in one] == [16, 32, 64] and [r["accum"] for r in one] == [1, 2, 1]
+    assert [r["balance_tokens"] for r in one] == [16, 32, 64]
+    assert [r["accum"] for r in one] == [1, 2, 1]
     for a, b in zip(one, two):
-        for k in ("name", "val_bpb", "per_domain_bpb", "routing_matrix", "purity", "utilization", "history"):
+        for k in ("name", "val_bpb", "per_domain_bpb", "routing_matrix", "purity", "utilization",
+                  "history"):
             assert a[k] == b[k], (a["name"], k)
 
 
 def test_capacity_sweep_and_bench_smoke(tmp_path):
     data = str(_data_dir(tmp_path))
-    runs = mt.main(TINY + ["--steps", "2", "--sweep", "capacity", "--accum", "2", "--data-dir", data,
-                           "--out", str(tmp_path / "cap")])
-    assert [r["name"] for r in runs] == ["dropless", "cf1-sequence", "cf1-micro", "cf1-global", "cf1.25-sequence",
-                                         "cf1.25-micro", "cf1.25-global"]
+    runs = mt.main(TINY + ["--steps", "2", "--sweep", "capacity", "--accum", "2",
+                           "--data-dir", data, "--out", str(tmp_path / "cap")])
+    assert [r["name"] for r in runs] == ["dropless", "cf1-sequence", "cf1-micro", "cf1-global",
+                                         "cf1.25-sequence", "cf1.25-micro", "cf1.25-global"]
     assert runs[0]["dropped_frac"] == 0 and all(r["capacity_scope"] for r in runs[1:])
     b = mt.main(TINY + ["--bench", "--data-dir", data, "--out", str(tmp_path / "bench")])
     assert b["ratio"] > 0 and b["moe_tokens_per_s"] > 0
@@ -612,24 +650,27 @@ def test_capacity_sweep_and_bench_smoke(tmp_path):
 
 
 def test_plots_when_matplotlib_is_importable(tmp_path, monkeypatch):
-    """matplotlib is optional (not installed here): a stand-in module checks the plotting code runs."""
+    """matplotlib is optional (not installed here): a stand-in module checks the plotting code runs.
+    """
     from unittest import mock
     plt = mock.MagicMock()
-    plt.subplots.side_effect = lambda rows=1, cols=1, **k: (mock.MagicMock(), [mock.MagicMock() for _ in range(cols)]
-                                                            if cols > 1 else mock.MagicMock())
+    plt.subplots.side_effect = lambda rows=1, cols=1, **k: (
+        mock.MagicMock(), [mock.MagicMock() for _ in range(cols)] if cols > 1 else mock.MagicMock())
     mpl = mock.MagicMock(pyplot=plt)
     monkeypatch.setitem(sys.modules, "matplotlib", mpl)
     monkeypatch.setitem(sys.modules, "matplotlib.pyplot", plt)
     hist = [dict(step=s, layer=1, purity=0.5, utilization=0.9, maxvio=0.2) for s in (1, 2)]
-    runs = [dict(name=f"b{n}", seed=s, router="topk", balance="aux", balance_tokens=n, purity=0.4, nmi=0.3,
-                 utilization=0.9, history=hist) for n in (1, 2, 4) for s in (0, 1)]
+    runs = [dict(name=f"b{n}", seed=s, router="topk", balance="aux", balance_tokens=n, purity=0.4,
+                 nmi=0.3, utilization=0.9, history=hist) for n in (1, 2, 4) for s in (0, 1)]
     paths = mt.plots(runs, str(tmp_path))
-    assert [os.path.basename(p) for p in paths] == ["history.png", "balance.png"] and plt.close.call_count == 2
+    assert [os.path.basename(p) for p in paths] == ["history.png", "balance.png"]
+    assert plt.close.call_count == 2
 
 
 def test_resume_equals_uninterrupted_and_determinism(tmp_path):
     data = str(_data_dir(tmp_path))
-    extra = ["--balance", "aux_free", "--balance-scope", "micro", "--accum", "2", "--data-dir", data]
+    extra = ["--balance", "aux_free", "--balance-scope", "micro", "--accum", "2",
+             "--data-dir", data]
     a = mt.main(TINY + extra + ["--out", str(tmp_path / "a")])[0]
     assert mt.main(TINY + extra + ["--out", str(tmp_path / "b"), "--stop-at", "3"]) is None
     assert not (tmp_path / "b" / "results.json").exists()
@@ -654,7 +695,8 @@ def test_bad_inputs(tmp_path, capsys):
     assert "must be positive" in _bad(["--d-model", "0"], tmp_path, capsys)
     assert "must be positive" in _bad(["--steps", "-3"], tmp_path, capsys)
     assert "divisible by --accum 3" in _bad(["--accum", "3"], tmp_path, capsys)
-    assert "--capacity-scope: invalid choice" in _bad(["--capacity-scope", "batch"], tmp_path, capsys)
+    err = _bad(["--capacity-scope", "batch"], tmp_path, capsys)
+    assert "--capacity-scope: invalid choice" in err
     assert "--sweep: invalid choice" in _bad(["--sweep", "all"], tmp_path, capsys)
     assert "does not exist" in _bad(["--data-dir", str(tmp_path / "nope")], tmp_path, capsys)
     (tmp_path / "empty").mkdir()
@@ -663,22 +705,27 @@ def test_bad_inputs(tmp_path, capsys):
     (broken / "dom1" / "b.txt").write_bytes(b"ok\xff\xfe not utf-8")
     assert "not valid UTF-8" in _bad(["--data-dir", str(broken)], tmp_path, capsys)
     good = _data_dir(tmp_path / "good", n_dom=2)
-    assert "longer than the data" in _bad(["--data-dir", str(good), "--seq-len", "100000"], tmp_path, capsys)
+    err = _bad(["--data-dir", str(good), "--seq-len", "100000"], tmp_path, capsys)
+    assert "longer than the data" in err
     assert "invalid int" in _bad(["--experts", "x"], tmp_path, capsys)
-    assert "unrecognized arguments: --expert " in _bad(["--expert", "4"], tmp_path, capsys)   # no abbreviations
+    # no abbreviations
+    assert "unrecognized arguments: --expert " in _bad(["--expert", "4"], tmp_path, capsys)
 
 
 def test_cli_bad_input_exit_code(tmp_path):
-    p = subprocess.run([sys.executable, os.path.join(ROOT, "moe_testbed.py"), "--top-k", "9", "--out",
-                        str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
-    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1 and "Traceback" not in p.stderr
+    p = subprocess.run([sys.executable, os.path.join(ROOT, "moe_testbed.py"), "--top-k", "9",
+                        "--out", str(tmp_path / "o")], capture_output=True, text=True, cwd=ROOT)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in p.stderr
     assert not (tmp_path / "o").exists()
 
 
 BAD = [(["--device", "cuda"], "not available"), (["--threads", "-1"], "--threads must be >= 0"),
-       (["--lr", "-0.1"], "--lr must be positive"), (["--overlap", "1.5"], "--overlap must be in [0, 1]"),
-       (["--router", "oracle"], "--router: invalid choice"), (["--top-k", "9"], "larger than --experts"),
-       (["--steps", "0"], "--steps must be positive"), (["--expert", "4"], "unrecognized arguments"),
+       (["--lr", "-0.1"], "--lr must be positive"),
+       (["--overlap", "1.5"], "--overlap must be in [0, 1]"),
+       (["--router", "oracle"], "--router: invalid choice"),
+       (["--top-k", "9"], "larger than --experts"), (["--steps", "0"], "--steps must be positive"),
+       (["--expert", "4"], "unrecognized arguments"),
        (["--seeds", "0,x"], "comma-separated integers"), (["--jobs", "2.5"], "invalid int value"),
        (["--reference-steps", "-1"], "--reference-steps must be >= 0"),
        (["--router", "hash", "--reference-steps", "2"], "applies to --router topk only"),
@@ -687,7 +734,8 @@ BAD = [(["--device", "cuda"], "not available"), (["--threads", "-1"], "--threads
 
 @pytest.mark.parametrize("bad,msg", BAD, ids=[b[0] for b, _ in BAD])
 def test_bad_input_matrix_keeps_earlier_results(tmp_path, capsys, bad, msg):
-    """Each bad input: exit 2, one line, no traceback, before any work; an earlier results.json is untouched."""
+    """Each bad input: exit 2, one line, no traceback, before any work; an earlier results.json is
+    untouched."""
     if bad[:2] == ["--device", "cuda"] and torch.cuda.is_available():
         pytest.skip("CUDA is available here")
     out = tmp_path / "o"
@@ -696,13 +744,15 @@ def test_bad_input_matrix_keeps_earlier_results(tmp_path, capsys, bad, msg):
     with pytest.raises(SystemExit) as e:
         mt.main(TINY + bad + ["--out", str(out)])
     err = capsys.readouterr().err.strip()
-    assert e.value.code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err and msg in err, err
-    assert os.listdir(out) == ["results.json"] and (out / "results.json").read_text() == '{"runs": ["earlier"]}'
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert "Traceback" not in err and msg in err, err
+    assert os.listdir(out) == ["results.json"]
+    assert (out / "results.json").read_text() == '{"runs": ["earlier"]}'
 
 
 def test_unwritable_out_is_one_line_before_any_work(tmp_path, capsys):
     blocker = tmp_path / "file"
-    blocker.write_text("earlier")                          # --out below a file: it cannot be created
+    blocker.write_text("earlier")                         # --out below a file: it cannot be created
     with pytest.raises(SystemExit) as e:
         mt.main(TINY + ["--out", str(blocker / "o")])
     err = capsys.readouterr().err.strip()
@@ -715,15 +765,19 @@ def test_quick_defaults_and_explicit_flags_win(tmp_path, capsys):
     assert all(getattr(q, k) == v for k, v in mt.QUICK.items()) and q.steps < mt.Config().steps
     q = mt.parse_args(["--quick", "--steps", "3", "--d-model", "32"])
     assert (q.steps, q.d_model, q.seq_len) == (3, 32, mt.QUICK["seq_len"])
-    runs = mt.main(["--quick", "--steps", "3", "--eval-seqs", "2", "--threads", "1", "--out", str(tmp_path / "q"),
-                    "--data-dir", str(_data_dir(tmp_path))])                 # the quick model on tiny data
+    # the quick model on tiny data
+    runs = mt.main(["--quick", "--steps", "3", "--eval-seqs", "2", "--threads", "1",
+                    "--out", str(tmp_path / "q"), "--data-dir", str(_data_dir(tmp_path))])
     out = capsys.readouterr().out
-    assert "purity" in out and "domain \\ expert" in out and "1 run(s), 3 steps of 16x64 bytes" in out
-    assert runs[0]["purity"] > 0 and json.loads((tmp_path / "q" / "results.json").read_text())["config"]["quick"]
+    assert "purity" in out and "domain \\ expert" in out
+    assert "1 run(s), 3 steps of 16x64 bytes" in out
+    assert runs[0]["purity"] > 0
+    assert json.loads((tmp_path / "q" / "results.json").read_text())["config"]["quick"]
 
 
 def test_threads_zero_shares_the_cores_among_jobs(monkeypatch):
-    """--threads 0 with --jobs N: each worker gets max(1, cores // N) threads; a given --threads is kept."""
+    """--threads 0 with --jobs N: each worker gets max(1, cores // N) threads; a given --threads is
+    kept."""
     seen = []
 
     class Pool:                                            # records what each worker would be given
@@ -749,12 +803,14 @@ def test_threads_zero_shares_the_cores_among_jobs(monkeypatch):
         cfg = mt.Config(threads=threads, jobs=jobs, seeds="0,1")
         assert run.worker_threads(cfg.threads, cfg.jobs) == want
         if jobs > 1:
-            assert mt.run_all(cfg, [("a", cfg)], None, CPU) is None and seen == [("jobs", jobs), want, want]   # one per seed
+            assert mt.run_all(cfg, [("a", cfg)], None, CPU) is None
+            assert seen == [("jobs", jobs), want, want]                      # one per seed
 
 
 def test_pictures_when_matplotlib_is_installed(tmp_path, capsys):
     pytest.importorskip("matplotlib")
-    mt.main(TINY + ["--steps", "2", "--out", str(tmp_path / "o"), "--data-dir", str(_data_dir(tmp_path))])
+    mt.main(TINY + ["--steps", "2", "--out", str(tmp_path / "o"),
+                    "--data-dir", str(_data_dir(tmp_path))])
     out = capsys.readouterr().out
     for name in ("history.png", "routing.png"):
         path = tmp_path / "o" / name

@@ -1,7 +1,8 @@
-"""The run harness (data/run.py): flags and presets (the flags given win), one-line errors and exit codes,
-progress output, metrics.jsonl, device, threads, mean ± sample std, comma lists, the protocol key, a
-results.json that is refused when it is not one, the one timing statistic, checkpoints that carry their
-config, finished runs, the worker pool, the Hungarian matching. CPU, milliseconds (the pool: seconds)."""
+"""The run harness (data/run.py): flags and presets (the flags given win), one-line errors and exit
+codes, progress output, metrics.jsonl, device, threads, mean ± sample std, comma lists, the protocol
+key, a results.json that is refused when it is not one, the one timing statistic, checkpoints that
+carry their config, finished runs, the worker pool, the Hungarian matching. CPU, milliseconds (the
+pool: seconds)."""
 import itertools
 import json
 import os
@@ -11,10 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from data.run import (BadInput, Stopped, by_protocol, check_numbers, config_key, finished_result, flag,
-                      hungarian, interleaved_ms, load_checkpoint, load_results, log_metrics, main as run_main,
-                      mean_sd, mean_std, parse_flags, parse_list, pick_device, pool_map, progress, protocol_key,
-                      save_checkpoint, set_threads, worker_threads)
+from data.run import (BadInput, Stopped, by_protocol, check_numbers, config_key, finished_result,
+                      flag, hungarian, interleaved_ms, load_checkpoint, load_results, log_metrics,
+                      main as run_main, mean_sd, mean_std, parse_flags, parse_list, pick_device,
+                      pool_map, progress, protocol_key, save_checkpoint, set_threads,
+                      worker_threads)
 
 
 @dataclass
@@ -42,16 +44,21 @@ def parse(argv):
 def test_parse_flags_order_defaults_then_presets_then_flags_given():
     assert parse([]) == Cfg()
     assert parse(["--quick"]) == Cfg(quick=True, epochs=3, lr=0.5)
-    assert parse(["--sweep", "--quick"]) == Cfg(quick=True, sweep=True, epochs=3, lr=0.5)   # later preset wins
-    assert parse(["--quick", "--epochs", "7"]) == Cfg(quick=True, epochs=7, lr=0.5)         # explicit flags win
-    assert parse(["--epochs", "7", "--quick"]) == Cfg(quick=True, epochs=7, lr=0.5)         # wherever they stand
+    # later preset wins
+    assert parse(["--sweep", "--quick"]) == Cfg(quick=True, sweep=True, epochs=3, lr=0.5)
+    # explicit flags win
+    assert parse(["--quick", "--epochs", "7"]) == Cfg(quick=True, epochs=7, lr=0.5)
+    # wherever they stand
+    assert parse(["--epochs", "7", "--quick"]) == Cfg(quick=True, epochs=7, lr=0.5)
     assert parse(["--preset", "gpu"]) == Cfg(preset="gpu", epochs=100, fast=True)
-    assert parse(["--preset", "gpu", "--no-fast", "--quick"]) == Cfg(preset="gpu", quick=True, epochs=3, lr=0.5)
-    assert parse(["--mode"]).mode == "all" and parse(["--mode", "x"]).mode == "x" and parse(["--hidden", "3"]).hidden == 3
+    assert parse(["--preset", "gpu", "--no-fast", "--quick"]) == Cfg(preset="gpu", quick=True,
+                                                                     epochs=3, lr=0.5)
+    assert parse(["--mode"]).mode == "all" and parse(["--mode", "x"]).mode == "x"
+    assert parse(["--hidden", "3"]).hidden == 3
     with pytest.raises(SystemExit):
-        parse(["--pool", "all"])                                                               # choices
+        parse(["--pool", "all"])                                                           # choices
     with pytest.raises(SystemExit):
-        parse(["--no-quick"])                                            # --no-x only where a preset sets x
+        parse(["--no-quick"])                                    # --no-x only where a preset sets x
 
 
 def test_parse_flags_help_groups_defaults_and_examples(capsys):
@@ -59,7 +66,8 @@ def test_parse_flags_help_groups_defaults_and_examples(capsys):
         parse(["--help"])
     out = capsys.readouterr().out
     assert "learning rate (default: 0.1)" in out and "where from (default: batch)" in out
-    assert "--fast, --no-fast" in out and "--hidden" not in out and "bare --mode: all (default: -)" in out
+    assert "--fast, --no-fast" in out and "--hidden" not in out
+    assert "bare --mode: all (default: -)" in out
     assert out.index("optimisation:") < out.index("method:")
     assert out.endswith("examples:\n  python x.py --lr 2   # an example\n")
 
@@ -70,7 +78,8 @@ def test_one_line_errors_and_exit_codes(capsys):
 
     def stop():
         raise Stopped("a gate failed")
-    for fn, code, line in ((bad, 2, "x.py: error: --lr must be positive"), (stop, 3, "x.py: stopped: a gate failed")):
+    for fn, code, line in ((bad, 2, "x.py: error: --lr must be positive"),
+                           (stop, 3, "x.py: stopped: a gate failed")):
         with pytest.raises(SystemExit) as e:
             run_main("x.py", fn)
         assert e.value.code == code and capsys.readouterr().err == line + "\n"
@@ -81,7 +90,8 @@ def test_one_line_errors_and_exit_codes(capsys):
 
 def test_check_numbers_names_the_flag():
     check_numbers(Cfg(), ("lr",), at_least_0=("epochs",))
-    for cfg, msg in ((Cfg(epochs=-1), "--epochs must be >= 0, got -1"), (Cfg(lr=float("nan")), "--lr must be positive"),
+    for cfg, msg in ((Cfg(epochs=-1), "--epochs must be >= 0, got -1"),
+                     (Cfg(lr=float("nan")), "--lr must be positive"),
                      (Cfg(lr=float("inf")), "--lr must be positive and finite, got inf")):
         with pytest.raises(BadInput, match=msg):
             check_numbers(cfg, ("lr",), at_least_0=("epochs",))
@@ -95,7 +105,7 @@ def test_interleaved_ms_is_the_median_of_the_rounds():
         calls.append(r)
         _t.sleep(0.2 if r == 3 else 0.0)
     ms = interleaved_ms({"a": slow_once}, "cpu", rounds=5, warmup=1)
-    assert calls == [0, 1, 2, 3, 4, 5] and ms["a"] < 50           # one slow round does not move the median
+    assert calls == [0, 1, 2, 3, 4, 5] and ms["a"] < 50    # one slow round does not move the median
 
 
 def test_progress_without_a_terminal_prints_lines_not_carriage_returns(capsys):
@@ -152,7 +162,8 @@ def test_parse_list_and_protocol_key():
     for s, msg in (("1,x", "--seeds: cannot parse '1,x'"), (",", "--seeds: empty list")):
         with pytest.raises(BadInput, match=msg):
             parse_list(s, int, "seeds")
-    assert protocol_key({"a": 1, "b": [2]}) == protocol_key({"b": [2], "a": 1}) != protocol_key({"a": 2, "b": [2]})
+    assert protocol_key({"a": 1, "b": [2]}) == protocol_key({"b": [2], "a": 1})
+    assert protocol_key({"a": 1, "b": [2]}) != protocol_key({"a": 2, "b": [2]})
     assert len(protocol_key({})) == 8
 
 
@@ -163,11 +174,11 @@ def test_load_results_and_by_protocol(tmp_path):
         path.write_text(text)
         with pytest.raises(BadInput, match="move it away"):
             load_results(str(path))
-    res = {"runs": [{"protocol": "b", "x": 1}, {"protocol": "a", "x": 2}, {"protocol": "b", "x": 3}],
-           "protocols": {"a": {"lr": 1}}}
+    runs = [{"protocol": "b", "x": 1}, {"protocol": "a", "x": 2}, {"protocol": "b", "x": 3}]
+    res = {"runs": runs, "protocols": {"a": {"lr": 1}}}
     path.write_text(json.dumps(res))
-    assert list(by_protocol(load_results(str(path)))) == [("a", {"lr": 1}, [res["runs"][1]]),
-                                                          ("b", {}, [res["runs"][0], res["runs"][2]])]
+    assert list(by_protocol(load_results(str(path)))) == [("a", {"lr": 1}, [runs[1]]),
+                                                          ("b", {}, [runs[0], runs[2]])]
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 6])
@@ -175,15 +186,18 @@ def test_hungarian_matches_brute_force(n):
     rng = np.random.default_rng(n)
     for _ in range(5):
         cost = rng.normal(size=(n, n))
-        best = min(itertools.permutations(range(n)), key=lambda p: sum(cost[i, p[i]] for i in range(n)))
+        best = min(itertools.permutations(range(n)),
+                   key=lambda p: sum(cost[i, p[i]] for i in range(n)))
         perm = hungarian(cost)
         assert sorted(perm) == list(range(n))
-        assert cost[np.arange(n), perm].sum() == pytest.approx(sum(cost[i, best[i]] for i in range(n)))
+        want = sum(cost[i, best[i]] for i in range(n))
+        assert cost[np.arange(n), perm].sum() == pytest.approx(want)
 
 
 def test_checkpoint_carries_its_config_and_refuses_other_settings(tmp_path):
-    """save_checkpoint -> load_checkpoint: the weights without torch.compile's prefix and the state as saved;
-    the same settings (free fields aside) load, others are one BadInput naming them; no file -> None."""
+    """save_checkpoint -> load_checkpoint: the weights without torch.compile's prefix and the state
+    as saved; the same settings (free fields aside) load, others are one BadInput naming them; no
+    file -> None."""
     path, cfg = str(tmp_path / "ckpt.pt"), Cfg(epochs=5)
     model = torch.nn.Sequential(torch.nn.Linear(2, 2))
     compiled = torch.nn.Module()
@@ -191,15 +205,18 @@ def test_checkpoint_carries_its_config_and_refuses_other_settings(tmp_path):
     save_checkpoint(path, compiled, cfg, step=3, history=[1, 2])
     ck = load_checkpoint(path, Cfg(epochs=5, quick=True), free=("quick",))
     assert ck["step"] == 3 and ck["history"] == [1, 2] and ck["config"]["epochs"] == 5
-    assert set(ck["model"]) == {"0.weight", "0.bias"} and torch.equal(ck["model"]["0.weight"], model[0].weight)
+    assert set(ck["model"]) == {"0.weight", "0.bias"}
+    assert torch.equal(ck["model"]["0.weight"], model[0].weight)
     with pytest.raises(BadInput, match="different settings: epochs, lr"):
         load_checkpoint(path, Cfg(epochs=6, lr=0.2))
-    assert load_checkpoint(str(tmp_path / "none.pt"), cfg) is None and not os.path.exists(path + ".tmp")
+    assert load_checkpoint(str(tmp_path / "none.pt"), cfg) is None
+    assert not os.path.exists(path + ".tmp")
 
 
 def test_config_key_and_finished_result(tmp_path):
     key = config_key(Cfg(), free=("hidden",))
-    assert key == config_key(Cfg(hidden=3), free=("hidden",)) != config_key(Cfg(lr=0.2), free=("hidden",))
+    assert key == config_key(Cfg(hidden=3), free=("hidden",))
+    assert key != config_key(Cfg(lr=0.2), free=("hidden",))
     assert '"hidden"' not in key and json.loads(key)["epochs"] == 20
     path = tmp_path / "result.json"
     assert finished_result(str(path), key) is None
