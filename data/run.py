@@ -236,9 +236,12 @@ def write_json(path, obj):
     os.replace(path + ".tmp", path)
 
 
-def write_results(out, res):
+def write_results(out, res, keep=False):
     """<out>/results.json, atomically (rewritten after every run, so an interrupted sweep keeps what
-    it had)."""
+    it had). keep: first move an earlier one aside (keep_previous), as a rerun that is not a resume
+    does."""
+    if keep:
+        keep_previous(out)
     write_json(os.path.join(out, "results.json"), res)
 
 
@@ -423,6 +426,32 @@ def heatmap(mat, rows, cols, title):
     return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
 
 
+def heatmap_grid(plt, panels, path, label=None, ncols=4, size=(4.2, 3.8), values=None, title=None):
+    """Heat maps on one colour scale (0 to the largest cell), rows of up to ncols panels of `size`
+    inches, one colour bar (label), as a PNG -> path. panels: [(matrix, row labels, column labels,
+    {ax.set's keywords: title, xlabel, ...})]; values: a format spec to print each cell in it."""
+    n = min(len(panels), ncols)
+    rows = -(-len(panels) // n)
+    fig, axes = plt.subplots(rows, n, figsize=(size[0] * n, size[1] * rows), squeeze=False,
+                             layout="constrained")
+    top = max(float(np.max(m)) for m, *_ in panels)
+    for ax, (m, row_names, col_names, kw) in zip(axes.flat, panels):
+        m = np.asarray(m)
+        im = ax.imshow(m, cmap="viridis", vmin=0, vmax=top)
+        ax.set(xticks=range(m.shape[1]), xticklabels=col_names, yticks=range(m.shape[0]),
+               yticklabels=row_names, **kw)
+        ax.tick_params(labelsize=7)
+        ax.title.set_fontsize(8)
+        for (i, j), v in np.ndenumerate(m) if values else ():
+            ax.text(j, i, format(v, values), ha="center", va="center", fontsize=7,
+                    color="w" if v < top / 2 else "k")
+    for ax in axes.flat[len(panels):]:
+        ax.axis("off")
+    fig.colorbar(im, ax=axes, label=label)
+    if title:
+        fig.suptitle(title)
+    return save_png(plt, fig, path)
+
 
 # --------------------------------------------------------------------------------------------------
 # Runs: checkpoints that carry their config, finished runs reused, worker processes
@@ -457,6 +486,19 @@ def load_checkpoint(path, cfg, free=(), device="cpu"):
     return ck
 
 
+def restore(path, cfg, free, device, model, opt):
+    """Continue from the checkpoint at path (load_checkpoint): its weights into model, its
+    optimizer state (key "opt") into opt, its "rng" into torch's CPU generator -> the rest of the
+    state it was saved with (step, ...), or None when there is no checkpoint."""
+    ck = load_checkpoint(path, cfg, free, device)
+    if ck is None:
+        return None
+    model.load_state_dict(ck.pop("model"))
+    opt.load_state_dict(ck.pop("opt"))
+    torch.set_rng_state(ck.pop("rng").cpu())
+    return {k: v for k, v in ck.items() if k != "config"}
+
+
 def finished_result(path, key):
     """The result a run wrote at path, if it was made with the settings `key` (config_key); else
     None."""
@@ -481,6 +523,21 @@ def pool_map(fn, tasks, jobs):
     with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
         for fut in [pool.submit(fn, *task) for task in tasks]:
             yield fut.result()
+
+
+def run_each(fn, tasks, jobs=1, threads=0):
+    """fn(*task) for each task -> the results in task order, as they come: in this process, or with
+    jobs > 1 (and more than one task) in `jobs` worker processes (pool_map) of
+    worker_threads(threads, jobs) torch threads each, where fn(*task, quiet=True): the workers'
+    progress lines would interleave."""
+    if jobs < 2 or len(tasks) < 2:
+        return (fn(*task) for task in tasks)
+    return pool_map(_quiet, [(fn, worker_threads(threads, jobs), task) for task in tasks], jobs)
+
+
+def _quiet(fn, threads, task):
+    set_threads(threads)
+    return fn(*task, quiet=True)
 
 
 # --------------------------------------------------------------------------------------------------

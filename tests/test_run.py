@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from data.run import (BadInput, Stopped, by_protocol, check_numbers, config_key, finished_result,
-                      flag, hungarian, interleaved_ms, load_checkpoint, load_results, log_metrics,
-                      main as run_main, mean_sd, mean_std, parse_flags, parse_list, pick_device,
-                      pool_map, progress, protocol_key, save_checkpoint, set_threads,
-                      worker_threads)
+                      flag, heatmap_grid, hungarian, interleaved_ms, load_checkpoint, load_results,
+                      log_metrics, main as run_main, mean_sd, mean_std, parse_flags, parse_list,
+                      pick_device, pool_map, progress, protocol_key, pyplot, restore, run_each,
+                      save_checkpoint, set_threads, worker_threads, write_results)
 
 
 @dataclass
@@ -223,6 +223,55 @@ def test_config_key_and_finished_result(tmp_path):
     path.write_text(json.dumps({"config_key": key, "val": 1}))
     assert finished_result(str(path), key) == {"config_key": key, "val": 1}
     assert finished_result(str(path), config_key(Cfg(lr=0.2))) is None
+
+
+def test_restore_puts_back_weights_optimizer_and_rng(tmp_path):
+    """save_checkpoint(opt=, rng=, **state) -> restore: the same weights, optimizer state and RNG
+    stream in fresh objects, and the rest of the state returned; no file -> None."""
+    path = str(tmp_path / "ckpt.pt")
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model(torch.ones(1, 2)).sum().backward()
+    opt.step()
+    save_checkpoint(path, model, Cfg(), opt=opt.state_dict(), rng=torch.get_rng_state(), step=7,
+                    history=[1])
+    want = torch.rand(3)
+    fresh = torch.nn.Linear(2, 2)
+    fresh_opt = torch.optim.AdamW(fresh.parameters(), lr=0.1)
+    assert restore(path, Cfg(), (), "cpu", fresh, fresh_opt) == {"step": 7, "history": [1]}
+    assert torch.equal(fresh.weight, model.weight) and torch.equal(torch.rand(3), want)
+    assert fresh_opt.state_dict()["state"][0]["step"] == 1
+    assert restore(str(tmp_path / "none.pt"), Cfg(), (), "cpu", fresh, fresh_opt) is None
+
+
+def test_run_each_here_or_in_quiet_workers():
+    """In this process fn(*task); in worker processes fn(*task, quiet=True); task order kept."""
+    tasks = [([("a", 1)],), ([("b", 2)],)]
+    assert list(run_each(dict, tasks)) == [{"a": 1}, {"b": 2}]
+    assert list(run_each(dict, tasks[:1], jobs=2)) == [{"a": 1}]        # one task: no pool
+    assert list(run_each(dict, tasks, jobs=2, threads=1)) == [{"a": 1, "quiet": True},
+                                                              {"b": 2, "quiet": True}]
+
+
+def test_write_results_keeps_the_earlier_one(tmp_path):
+    write_results(str(tmp_path), {"runs": [1]})
+    write_results(str(tmp_path), {"runs": [2]})                            # rewritten in place
+    assert not (tmp_path / "previous_1").exists()
+    write_results(str(tmp_path), {"runs": [3]}, keep=True)
+    assert json.loads((tmp_path / "previous_1" / "results.json").read_text()) == {"runs": [2]}
+    assert json.loads((tmp_path / "results.json").read_text()) == {"runs": [3]}
+
+
+def test_heatmap_grid_writes_one_png(tmp_path):
+    pytest.importorskip("matplotlib")
+    plt = pyplot()
+    panels = [(np.eye(2), ["a", "b"], ["0", "1"], dict(title="eye")),
+              (np.ones((2, 3)) / 2, ["a", "b"], ["x", "y", "z"], dict(xlabel="cols"))]
+    path = heatmap_grid(plt, panels, str(tmp_path / "h.png"), label="share", ncols=1,
+                        values=".2f", title="two")
+    assert path == str(tmp_path / "h.png")
+    assert (tmp_path / "h.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pool_map_in_task_order_and_worker_threads(monkeypatch):
