@@ -43,8 +43,9 @@ import torch.nn.functional as F
 
 from data import vision
 from data.layers import Block, RMSNorm, batches, encode, pad, train_loop
-from data.multimodal import (SHARED_HELP, backbone_seed, cached_lm, exact_match, gate_or_stop,
-                             save_bridge, shapes_baselines, shapes_world, text_ceiling_line,
+from data.multimodal import (BACKBONES, BRIDGE, EXPERIMENT, MultimodalConfig, backbone_seed,
+                             cached_lm, exact_match, gate_or_stop, out_flag, save_bridge,
+                             shapes_baselines, shapes_world, text_ceiling_line,
                              validate_image_and_run)
 from data.run import (BadInput, check_numbers, flag, heatmap, interleaved_ms, keep_previous,
                       log_metrics, main as run_main, mean_sd, mean_std, parse_flags, pick_device,
@@ -601,48 +602,23 @@ def experiment(cfg, seeds, layers, world, vocab, device, metrics):
 # ---- Plumbing: command line, validation, results, reports ----------------------------------------
 
 @dataclass
-class Config:
-    n_train: int = flag(6000, SHARED_HELP["n_train"], "data")
-    n_eval: int = flag(500, "test and hold-out scenes (about 5 questions each)", "data")
-    image_size: int = flag(48, "image side in pixels (the ViT is pretrained at this size)", "data")
-    data_dir: str = flag("", SHARED_HELP["data_dir"], "data")
-    patch: int = flag(8, SHARED_HELP["patch"], "frozen backbones")
-    vit_dim: int = flag(64, SHARED_HELP["vit_dim"], "frozen backbones")
-    vit_layers: int = flag(4, SHARED_HELP["vit_layers"], "frozen backbones")
-    vit_steps: int = flag(400, SHARED_HELP["vit_steps"], "frozen backbones")
-    image_tokens: int = flag(9, "ViT tokens given to the bridge (a square; the patch grid is "
-                                "average-pooled; 9 = one per cell)", "frozen backbones")
+class Config(MultimodalConfig):
+    """The shared fields (data, the backbones, seeds, device ...: data/multimodal.py), and these."""
     tokens_per_cell: int = flag(
-        2, "LM tokens the projector writes per ViT token (M = image_tokens x this)", "bridge")
-    d_model: int = flag(64, "LM width D", "frozen backbones")
-    n_layer: int = flag(4, "LM blocks N", "frozen backbones")
-    n_head: int = flag(4, "attention heads (LM and ViT)", "frozen backbones")
-    lm_mix: int = flag(3, "Primer's conv width in every LM block (1 = off)", "frozen backbones")
-    lm_steps: int = flag(4500, "LM pretraining steps", "frozen backbones")
-    lm_scenes: int = flag(50_000, SHARED_HELP["lm_scenes"], "frozen backbones")
-    lm_lr: float = flag(3e-3, SHARED_HELP["lm_lr"], "frozen backbones")
-    stage1_steps: int = flag(200, "stage 1 steps: projector only, captioning", "bridge")
+        2, "LM tokens the projector writes per ViT token (M = image_tokens x this)", BRIDGE)
+    n_layer: int = flag(4, "LM blocks N", BACKBONES)
+    lm_steps: int = flag(4500, "LM pretraining steps", BACKBONES)
+    stage1_steps: int = flag(200, "stage 1 steps: projector only, captioning", BRIDGE)
     stage2_steps: int = flag(
-        800, "stage 2 steps: projector + LM, QA and captions (at most: see --eval-every)", "bridge")
-    eval_every: int = flag(100, "stage-2 steps per val QA check (early stopping; 0: off)", "bridge")
-    batch_size: int = flag(64, "batch size of the bridge stages", "bridge")
-    lr: float = flag(3e-3, "AdamW learning rate of the bridge stages (LM: --lm-lr)", "bridge")
+        800, "stage 2 steps: projector + LM, QA and captions (at most: see --eval-every)", BRIDGE)
+    eval_every: int = flag(100, "stage-2 steps per val QA check (early stopping; 0: off)", BRIDGE)
+    lr: float = flag(3e-3, "AdamW learning rate of the bridge stages (LM: --lm-lr)", BRIDGE)
     insert_layer: int = flag(-1, "layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, "
-                                 "N/2, 3N/4} + no-image control", "experiment")
-    seeds: str = flag("0", SHARED_HELP["seeds"], "experiment")
-    vary_backbones: bool = flag(False, SHARED_HELP["vary_backbones"], "experiment")
-    ignore_gates: bool = flag(False, SHARED_HELP["ignore_gates"], "experiment")
-    align_groups: int = flag(128, "groups of 8 scenes in the binding-controlled set", "experiment")
-    knn_k: int = flag(10, "k of the mutual k-NN", "experiment")
-    prefill_batch: int = flag(256, "prompts in the prefill timing batch", "experiment")
-    device: str = flag("auto", SHARED_HELP["device"], "run", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = flag("float32", SHARED_HELP["dtype"], "run", ("float32", "bfloat16"))
-    compile: bool = flag(False, "torch.compile the LM blocks (opt-in)", "run")
-    threads: int = flag(0, SHARED_HELP["threads"], "run")
-    quick: bool = flag(False, SHARED_HELP["quick"], "run")
-    out: str = flag(os.path.join("out", "multimodal_align"), SHARED_HELP["out"], "run")
-    cache_dir: str = flag(os.path.join("out", "cache"),
-                          "frozen backbones (shared ViT, LM), reused by every later run", "run")
+                                 "N/2, 3N/4} + no-image control", EXPERIMENT)
+    align_groups: int = flag(128, "groups of 8 scenes in the binding-controlled set", EXPERIMENT)
+    knn_k: int = flag(10, "k of the mutual k-NN", EXPERIMENT)
+    prefill_batch: int = flag(256, "prompts in the prefill timing batch", EXPERIMENT)
+    out: str = out_flag("multimodal_align")
 
 
 QUICK = dict(out=os.path.join("out", "multimodal_align_quick"), n_train=600, n_eval=100, vit_dim=32,

@@ -4,38 +4,29 @@ Paper: Choraria et al., "Semantically (v1: Language) Grounded QFormer for Effici
 Understanding", arXiv 2311.07449; restated in ../shared/papers/qformer_efficient.md. Baseline:
 BLIP-2 (Li et al. 2023, arXiv 2301.12597) and InstructBLIP (Dai et al. 2023, arXiv 2305.06500).
 *** The paper has no public code and we only have its abstract: the method P below is a
-RECONSTRUCTION from summaries, not the authors' implementation. ***
+RECONSTRUCTION from summaries, not the authors' implementation. *** The setting at length, the
+results and things to try: docs/qformer_efficient.md.
 
-The argument in one file, on the shapes world v2 (data/shapes.py), where answers need binding:
-  1. two frozen backbones, cached: the shared ViT of data/vision.py (one token per 3x3 cell, trained
-     so each token holds its own object) and the small T5-style encoder-decoder of data/t5lm.py,
-     pretrained on text alone ("context: <caption> question: <q>" -> answer, "context: <caption>
-     caption:" -> caption). Gate: given the true caption, the LM answers every question type
-     >= 0.95 (it binds from text);
-  2. a BERT-like Q-Former: N_q learnable queries and text share self-attention, separate FFNs for
-     query and text positions, cross-attention to the image tokens every other layer (queries
-     only). The image tokens carry their 2-D cell position (a fixed sine-cosine table added after
-     BLIP-2's trainable LayerNorm);
-  3. the variants, one data stream per seed, identical stage-2 settings, training only the Q-Former
-     side (each variant's decoder memory: one function in the table MEMORY):
-       B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three masks: qformer_mask).
-            Stage 2: query outputs -> linear -> soft prefix of the LM *encoder input*; LM loss.
-       B2   no stage 1: the same stage 2 from a fresh Q-Former. (B1 and B2 are instruction-aware
-            in stage 2, as InstructBLIP: the prompt's words sit next to the queries. So B1 - B2
-            measures stage 1 alone. Their word embeddings start from the frozen LM's input
-            embeddings, as BLIP-2's from BERT.)
-       P    grounded Q-Former (reconstruction): h_p = LM_encoder(prompt) once per prompt, frozen,
-            no grad; z = QFormer([queries ; W_in h_p], image); decoder memory = [W_out z ; h_p];
-            one LM loss. The LM encoder never sees a visual token and nothing backpropagates
-            through it.
-       P-a  ablation: decoder-side injection only (the Q-Former does not see the prompt).
-       P-b  ablation: P's prompt-conditioned Q-Former, but fed through the LM encoder as B2 is.
-       C0   control: P with the image blanked (the language-prior floor).
-  4. the convergence comparison: validation VQA per type and the binding score against samples
-     seen and training seconds; target = 0.9 x the best final binding score of any variant (per
-     seed); samples and seconds to target (B1's stage 1 counted); step time and training memory
-     (after training, on the same batches for every variant); captions (BLEU-4, CIDEr-style:
-     data/captions.py).
+On the shapes world v2 (data/shapes.py), where answers need binding, between two frozen, cached
+backbones (the shared ViT of data/vision.py, one token per 3x3 cell; the T5-style encoder-decoder
+LM of data/t5lm.py, pretrained on text alone and gated: given the true caption, it answers every
+question type >= 0.95), a BERT-like Q-Former (N_q learnable queries and text share self-attention,
+separate FFNs, cross-attention to the image tokens every other layer, queries only) is trained as
+one of these variants, on one data stream per seed, with identical stage-2 settings (each variant's
+decoder memory: one function in the table MEMORY):
+    B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three masks: qformer_mask).
+         Stage 2: query outputs -> linear -> soft prefix of the LM *encoder input*; LM loss.
+    B2   no stage 1: the same stage 2 from a fresh Q-Former, so B1 - B2 measures stage 1 alone
+         (both instruction-aware, as InstructBLIP, their word embeddings from the frozen LM's).
+    P    grounded Q-Former (reconstruction): h_p = LM_encoder(prompt) once per prompt, frozen,
+         no grad; z = QFormer([queries ; W_in h_p], image); decoder memory = [W_out z ; h_p];
+         one LM loss. The LM encoder never sees a visual token; nothing backpropagates through it.
+    P-a  ablation: decoder-side injection only (the Q-Former does not see the prompt).
+    P-b  ablation: P's prompt-conditioned Q-Former, but fed through the LM encoder as B2 is.
+    C0   control: P with the image blanked (the language-prior floor).
+The comparison: the validation binding score against samples seen and training seconds; target =
+0.9 x the best final score of any variant (per seed); samples and seconds to it (B1's stage 1
+counted); what a step costs (step_costs); test VQA per type and captions (BLEU-4, CIDEr-style).
 
     python qformer_efficient.py               # B1, B2, P, seed 0: 13 min, 2 cores, backbones cached
     python qformer_efficient.py --seeds 1,2   # more seeds (the backbones come from the cache)
@@ -62,21 +53,20 @@ import torch.nn.functional as F
 from data import t5lm, vision
 from data.captions import bleu4, cider
 from data.layers import FFN, Attention, RMSNorm, batches, encode, pad, train_loop
-from data.multimodal import (SHARED_HELP, backbone_seed, exact_match, gate_or_stop, save_bridge,
-                             shapes_baselines, shapes_world, step_memory_mib, text_ceiling_line,
-                             validate_image_and_run)
-from data.run import (BadInput, autocast, check_numbers, flag, interleaved_ms, keep_previous,
-                      log_metrics, main as run_main, mean_sd, mean_std, parse_flags, pick_device,
-                      print_outputs, pyplot, save_png, write_results)
-from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, generate,
-                         oracle_reference, scene_grid)
-from data.shapes import caption as shapes_caption
+from data.multimodal import (BACKBONES, EXPERIMENT, MultimodalConfig, backbone_seed,
+                             backbone_world, exact_match, gate_or_stop, out_flag, save_bridge,
+                             shapes_baselines, shapes_world, text_ceiling_line,
+                             training_step_costs, validate_image_and_run)
+from data.run import (BadInput, check_numbers, flag, keep_previous, log_metrics, main as run_main,
+                      mean_sd, mean_std, parse_flags, parse_list, pick_device, print_outputs,
+                      pyplot, save_png, write_results)
+from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, oracle_reference,
+                         reference_captions, scene_grid)
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
 # Config, --quick, the command line and the reports: at the end, after the plumbing banner.
 
 EXTRA_TOKENS = ("<cls>", "<dec>")    # the Q-Former's BERT/BLIP-2 specials
-N_REFS = 5                           # reference captions per test image (other object orders)
 GATE_TEXT = 0.95
 
 
@@ -402,23 +392,28 @@ def batch_loss(model, lm, feats, items, device):
     return model.loss(lm, feats[list(scenes)].to(device), list(prompts), list(targets))
 
 
-def run_stage1(qf, feats, ds, vocab, cfg, seed, device, metrics=None):
-    """B1's stage 1 -> (ITC heads, stats). The Q-Former is trained in place. metrics: a path."""
+def run_stage1(qf, feats, world, vocab, cfg, seed, device, metrics=None):
+    """B1's stage 1, training the Q-Former in place -> its seconds, samples and ITC image->text R@1
+    on val. metrics: a path."""
     heads, pad_id = Stage1Heads(cfg.q_dim).to(device), vocab["<pad>"]
-    caps = [encode(vocab, c, bos=False) for c in ds["captions"]]
+    caps = [encode(vocab, c, bos=False) for c in world["train"]["captions"]]
     it = batches(len(caps), cfg.batch_size, seed=seed * 10 + 1)
     gen = torch.Generator(device=device).manual_seed(seed)
 
     def loss_fn(step):
         b = next(it)
         ids = pad([caps[i] for i in b], pad_id).to(device)
-        return stage1_loss(qf, heads, feats[b].to(device), ids, pad_id, vocab, gen)[0]
+        return stage1_loss(qf, heads, feats["train"][b].to(device), ids, pad_id, vocab, gen)[0]
 
     t = time.perf_counter()
     train_loop(list(qf.parameters()) + list(heads.parameters()), loss_fn, cfg.stage1_steps, cfg,
                f"B1 seed {seed} stage 1", device, metrics=metrics)
-    return heads, dict(stage1_s=time.perf_counter() - t,
-                       stage1_samples=cfg.stage1_steps * cfg.batch_size)
+    st = dict(stage1_s=time.perf_counter() - t, stage1_samples=cfg.stage1_steps * cfg.batch_size,
+              itc_r1=itc_recall_at_1(qf, heads, feats["val"], world["val"]["captions"], vocab,
+                                     device))
+    print(f"  B1 stage 1: {st['stage1_s']:.0f} s, ITC image->text R@1 {st['itc_r1']:.3f} "
+          "(chunks of 100 val pairs)")
+    return st
 
 
 def vqa_items(ds):
@@ -458,12 +453,7 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
         text_embeddings_from_lm(qf, lm)
     res = dict(variant=variant, seed=seed, stage1_s=0.0, stage1_samples=0)
     if variant == "B1" and cfg.stage1_steps:
-        heads, st = run_stage1(qf, feats["train"], world["train"], vocab, cfg, seed, device,
-                               metrics)
-        res.update(st, itc_r1=itc_recall_at_1(qf, heads, feats["val"], world["val"]["captions"],
-                                              vocab, device))
-        print(f"  B1 stage 1: {st['stage1_s']:.0f} s, ITC image->text R@1 {res['itc_r1']:.3f} "
-              "(chunks of 100 val pairs)")
+        res.update(run_stage1(qf, feats, world, vocab, cfg, seed, device, metrics))
     model = Bridge(qf, variant, vocab, cfg).to(device)
     if cfg.compile:                              # in place: checkpoints keep plain parameter names
         for layer in qf.layers:
@@ -495,40 +485,10 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
 
 def step_costs(models, lm, stream, feats, cfg, device):
     """What one stage-2 step of each trained variant costs, on the same batches of the stream:
-    mem_mib, its training memory (data/multimodal.step_memory_mib); fwd_bwd_ms, forward and
-    backward; step_ms, a whole training step (forward, backward, clipping, AdamW). The variants take
-    turns, so that a busy spell of the machine hits them alike, and each time is the median of the
-    rounds (data/run.interleaved_ms). -> {variant: {mem_mib, fwd_bwd_ms, step_ms}}."""
-    out = {}
-    for v, m in models.items():
-        with autocast(cfg, device):
-            out[v] = dict(mem_mib=step_memory_mib(
-                lambda: batch_loss(m, lm, feats, stream[0], device).backward(),
-                list(m.parameters()), device))
-        m.zero_grad(set_to_none=True)
-    # lr 0: a training step's work (AdamW computes its update and adds 0 x it), weights unchanged
-    opts = {v: torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.01)
-            for v, m in models.items()}
-
-    def fwd_bwd(v, r):
-        with autocast(cfg, device):
-            batch_loss(models[v], lm, feats, stream[r % len(stream)], device).backward()
-        models[v].zero_grad(set_to_none=True)
-
-    def train_step(v, r):                                 # as one step of data/layers.train_loop
-        with autocast(cfg, device):
-            loss = batch_loss(models[v], lm, feats, stream[r % len(stream)], device)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(list(models[v].parameters()), 1.0)
-        opts[v].step()
-        opts[v].zero_grad(set_to_none=True)
-
-    rounds = 3 if cfg.quick else 15
-    for key, fn in (("fwd_bwd_ms", fwd_bwd), ("step_ms", train_step)):
-        ms = interleaved_ms({v: lambda r, v=v, fn=fn: fn(v, r) for v in models}, device, rounds)
-        for v in models:
-            out[v][key] = ms[v]
-    return out
+    memory, forward + backward, a whole step (data/multimodal.training_step_costs)."""
+    def loss(v, r):
+        return batch_loss(models[v], lm, feats, stream[r % len(stream)], device)
+    return training_step_costs(models, loss, cfg, device, rounds=3 if cfg.quick else 15)
 
 
 def final_eval(model, lm, feats, world, refs, vocab, device):
@@ -596,36 +556,22 @@ def summarise(runs, cfg):
 
 def load_data(cfg):
     """-> world (split -> dataset dict), vocabulary (+ the Q-Former's specials), reference captions
-    per split."""
+    per split (data/shapes.reference_captions)."""
     world, vocab = shapes_world(cfg)
     if not world["val"]["captions"]:
         raise BadInput("--data-dir: no 'val' split (the learning curves are measured on it)")
     for w in EXTRA_TOKENS:
         vocab.setdefault(w, len(vocab))
-    refs = {}
-    for s, ds in world.items():
-        if ds.get("objects"):   # the procedural world: more references, with other object orders
-            rng = np.random.default_rng(7)
-            refs[s] = [[c] + [shapes_caption(o, rng) for _ in range(N_REFS - 1)]
-                       for c, o in zip(ds["captions"], ds["objects"])]
-        else:
-            refs[s] = [[c] for c in ds["captions"]]
-    return world, vocab, refs
+    return world, vocab, {s: reference_captions(ds) for s, ds in world.items()}
 
 
 # ---- The experiment ------------------------------------------------------------------------------
 
 def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
-    """The frozen ViT and LM of backbone seed `seed` (and, for seed > 0, the world's training
-    scenes redrawn), each gate printed and checked before any bridge trains on them: a failing
-    backbone stops the run (data/multimodal.gate_or_stop).
-    -> (world, ViT tokens {split: (N, P, C)}, LM, gates)."""
-    if seed and not cfg.data_dir:
-        world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
-        unknown = {w for t in world["train"]["captions"] for w in t.split()} - set(vocab)
-        if unknown:       # world v2's words are a closed set: more training scenes never add one
-            raise ValueError(f"training scenes of seed {seed} use words outside the vocabulary: "
-                             f"{sorted(unknown)}")
+    """The frozen ViT and LM of backbone seed `seed` (data/multimodal.backbone_world), each gate
+    printed and checked before any bridge trains on them: a failing backbone stops the run
+    (data/multimodal.gate_or_stop). -> (world, ViT tokens {split: (N, P, C)}, LM, gates)."""
+    world = backbone_world(cfg, world, vocab, seed)
     _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)  # (N, P, C)
     lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics, seed=seed).requires_grad_(False)
     if cfg.compile:
@@ -700,8 +646,7 @@ CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
           "P_over_B2_step_time": "P / B2: step time (forward + backward; goal <= 0.7)",
           "P_over_B2_memory": "P / B2: training memory",
           "B1_over_B2_seconds_to_target": "B1 (stage 1 counted) / B2: seconds to target",
-          "B1_to_B2_final_seconds_ratio":
-              "B1's seconds (stage 1 counted) to B2's final score / B2's",
+          "B1_to_B2_final_seconds_ratio": "B1's seconds (stage 1 counted) to B2's final / B2's",
           "B1_minus_B2_binding": "B1 - B2: test binding score"}
 
 
@@ -717,8 +662,7 @@ def report(cfg, res, variants, world):
     for k, xs in claims.items():
         if xs:
             print(f"  {CLAIMS[k]:<64s} {mean_std(xs, '.2f')}")
-    r1 = [r["itc_r1"] for r in res["runs"] if "itc_r1" in r]
-    if r1:
+    if r1 := [r["itc_r1"] for r in res["runs"] if "itc_r1" in r]:
         print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
     print_outputs(figures(cfg, res, variants, world), cfg.out, res["wall_s"])
 
@@ -782,8 +726,7 @@ def figures(cfg, res, variants, world):
     """PNGs under --out when matplotlib is installed (else none): test scenes, and the validation
     binding score against samples seen and against training seconds (B1's stage 1 counted, as in 'to
     target'), mean ± sample std over seeds. -> their paths."""
-    plt = pyplot()
-    if plt is None:
+    if (plt := pyplot()) is None:
         return []
     paths = [scene_grid(world["test"], os.path.join(cfg.out, "scenes.png"),
                         title="test scenes (shapes world v2)")]
@@ -810,60 +753,36 @@ def figures(cfg, res, variants, world):
     return [p for p in paths if p]
 
 
-DATA, BB, QF, EXP = "data", "frozen backbones", "Q-Former and its training", "experiment"
+QF = "Q-Former and its training"      # the --help group of this file's bridge flags
 
 
 @dataclass
-class Config:
-    n_train: int = flag(6000, SHARED_HELP["n_train"], DATA)
-    n_eval: int = flag(500, "val / test / hold-out scenes (about 5 questions each)", DATA)
-    image_size: int = flag(48, "image side in pixels", DATA)
-    data_dir: str = flag("", SHARED_HELP["data_dir"], DATA)
-    patch: int = flag(8, SHARED_HELP["patch"], BB)
-    vit_dim: int = flag(64, SHARED_HELP["vit_dim"], BB)
-    vit_layers: int = flag(4, SHARED_HELP["vit_layers"], BB)
-    vit_steps: int = flag(400, SHARED_HELP["vit_steps"], BB)
-    image_tokens: int = flag(9, "image tokens P the Q-Former attends to (a square; the patch grid "
-                             "is pooled; 9 = one per cell)", BB)
-    d_model: int = flag(64, "LM width E", BB)
-    enc_layers: int = flag(3, "LM encoder blocks", BB)
-    dec_layers: int = flag(2, "LM decoder blocks", BB)
-    n_head: int = flag(4, "attention heads (all models)", BB)
-    lm_mix: int = flag(3, "Primer conv over this many tokens in the LM encoder (1 = off)", BB)
+class Config(MultimodalConfig):
+    """The shared fields (data, the backbones, seeds, device ...: data/multimodal.py), and these."""
+    lm_mix: int = flag(3, "Primer conv width in the LM encoder (1 = off)", BACKBONES)
+    enc_layers: int = flag(3, "LM encoder blocks", BACKBONES)
+    dec_layers: int = flag(2, "LM decoder blocks", BACKBONES)
     lm_mix_init: float = flag(0.5, "std of the LM conv's random taps on the predecessors at init "
-                              "(0 = the identity)", BB)
-    lm_steps: int = flag(3000, "text-only LM pretraining steps", BB)
-    lm_scenes: int = flag(50_000, SHARED_HELP["lm_scenes"], BB)
-    lm_batch: int = flag(256, "LM pretraining batch (QA pairs; a quarter as many captions)", BB)
-    lm_lr: float = flag(3e-3, SHARED_HELP["lm_lr"], BB)
+                              "(0 = the identity)", BACKBONES)
+    lm_steps: int = flag(3000, "text-only LM pretraining steps", BACKBONES)
+    lm_batch: int = flag(256, "LM pretraining batch (QA pairs; 1/4 as many captions)", BACKBONES)
+    batch_size: int = flag(64, "batch size of stage 1 and stage 2", QF)
     queries: int = flag(32, "learnable queries N_q", QF)
     q_dim: int = flag(64, "Q-Former width D", QF)
     q_layers: int = flag(4, "Q-Former blocks (cross-attention in every other one)", QF)
     variants: str = flag("B1,B2,P", f"comma-separated, from {', '.join(VARIANTS)}", QF)
     stage1_steps: int = flag(300, "B1's stage 1 steps (ITC + ITM + ITG)", QF)
     steps: int = flag(2000, "stage 2 steps of every variant", QF)
-    batch_size: int = flag(64, "batch size of stage 1 and stage 2", QF)
     lr: float = flag(2e-3, "AdamW learning rate (stages 1, 2)", QF)
-    caption_frac: float = flag(0.25, "fraction of stage 2 items that are captions (the rest are "
-                               "questions)", QF)
+    caption_frac: float = flag(0.25, "stage 2 items that are captions (the rest: questions)", QF)
     text_init: str = flag("lm", "B1/B2's Q-Former word embeddings start from the frozen LM's input "
                           "embeddings (lm, as BLIP-2 starts from BERT) or at random", QF,
                           ("lm", "random"))
-    eval_every: int = flag(200, "stage 2 steps between validation evaluations (the learning curve)",
-                           EXP)
+    eval_every: int = flag(200, "stage 2 steps between learning-curve points (on val)", EXPERIMENT)
     target_em: float = flag(-1.0, "binding-score target for 'samples to target', in (0, 1]; -1 = "
-                            "0.9 x the best final score of any variant", EXP)
-    seeds: str = flag("0", SHARED_HELP["seeds"], EXP)
-    vary_backbones: bool = flag(False, SHARED_HELP["vary_backbones"], EXP)
-    ignore_gates: bool = flag(False, SHARED_HELP["ignore_gates"], EXP)
-    device: str = flag("auto", SHARED_HELP["device"], "run", ("auto", "cpu", "cuda", "mps"))
-    dtype: str = flag("float32", SHARED_HELP["dtype"], "run", ("float32", "bfloat16"))
+                            "0.9 x the best final score of any variant", EXPERIMENT)
     compile: bool = flag(False, "torch.compile the Q-Former and LM blocks (opt-in)", "run")
-    threads: int = flag(0, SHARED_HELP["threads"], "run")
-    quick: bool = flag(False, SHARED_HELP["quick"], "run")
-    out: str = flag(os.path.join("out", "qformer_efficient"), SHARED_HELP["out"], "run")
-    cache_dir: str = flag(os.path.join("out", "cache"), "frozen backbones (shared ViT, LM), reused "
-                          "by every later run and by multimodal_align.py", "run")
+    out: str = out_flag("qformer_efficient")
 
 
 QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_model=32,
@@ -884,11 +803,10 @@ def validate(cfg):
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:
         raise BadInput("--target-em must be in (0, 1] (or -1 for 0.9 x the best variant), got "
                        f"{cfg.target_em}")
-    variants = [v.strip() for v in cfg.variants.split(",") if v.strip()]
-    bad = [v for v in variants if v not in VARIANTS]
-    if bad or not variants:
-        raise BadInput(f"--variants: unknown {', '.join(map(repr, bad)) or 'empty list'}; choose "
-                       f"from {', '.join(VARIANTS)}")
+    variants = parse_list(cfg.variants, str.strip, "variants")
+    if bad := [v for v in variants if v not in VARIANTS]:
+        raise BadInput(f"--variants: unknown {', '.join(map(repr, bad))}; choose from "
+                       f"{', '.join(VARIANTS)}")
     if cfg.d_model % (2 * cfg.n_head) or cfg.q_dim % cfg.n_head or cfg.vit_dim % cfg.n_head \
             or cfg.vit_dim % 4:
         raise BadInput("--d-model must be a multiple of 2 x --n-head, --q-dim and --vit-dim of "

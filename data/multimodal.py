@@ -1,8 +1,8 @@
 """What the two multimodal paper files share around the shapes world (data/shapes.py): loading it
 with its data-only baselines, exact-match scoring, the input checks both make, the frozen-LM cache
 (keyed by the code that builds the LM and the thread count), the gates a frozen backbone must pass
-before bridges train on it, bridge checkpoints, and the training-memory estimate. The flags both
-files share are described once, in SHARED_HELP. Nothing here is paper-specific, and nothing here
+before bridges train on it, bridge checkpoints, and what a training step costs. The flags both
+files share are declared once, in MultimodalConfig. Nothing here is paper-specific, and nothing here
 imports a paper file."""
 
 import ast
@@ -13,33 +13,65 @@ import math
 import os
 import textwrap
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
 
 from data.layers import LAYER_CODE
-from data.run import BadInput, Stopped, pick_device, set_threads, writable_dirs
+from data.run import (BadInput, Stopped, autocast, flag, interleaved_ms, pick_device, set_threads,
+                      writable_dirs)
 from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, generate, load_world
 
-# the help of the flags both multimodal files share, said once (their Configs use it)
-SHARED_HELP = dict(
-    n_train="training scenes (procedural world)",
-    data_dir="real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl (data/shapes.py)",
-    patch="ViT patch size", vit_dim="ViT width C", vit_layers="ViT blocks",
-    vit_steps="ViT pretraining steps",
-    lm_scenes="fresh text-only scenes for LM pretraining", lm_lr="LM pretraining learning rate",
-    seeds="comma-separated seeds of the bridge runs (the world and frozen backbones use seed 0 "
-          "unless --vary-backbones)",
-    vary_backbones="each seed also re-draws the world's training scenes and retrains both frozen "
-                   "backbones, so mean +- std includes their variance",
-    ignore_gates="train bridges even on a backbone that fails its gate (for study; the verdicts "
-                 "then measure the backbone)",
-    device="auto: CUDA, then MPS, then CPU", dtype="bfloat16: autocast (opt-in)",
-    threads="torch's CPU threads (0 = torch's default, one per physical core)",
-    quick="a tiny config that prints every section in under a minute",
-    out="output folder: results.json, metrics.jsonl, bridge checkpoints (earlier ones move to "
-        "previous_<k>/), PNGs (with matplotlib)")
+DATA, BACKBONES, BRIDGE, EXPERIMENT = "data", "frozen backbones", "bridge", "experiment"
+
+
+@dataclass
+class MultimodalConfig:
+    """The flags both multimodal files share, declared once: each file's Config subclasses this and
+    adds its own. A file may re-declare a field to change its help or default; the field keeps its
+    place here. The field order is --help's group order (data/run.parse_flags groups by first
+    appearance): data, frozen backbones, the bridge (batch_size opens the group that a file's own
+    bridge flags join), experiment, run."""
+    n_train: int = flag(6000, "training scenes (procedural world)", DATA)
+    n_eval: int = flag(500, "val / test / hold-out scenes (about 5 questions each)", DATA)
+    image_size: int = flag(48, "image side in pixels (the ViT is pretrained at this size)", DATA)
+    data_dir: str = flag("", "real data: DIR/images.npy (N,S,S,3) uint8 + DIR/annotations.jsonl "
+                         "(data/shapes.py)", DATA)
+    patch: int = flag(8, "ViT patch size", BACKBONES)
+    vit_dim: int = flag(64, "ViT width C", BACKBONES)
+    vit_layers: int = flag(4, "ViT blocks", BACKBONES)
+    vit_steps: int = flag(400, "ViT pretraining steps", BACKBONES)
+    image_tokens: int = flag(9, "ViT tokens the bridge reads (a square; the patch grid is "
+                             "average-pooled; 9 = one per cell)", BACKBONES)
+    d_model: int = flag(64, "LM width", BACKBONES)
+    n_head: int = flag(4, "attention heads (all models)", BACKBONES)
+    lm_mix: int = flag(3, "Primer's conv width in every LM block (1 = off)", BACKBONES)
+    lm_scenes: int = flag(50_000, "fresh text-only scenes for LM pretraining", BACKBONES)
+    lm_lr: float = flag(3e-3, "LM pretraining learning rate", BACKBONES)
+    batch_size: int = flag(64, "batch size of the bridge stages", BRIDGE)
+    seeds: str = flag("0", "comma-separated seeds of the bridge runs (the world and frozen "
+                      "backbones use seed 0 unless --vary-backbones)", EXPERIMENT)
+    vary_backbones: bool = flag(False, "each seed also re-draws the world's training scenes and "
+                                "retrains both frozen backbones, so mean +- std includes their "
+                                "variance", EXPERIMENT)
+    ignore_gates: bool = flag(False, "train bridges even on a backbone that fails its gate (for "
+                              "study; the verdicts then measure the backbone)", EXPERIMENT)
+    device: str = flag("auto", "auto: CUDA, then MPS, then CPU", "run",
+                       ("auto", "cpu", "cuda", "mps"))
+    dtype: str = flag("float32", "bfloat16: autocast (opt-in)", "run", ("float32", "bfloat16"))
+    compile: bool = flag(False, "torch.compile the LM blocks (opt-in)", "run")
+    threads: int = flag(0, "torch's CPU threads (0 = torch's default, one per physical core)",
+                        "run")
+    quick: bool = flag(False, "a tiny config that prints every section in under a minute", "run")
+    cache_dir: str = flag(os.path.join("out", "cache"), "frozen backbones (the shared ViT, the "
+                          "LM), reused by every later run", "run")
+
+
+def out_flag(name):
+    """The --out field of a file's Config: the folder out/<name>."""
+    return flag(os.path.join("out", name), "output folder: results.json, metrics.jsonl, bridge "
+                "checkpoints (earlier ones move to previous_<k>/), PNGs (with matplotlib)", "run")
 
 
 def shapes_world(cfg):
@@ -129,6 +161,43 @@ def step_memory_mib(step_fn, params, device):
     return (sum(seen.values()) + 3 * sum(p.numel() * p.element_size() for p in params)) / 2 ** 20
 
 
+def training_step_costs(models, loss, cfg, device, rounds):
+    """What one training step of each model costs, on the same batches: mem_mib, its training memory
+    (step_memory_mib); fwd_bwd_ms, forward and backward; step_ms, a whole training step (forward,
+    backward, clipping, AdamW). The models take turns, so that a busy spell of the machine hits
+    them alike, and each time is the median of the rounds (data/run.interleaved_ms). models: {name:
+    module}; loss(name, r): that model's loss on batch r. -> {name: {mem_mib, fwd_bwd_ms, step_ms}}.
+    """
+    out = {}
+    for v, m in models.items():
+        with autocast(cfg, device):
+            out[v] = dict(mem_mib=step_memory_mib(lambda: loss(v, 0).backward(),
+                                                  list(m.parameters()), device))
+        m.zero_grad(set_to_none=True)
+    # lr 0: a training step's work (AdamW computes its update and adds 0 x it), weights unchanged
+    opts = {v: torch.optim.AdamW(m.parameters(), lr=0.0, weight_decay=0.01)
+            for v, m in models.items()}
+
+    def fwd_bwd(v, r):
+        with autocast(cfg, device):
+            loss(v, r).backward()
+        models[v].zero_grad(set_to_none=True)
+
+    def train_step(v, r):                                 # as one step of data/layers.train_loop
+        with autocast(cfg, device):
+            value = loss(v, r)
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(list(models[v].parameters()), 1.0)
+        opts[v].step()
+        opts[v].zero_grad(set_to_none=True)
+
+    for key, fn in (("fwd_bwd_ms", fwd_bwd), ("step_ms", train_step)):
+        ms = interleaved_ms({v: lambda r, v=v, fn=fn: fn(v, r) for v in models}, device, rounds)
+        for v in models:
+            out[v][key] = ms[v]
+    return out
+
+
 def hash_str(s):
     """A stable (process-independent) string hash for cache file names."""
     h = 1469598103934665603
@@ -209,6 +278,19 @@ def backbone_seed(cfg, seed):
     """The seed of the world's training scenes and the frozen backbones for bridge seed `seed`: the
     seed itself with --vary-backbones, else 0 (then --seeds varies the bridges only)."""
     return seed if cfg.vary_backbones else 0
+
+
+def backbone_world(cfg, world, vocab, seed):
+    """The world a backbone of seed `seed` trains on: for seed > 0 (procedural world only) its
+    training scenes re-drawn with that seed, the rest of the world kept."""
+    if not seed or cfg.data_dir:
+        return world
+    world = dict(world, train=generate(cfg.n_train, "train", seed=seed, size=cfg.image_size))
+    unknown = {w for t in world["train"]["captions"] for w in t.split()} - set(vocab)
+    if unknown:            # world v2's words are a closed set: more training scenes never add one
+        raise ValueError(f"training scenes of seed {seed} use words outside the vocabulary: "
+                         f"{sorted(unknown)}")
+    return world
 
 
 def text_ceiling_line(ceiling, gate):

@@ -126,6 +126,17 @@ def caption(objects, rng=None):
                         for i in order)
 
 
+def reference_captions(ds, n=5, seed=7):
+    """Reference captions per scene, for captioning metrics (data/captions.py): its caption and, in
+    the procedural world, n - 1 more with the objects in other random orders (each as correct);
+    data without objects (--data-dir) has its one caption. -> [[caption, ...] per scene]."""
+    if not ds.get("objects"):
+        return [[c] for c in ds["captions"]]
+    rng = np.random.default_rng(seed)
+    return [[c] + [caption(o, rng) for _ in range(n - 1)]
+            for c, o in zip(ds["captions"], ds["objects"])]
+
+
 CAPTION_RE = re.compile(r"(\w+) (\w+) (\w+) ([\w-]+)(?: and |$)")
 
 

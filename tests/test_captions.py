@@ -21,7 +21,8 @@ def test_bleu_hand_computed_precisions():
 def test_bleu_brevity_penalty_and_closest_reference():
     """Every n-gram matches; c = 6, the closest reference length is 7 (not 12): BP = exp(1 - 7/6).
     """
-    got = captions.bleu4(["the cat sat on the mat"], [["the cat sat on the mat today", "x " * 11 + "x"]])
+    got = captions.bleu4(["the cat sat on the mat"],
+                         [["the cat sat on the mat today", "x " * 11 + "x"]])
     assert got == pytest.approx(math.exp(1 - 7 / 6))
 
 
