@@ -304,7 +304,8 @@ def answer_mask(ids_BT, vocab):
 
 
 def pretrain_lm(world, vocab, cfg, device, metrics=None, seed=0):
-    """The recipe that reaches the text-ceiling gate (what did not: docs/multimodal_align.md, "Where we differ"):
+    """The recipe that reaches the text-ceiling gate (what did not: docs/multimodal_align.md,
+    "Where we differ"):
     --lm-scenes fresh text-only scenes (--data-dir: its train split), a scene's questions packed
     after its context, loss = answer CE + 0.1 x next-token CE on every token (an answer is ~1
     target in 14), --lm-lr, Primer's conv in every block (--lm-mix). seed: the LM's own seed

@@ -9,8 +9,8 @@ Text formats (what the bridge's prompts must match):
 The Q-Former takes the place of "context: <caption>": as a soft prefix of the encoder input
 (BLIP-2), or next to the encoded prompt in the decoder's memory (the grounded Q-Former).
 
-Why this shape (docs/qformer_efficient.md, "Where we differ"): the encoder's blocks are data/layers.Block,
-bidirectional, with RoPE and Primer's *causal* depthwise conv on q, k, v (kernel 3). A key then also
+Why this shape (docs/qformer_efficient.md, "Where we differ"): the encoder's blocks are
+data/layers.Block, bidirectional, with RoPE and Primer's *causal* depthwise conv on q, k, v (kernel 3). A key then also
 carries the two words before it, so "the shape word just before <cell>" is one attention hop.
 Without the conv the shape-at-cell and position lookups stay near 0.5; with a centred conv, position
 stalls near 0.8 (a key mixes both neighbours, and the next object's words leak in). The conv's taps
