@@ -44,12 +44,11 @@ per epoch and run), ckpt/ (weights with their config), and acc_vs_conflicting.pn
 when matplotlib is importable.
 Measured tables, commands and dates: docs/logit_correction.md.
 """
-import json
 import math
 import os
 import sys
 import time
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from functools import lru_cache, partial
 from types import SimpleNamespace
 
@@ -60,9 +59,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from data import digits
-from data.run import (BadInput, by_protocol, check_numbers, flag, load_results, log_metrics,
-                      main as guarded, mean_std, parse_flags, parse_list, pick_device, progress,
-                      protocol_key, pyplot, save_png, set_threads, writable_dirs, write_json)
+from data.run import (BadInput, check_numbers, check_ranges, curve_png, flag, grid_protocol,
+                      group_table, load_results, log_metrics, main as guarded, mean_std,
+                      parse_flags, parse_list, pick_device, progress, pyplot, report_results,
+                      run_grid, save_png, set_threads, writable_dirs)
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
@@ -483,168 +483,130 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
 
 # ---- Plumbing: tables and figures, runs and results, command line, validation ------------------
 
-def grouped(runs):
-    """[((method, rho), its runs)]: the ceiling row first, then by rho, methods in METHODS order."""
-    g = {}
-    for r in runs:
-        g.setdefault((r["method"], r["ratio"]), []).append(r)
-    order = lambda m, rho: ((m, rho) != ("erm", CEILING), rho, METHODS.index(m))
-    return sorted(g.items(), key=lambda kv: order(*kv[0]))
+# A row per (method, rho): the ceiling first, then by rho; columns: (title, format, cell(runs))
+ROW = [("method", "10", lambda rs: rs[0]["method"]),
+       ("rho%", ">4", lambda rs: f"{rs[0]['ratio']:g}")]
+ROW_ORDER = lambda key: (key != ("erm", CEILING), key[1], METHODS.index(key[0]))
+ACCS = {"unbiased_acc_best_val": "unbiased (best val)", "unbiased_acc_last": "unbiased (last)",
+        "aligned_acc": "aligned", "conflicting_acc": "conflicting",
+        "worst_group_acc": "worst group"}
 
 
-def summary_table(runs):
-    keys = [("unbiased_acc_best_val", "unbiased (best val)"),
-            ("unbiased_acc_last", "unbiased (last)"), ("aligned_acc", "aligned"),
-            ("conflicting_acc", "conflicting"), ("worst_group_acc", "worst group")]
-    paper = lambda t, m, rho: (f"{t[m][PAPER_RATIOS.index(rho)]:.2f}"
-                               if m in t and rho in PAPER_RATIOS else "-")
-    head = (f"{'method':10s} {'rho%':>4s} {'n':>2s} " + " ".join(f"{h:>19s}" for _, h in keys)
-            + f" {'paper':>6s} {'DeNetDM':>7s} {'best val':>8s} {'diverged':>8s}")
-    lines = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at "
-             "the best-val epoch;", "paper = LC paper Table 1, DeNetDM = independent re-run (both "
-             "real Colored MNIST); rho 90 = ceiling;", "best val = mean best unbiased validation "
-             "accuracy; diverged = runs whose val fell to <= 12 % (chance)", head, "-" * len(head)]
-    for (m, rho), rs in grouped(runs):
-        n_div = sum(diverged(r["history"]) is not None for r in rs)   # older runs lack the field
-        lines.append(f"{m:10s} {rho:4g} {len(rs):2d} "
-                     + " ".join(f"{mean_std([r[k] for r in rs], '.2f'):>19s}" for k, _ in keys)
-                     + f" {paper(PAPER, m, rho):>6s} {paper(DENETDM, m, rho):>7s}"
-                     f" {np.mean([r['val_acc_best'] for r in rs]):8.2f} {f'{n_div}/{len(rs)}':>8s}")
-    return "\n".join(lines)
+def tables(runs, with_margins):
+    """What a run and --report print: accuracies beside the paper's per (method, rho), the count
+    table, and on request the mean margins by TRUE group (paper Fig. 4)."""
+    avg = lambda f: lambda rs: f"{np.mean([f(r) for r in rs]):.2f}"
+    ref = lambda t: lambda rs: (f"{t[rs[0]['method']][PAPER_RATIOS.index(rs[0]['ratio'])]:.2f}"
+                                if rs[0]["method"] in t and rs[0]["ratio"] in PAPER_RATIOS else "-")
+    n_div = lambda rs: sum(diverged(r["history"]) is not None for r in rs)  # old runs: no field
+    cols = ([("n", ">2", lambda rs: str(len(rs)))]
+            + [(h, ">19", lambda rs, k=k: mean_std([r[k] for r in rs], ".2f"))
+               for k, h in ACCS.items()]
+            + [("paper", ">6", ref(PAPER)), ("DeNetDM", ">7", ref(DENETDM)),
+               ("best val", ">8", avg(lambda r: r["val_acc_best"])),
+               ("diverged", ">8", lambda rs: f"{n_div(rs)}/{len(rs)}")])
+    head, *body = group_table(runs, ("method", "ratio"), ROW + cols, ROW_ORDER)
+    text = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at "
+            "the best-val epoch;\npaper = LC paper Table 1, DeNetDM = independent re-run (both "
+            "real Colored MNIST); rho 90 = ceiling;\nbest val = mean best unbiased validation "
+            "accuracy; diverged = runs whose val fell to <= 12 % (chance)", head, "-" * len(head),
+            *body]
+    text = ["\n".join(text), count_table(runs)]
+    if with_margins:
+        cols = [(k if k == "ratio" else f"{s} {k[:3]}", ">9",
+                 avg(lambda r, s=s, k=k: r[f"margins_{s}"][k]))
+                for s in ("train", "test") for k in ("majority", "minority", "ratio")]
+        text.append("mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group "
+                    "(paper Fig. 4); ratio = min/maj\n"
+                    + "\n".join(group_table(runs, ("method", "ratio"), ROW + cols, ROW_ORDER)))
+    return "\n\n".join(text)
 
 
 def count_table(runs):
     """Unbiased accuracy against the NUMBER of conflicting training images (a re-weighting method
     tracks it), and the biased net's last-epoch precision / recall at flagging them."""
-    ms = [m for m in METHODS if any(r["method"] == m for r in runs)]
-    lines = ["unbiased test acc % (best val, mean over seeds) by number of conflicting training "
-             "images;", "a_x P/R = the LC biased net's precision / recall at flagging them (last "
-             "epoch)", f"{'rho%':>5s} {'n_conf':>6s} " + " ".join(f"{m:>10s}" for m in ms)
-             + f" {'a_x P/R':>11s}"]
-    for rho in sorted({r["ratio"] for r in runs}):
-        rs = [r for r in runs if r["ratio"] == rho]
-        accs = [np.mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m] or [np.nan])
-                for m in ms]
-        lc = [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
-        pr = (f"{np.mean([h['precision'] for h in lc]):5.1f}/"
-              f"{np.mean([h['recall'] for h in lc]):5.1f}" if lc else "-")
-        lines.append(f"{rho:5g} {rs[0]['n_conflicting']:6d} " + " ".join(
-            f"{c:10.2f}" if c == c else f"{'-':>10s}" for c in accs) + f" {pr:>11s}")
-    return "\n".join(lines)
-
-
-def tables(runs, with_margins):
-    """What a run and --report print: the summary and count tables, and on request the mean margins
-    by TRUE group (paper Fig. 4)."""
-    text = [summary_table(runs), count_table(runs)]
-    if with_margins:
-        cols = [(f"margins_{s}", k, f"{s} {k[:3]}" if k != "ratio" else k)
-                for s in ("train", "test") for k in ("majority", "minority", "ratio")]
-        lines = ["mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group (paper "
-                 "Fig. 4); ratio = min/maj",
-                 f"{'method':10s} {'rho%':>4s} " + " ".join(f"{h:>9s}" for _, _, h in cols)]
-        for (m, rho), rs in grouped(runs):
-            lines.append(f"{m:10s} {rho:4g} "
-                         + " ".join(f"{np.mean([r[s][k] for r in rs]):9.2f}" for s, k, _ in cols))
-        text.append("\n".join(lines))
-    return "\n\n".join(text)
+    mean = lambda xs, spec: format(np.mean(xs), spec) if xs else "-"
+    lc = lambda rs: [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
+    pr = lambda rs: "/".join(mean([h[k] for h in lc(rs)], "5.1f") for k in ("precision", "recall"))
+    acc = lambda m: lambda rs: mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m],
+                                    ".2f")
+    cols = ([("rho%", ">5", lambda rs: f"{rs[0]['ratio']:g}"),
+             ("n_conf", ">6", lambda rs: str(rs[0]["n_conflicting"]))]
+            + [(m, ">10", acc(m)) for m in METHODS if any(r["method"] == m for r in runs)]
+            + [("a_x P/R", ">11", lambda rs: pr(rs) if lc(rs) else "-")])
+    return "\n".join(["unbiased test acc % (best val, mean over seeds) by number of conflicting "
+                      "training images;", "a_x P/R = the LC biased net's precision / recall at "
+                      "flagging them (last epoch)", *group_table(runs, ("ratio",), cols, sorted)])
 
 
 def plot_acc_vs_conflicting(runs, out_dir, plt):
     """count_table as a curve: unbiased accuracy (best val, mean over seeds) per method against the
     number of conflicting training images (the ceiling row left out)."""
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for m in [m for m in METHODS if any(r["method"] == m for r in runs)]:
-        pts = [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs
-               if r["method"] == m and r["ratio"] < 50]
-        ns = sorted({n for n, _ in pts})
-        ax.plot(ns, [np.mean([a for n2, a in pts if n2 == n]) for n in ns], "o-", label=m)
-    ax.set(xscale="log", xlabel="conflicting training images", ylabel="unbiased test acc %")
-    ax.legend()
-    fig.tight_layout()
-    return save_png(plt, fig, os.path.join(out_dir, "acc_vs_conflicting.png"))
+    series = {m: [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs
+                  if r["method"] == m and r["ratio"] < 50]
+              for m in METHODS if any(r["method"] == m for r in runs)}
+    return curve_png(plt, os.path.join(out_dir, "acc_vs_conflicting.png"), series, xscale="log",
+                     xlabel="conflicting training images", ylabel="unbiased test acc %")
 
 
 def protocol_of(cfg, dataset):
-    """The settings that change a run's numbers (the data, optimisation and method flags), and a
-    short hash of them: runs are keyed by it; runs that differ only in other flags are the same."""
-    p = {f.name: getattr(cfg, f.name) for f in fields(Config)
-         if f.metadata["group"] in ("data", "model", "optimisation", "method")}
-    p["dataset"] = dataset
-    if not (cfg.lr and cfg.epochs):                        # the per-method table decides: protocol
-        p["tuned"] = TUNED
-    return p, protocol_key(p)
+    """The data, model, optimisation and method flags, the dataset, and TUNED where it decides lr
+    or epochs -> (protocol, key): runs are keyed by it; runs that differ in other flags are the
+    same."""
+    tuned = {} if cfg.lr and cfg.epochs else {"tuned": TUNED}
+    return grid_protocol(cfg, ("data", "model", "optimisation", "method"), dataset=dataset, **tuned)
 
 
-def run_and_save(cfg, m, rho, s, data, protocol, key, tag):
+def run_and_save(cfg, evalsets, train, device, protocol, key, tag, m, rho, s):
     """One run of the grid: train, print its line (a divergence also as a warning on stderr), save
     its weights with their config -> its record."""
-    mcfg, (evalsets, train, device) = method_config(cfg, m), data
-    log = partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"), protocol=key)
+    mcfg, log = method_config(cfg, m), partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"),
+                                               protocol=key)
     rec, states = train_run(m, rho, s, train(rho, s), evalsets, mcfg, device, tag=tag, log=log)
-    rec.update(dataset=protocol["dataset"], protocol=key)
-    div = (f"  DIVERGED (val at chance from epoch {rec['diverged_epoch']})"
-           if rec["diverged"] else "")
+    rec["dataset"], at = protocol["dataset"], rec["diverged_epoch"]
     print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} "
           f"(best val, ep {rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), "
           f"conflicting {rec['conflicting_acc']:.2f}  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, "
-          f"{mcfg.epochs} epochs]{div}")
-    if rec["diverged"]:
+          f"{mcfg.epochs} epochs]" + (f"  DIVERGED (val at chance from epoch {at})" if at else ""))
+    if at:
         print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased "
-              f"validation accuracy <= 12 % (chance 10 %) at epoch {rec['diverged_epoch']}",
-              file=sys.stderr)
+              f"validation accuracy <= 12 % (chance 10 %) at epoch {at}", file=sys.stderr)
     settings = {k: getattr(mcfg, k) for k in ("lr", "epochs", "decay_every")}
     torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings}, **states},
                os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
     return rec
 
 
-def run(cfg, methods, ratios, seeds, device):
-    """The grid, seed-major (an interrupted sweep has whole seeds). A run that results.json holds
-    under this protocol is kept, not redone; results.json is rewritten after every run."""
+def run(cfg, methods, ratios, seeds):
+    """--report, or the grid, seed-major (an interrupted sweep has whole seeds): a run that
+    results.json holds under this protocol is kept, not redone -> this grid's runs."""
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)                       # checked up front, --report included
+    if cfg.report:
+        return report_results(cfg.report, partial(tables, with_margins=cfg.margins))
     writable_dirs(out=cfg.out)                             # before the digits go into OUT/cache
     path, t0 = os.path.join(cfg.out, "results.json"), time.time()
-    res = load_results(path)                               # earlier runs are kept, never replaced
+    res = load_results(path)                               # a bad one: refused before any work
     dataset, n_train, evalsets, train = load_digits(cfg, ratios, device)
     protocol, key = protocol_of(cfg, dataset)
     print(f"data: {dataset}, train {n_train} / val {len(evalsets['val'][1])} / test "
           f"{len(evalsets['test'][1])} images ({time.time() - t0:.1f} s); device {device}, "
           f"{torch.get_num_threads()} threads; protocol {key}")
-    grid = [(rho, s, m) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else [])
+    grid = [(m, rho, s) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else [])
             for m in methods if rho != CEILING or m == "erm"]
-    done = {(r["method"], r["ratio"], r["seed"]) for r in res["runs"] if r.get("protocol") == key}
-    res["protocols"] = {**res.get("protocols", {}), key: protocol}
     os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
-    for i, (rho, s, m) in enumerate(grid):
-        tag = f"[{i + 1}/{len(grid)}] "
-        if (m, rho, s) in done:
-            print(f"{tag}{m} rho={rho:g} seed={s}: finished earlier with protocol {key}, kept")
-            continue
-        rec = run_and_save(cfg, m, rho, s, (evalsets, train, device), protocol, key, tag)
-        res["runs"].append(rec)
-        write_json(path, res)                              # an interrupt keeps the finished runs
-    mine = [r for r in res["runs"] if r.get("protocol") == key
-            and (r["method"], r["ratio"], r["seed"]) in {(m, rho, s) for rho, s, m in grid}]
+    res, mine = run_grid(path, res, protocol, grid, ("method", "ratio", "seed"),
+                         partial(run_and_save, cfg, evalsets, train, device, protocol, key),
+                         lambda m, rho, s: f"{m} rho={rho:g} seed={s}")
     print("\n" + tables(mine, cfg.margins))
     if plt := pyplot():                                    # matplotlib is optional
         print(f"picture: {plot_acc_vs_conflicting(mine, cfg.out, plt)}")
-        (rho, s, _), png = grid[0], os.path.join(cfg.out, "samples.png")   # the first run's images
+        (_, rho, s), png = grid[0], os.path.join(cfg.out, "samples.png")   # the first run's images
         x, y, a = (t.cpu().numpy() for t in train(rho, s))
         title = f"training images at rho = {rho:g} % (y = digit, a = colour)"
         print(f"picture: {save_png(plt, digits.samples_figure(x, y, a, title, plt), png)}")
     print(f"\n{path}: {len(res['runs'])} runs in all ({time.time() - t0:.0f} s)")
     return {**res, "runs": mine}
-
-
-def report(cfg):
-    """--report: the tables of every protocol a results.json holds; no training."""
-    if not os.path.isfile(cfg.report):
-        raise BadInput(f"--report {cfg.report}: no such file")
-    res = load_results(cfg.report)
-    for key, protocol, runs in by_protocol(res):
-        print(f"protocol {key}: {json.dumps(protocol, sort_keys=True)}\n")
-        print(tables(runs, cfg.margins) + "\n")
-    return res
 
 
 SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
@@ -659,47 +621,39 @@ class Config:
     seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
     quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, "
                        "20 epochs, into out/logit_correction_quick (explicit flags win)")
-    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 "
-                       "(explicit flags win)" % tuple(SWEEP.values()))
-    data_dir: str = flag("", "MNIST-format IDX folder (or a parent of one, e.g. holding raw/); "
-                         "empty = procedural", "data")
+    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus ERM at rho 90 (explicit flags "
+                       "win)" % tuple(SWEEP.values()))
+    data_dir: str = flag("", "MNIST IDX folder or a parent of one; empty = procedural", "data")
     n_train: int = flag(55000, "procedural training images", "data")
-    n_val: int = flag(5000, "validation images (IDX data: held out of the 60k training images)",
-                      "data")
+    n_val: int = flag(5000, "validation images (IDX: held out of the 60k training ones)", "data")
     n_test: int = flag(10000, "procedural test images", "data")
     data_seed: int = flag(0, "seed of the grey digits and of the val/test colours", "data")
-    mlp: str = flag("lc", "MLP: lc = LC's reference 2352-100-100-16-10, lff = LfF's "
-                    "2352-100-100-100-10", "model", tuple(MLPS))
+    mlp: str = flag("lc", "LC's 2352-100-100-16-10 or LfF's 2352-100-100-100-10", "model",
+                    tuple(MLPS))
     epochs: int = flag(0, "training epochs per run; 0 = each method's own (TUNED)", "optimisation")
     batch_size: int = flag(256, "minibatch size", "optimisation")
-    lr: float = flag(0.0, "Adam learning rate of the main network; 0 = each method's own (TUNED)",
-                     "optimisation")
-    lr_b: float = flag(0.0, "Adam learning rate of the biased network; 0 = lr/10 for LC, lr for "
-                       "LfF", "optimisation")
-    decay_every: int = flag(-1, "halve the learning rates every this many epochs (0 = constant, "
-                            "-1 = every fifth of the run's epochs: 4 of 20, 8 of 40, none under 5)",
-                            "optimisation")
+    lr: float = flag(0.0, "main network's Adam lr; 0 = each method's own (TUNED)", "optimisation")
+    lr_b: float = flag(0.0, "biased net's Adam lr; 0 = lr/10 for LC, lr for LfF", "optimisation")
+    decay_every: int = flag(-1, "halve the lrs every this many epochs; 0 = never, -1 = a fifth of "
+                            "the run's (4 of 20, 8 of 40, none under 5)", "optimisation")
     q: float = flag(0.7, "GCE exponent q in (0, 1]", "method")
-    prior_momentum: float = flag(0.995, "momentum of the bias-corrected moving average of Delta",
-                                 "method")
+    prior_momentum: float = flag(0.995, "momentum of Delta's bias-corrected average", "method")
     prior_eps: float = flag(1e-4, "floor of Delta before the log", "method")
     mix_ramp: int = flag(2, "epochs over which Group MixUp's minority weight ramps up", "method")
-    mix_pool: str = flag("batch", "MixUp partners from the batch's pseudo-minority (official code) "
-                         "or global", "method", ("batch", "global"))
+    mix_pool: str = flag("batch", "MixUp partners: the batch's pseudo-minority (official code) or "
+                         "global", "method", ("batch", "global"))
     lff_ema: float = flag(0.7, "LfF's per-sample loss EMA", "method")
     dro_eta: float = flag(0.01, "GroupDRO step size for the group weights", "method")
-    explain: bool = flag(False, "after epoch 1 of an LC run print one aligned and one conflicting "
-                         "image's logits, ln Delta, corrected logits and gradient size", "output")
-    margins: bool = flag(False, "also print majority/minority margins per method (paper Fig. 4)",
-                         "output")
+    explain: bool = flag(False, "print an LC run's logits, ln Delta, corrected logits and gradient "
+                         "size for one aligned and one conflicting image after epoch 1", "output")
+    margins: bool = flag(False, "also print the margins by true group (paper Fig. 4)", "output")
     report: str = flag("", "path of a results.json: print its tables, train nothing", "output")
     device: str = flag("auto", "auto = cuda, then mps, else cpu", "output",
                        ("auto", "cpu", "cuda", "mps"))
-    threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per physical core)",
-                        "output")
+    threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per core)", "output")
     log_every: int = flag(5, "epochs between log lines (0 = none)", "output")
-    out: str = flag("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, "
-                    "pictures, the digit cache", "output")
+    out: str = flag("out/logit_correction", "results.json, metrics.jsonl, ckpt/, pictures, digit "
+                    "cache", "output")
 
 
 def parse_config(argv):
@@ -711,31 +665,18 @@ def parse_config(argv):
     if bad := [m for m in methods if m not in METHODS]:
         raise BadInput(f"--methods: unknown method {bad[0]!r} (choose from {', '.join(METHODS)})")
     ratios, seeds = parse_list(cfg.ratios, float, "ratios"), parse_list(cfg.seeds, int, "seeds")
-    if not all(0 < r < 100 for r in ratios):
-        raise BadInput(f"--ratios {cfg.ratios}: each must be in (0, 100) percent")
-    if min(seeds) < 0:
-        raise BadInput(f"--seeds {cfg.seeds}: each must be >= 0")
     check_numbers(cfg, ("batch_size", "n_train", "n_val", "n_test", "q", "prior_eps"),
                   ("data_seed", "epochs", "lr", "lr_b", "dro_eta", "mix_ramp", "log_every"))
-    for ok, msg in [(cfg.q <= 1, f"--q {cfg.q:g}: GCE needs q in (0, 1]"),
-                    (cfg.prior_eps < 1, "--prior-eps must be in (0, 1)"),
-                    (0 <= cfg.prior_momentum < 1, "--prior-momentum must be in [0, 1)"),
-                    (0 <= cfg.lff_ema < 1, "--lff-ema must be in [0, 1)"),
-                    (cfg.decay_every >= -1, "--decay-every must be >= -1")]:
-        if not ok:
-            raise BadInput(msg)
+    check_ranges({**vars(cfg), "ratios": ratios, "seeds": seeds}, ratios="(0, 100)",
+                 seeds="[0, inf)", q="(0, 1]", prior_eps="(0, 1)", prior_momentum="[0, 1)",
+                 lff_ema="[0, 1)", decay_every="[-1, inf)")
     return cfg, methods, ratios, seeds
 
 
 def main(argv=None):
     """parse -> validate -> run the grid (or --report) -> tables and pictures. A bad input: one line
     on stderr, exit status 2, before any work."""
-    def parse_and_run():
-        cfg, methods, ratios, seeds = parse_config(argv)
-        set_threads(cfg.threads)
-        device = pick_device(cfg.device)                   # checked up front, --report included
-        return report(cfg) if cfg.report else run(cfg, methods, ratios, seeds, device)
-    return guarded("logit_correction.py", parse_and_run)
+    return guarded("logit_correction.py", lambda: run(*parse_config(argv)))
 
 
 if __name__ == "__main__":

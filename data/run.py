@@ -418,12 +418,13 @@ def heatmap(mat, rows, cols, title):
     """A terminal heat map: one shade character per cell, values printed to the right."""
     shades = " .:-=+*#%@"
     lo, hi = float(np.min(mat)), float(np.max(mat))
-    lines = [title, "      " + "".join(f"{c:>3s}" for c in cols)]
+    pad = " " * (1 + max([5, *map(len, rows)]))                # row names right-aligned in it
+    lines = [title, pad + "".join(f"{c:>3s}" for c in cols)]
     for r, row in zip(rows, mat):
         cells = "".join(f"  {shades[min(9, int((v - lo) / (hi - lo + 1e-12) * 9.999))]}"
                         for v in row)
-        lines.append(f"{r:>5s} {cells}   " + " ".join(f"{v:.3f}" for v in row))
-    return "\n".join(lines + [f"      (shade: {lo:.3f} -> {hi:.3f})"])
+        lines.append(f"{r:>{len(pad) - 1}s} {cells}   " + " ".join(f"{v:.3f}" for v in row))
+    return "\n".join(lines + [f"{pad}(shade: {lo:.3f} -> {hi:.3f})"])
 
 
 def heatmap_grid(plt, panels, path, label=None, ncols=4, size=(4.2, 3.8), values=None, title=None):
@@ -697,3 +698,85 @@ def exit_process(main_fn, argv=None):
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs of a grid: runs keyed by the protocol that made them in one results.json, kept across
+# reruns; --report; tables and curves over seeds; flag values checked against intervals
+# --------------------------------------------------------------------------------------------------
+
+def grid_protocol(cfg, groups, **extra):
+    """The settings that change a run's numbers: the fields of the dataclass cfg in the flag groups
+    `groups`, plus `extra` -> (that dict, its protocol_key). Runs that differ only in other flags
+    (output, threads) are the same run."""
+    protocol = {f.name: getattr(cfg, f.name) for f in fields(cfg) if f.metadata["group"] in groups}
+    protocol.update(extra)
+    return protocol, protocol_key(protocol)
+
+
+def run_grid(path, res, protocol, grid, names, run_one, label):
+    """Run each point of `grid` (tuples of the record fields `names`) that results.json `res` (from
+    load_results(path)) does not hold under this protocol: run_one(tag, *point) -> its record. A
+    finished one is kept, not redone; path is rewritten after every run, so an interrupted grid
+    keeps what it finished. -> (res, this grid's runs in results.json's order)."""
+    key, ident = protocol_key(protocol), lambda r: tuple(r.get(n) for n in names)
+    res["protocols"] = {**res.get("protocols", {}), key: protocol}
+    done = {ident(r) for r in res["runs"] if r.get("protocol") == key}
+    for i, point in enumerate(grid):
+        tag = f"[{i + 1}/{len(grid)}] "
+        if point in done:
+            print(f"{tag}{label(*point)}: finished earlier with protocol {key}, kept")
+            continue
+        res["runs"].append({**run_one(tag, *point), "protocol": key})
+        write_json(path, res)
+    mine = [r for r in res["runs"] if r.get("protocol") == key and ident(r) in set(grid)]
+    return res, mine
+
+
+def report_results(path, tables):
+    """--report PATH: tables(runs) for each protocol a results.json holds, under its settings; no
+    training. -> the results."""
+    if not os.path.isfile(path):
+        raise BadInput(f"--report {path}: no such file")
+    res = load_results(path)
+    for key, protocol, runs in by_protocol(res):
+        print(f"protocol {key}: {json.dumps(protocol, sort_keys=True)}\n")
+        print(tables(runs) + "\n")
+    return res
+
+
+def group_table(runs, keys, cols, order=None):
+    """The lines of a text table: a header, then a row per group of runs that share the fields
+    `keys` (first seen first, or sorted by order(the group's values of keys)); cols: [(title, format
+    spec such as '>8', cell(the group's runs) -> str)], one space apart."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(tuple(r[k] for k in keys), []).append(r)
+    items = sorted(groups.items(), key=lambda kv: order(kv[0])) if order else groups.items()
+    line = lambda cells: " ".join(f"{c:{spec}}" for c, (_, spec, _) in zip(cells, cols))
+    return [line(t for t, _, _ in cols)] + [line(cell(rs) for *_, cell in cols) for _, rs in items]
+
+
+def curve_png(plt, path, series, **axes):
+    """A line plot (plt: what pyplot() returned): a curve per series {label: [(x, y), ...]}, y
+    averaged over the points that share an x (seeds); ax.set(**axes) -> save_png's path."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, points in series.items():
+        xs = sorted({x for x, _ in points})
+        ax.plot(xs, [np.mean([y for x2, y in points if x2 == x]) for x in xs], "o-", label=label)
+    ax.set(**axes)
+    ax.legend()
+    fig.tight_layout()
+    return save_png(plt, fig, path)
+
+
+def check_ranges(values, **intervals):
+    """Each named value (a number, or a list: each of them) inside its interval, written as in
+    maths: q="(0, 1]", momentum="[0, 1)", decay_every="[-1, inf)"; the first that is not (a NaN
+    never is) is a BadInput naming its flag. values: a dict, e.g. {**vars(cfg), "seeds": seeds}."""
+    for name, iv in intervals.items():
+        lo, hi = (float(s) for s in iv[1:-1].split(","))
+        for v in values[name] if isinstance(values[name], list) else [values[name]]:
+            inside = lo <= v if iv[0] == "[" else lo < v
+            if not (inside and (v <= hi if iv[-1] == "]" else v < hi)):
+                raise BadInput(f"--{name.replace('_', '-')} must be in {iv}, got {v}")

@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from data.run import (BadInput, Stopped, by_protocol, check_numbers, config_key, finished_result,
-                      flag, heatmap_grid, hungarian, interleaved_ms, load_checkpoint, load_results,
-                      log_metrics, main as run_main, mean_sd, mean_std, parse_flags, parse_list,
-                      pick_device, pool_map, progress, protocol_key, pyplot, restore, run_each,
-                      save_checkpoint, set_threads, worker_threads, write_results)
+                      flag, heatmap, heatmap_grid, hungarian, interleaved_ms, load_checkpoint,
+                      load_results, log_metrics, main as run_main, mean_sd, mean_std, parse_flags,
+                      parse_list, pick_device, pool_map, progress, protocol_key, pyplot, restore,
+                      run_each, save_checkpoint, set_threads, worker_threads, write_results)
 
 
 @dataclass
@@ -263,6 +263,16 @@ def test_write_results_keeps_the_earlier_one(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == {"runs": [3]}
 
 
+def test_heatmap_text_aligns_long_row_names():
+    """Short row names: five characters wide, as always; a longer one widens the name column."""
+    short = heatmap(np.array([[0.0, 1.0]]), ["in"], ["a", "b"], "t").splitlines()
+    assert short == ["t", "        a  b", "   in      @   0.000 1.000",
+                     "      (shade: 0.000 -> 1.000)"]
+    long = heatmap(np.eye(2), ["latin_open", "x"], ["0", "1"], "t").splitlines()
+    assert long[1] == " " * 11 + "  0  1" and long[2].startswith("latin_open   @   ")
+    assert long[3].startswith("         x      @")
+
+
 def test_heatmap_grid_writes_one_png(tmp_path):
     pytest.importorskip("matplotlib")
     plt = pyplot()
@@ -278,3 +288,87 @@ def test_pool_map_in_task_order_and_worker_threads(monkeypatch):
     assert list(pool_map(pow, [(2, 3), (3, 2), (2, 0)], jobs=2)) == [8, 9, 1]   # spawned processes
     monkeypatch.setattr(os, "cpu_count", lambda: 8)
     assert [worker_threads(t, j) for t, j in ((0, 3), (0, 16), (0, 1), (5, 3))] == [2, 1, 8, 5]
+
+
+# --------------------------------------------------------------------------------------------------
+# Runs of a grid
+
+def test_grid_protocol_keeps_the_groups_given_and_extras():
+    from data.run import grid_protocol
+    p, key = grid_protocol(Cfg(), ("optimisation",), dataset="d")
+    assert p == {"epochs": 20, "lr": 0.1, "dataset": "d"} and key == protocol_key(p)
+    assert grid_protocol(Cfg(quick=True), ("optimisation",), dataset="d")[1] == key  # other group
+    assert grid_protocol(Cfg(lr=0.2), ("optimisation",), dataset="d")[1] != key
+
+
+def test_run_grid_skips_finished_runs_and_writes_after_each(tmp_path, capsys):
+    from data.run import run_grid
+    path, calls = str(tmp_path / "results.json"), []
+
+    def one(tag, m, s):
+        calls.append((tag, m, s))
+        assert len(load_results(path)["runs"]) == len(calls) - 1        # written after each run
+        return {"method": m, "seed": s, "acc": 10 * s}
+    grid, names = [("a", 1), ("b", 1), ("a", 2)], ("method", "seed")
+    label = lambda m, s: f"{m} seed={s}"
+    res, mine = run_grid(path, load_results(path), {"lr": 1}, grid[:2], names, one, label)
+    assert [(r["method"], r["seed"]) for r in mine] == grid[:2] and calls[0][0] == "[1/2] "
+    res, mine = run_grid(path, load_results(path), {"lr": 1}, grid, names, one, label)
+    assert calls[-1] == ("[3/3] ", "a", 2) and len(calls) == 3     # the two finished ones kept
+    assert "[1/3] a seed=1: finished earlier with protocol" in capsys.readouterr().out
+    assert [r["acc"] for r in mine] == [10, 10, 20] and len(res["runs"]) == 3
+    res, mine = run_grid(path, load_results(path), {"lr": 2}, grid[:1], names, one, label)
+    saved = load_results(path)                                  # another protocol: run again
+    assert len(calls) == 4 and len(saved["runs"]) == 4 and len(saved["protocols"]) == 2
+    assert [r["protocol"] for r in mine] == [protocol_key({"lr": 2})]
+
+
+def test_report_results_by_protocol_and_a_missing_file(tmp_path, capsys):
+    from data.run import report_results
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"runs": [{"protocol": "k1", "x": 1}, {"protocol": "k2", "x": 2},
+                                         {"protocol": "k1", "x": 3}],
+                                "protocols": {"k1": {"lr": 1}}}))
+    report_results(str(path), lambda runs: "xs " + ",".join(str(r["x"]) for r in runs))
+    out = capsys.readouterr().out
+    assert 'protocol k1: {"lr": 1}\n\nxs 1,3\n' in out and "protocol k2: {}\n\nxs 2" in out
+    with pytest.raises(BadInput, match="no such file"):
+        report_results(str(tmp_path / "missing.json"), str)
+
+
+def test_group_table_rows_columns_and_order():
+    from data.run import group_table
+    runs = [{"m": m, "r": r, "v": v} for m, r, v in
+            (("b", 2, 1.0), ("a", 1, 2.0), ("b", 2, 3.0), ("a", 2, 4.0))]
+    cols = [("m", "3", lambda rs: rs[0]["m"]), ("mean", ">6", lambda rs: mean_std(
+        [r["v"] for r in rs], ".1f")), ("n", ">2", lambda rs: str(len(rs)))]
+    assert group_table(runs, ("m", "r"), cols) == [                    # first seen first
+        "m     mean  n", "b   2.0 ± 1.4  2", "a      2.0  1", "a      4.0  1"]
+    assert [ln[:1] for ln in group_table(runs, ("m", "r"), cols, order=lambda k: k)[1:]] == [
+        "a", "a", "b"]
+
+
+def test_curve_png_means_over_points_that_share_an_x(tmp_path):
+    from types import SimpleNamespace
+    from data.run import curve_png
+    calls, axes = [], {}
+    ax = SimpleNamespace(plot=lambda xs, ys, *a, **k: calls.append((k["label"], xs, ys)),
+                         set=axes.update, legend=lambda: None)
+    fig = SimpleNamespace(tight_layout=lambda: None,
+                          savefig=lambda p, **k: open(p, "w").write("png"))
+    plt = SimpleNamespace(subplots=lambda **k: (fig, ax), close=lambda f: None)
+    path = str(tmp_path / "c.png")
+    assert curve_png(plt, path, {"a": [(2, 1.0), (1, 5.0), (2, 3.0)]}, xscale="log") == path
+    assert calls == [("a", [1, 2], [5.0, 2.0])] and axes == {"xscale": "log"}
+
+
+def test_check_ranges_open_and_closed_ends_lists_and_nan():
+    import re
+    from data.run import check_ranges
+    ok = {"q": 1.0, "m": 0.0, "d": -1, "rs": [0.5, 99.0]}
+    check_ranges(ok, q="(0, 1]", m="[0, 1)", d="[-1, inf)", rs="(0, 100)")
+    for name, v, iv in (("q", 0.0, "(0, 1]"), ("m", 1.0, "[0, 1)"), ("d", -2, "[-1, inf)"),
+                        ("rs", [1.0, 100.0], "(0, 100)"), ("q", float("nan"), "(0, 1]"),
+                        ("d", float("inf"), "[-1, inf)")):
+        with pytest.raises(BadInput, match=re.escape(f"--{name} must be in {iv}, got")):
+            check_ranges({**ok, name: v}, **{name: iv})
