@@ -5,15 +5,15 @@ Understanding", arXiv 2311.07449; restated in ../shared/papers/qformer_efficient
 BLIP-2 (Li et al. 2023, arXiv 2301.12597) and InstructBLIP (Dai et al. 2023, arXiv 2305.06500).
 *** The paper has no public code and we only have its abstract: the method P below is a
 RECONSTRUCTION from summaries, not the authors' implementation. *** The setting at length, the
-results and things to try: docs/qformer_efficient.md.
+results and things to try: docs/qformer_efficient.md. The command line, checks and reports come
+after "Plumbing".
 
-On the shapes world v2 (data/shapes.py), where answers need binding, between two frozen, cached
-backbones (the shared ViT of data/vision.py, one token per 3x3 cell; the T5-style encoder-decoder
-LM of data/t5lm.py, pretrained on text alone and gated: given the true caption, it answers every
-question type >= 0.95), a BERT-like Q-Former (N_q learnable queries and text share self-attention,
-separate FFNs, cross-attention to the image tokens every other layer, queries only) is trained as
-one of these variants, on one data stream per seed, with identical stage-2 settings (each variant's
-decoder memory: one function in the table MEMORY):
+On the shapes world v2 (data/shapes.py), where answers need binding, between two frozen, cached,
+gated backbones (the shared ViT of data/vision.py; the T5-style LM of data/t5lm.py, pretrained on
+text alone), a BERT-like Q-Former (N_q queries and text share self-attention, separate FFNs,
+cross-attention to the image tokens every other layer) is trained as one of these variants, on one
+data stream per seed, with the same stage-2 settings (each variant's decoder memory: one function
+in the table MEMORY):
     B1   BLIP-2 two-stage. Stage 1: ITC + ITM + ITG on captions (three masks: qformer_mask).
          Stage 2: query outputs -> linear -> soft prefix of the LM *encoder input*; LM loss.
     B2   no stage 1: the same stage 2 from a fresh Q-Former, so B1 - B2 measures stage 1 alone
@@ -54,8 +54,8 @@ from data import t5lm, vision
 from data.captions import bleu4, cider
 from data.layers import FFN, Attention, RMSNorm, batches, encode, pad, train_loop
 from data.multimodal import (BACKBONES, EXPERIMENT, MultimodalConfig, backbone_seed,
-                             backbone_world, exact_match, gate_or_stop, out_flag, save_bridge,
-                             shapes_baselines, shapes_world, text_ceiling_line,
+                             backbone_world, exact_match, gate_or_stop, oracle_cell, out_flag,
+                             save_bridge, shapes_baselines, shapes_world, text_ceiling_line,
                              training_step_costs, validate_image_and_run)
 from data.run import (BadInput, check_numbers, flag, keep_previous, log_metrics, main as run_main,
                       mean_sd, mean_std, parse_flags, parse_list, pick_device, print_outputs,
@@ -64,10 +64,8 @@ from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, orac
                          reference_captions, scene_grid)
 from data.t5lm import CAPTION_PROMPT, qa_prompt
 
-# Config, --quick, the command line and the reports: at the end, after the plumbing banner.
-
 EXTRA_TOKENS = ("<cls>", "<dec>")    # the Q-Former's BERT/BLIP-2 specials
-GATE_TEXT = 0.95
+GATE_TEXT = 0.95                     # the frozen LM, given the true caption, per question type
 
 
 # ---- The Q-Former and its three stage-1 masks ----------------------------------------------------
@@ -671,19 +669,13 @@ def print_test_table(res, by):
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in res["runs"])]
     keys = ["vqa", "binding_score"] + types + ["holdout", "bleu4", "cider"]
     ref = oracle_reference(res["baselines"]["test"]["bag_oracle"])
-
-    def cell(xs, key):
-        """mean ± std over seeds; * when the mean is at or below the bag-of-words oracle's"""
-        xs = [x for x in xs if x is not None]
-        return mean_std(xs) + ("*" if xs and key in ref and np.mean(xs) <= ref[key] else "")
-
     cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
     print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}"
           + "".join(f"{c:>15s}" for c in cols))
     for v, rs in by.items():
-        print(f"{v:>11s}" + "".join(
-            f"{cell([r['per_type'].get(k) if k in types else r[k] for r in rs], k):>15s}"
-            for k in keys))
+        cells = [oracle_cell([r["per_type"].get(k) if k in types else r[k] for r in rs], k, ref)
+                 for k in keys]
+        print(f"{v:>11s}" + "".join(f"{c:>15s}" for c in cells))
     for name in ("blind_prior", "bag_oracle"):
         b = res["baselines"]["test"][name]
         if b is not None:

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from data.layers import LAYER_CODE
-from data.run import (BadInput, Stopped, autocast, flag, interleaved_ms, pick_device, set_threads,
-                      writable_dirs)
+from data.run import (BadInput, Stopped, autocast, flag, interleaved_ms, mean_std, pick_device,
+                      set_threads, writable_dirs)
 from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, generate, load_world
 
 DATA, BACKBONES, BRIDGE, EXPERIMENT = "data", "frozen backbones", "bridge", "experiment"
@@ -138,6 +138,14 @@ def exact_match(predict, items, bs):
     per_type = {t: float(np.mean(hit[t]))
                 for t in sorted(hit, key=lambda t: order.get(t, len(order)))}
     return float(np.mean([x for v in hit.values() for x in v])), per_type
+
+
+def oracle_cell(xs, key, ref):
+    """A score's table cell: mean ± sample std over seeds (None skipped), with '*' when the mean is
+    at or below the bag-of-words oracle's (ref: data/shapes.oracle_reference), whom the caption's
+    words alone, without binding, get that far."""
+    xs = [x for x in xs if x is not None]
+    return mean_std(xs) + ("*" if xs and key in ref and np.mean(xs) <= ref[key] else "")
 
 
 def step_memory_mib(step_fn, params, device):

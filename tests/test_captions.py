@@ -52,3 +52,17 @@ def test_cider_style():
     part = captions.cider(["a red square at left", "a blue square at left",
                       "two green crosses in the center"], refs)
     assert 0 < part < 10
+
+
+def test_reference_captions_are_the_caption_and_other_object_orders():
+    """The procedural world: the scene's caption first, then n - 1 more of the same objects in other
+    orders; data without objects (--data-dir) has its one caption."""
+    from data.shapes import generate, parse_caption, reference_captions
+
+    ds = generate(20, "test", seed=3, images=False)
+    refs = reference_captions(ds, n=4)
+    assert len(refs) == 20 and all(len(r) == 4 for r in refs)
+    assert [r[0] for r in refs] == ds["captions"]
+    assert all(parse_caption(x) == parse_caption(r[0]) for r in refs for x in r)
+    assert any(len(set(r)) > 1 for r in refs)                     # other orders, not copies
+    assert reference_captions(dict(captions=["a b", "c d"])) == [["a b"], ["c d"]]

@@ -433,3 +433,20 @@ def test_vary_backbones_draws_the_world_and_both_backbones_per_seed(tmp_path, mo
     assert cap0 == shapes.generate(1, "train", seed=0)["captions"][0]          # load_world's world
     assert [r["backbone_seed"] for r in res["runs"]] == [0, 1]
     assert list(res["backbone_gates"]) == ["0", "1"]
+
+
+def test_both_multimodal_configs_share_one_base():
+    """The flags both multimodal files share are declared once (data/multimodal.MultimodalConfig):
+    each file's Config subclasses it and keeps every shared field's name, type and default; the
+    --help groups still read data, frozen backbones, the bridge, experiment, run."""
+    from dataclasses import fields
+
+    import qformer_efficient as qfe
+    from data.multimodal import MultimodalConfig
+
+    base = {f.name: (f.type, f.default) for f in fields(MultimodalConfig)}
+    for cls in (mma.Config, qfe.Config):
+        assert issubclass(cls, MultimodalConfig)
+        assert {f.name: (f.type, f.default) for f in fields(cls) if f.name in base} == base
+        groups = list(dict.fromkeys(f.metadata["group"] for f in fields(cls)))
+        assert groups[:2] == ["data", "frozen backbones"] and groups[-2:] == ["experiment", "run"]
