@@ -142,8 +142,8 @@ def exact_match(predict, items, bs):
 
 def oracle_cell(xs, key, ref):
     """A score's table cell: mean ± sample std over seeds (None skipped), with '*' when the mean is
-    at or below the bag-of-words oracle's (ref: data/shapes.oracle_reference), whom the caption's
-    words alone, without binding, get that far."""
+    at or below the bag-of-words oracle's (ref: data/shapes.oracle_reference): the caption's words
+    alone, without binding, score as much."""
     xs = [x for x in xs if x is not None]
     return mean_std(xs) + ("*" if xs and key in ref and np.mean(xs) <= ref[key] else "")
 
