@@ -48,10 +48,10 @@ from data.domains import (DataError, check_lengths, synthetic_domains, text_doma
                           val_windows)
 from data.layers import RMSNorm, rope
 from data.run import (BadInput, all_ranks_sum, autocast, check_numbers, config_key, exit_process,
-                      finished_result, flag, hungarian, interleaved_ms, keep_previous, linear_probe,
-                      load_checkpoint, log_metrics, main_distributed, mean_sd, parse_flags,
-                      pick_device, pool_map, progress, pyplot, rank_world, save_checkpoint,
-                      save_png, say, set_threads, table, worker_threads, writable_dirs, write_json,
+                      finished_result, flag, heatmap, heatmap_grid, hungarian, interleaved_ms,
+                      keep_previous, linear_probe, log_metrics, main_distributed, mean_sd,
+                      parse_flags, pick_device, progress, pyplot, rank_world, restore, run_each,
+                      save_checkpoint, save_png, say, set_threads, table, writable_dirs, write_json,
                       write_results)
 from kernels import dispatch_route, moe_ffn
 
@@ -852,6 +852,21 @@ def sweep_plan(cfg, world=1):
         for cf in (1.0, 1.25) for s in scopes]
 
 
+def run_name(cfg):
+    if cfg.dense:
+        return "dense"
+    if cfg.router != "topk":
+        uniform = cfg.router == "reference" and cfg.reference_gate == "uniform"
+        name = cfg.router.replace("_", "-") + ("-uniform" if uniform else "")
+    elif cfg.balance == "none":
+        name = "topk-none"
+    else:
+        name = f"{cfg.balance.replace('_', '')}-{cfg.balance_scope}"
+        name += f"-ref{cfg.reference_steps}" if cfg.reference_steps else ""
+    cap = f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else ""
+    return name + cap
+
+
 def run_one(cfg, doms, name, device, quiet=False):
     """Train (or resume) one configuration, evaluate it -> its result (None after --stop-at). Under
     torchrun every rank trains; rank 0 alone logs, checkpoints, evaluates (no collectives in there)
@@ -885,7 +900,7 @@ RUNS, MACHINE = "runs and output", "machine"
 
 
 @dataclass
-class Config:
+class Config:                       # one flag each; what they do, measured: docs/moe_testbed.md
     experts: int = flag(8, "number of experts E per MoE layer", MODEL)
     top_k: int = flag(2, "experts per token K (expert choice: T*K/E tokens per expert)", MODEL)
     n_layer: int = flag(2, "transformer blocks", MODEL)
@@ -893,78 +908,66 @@ class Config:
     d_model: int = flag(128, "model width D", MODEL)
     n_head: int = flag(4, "attention heads", MODEL)
     expert_hidden: int = flag(128, "hidden width H of one expert (a dense FFN gets K*H)", MODEL)
-    dense: bool = flag(False, "train the dense baseline (FFN width K*H) instead of the MoE", MODEL)
+    dense: bool = flag(False, "train the dense baseline (FFN width K*H) instead", MODEL)
     router: str = flag("topk", "reference = domain-label oracle, topk = token choice, "
                        "expert_choice (not causal), hash", ROUTING,
                        ("reference", "topk", "expert_choice", "hash"))
-    reference_gate: str = flag("learned", "reference router: learned (top by router probability in "
-                               "the group, gates = probs) | uniform (round-robin, gates 1/K)",
-                               ROUTING, ("learned", "uniform"))
-    reference_steps: int = flag(0, "topk only, a diagnostic: route by the domain label for the "
-                                "first N steps, then learn (does a learned router keep a domain "
-                                "routing it did not find?)", ROUTING)
+    reference_gate: str = flag("learned", "reference: gates = router probs, or uniform 1/K "
+                               "(round-robin)", ROUTING, ("learned", "uniform"))
+    reference_steps: int = flag(0, "topk: route by the domain label for N steps, then learn",
+                                ROUTING)
     balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 "
                         "selection bias", ROUTING, ("none", "aux", "aux_free"))
-    balance_scope: str = flag("global", "tokens the balancing spans: one sequence, one "
-                              "micro-batch, global = the optimizer step (every micro-batch on "
-                              "every process; with --accum > 1 a no-grad forward per micro-batch "
-                              "counts the step first: ~+1/3 compute), or running = the step's "
-                              "micro-batches so far (Megatron-core's global_aux_loss; only the "
-                              "last micro-batch sees the whole step)", ROUTING,
+    balance_scope: str = flag("global", "tokens a balancing group spans: a sequence, a "
+                              "micro-batch, global = the optimizer step (with --accum > 1 a "
+                              "no-grad pre-pass, ~+1/3 compute), running = the step's "
+                              "micro-batches so far (Megatron-core)", ROUTING,
                               ("sequence", "micro", "global", "running"))
     aux_coef: float = flag(0.01, "aux loss coefficient alpha", ROUTING)
     z_coef: float = flag(0.001, "router z-loss coefficient (learned routers)", ROUTING)
     bias_rate: float = flag(1e-3, "aux_free bias update rate gamma", ROUTING)
-    capacity_factor: float = flag(0.0, "expert capacity C = ceil(cf*tokens_in_scope*K/E); slots "
-                                  "over it are dropped; 0 = dropless", ROUTING)
+    capacity_factor: float = flag(0.0, "cf: C = ceil(cf*tokens*K/E) slots per expert in the "
+                                  "capacity scope, the rest dropped; 0 = dropless", ROUTING)
     capacity_scope: str = flag("micro", "tokens one capacity spans (global: queues run across the "
                                "step)", ROUTING, ("sequence", "micro", "global"))
-    norm_topk: bool = flag(False, "renormalise the gates over the chosen k (Mixtral/DeepSeek "
-                           "form); default: raw softmax probs", ROUTING)
+    norm_topk: bool = flag(False, "gates renormalised over the k (Mixtral/DeepSeek)", ROUTING)
     batch_size: int = flag(32, "sequences per optimizer step (all processes, micro-batches)", TRAIN)
-    accum: int = flag(1, "micro-batches per optimizer step on each process (gradient "
-                      "accumulation): a micro-batch holds batch-size/(processes*accum) sequences",
-                      TRAIN)
+    accum: int = flag(1, "micro-batches per optimizer step on each process", TRAIN)
     steps: int = flag(1000, "optimizer steps", TRAIN)
-    lr: float = flag(3e-3, "peak AdamW learning rate (linear warmup, cosine decay to 10%%)", TRAIN)
+    lr: float = flag(3e-3, "peak AdamW learning rate (warmup, cosine decay to 10%%)", TRAIN)
     warmup: int = flag(100, "warmup steps", TRAIN)
-    seed: int = flag(0, "seed for weights and batch order (the languages are fixed: seed 0)", TRAIN)
-    seeds: str = flag("", "comma-separated seeds, e.g. 0,1,2: repeat every run, mean ± sample std",
-                      TRAIN)
+    seed: int = flag(0, "seed for weights and batches (the languages are fixed: seed 0)", TRAIN)
+    seeds: str = flag("", "comma-separated seeds, e.g. 0,1,2: every run, mean ± sample std", TRAIN)
     seq_len: int = flag(128, "bytes per training sequence", DATA)
     overlap: float = flag(0.1, "procedural data: share of loanwords common to all languages", DATA)
     train_bytes: int = flag(300_000, "procedural data: training bytes per domain", DATA)
     data_dir: str = flag("", "real text instead: DIR/<domain>/*.txt (UTF-8), >= 2 domains", DATA)
     eval_seqs: int = flag(32, "held-out sequences per domain for evaluation", DATA)
-    batch_order: str = flag("mixed", "mixed = random domain order in a batch, by_domain = sorted "
-                            "by domain (a micro-batch holds few domains)", DATA,
+    batch_order: str = flag("mixed", "random domain order in a batch, or sorted by domain", DATA,
                             ("mixed", "by_domain"))
     quick: bool = flag(False, "a tiny configuration, < 1 min on a 2-core CPU (flags given win)",
                        RUNS)
     sweep: str = flag("", "scopes = every router and scope, balance = aux loss over groups of "
-                      "1, 2, 4, ... sequences, capacity = cf 1.0/1.25 x capacity scope, batches "
-                      "sorted by domain", RUNS, ("scopes", "balance", "capacity"), const="scopes")
+                      "1, 2, 4, ... sequences, capacity = cf 1.0/1.25 x capacity scope", RUNS,
+                      ("scopes", "balance", "capacity"), const="scopes")
     jobs: int = flag(1, "run a sweep's (or --seeds') runs in this many worker processes", RUNS)
     bench: bool = flag(False, "time MoE vs dense training steps side by side: the ratio", RUNS)
     log_every: int = flag(100, "steps between log lines, metrics.jsonl and routing records", RUNS)
     ckpt_every: int = flag(250, "steps between checkpoints", RUNS)
     stop_at: int = flag(0, None, RUNS)                     # hidden (tests): stop as if interrupted
     out: str = flag(os.path.join("out", "moe_testbed"), "output folder: results.json, "
-                    "metrics.jsonl, PNGs (with matplotlib), a folder per run with its checkpoint",
-                    RUNS)
-    resume: bool = flag(False, "continue each run from its checkpoint (finished runs are reused)",
-                        RUNS)
+                    "metrics.jsonl, PNGs, a folder per run with its checkpoint", RUNS)
+    resume: bool = flag(False, "continue each run from its checkpoint (reuse finished runs)", RUNS)
     device: str = flag("auto", "auto = cuda, then mps, else cpu", MACHINE,
                        ("auto", "cpu", "cuda", "mps"))
     dtype: str = flag("float32", "bfloat16 = bf16 autocast (the router stays fp32)", MACHINE,
                       ("float32", "bfloat16"))
-    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default, and with --jobs N "
-                        "each worker max(1, cores // N). The docs' numbers: --threads 1", MACHINE)
-    compile: bool = flag(False, "torch.compile the attention blocks and the expert dispatch",
-                         MACHINE)
+    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default (--jobs N: "
+                        "cores // N)", MACHINE)
+    compile: bool = flag(False, "torch.compile attention and the expert dispatch", MACHINE)
     impl: str = flag("grouped", "expert dispatch in kernels.moe_ffn", MACHINE, ("grouped", "loop"))
-    preset: str = flag("cpu", "cpu = the defaults, gpu = d 512, 8 blocks, 64x512 batch in 2 "
-                       "micro-batches, bf16, compile", MACHINE, ("cpu", "gpu"))
+    preset: str = flag("cpu", "gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, "
+                       "compile", MACHINE, ("cpu", "gpu"))
 
 
 GPU = dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64,
@@ -1050,7 +1053,8 @@ def main(argv=None):
 
 
 def run(cfg, doms, device):
-    """The bench, or every (configuration, seed) of the run or sweep; rank 0 reports and writes."""
+    """The bench, or every (configuration, seed) of the run or sweep; rank 0 reports and writes
+    results.json (an earlier one moves aside, unless --resume)."""
     t0, (rank, world) = time.time(), rank_world()
     mu = cfg.batch_size // (world * cfg.accum)
     say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: "
@@ -1061,71 +1065,48 @@ def run(cfg, doms, device):
     say(f"expert dispatch: {dispatch['impl']}, grouped GEMM route {dispatch['route']}"
         + dispatch["note"])
     if cfg.bench:
-        b = bench(cfg, doms, device)
-        report_bench(b)
-        save_results(cfg, dict(config=asdict(cfg), dispatch=dispatch, bench=b))
-        return b
-    if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
-        say("note: --accum 1: a micro-batch is the whole step: micro and global scope are one run")
-    plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
-    if rank == 0 and not cfg.resume:                       # a rerun keeps earlier run folders, PNGs
-        keep_previous(cfg.out, also=lambda f: f.endswith(".png") or any(
-            os.path.isfile(os.path.join(cfg.out, f, x)) for x in ("result.json", "ckpt.pt")))
-    runs = run_all(cfg, [(n, Config(**{**asdict(cfg), **o})) for n, o in plan], doms, device)
-    if runs is None or rank != 0:
-        return None
-    report(cfg, runs, device, time.time() - t0)
-    save_results(cfg, dict(config=asdict(cfg), world_size=world, dispatch=dispatch, runs=runs))
-    return runs
-
-
-def run_name(cfg):
-    if cfg.dense:
-        return "dense"
-    if cfg.router != "topk":
-        uniform = cfg.router == "reference" and cfg.reference_gate == "uniform"
-        name = cfg.router.replace("_", "-") + ("-uniform" if uniform else "")
-    elif cfg.balance == "none":
-        name = "topk-none"
+        out = bench(cfg, doms, device)
+        report_bench(out)
+        res = dict(config=asdict(cfg), dispatch=dispatch, bench=out)
     else:
-        name = f"{cfg.balance.replace('_', '')}-{cfg.balance_scope}"
-        name += f"-ref{cfg.reference_steps}" if cfg.reference_steps else ""
-    cap = f"-cf{cfg.capacity_factor:g}-{cfg.capacity_scope}" if cfg.capacity_factor else ""
-    return name + cap
+        if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
+            say("note: --accum 1: a micro-batch is the whole step: micro and global scope are one "
+                "run")
+        plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
+        if rank == 0 and not cfg.resume:                   # a rerun keeps earlier run folders, PNGs
+            keep_previous(cfg.out, also=lambda f: f.endswith(".png") or any(
+                os.path.isfile(os.path.join(cfg.out, f, x)) for x in ("result.json", "ckpt.pt")))
+        out = run_all(cfg, [(n, Config(**{**asdict(cfg), **o})) for n, o in plan], doms, device)
+        if out is None or rank != 0:
+            return None
+        report(cfg, out, device, time.time() - t0)
+        res = dict(config=asdict(cfg), world_size=world, dispatch=dispatch, runs=out)
+    write_results(cfg.out, res, keep=not cfg.resume)
+    say(f"wrote {os.path.join(cfg.out, 'results.json')}")
+    return out
 
 
 def run_all(cfg, plan, doms, device):
-    """Every (seed, configuration): in this process, or in --jobs worker processes (same numbers:
-    each run seeds itself, and batches are a function of (seed, step)). None after --stop-at."""
-    todo = [(name, Config(**{**asdict(c), "seed": s})) for s in seed_list(cfg) for name, c in plan]
-    for name, c in todo:
-        if c.router == "expert_choice" and c.seed == seed_list(cfg)[0]:
-            say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later "
-                f"tokens)")
-    if cfg.jobs > 1 and len(todo) > 1:
-        tasks = [({**asdict(c), "threads": worker_threads(cfg.threads, cfg.jobs)}, name, doms)
-                 for name, c in todo]
-        results = pool_map(_worker, tasks, cfg.jobs)
-    else:
-        results = (run_one(c, doms, name, device) for name, c in todo)
+    """Every (seed, configuration): here, or in --jobs worker processes (the same numbers: each run
+    seeds itself, and batches are a function of (seed, step)). None after --stop-at."""
+    todo = [(Config(**{**asdict(c), "seed": s}), doms, name, device)
+            for s in seed_list(cfg) for name, c in plan]
+    for name in dict.fromkeys(n for c, _, n, _ in todo if c.router == "expert_choice"):
+        say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later "
+            f"tokens)")
     runs = []
-    for res in results:
+    for res in run_each(run_one, todo, cfg.jobs, cfg.threads):
         if res is None:                                    # --stop-at
             return None
         runs.append(res)
         for lay in res.get("per_layer", []):               # ranks > 0 return {}
-            say(f"[{res['name']} seed {res['seed']}] layer {lay['layer']}: share of routing slots "
-                f"(%)\n" + heat_map(lay["routing_matrix"], doms.names, lay["expert_order"]))
+            order = lay["expert_order"]                    # the reference's: a diagonal if matched
+            say(heatmap(np.asarray(lay["routing_matrix"])[:, order], doms.names,
+                        [str(e) for e in order], f"[{res['name']} seed {res['seed']}] layer "
+                        f"{lay['layer']}: share of routing slots, domain \\ expert"))
         if res:
             say(table([res], COLS, header=False) + f"  ({res['train_s']:.0f} s)")
     return runs
-
-
-def _worker(cfg_dict, name, doms):
-    """One configuration in a --jobs worker process (a fresh interpreter; the data come pickled)."""
-    cfg = Config(**cfg_dict)
-    set_threads(cfg.threads)
-    return run_one(cfg, doms, name, pick_device(cfg.device), quiet=True)
 
 
 def start_or_resume(cfg, doms, name, device, ckpt_path):
@@ -1134,18 +1115,13 @@ def start_or_resume(cfg, doms, name, device, ckpt_path):
     torch.manual_seed(cfg.seed)
     model = Model(cfg, len(doms.names)).to(device)
     opt = make_optimizer(model, cfg, device)
-    state = dict(step=0, train_s=0.0, history=[])
-    ck = load_checkpoint(ckpt_path, cfg, RESUME_FREE, device) if cfg.resume else None
-    if ck:
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["opt"])
-        torch.set_rng_state(ck["rng"].cpu())
-        state = dict(step=ck["step"], train_s=ck["train_s"], history=ck.get("history", []))
+    state = restore(ckpt_path, cfg, RESUME_FREE, device, model, opt) if cfg.resume else None
+    if state:
         say(f"[{name} seed {cfg.seed}] resuming at step {state['step']}")
     if cfg.compile:
         for blk in model.blocks:
             blk.attn = torch.compile(blk.attn)
-    return model.train(), opt, state
+    return model.train(), opt, state or dict(step=0, train_s=0.0, history=[])
 
 
 def result_record(cfg, name, res, state):
@@ -1161,13 +1137,6 @@ def result_record(cfg, name, res, state):
                 **res, history=state["history"], tokens_per_s=tokens / max(state["train_s"], 1e-9),
                 train_s=round(state["train_s"], 1), world_size=world,
                 config_key=config_key(cfg, RESUME_FREE))
-
-
-def save_results(cfg, obj):                                # rank 0 only (its callers see to that)
-    if not cfg.resume:                                     # reruns never silently replace results
-        keep_previous(cfg.out)
-    write_results(cfg.out, obj)
-    say(f"wrote {os.path.join(cfg.out, 'results.json')}")
 
 
 def report_bench(b):
@@ -1202,7 +1171,6 @@ def report(cfg, runs, device, wall_s):
         say(f"wrote {path}")
 
 
-SHADES = " ░▒▓█"
 COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f"),
         ("probe_n", "N", ".0f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
         ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
@@ -1210,35 +1178,20 @@ COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f")
         ("tokens_per_s", "tok/s", ".0f")]
 
 
-def heat_map(matrix_LE, names, order):
-    """Domain x expert share of routing slots; experts reordered by the reference matching (so a
-    specialised router shows a diagonal), shading relative to the largest cell."""
-    M = np.asarray(matrix_LE)[:, order]
-    top = M.max() or 1.0
-    lines = ["domain \\ expert  " + "".join(f"{e:>6}" for e in order)]
-    for name, row in zip(names, M):
-        lines.append(f"{name:>16} " + "".join(
-            f" {SHADES[min(4, int(v / top * 4.999))] * 2}{v * 100:3.0f}" for v in row))
-    return "\n".join(lines)
-
-
 def plots(runs, out_dir):
     """PNGs when matplotlib is importable: routing over training; (balance sweep) purity vs the
     tokens a balancing group spans; routing heat maps (first seed of each run, experts in the
-    reference's order). -> the paths written"""
-    plt = pyplot()
-    if plt is None:
+    reference's order, as in the terminal). -> the paths written"""
+    if (plt := pyplot()) is None:
         return []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    keys = ("purity", "utilization", "maxvio")
     for r in runs:
         for layer in sorted({h["layer"] for h in r["history"]}):
             hs = [h for h in r["history"] if h["layer"] == layer]
-            for ax, key in zip(axes, keys):
+            for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
                 ax.plot([h["step"] for h in hs], [h[key] for h in hs],
                         label=f"{r['name']} s{r['seed']} L{layer}")
-    for ax, key in zip(axes, keys):
-        ax.set(xlabel="step", title=f"train-batch {key}")
+                ax.set(xlabel="step", title=f"train-batch {key}")
     axes[0].legend(fontsize=6)
     paths = [save_png(plt, fig, os.path.join(out_dir, "history.png"))]
     sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk"
@@ -1256,32 +1209,15 @@ def plots(runs, out_dir):
     first = {}
     for r in runs:
         first.setdefault(r["name"], r)
-    cells = [(r, lay) for r in first.values() for lay in r.get("per_layer") or []]
-    if cells:
-        paths.append(routing_png(plt, cells, os.path.join(out_dir, "routing.png")))
+    panels = [(np.asarray(lay["routing_matrix"])[:, lay["expert_order"]], list(r["per_domain_bpb"]),
+               lay["expert_order"], dict(xlabel="expert (in the reference's order)",
+               title=f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
+                     f"U {lay['utilization']:.2f}"))
+              for r in first.values() for lay in r.get("per_layer") or []]
+    if panels:
+        paths.append(heatmap_grid(plt, panels, os.path.join(out_dir, "routing.png"),
+                                  label="share of the domain's routing slots"))
     return paths
-
-
-def routing_png(plt, cells, path):
-    """The routing heat maps of [(run, layer)], as the terminal's, one colour scale for all."""
-    cols = min(len(cells), 4)
-    rows = -(-len(cells) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.8 * rows), squeeze=False,
-                             layout="constrained")
-    top = max(float(np.max(lay["routing_matrix"])) for _, lay in cells)
-    for ax, (r, lay) in zip(axes.flat, cells):
-        order = lay["expert_order"]
-        im = ax.imshow(np.asarray(lay["routing_matrix"])[:, order], cmap="viridis", vmin=0,
-                       vmax=top)
-        ax.set_xticks(range(len(order)), order)
-        ax.set_yticks(range(len(r["per_domain_bpb"])), list(r["per_domain_bpb"]), fontsize=7)
-        ax.set_xlabel("expert (in the reference's order)")
-        ax.set_title(f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
-                     f"U {lay['utilization']:.2f}", fontsize=8)
-    for ax in axes.flat[len(cells):]:
-        ax.axis("off")
-    fig.colorbar(im, ax=axes, label="share of the domain's routing slots")
-    return save_png(plt, fig, path)
 
 
 if __name__ == "__main__":

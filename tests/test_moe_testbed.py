@@ -790,8 +790,8 @@ def test_threads_zero_shares_the_cores_among_jobs(monkeypatch):
         def __exit__(self, *exc):
             return False
 
-        def submit(self, fn, cfg_dict, name, doms):
-            seen.append(cfg_dict["threads"])
+        def submit(self, fn, run_fn, threads, task):      # what run_each gives its worker
+            seen.append(threads)
             f = concurrent.futures.Future()
             f.set_result(None)                             # as after --stop-at: run_all stops there
             return f
