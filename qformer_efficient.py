@@ -57,9 +57,9 @@ from data.multimodal import (BACKBONES, EXPERIMENT, MultimodalConfig, backbone_s
                              backbone_world, exact_match, gate_or_stop, oracle_cell, out_flag,
                              save_bridge, shapes_baselines, shapes_world, text_ceiling_line,
                              training_step_costs, validate_image_and_run)
-from data.run import (BadInput, check_numbers, flag, keep_previous, log_metrics, main as run_main,
-                      mean_sd, mean_std, parse_flags, parse_list, pick_device, print_outputs,
-                      pyplot, save_png, write_results)
+from data.run import (BadInput, check_numbers, check_ranges, flag, keep_previous, log_metrics,
+                      main as run_main, mean_sd, mean_std, parse_flags, parse_list, pick_device,
+                      print_outputs, pyplot, save_png, write_results)
 from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, oracle_reference,
                          reference_captions, scene_grid)
 from data.t5lm import CAPTION_PROMPT, qa_prompt
@@ -790,8 +790,7 @@ def validate(cfg):
                         "lm_batch", "lm_lr", "queries", "q_dim", "q_layers", "steps", "batch_size",
                         "lr", "eval_every"),
                   at_least_0=("vit_steps", "lm_steps", "stage1_steps", "lm_mix_init"))  # 0: skip
-    if not 0 <= cfg.caption_frac <= 1:
-        raise BadInput(f"--caption-frac must be in [0, 1], got {cfg.caption_frac}")
+    check_ranges(vars(cfg), caption_frac="[0, 1]")
     if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:
         raise BadInput("--target-em must be in (0, 1] (or -1 for 0.9 x the best variant), got "
                        f"{cfg.target_em}")
