@@ -483,7 +483,7 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
 
 # ---- Plumbing: tables and figures, runs and results, command line, validation ------------------
 
-# A row per (method, rho): the ceiling first, then by rho; columns: (title, format, cell(runs))
+# A row per (method, rho): the ceiling first, then by rho. A column: (title, format, cell(runs))
 ROW = [("method", "10", lambda rs: rs[0]["method"]),
        ("rho%", ">4", lambda rs: f"{rs[0]['ratio']:g}")]
 ROW_ORDER = lambda key: (key != ("erm", CEILING), key[1], METHODS.index(key[0]))
@@ -534,9 +534,10 @@ def count_table(runs):
              ("n_conf", ">6", lambda rs: str(rs[0]["n_conflicting"]))]
             + [(m, ">10", acc(m)) for m in METHODS if any(r["method"] == m for r in runs)]
             + [("a_x P/R", ">11", lambda rs: pr(rs) if lc(rs) else "-")])
+    rows = group_table(runs, ("ratio",), cols, order=lambda key: key)         # by rho
     return "\n".join(["unbiased test acc % (best val, mean over seeds) by number of conflicting "
                       "training images;", "a_x P/R = the LC biased net's precision / recall at "
-                      "flagging them (last epoch)", *group_table(runs, ("ratio",), cols, sorted)])
+                      "flagging them (last epoch)"] + rows)
 
 
 def plot_acc_vs_conflicting(runs, out_dir, plt):
@@ -563,7 +564,7 @@ def run_and_save(cfg, evalsets, train, device, protocol, key, tag, m, rho, s):
     mcfg, log = method_config(cfg, m), partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"),
                                                protocol=key)
     rec, states = train_run(m, rho, s, train(rho, s), evalsets, mcfg, device, tag=tag, log=log)
-    rec["dataset"], at = protocol["dataset"], rec["diverged_epoch"]
+    rec["dataset"], at = protocol["dataset"], rec["diverged_epoch"]  # at: None unless diverged
     print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} "
           f"(best val, ep {rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), "
           f"conflicting {rec['conflicting_acc']:.2f}  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, "
@@ -621,9 +622,9 @@ class Config:
     seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
     quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, "
                        "20 epochs, into out/logit_correction_quick (explicit flags win)")
-    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus ERM at rho 90 (explicit flags "
-                       "win)" % tuple(SWEEP.values()))
-    data_dir: str = flag("", "MNIST IDX folder or a parent of one; empty = procedural", "data")
+    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 "
+                       "(explicit flags win)" % tuple(SWEEP.values()))
+    data_dir: str = flag("", "MNIST-format IDX folder, or its parent; empty = procedural", "data")
     n_train: int = flag(55000, "procedural training images", "data")
     n_val: int = flag(5000, "validation images (IDX: held out of the 60k training ones)", "data")
     n_test: int = flag(10000, "procedural test images", "data")
@@ -652,8 +653,8 @@ class Config:
                        ("auto", "cpu", "cuda", "mps"))
     threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per core)", "output")
     log_every: int = flag(5, "epochs between log lines (0 = none)", "output")
-    out: str = flag("out/logit_correction", "results.json, metrics.jsonl, ckpt/, pictures, digit "
-                    "cache", "output")
+    out: str = flag("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, "
+                    "pictures, the digit cache", "output")
 
 
 def parse_config(argv):
