@@ -49,10 +49,10 @@ from data.domains import (DataError, check_lengths, synthetic_domains, text_doma
 from data.layers import RMSNorm, rope
 from data.run import (BadInput, all_ranks_sum, autocast, check_numbers, config_key, exit_process,
                       finished_result, flag, heatmap, heatmap_grid, hungarian, interleaved_ms,
-                      keep_previous, linear_probe, log_metrics, main_distributed, mean_sd,
-                      parse_flags, pick_device, progress, pyplot, rank_world, restore, run_each,
-                      save_checkpoint, save_png, say, set_threads, table, writable_dirs, write_json,
-                      write_results)
+                      keep_previous, linear_probe, log_metrics, main_distributed, mean_sd, need,
+                      parse_flags, parse_seeds, pick_device, progress, pyplot, rank_world, restore,
+                      run_each, save_checkpoint, save_png, say, set_threads, table, writable_dirs,
+                      write_json, write_results)
 from kernels import dispatch_route, moe_ffn
 
 
@@ -909,25 +909,20 @@ class Config:                       # one flag each; what they do, measured: doc
     n_head: int = flag(4, "attention heads", MODEL)
     expert_hidden: int = flag(128, "hidden width H of one expert (a dense FFN gets K*H)", MODEL)
     dense: bool = flag(False, "train the dense baseline (FFN width K*H) instead", MODEL)
-    router: str = flag("topk", "reference = domain-label oracle, topk = token choice, "
-                       "expert_choice (not causal), hash", ROUTING,
-                       ("reference", "topk", "expert_choice", "hash"))
+    router: str = flag("topk", "reference = domain-label oracle; expert_choice is not causal",
+                       ROUTING, ("reference", "topk", "expert_choice", "hash"))
     reference_gate: str = flag("learned", "reference: gates = router probs, or uniform 1/K "
                                "(round-robin)", ROUTING, ("learned", "uniform"))
-    reference_steps: int = flag(0, "topk: route by the domain label for N steps, then learn",
-                                ROUTING)
+    reference_steps: int = flag(0, "topk: route by domain label for N steps, then learn", ROUTING)
     balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 "
                         "selection bias", ROUTING, ("none", "aux", "aux_free"))
-    balance_scope: str = flag("global", "tokens a balancing group spans: a sequence, a "
-                              "micro-batch, global = the optimizer step (with --accum > 1 a "
-                              "no-grad pre-pass, ~+1/3 compute), running = the step's "
-                              "micro-batches so far (Megatron-core)", ROUTING,
-                              ("sequence", "micro", "global", "running"))
+    balance_scope: str = flag("global", "a balancing group: global = the optimizer step (--accum "
+                              "> 1: a no-grad pre-pass, ~+1/3 compute), running = its micro-batches"
+                              " so far", ROUTING, ("sequence", "micro", "global", "running"))
     aux_coef: float = flag(0.01, "aux loss coefficient alpha", ROUTING)
     z_coef: float = flag(0.001, "router z-loss coefficient (learned routers)", ROUTING)
     bias_rate: float = flag(1e-3, "aux_free bias update rate gamma", ROUTING)
-    capacity_factor: float = flag(0.0, "cf: C = ceil(cf*tokens*K/E) slots per expert in the "
-                                  "capacity scope, the rest dropped; 0 = dropless", ROUTING)
+    capacity_factor: float = flag(0.0, "C = ceil(cf*tokens*K/E) per expert; 0: dropless", ROUTING)
     capacity_scope: str = flag("micro", "tokens one capacity spans (global: queues run across the "
                                "step)", ROUTING, ("sequence", "micro", "global"))
     norm_topk: bool = flag(False, "gates renormalised over the k (Mixtral/DeepSeek)", ROUTING)
@@ -943,10 +938,9 @@ class Config:                       # one flag each; what they do, measured: doc
     train_bytes: int = flag(300_000, "procedural data: training bytes per domain", DATA)
     data_dir: str = flag("", "real text instead: DIR/<domain>/*.txt (UTF-8), >= 2 domains", DATA)
     eval_seqs: int = flag(32, "held-out sequences per domain for evaluation", DATA)
-    batch_order: str = flag("mixed", "random domain order in a batch, or sorted by domain", DATA,
+    batch_order: str = flag("mixed", "by_domain: a batch sorted by domain", DATA,
                             ("mixed", "by_domain"))
-    quick: bool = flag(False, "a tiny configuration, < 1 min on a 2-core CPU (flags given win)",
-                       RUNS)
+    quick: bool = flag(False, "a tiny configuration, < 1 min on 2 CPU cores", RUNS)
     sweep: str = flag("", "scopes = every router and scope, balance = aux loss over groups of "
                       "1, 2, 4, ... sequences, capacity = cf 1.0/1.25 x capacity scope", RUNS,
                       ("scopes", "balance", "capacity"), const="scopes")
@@ -958,16 +952,12 @@ class Config:                       # one flag each; what they do, measured: doc
     out: str = flag(os.path.join("out", "moe_testbed"), "output folder: results.json, "
                     "metrics.jsonl, PNGs, a folder per run with its checkpoint", RUNS)
     resume: bool = flag(False, "continue each run from its checkpoint (reuse finished runs)", RUNS)
-    device: str = flag("auto", "auto = cuda, then mps, else cpu", MACHINE,
-                       ("auto", "cpu", "cuda", "mps"))
-    dtype: str = flag("float32", "bfloat16 = bf16 autocast (the router stays fp32)", MACHINE,
-                      ("float32", "bfloat16"))
-    threads: int = flag(0, "torch CPU threads per process; 0 = torch's default (--jobs N: "
-                        "cores // N)", MACHINE)
+    device: str = flag("auto", "cuda, then mps, else cpu", MACHINE, ("auto", "cpu", "cuda", "mps"))
+    dtype: str = flag("float32", "bf16 autocast (router in fp32)", MACHINE, ("float32", "bfloat16"))
+    threads: int = flag(0, "torch threads per process; 0 = default (--jobs N: cores // N)", MACHINE)
     compile: bool = flag(False, "torch.compile attention and the expert dispatch", MACHINE)
     impl: str = flag("grouped", "expert dispatch in kernels.moe_ffn", MACHINE, ("grouped", "loop"))
-    preset: str = flag("cpu", "gpu = d 512, 8 blocks, 64x512 batch in 2 micro-batches, bf16, "
-                       "compile", MACHINE, ("cpu", "gpu"))
+    preset: str = flag("cpu", "gpu: d512, 8 blocks, 64x512, bf16, compile", MACHINE, ("cpu", "gpu"))
 
 
 GPU = dict(d_model=512, n_head=8, n_layer=8, expert_hidden=1024, seq_len=512, batch_size=64,
@@ -987,26 +977,13 @@ def parse_args(argv):
                        presets=[("preset", "gpu", GPU), ("quick", True, QUICK)])
 
 
-def seed_list(cfg):
-    try:
-        return [int(s) for s in cfg.seeds.split(",")] if cfg.seeds else [cfg.seed]
-    except ValueError:
-        raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}") from None
-
-
-def need(ok, msg):
-    if not ok:
-        raise BadInput(msg)
-
-
 def validate(cfg, world=1):
     """Every check that can fail, before any process group exists: all ranks see the same flags
     and WORLD_SIZE, so they all fail alike and exit without waiting for each other."""
     check_numbers(cfg, ("experts", "top_k", "n_layer", "d_model", "n_head", "expert_hidden",
                         "seq_len", "batch_size", "accum", "steps", "eval_seqs", "log_every",
-                        "ckpt_every", "train_bytes", "jobs", "lr"),
-                  ("warmup", "stop_at", "reference_steps", "aux_coef", "z_coef", "bias_rate",
-                   "capacity_factor"))
+                        "ckpt_every", "train_bytes", "jobs", "lr"), ("warmup", "stop_at",
+                  "reference_steps", "aux_coef", "z_coef", "bias_rate", "capacity_factor"))
     need(cfg.reference_steps == 0 or cfg.router == "topk",
          "--reference-steps applies to --router topk only")
     need(cfg.balance_scope != "running" or cfg.balance != "aux_free", "--balance-scope running "
@@ -1028,14 +1005,13 @@ def validate(cfg, world=1):
          "torchrun")
     need(world == 1 or cfg.jobs == 1, "--jobs runs worker processes: not under torchrun")
     moe_layer_ids(cfg)
-    seed_list(cfg)
+    parse_seeds(cfg.seeds, cfg.seed)
     for _, o in sweep_plan(cfg, world) if cfg.sweep else ():    # every run of a sweep, too
         validate(Config(**{**asdict(cfg), **o, "sweep": ""}), world)
 
 
 def prepare(cfg, world):
-    """Checks, device, threads, output folder and data: what every rank does (and fails alike)
-    before the process group exists. -> (device, domains)"""
+    """Checks, device, threads, output folder, data: every rank, before the process group."""
     validate(cfg, world)
     device = pick_device(cfg.device)
     need(cfg.preset != "gpu" or device.type == "cuda", f"--preset gpu is sized for a CUDA GPU, but "
@@ -1046,15 +1022,13 @@ def prepare(cfg, world):
 
 
 def main(argv=None):
-    """parse -> validate, load (every rank, before the process group) -> run -> report; under
-    torchrun the ranks set the process group up and tear it down together."""
+    """parse -> validate, load (every rank, before the process group) -> run -> report."""
     return main_distributed("moe_testbed.py", argv, parse_args, prepare, run,
                             errors=(BadInput, DataError))
 
 
 def run(cfg, doms, device):
-    """The bench, or every (configuration, seed) of the run or sweep; rank 0 reports and writes
-    results.json (an earlier one moves aside, unless --resume)."""
+    """The bench, or every (configuration, seed) of the run or sweep; rank 0 reports and writes."""
     t0, (rank, world) = time.time(), rank_world()
     mu = cfg.batch_size // (world * cfg.accum)
     say(f"device {device} | torch {torch.__version__} | {len(doms.names)} domains: "
@@ -1070,8 +1044,7 @@ def run(cfg, doms, device):
         res = dict(config=asdict(cfg), dispatch=dispatch, bench=out)
     else:
         if cfg.sweep == "scopes" and mu == cfg.batch_size // world:
-            say("note: --accum 1: a micro-batch is the whole step: micro and global scope are one "
-                "run")
+            say("note: --accum 1: micro and global scope are one run (a micro-batch is the step)")
         plan = sweep_plan(cfg, world) if cfg.sweep else [(run_name(cfg), {})]
         if rank == 0 and not cfg.resume:                   # a rerun keeps earlier run folders, PNGs
             keep_previous(cfg.out, also=lambda f: f.endswith(".png") or any(
@@ -1090,10 +1063,9 @@ def run_all(cfg, plan, doms, device):
     """Every (seed, configuration): here, or in --jobs worker processes (the same numbers: each run
     seeds itself, and batches are a function of (seed, step)). None after --stop-at."""
     todo = [(Config(**{**asdict(c), "seed": s}), doms, name, device)
-            for s in seed_list(cfg) for name, c in plan]
+            for s in parse_seeds(cfg.seeds, cfg.seed) for name, c in plan]
     for name in dict.fromkeys(n for c, _, n, _ in todo if c.router == "expert_choice"):
-        say(f"[{name}] note: expert choice is NOT causal (a token's experts depend on later "
-            f"tokens)")
+        say(f"[{name}] note: expert choice is NOT causal (routing depends on later tokens)")
     runs = []
     for res in run_each(run_one, todo, cfg.jobs, cfg.threads):
         if res is None:                                    # --stop-at
@@ -1164,9 +1136,8 @@ def report(cfg, runs, device, wall_s):
             say(f"domain read linearly from the router's input (ridge probe, held-out windows): "
                 f"{r['domain_probe']:.3f}, against purity {r['purity']:.3f}")
         if r["probe_n"] is not None:
-            say(f"the probe scores >= 0.9 from byte N = {r['probe_n']} of a window on: val bpb "
-                f"after the first N bytes {r['val_bpb_after_n']:.3f} (all bytes "
-                f"{r['val_bpb']:.3f})")
+            say(f"the probe scores >= 0.9 from byte N = {r['probe_n']} on: val bpb after the "
+                f"first N bytes {r['val_bpb_after_n']:.3f} (all bytes {r['val_bpb']:.3f})")
     for path in plots(runs, cfg.out):
         say(f"wrote {path}")
 
@@ -1179,9 +1150,8 @@ COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f")
 
 
 def plots(runs, out_dir):
-    """PNGs when matplotlib is importable: routing over training; (balance sweep) purity vs the
-    tokens a balancing group spans; routing heat maps (first seed of each run, experts in the
-    reference's order, as in the terminal). -> the paths written"""
+    """PNGs with matplotlib: routing over training; (balance sweep) purity vs the tokens a balancing
+    group spans; routing heat maps (first seed of each run, as in the terminal). -> their paths"""
     if (plt := pyplot()) is None:
         return []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
@@ -1206,14 +1176,11 @@ def plots(runs, out_dir):
         ax.set(xlabel="tokens per balancing group")
         ax.legend()
         paths.append(save_png(plt, fig, os.path.join(out_dir, "balance.png")))
-    first = {}
-    for r in runs:
-        first.setdefault(r["name"], r)
     panels = [(np.asarray(lay["routing_matrix"])[:, lay["expert_order"]], list(r["per_domain_bpb"]),
                lay["expert_order"], dict(xlabel="expert (in the reference's order)",
                title=f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
                      f"U {lay['utilization']:.2f}"))
-              for r in first.values() for lay in r.get("per_layer") or []]
+              for r in runs if r["seed"] == runs[0]["seed"] for lay in r.get("per_layer") or []]
     if panels:
         paths.append(heatmap_grid(plt, panels, os.path.join(out_dir, "routing.png"),
                                   label="share of the domain's routing slots"))

@@ -129,6 +129,20 @@ def parse_list(s, typ, name):
     return vals
 
 
+def parse_seeds(text, default):
+    """--seeds '0,1,2' -> [0, 1, 2]; '' -> [default]; a BadInput when one is not an integer."""
+    try:
+        return [int(s) for s in text.split(",")] if text else [default]
+    except ValueError:
+        raise BadInput(f"--seeds must be comma-separated integers, got {text!r}") from None
+
+
+def need(ok, msg):
+    """A check of the input: a BadInput(msg) unless ok."""
+    if not ok:
+        raise BadInput(msg)
+
+
 def check_numbers(cfg, positive, at_least_0=()):
     """Each named Config field must be positive (at_least_0: >= 0, where 0 skips that training) and
     finite; the first that is not is a BadInput, fields in the order given (at_least_0 first)."""

@@ -14,9 +14,10 @@ import torch
 
 from data.run import (BadInput, Stopped, by_protocol, check_numbers, config_key, finished_result,
                       flag, heatmap, heatmap_grid, hungarian, interleaved_ms, load_checkpoint,
-                      load_results, log_metrics, main as run_main, mean_sd, mean_std, parse_flags,
-                      parse_list, pick_device, pool_map, progress, protocol_key, pyplot, restore,
-                      run_each, save_checkpoint, set_threads, worker_threads, write_results)
+                      load_results, log_metrics, main as run_main, mean_sd, mean_std, need,
+                      parse_flags, parse_list, parse_seeds, pick_device, pool_map, progress,
+                      protocol_key, pyplot, restore, run_each, save_checkpoint, set_threads,
+                      worker_threads, write_results)
 
 
 @dataclass
@@ -261,6 +262,15 @@ def test_write_results_keeps_the_earlier_one(tmp_path):
     write_results(str(tmp_path), {"runs": [3]}, keep=True)
     assert json.loads((tmp_path / "previous_1" / "results.json").read_text()) == {"runs": [2]}
     assert json.loads((tmp_path / "results.json").read_text()) == {"runs": [3]}
+
+
+def test_parse_seeds_and_need():
+    assert parse_seeds("0,1,2", 7) == [0, 1, 2] and parse_seeds("", 7) == [7]
+    with pytest.raises(BadInput, match="--seeds must be comma-separated integers, got '0,x'"):
+        parse_seeds("0,x", 7)
+    need(True, "fine")
+    with pytest.raises(BadInput, match="^no$"):
+        need(False, "no")
 
 
 def test_heatmap_text_aligns_long_row_names():
