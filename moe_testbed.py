@@ -14,15 +14,14 @@ specialization.
     torchrun --standalone --nproc_per_node 2 moe_testbed.py   # data parallel, same global batch
     python moe_testbed.py --preset gpu              # larger model and batch, bf16 + compile, a GPU
 
-Scopes (the paper's, and Qwen's global-batch balancing, arXiv 2501.11873): an optimizer step is
---accum micro-batches on each of W ranks. sequence = one sequence; micro = one micro-batch (one
-forward pass); global = every token of the optimizer step, all micro-batches on all ranks (exact: a
-pre-pass); running = Megatron-core's global_aux_loss: the step's micro-batches seen so far.
-Other pieces: Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias balancing
+Scopes (docs/moe_testbed.md has the method and the measured results): an optimizer step is --accum
+micro-batches on each of W ranks; balancing spans one sequence, one micro-batch (one forward pass),
+the whole step (global: all micro-batches on all ranks, exact by a pre-pass) or the step's
+micro-batches so far (running: Megatron-core's global_aux_loss). Also: Qwen's global-batch
+balancing (2501.11873), Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias
 (DeepSeek-V3, 2408.15664), router z-loss (ST-MoE, 2202.08906), expert choice (2202.09368), hash
-layers (2106.04426). Expert dispatch: kernels.moe_ffn. The run habits (flags, torchrun, results)
-live in data/run.py; the paper reads top to bottom, and the command line and reports come after
-"Plumbing".
+layers (2106.04426). Expert dispatch: kernels.moe_ffn; the run habits (flags, torchrun, results):
+data/run.py. The paper reads top to bottom; the command line and reports come after "Plumbing".
 
 Shape legend (gpt-fast style suffixes):
     B = sequences in a micro-batch  S = sequence length (bytes)   T = B*S tokens, flattened
@@ -508,12 +507,10 @@ def prepass_runs(cfg):
 @torch.no_grad()
 def prepass_counts(model, cfg, chunks, device, index):
     """Global-scope aux loss with accumulation: f must count every token of the step before the
-    first backward. Megatron-core's global_aux_loss instead uses a running mean of the counts of the
-    micro-batches seen so far (only the last micro-batch sees the whole step's f: --balance-scope
-    running); Qwen (2501.11873) synchronises f over the parallel groups. We pay one no-grad forward
-    per micro-batch for the exact one-pass gradient: ~1/3 more compute (a forward is ~1/3 of a
-    forward + backward; counted in train_flops_per_token). Returns {layer: (1, E) counts over the
-    step and all ranks}."""
+    first backward. One no-grad forward per micro-batch buys the exact one-pass gradient for ~1/3
+    more compute (counted in train_flops_per_token); Megatron-core's running counts (--balance-scope
+    running) skip it, and only the step's last micro-batch sees the whole f. -> {layer: (1, E)
+    counts over the step and all ranks}"""
     routing, total = StepRouting(cfg.batch_size * cfg.seq_len, all_ranks_sum, index=index), {}
     for x, _, dom in chunks:
         with autocast(cfg, device):
@@ -916,9 +913,10 @@ class Config:                       # one flag each; what they do, measured: doc
     reference_steps: int = flag(0, "topk: route by domain label for N steps, then learn", ROUTING)
     balance: str = flag("aux", "topk only: aux = Switch/GShard aux loss, aux_free = DeepSeek-V3 "
                         "selection bias", ROUTING, ("none", "aux", "aux_free"))
-    balance_scope: str = flag("global", "a balancing group: global = the optimizer step (--accum "
-                              "> 1: a no-grad pre-pass, ~+1/3 compute), running = its micro-batches"
-                              " so far", ROUTING, ("sequence", "micro", "global", "running"))
+    balance_scope: str = flag("global", "what a balancing group spans: a sequence, a micro-batch, "
+                              "the optimizer step (global; --accum > 1: a no-grad pre-pass, ~+1/3 "
+                              "compute) or its micro-batches so far (running, Megatron-core)",
+                              ROUTING, ("sequence", "micro", "global", "running"))
     aux_coef: float = flag(0.01, "aux loss coefficient alpha", ROUTING)
     z_coef: float = flag(0.001, "router z-loss coefficient (learned routers)", ROUTING)
     bias_rate: float = flag(1e-3, "aux_free bias update rate gamma", ROUTING)
@@ -1155,13 +1153,13 @@ def plots(runs, out_dir):
     if (plt := pyplot()) is None:
         return []
     fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for r in runs:
-        for layer in sorted({h["layer"] for h in r["history"]}):
-            hs = [h for h in r["history"] if h["layer"] == layer]
-            for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
+    for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
+        for r in runs:
+            for layer in sorted({h["layer"] for h in r["history"]}):
+                hs = [h for h in r["history"] if h["layer"] == layer]
                 ax.plot([h["step"] for h in hs], [h[key] for h in hs],
                         label=f"{r['name']} s{r['seed']} L{layer}")
-                ax.set(xlabel="step", title=f"train-batch {key}")
+        ax.set(xlabel="step", title=f"train-batch {key}")
     axes[0].legend(fontsize=6)
     paths = [save_png(plt, fig, os.path.join(out_dir, "history.png"))]
     sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk"
