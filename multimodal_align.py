@@ -47,9 +47,9 @@ from data.multimodal import (BACKBONES, BRIDGE, EXPERIMENT, MultimodalConfig, ba
                              cached_lm, exact_match, gate_or_stop, out_flag, save_bridge,
                              shapes_baselines, shapes_world, text_ceiling_line,
                              validate_image_and_run)
-from data.run import (BadInput, check_numbers, flag, heatmap, interleaved_ms, keep_previous,
-                      log_metrics, main as run_main, mean_sd, mean_std, parse_flags, pick_device,
-                      print_outputs, pyplot, save_png, write_results)
+from data.run import (BadInput, check_numbers, flag, heatmap, heatmap_grid, interleaved_ms,
+                      keep_previous, log_metrics, main as run_main, mean_sd, mean_std, parse_flags,
+                      pick_device, print_outputs, pyplot, save_png, write_results)
 from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_controlled, binding_score,
                          generate, oracle_reference, scene_grid)
 
@@ -724,20 +724,12 @@ def figures(cfg, res, layers, world):
     a, names = res["alignment"], ("trained", "shuffled_null", "random_lm")
     rows, cols = ["in"] + [f"v{i + 1}" for i in range(cfg.vit_layers)], ["e"] + [
         str(j + 1) for j in range(cfg.n_layer)]
-    hi = max(float(np.max(a[f"knn_{n}"])) for n in names)
-    fig, axes = plt.subplots(1, 3, figsize=(4 * 3, 3.4), squeeze=False, constrained_layout=True)
-    for ax, name in zip(axes[0], names):
-        m = np.array(a[f"knn_{name}"])
-        im = ax.imshow(m, vmin=0, vmax=hi, cmap="viridis")
-        for (i, j), v in np.ndenumerate(m):
-            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7,
-                    color="w" if v < hi / 2 else "k")
-        ax.set(title=name, xlabel="LM layer (e = embedding)", xticks=range(len(cols)),
-               xticklabels=cols, ylabel="ViT layer" if name == names[0] else "",
-               yticks=range(len(rows)), yticklabels=rows)
-    fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    fig.suptitle(f"mutual k-NN, binding-controlled set (n {a['n']}, chance {a['chance_knn']:.3f})")
-    paths += [save_png(plt, fig, os.path.join(cfg.out, "alignment.png")),
+    panels = [(a[f"knn_{n}"], rows, cols, dict(title=n, xlabel="LM layer (e = embedding)",
+                                               ylabel="ViT layer" if n == names[0] else ""))
+              for n in names]
+    paths += [heatmap_grid(plt, panels, os.path.join(cfg.out, "alignment.png"), size=(4, 3.4),
+                           values=".2f", title=f"mutual k-NN, binding-controlled set (n {a['n']}, "
+                                                f"chance {a['chance_knn']:.3f})"),
               compute_figure(plt, res, layers, cfg)]
     return [p for p in paths if p]
 
