@@ -10,10 +10,10 @@ The Q-Former takes the place of "context: <caption>": as a soft prefix of the en
 (BLIP-2), or next to the encoded prompt in the decoder's memory (the grounded Q-Former).
 
 Why this shape (docs/qformer_efficient.md, "Where we differ"): the encoder's blocks are
-data/layers.Block, bidirectional, with RoPE and Primer's *causal* depthwise conv on q, k, v (kernel 3). A key then also
-carries the two words before it, so "the shape word just before <cell>" is one attention hop.
-Without the conv the shape-at-cell and position lookups stay near 0.5; with a centred conv, position
-stalls near 0.8 (a key mixes both neighbours, and the next object's words leak in). The conv's taps
+data/layers.Block, bidirectional, with RoPE and Primer's *causal* depthwise conv on q, k, v (kernel
+3). A key then also carries the two words before it, so "the shape word just before <cell>" is one
+attention hop. Without the conv the shape-at-cell and position lookups stay near 0.5; with a centred
+conv, position stalls near 0.8 (a key mixes both neighbours, and the next object's words leak in). The conv's taps
 on the two predecessors start random (std cfg.lm_mix_init), not at the identity: from the identity,
 "the shape word before <cell>" sat on a plateau near 0.5 for most of pretraining and left it late or
 never, depending on the CPU thread count; with random taps every key and value carries its
