@@ -237,7 +237,7 @@ def _hue_palette(n=10):
 # of 10 mean colours plus N(0, std^2) per image and channel, std = 0.005 at the severity their paper
 # (and DisEnt, LC) use. Their colours ship as a binary file, so we pick our own ten, as far apart as
 # a hue circle allows: 36 degrees between neighbours (RGB distance >= 0.44), against 4.9 degrees for
-# the closest pair of our v1 palette.
+# the closest pair of the hand-picked palette this replaced.
 COLOURS = _hue_palette(10)   # (10, 3), attribute a = colour index
 JITTER = 0.005
 

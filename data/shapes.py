@@ -7,9 +7,9 @@ Geometry (default 48x48 px): a 3x3 grid of 16 px cells, so an 8 px ViT patch gri
 2x2 patches in each cell. A scene holds 2-4 objects in distinct cells; each has a shape, a colour
 and a size: large = cell - 2 px (14 px), small = half a cell (8 px), placed with a little jitter
 inside its cell. The five shapes differ by at least 24 of 64 pixels at the small size (68 at the
-large one), so shape is visible at both sizes. World v1 (32 px, 6 px shapes, cells that straddle
-patches, "exist" that a colour-only reader answers) is in the git history (data/shapes_v1.py,
-removed once no file used it).
+large one), so shape is visible at both sizes. (A first world of 32 px scenes with 6 px shapes,
+cells that straddled patches and "exist" questions a colour-only reader answered, measured less
+than it claimed: docs/multimodal_align.md, History.)
 
 Caption: "large red square top and small blue x left ..." (size colour shape cell, objects in random
 order; rng=None lists them in cell order, the one fixed template of the alignment set). Questions,

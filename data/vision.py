@@ -2,11 +2,11 @@
 the shapes world (data/shapes.py) and cached on disk, the stand-in for a checkpoint a user would
 download. Both paper files load it from here; neither imports the other.
 
-Why this objective. The v1 encoder (CLIP, mean-pooled last layer) could not bind: a mean over
+Why this objective. A CLIP-style encoder (mean-pooled last layer) could not bind: a mean over
 patches forgets which patch held what, so captions with swapped colours scored alike (measured on
-world v1: binding 0.53, cell 0.54). Here every 3x3 cell of the image has its own token (the mean of
-its 2x2 patches) and three linear heads read, from that token alone, the colour, shape and size of
-the object in the cell (or "empty"):
+the first shapes world: binding 0.53, cell 0.54). Here every 3x3 cell of the image has its own
+token (the mean of its 2x2 patches) and three linear heads read, from that token alone, the colour,
+shape and size of the object in the cell (or "empty"):
     L = sum over cells k of  CE(colour_k) + CE(shape_k) + CE(size_k)
 So each cell token must carry its own object's attributes (binding) and the token's index is its
 cell (position). The position encoding is a fixed 2-D sine-cosine table with the same RMS as the

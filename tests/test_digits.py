@@ -118,7 +118,7 @@ def test_palette_is_well_separated_and_jitter_is_lffs():
     c = digits.COLOURS
     assert c.shape == (10, 3) and len({tuple(v) for v in c.round(3)}) == 10
     d = np.sqrt(((c[:, None] - c[None]) ** 2).sum(-1))
-    assert d[~np.eye(10, dtype=bool)].min() > 0.4        # v1's closest pair (orange/brown) was 0.37
+    assert d[~np.eye(10, dtype=bool)].min() > 0.4   # a hand-picked palette's orange/brown: 0.37
     # colour direction matters, not brightness (strokes have random contrast): normalised
     # colours stay apart too
     u = c / np.linalg.norm(c, axis=1, keepdims=True)
