@@ -381,7 +381,7 @@ def backbones(cfg, world, vocab, device, metrics, seed):
     # the cached (or pretrained) ViT, its tokens per split (N, P, C) and its gate report
     vit, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)
     lm = frozen_lm(world, vocab, cfg, device, metrics, seed=seed)
-    ceiling = text_ceiling(lm, world["test"], vocab, device)
+    ceiling = text_ceiling(lm, world["val"], vocab, device)     # val: the gate is a decision
     gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT))
     return dict(seed=seed, world=world, vit=vit, feats=feats, lm=lm,
                 gates=dict(gates, lm_text_ceiling=ceiling))
