@@ -5,6 +5,7 @@ A learner who changes a paper file runs `pytest tests/test_claims.py`: a broken 
 here even when every oracle and smoke test still passes. Each test's docstring states the scale, the
 measured values over seeds and the margin chosen from them.
 """
+import pytest
 
 
 # ---- logit_correction.py ----
@@ -73,3 +74,31 @@ def test_moe_global_scope_specializes_where_sequence_scope_does_not(tmp_path):
     assert glob["utilization"] >= 0.9, glob["utilization"]
     assert seq["utilization"] >= 0.9, seq["utilization"]
     assert glob["purity"] - seq["purity"] >= 0.10, (glob["purity"], seq["purity"])
+
+
+# ---- multimodal_align.py ----
+
+@pytest.mark.slow
+def test_deepinsert_deep_entry_above_the_oracle_and_the_control_at_the_prior(tmp_path):
+    """DeepInsert at the file's default scale (the smallest where the frozen LM binds, i.e. passes
+    its gate): `python multimodal_align.py`, bridge seed 0, default threads, the frozen backbones
+    from --cache-dir (env CLAIMS_CACHE_DIR, default out/cache, where the README's command builds
+    them: about an hour from empty on a shared 2-core CPU; then ~8 min of bridges). Deselected by
+    default (pytest.ini); `pytest -m slow tests/test_claims.py`.
+    Measured (torch 2.13.0+cpu, two threads, 2026-12-06), bridge seeds 0 / 1 / 2 on one build:
+    overall at l = 0 0.908 / 0.961 / 0.911, at l = N/4 0.950 / 0.887 / 0.839, no image tokens
+    0.254 / 0.281 / 0.261; bag-of-words oracle 0.665, blind prior 0.260. So l = 0 - oracle +0.243 /
+    +0.296 / +0.246 (sd 0.030): margin 0.15; l = N/4 - l = 0 +0.042 / -0.075 / -0.072 (-0.035,
+    sd 0.067): l = N/4 must stay within 0.25 of l = 0 (mean - 3 sd; a guard against a broken
+    splice, not the paper's "no loss", which this spread cannot show); no image - blind prior
+    -0.006 / +0.021 / +0.001: within 0.05."""
+    import os
+
+    import multimodal_align as mma
+    cache = os.environ.get("CLAIMS_CACHE_DIR", os.path.join("out", "cache"))
+    res = mma.main(["--out", str(tmp_path), "--cache-dir", cache])
+    overall = {r["insert_layer"]: r["overall"] for r in res["runs"]}
+    oracle, blind = (res["baselines"][k]["overall"] for k in ("bag_oracle", "blind_prior"))
+    assert overall[0] - oracle >= 0.15, (overall[0], oracle)
+    assert overall[1] >= overall[0] - 0.25, (overall[0], overall[1])
+    assert abs(overall[None] - blind) <= 0.05, (overall[None], blind)
