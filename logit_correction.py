@@ -60,9 +60,9 @@ from tqdm import tqdm
 
 from data import digits
 from data.run import (BadInput, check_numbers, check_ranges, curve_png, flag, grid_protocol,
-                      group_table, load_results, log_metrics, main as guarded, mean_std,
+                      log_metrics, main as guarded, mean_std, open_results, parse_choices,
                       parse_flags, parse_list, pick_device, progress, pyplot, report_results,
-                      run_grid, save_png, set_threads, writable_dirs)
+                      run_grid, save_png, series_of, set_threads, text_table)
 
 METHODS = ("erm", "groupdro", "lff", "lc", "lc_nomix", "mixup_only")
 TWO_NETS = ("lff", "lc", "lc_nomix", "mixup_only")     # methods with a GCE-biased auxiliary network
@@ -488,13 +488,12 @@ ROW = [("method", "10", lambda rs: rs[0]["method"]),
        ("rho%", ">4", lambda rs: f"{rs[0]['ratio']:g}")]
 ROW_ORDER = lambda key: (key != ("erm", CEILING), key[1], METHODS.index(key[0]))
 ACCS = {"unbiased_acc_best_val": "unbiased (best val)", "unbiased_acc_last": "unbiased (last)",
-        "aligned_acc": "aligned", "conflicting_acc": "conflicting",
-        "worst_group_acc": "worst group"}
+        **{f"{k}_acc": k.replace("_", " ") for k in GROUP_ACCS}}
 
 
 def tables(runs, with_margins):
-    """What a run and --report print: accuracies beside the paper's per (method, rho), the count
-    table, and on request the mean margins by TRUE group (paper Fig. 4)."""
+    """What a run and --report print: accuracies beside the paper's, the count table, and on
+    request the mean margins by TRUE group (paper Fig. 4)."""
     avg = lambda f: lambda rs: f"{np.mean([f(r) for r in rs]):.2f}"
     ref = lambda t: lambda rs: (f"{t[rs[0]['method']][PAPER_RATIOS.index(rs[0]['ratio'])]:.2f}"
                                 if rs[0]["method"] in t and rs[0]["ratio"] in PAPER_RATIOS else "-")
@@ -505,26 +504,25 @@ def tables(runs, with_margins):
             + [("paper", ">6", ref(PAPER)), ("DeNetDM", ">7", ref(DENETDM)),
                ("best val", ">8", avg(lambda r: r["val_acc_best"])),
                ("diverged", ">8", lambda rs: f"{n_div(rs)}/{len(rs)}")])
-    head, *body = group_table(runs, ("method", "ratio"), ROW + cols, ROW_ORDER)
-    text = ["test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst group at "
-            "the best-val epoch;\npaper = LC paper Table 1, DeNetDM = independent re-run (both "
-            "real Colored MNIST); rho 90 = ceiling;\nbest val = mean best unbiased validation "
-            "accuracy; diverged = runs whose val fell to <= 12 % (chance)", head, "-" * len(head),
-            *body]
-    text = ["\n".join(text), count_table(runs)]
+    text = [text_table("test accuracy %, mean ± sample std over seeds; aligned/conflicting/worst "
+                       "group at the best-val epoch;\npaper = LC paper Table 1, DeNetDM = "
+                       "independent re-run (both real Colored MNIST); rho 90 = ceiling;\nbest val"
+                       " = mean best unbiased validation accuracy; diverged = runs whose val fell "
+                       "to <= 12 % (chance)", runs, ("method", "ratio"), ROW + cols, ROW_ORDER,
+                       rule=True), count_table(runs)]
     if with_margins:
         cols = [(k if k == "ratio" else f"{s} {k[:3]}", ">9",
                  avg(lambda r, s=s, k=k: r[f"margins_{s}"][k]))
                 for s in ("train", "test") for k in ("majority", "minority", "ratio")]
-        text.append("mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE group "
-                    "(paper Fig. 4); ratio = min/maj\n"
-                    + "\n".join(group_table(runs, ("method", "ratio"), ROW + cols, ROW_ORDER)))
+        text.append(text_table("mean margin f_y - max_{y'!=y} f_y' of the last-epoch model by TRUE "
+                               "group (paper Fig. 4); ratio = min/maj", runs, ("method", "ratio"),
+                               ROW + cols, ROW_ORDER))
     return "\n\n".join(text)
 
 
 def count_table(runs):
-    """Unbiased accuracy against the NUMBER of conflicting training images (a re-weighting method
-    tracks it), and the biased net's last-epoch precision / recall at flagging them."""
+    """Unbiased accuracy by the NUMBER of conflicting training images (a re-weighting method tracks
+    it), and the biased net's last-epoch precision / recall at flagging them."""
     mean = lambda xs, spec: format(np.mean(xs), spec) if xs else "-"
     lc = lambda rs: [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
     pr = lambda rs: "/".join(mean([h[k] for h in lc(rs)], "5.1f") for k in ("precision", "recall"))
@@ -534,26 +532,22 @@ def count_table(runs):
              ("n_conf", ">6", lambda rs: str(rs[0]["n_conflicting"]))]
             + [(m, ">10", acc(m)) for m in METHODS if any(r["method"] == m for r in runs)]
             + [("a_x P/R", ">11", lambda rs: pr(rs) if lc(rs) else "-")])
-    rows = group_table(runs, ("ratio",), cols, order=lambda key: key)         # by rho
-    return "\n".join(["unbiased test acc % (best val, mean over seeds) by number of conflicting "
-                      "training images;", "a_x P/R = the LC biased net's precision / recall at "
-                      "flagging them (last epoch)"] + rows)
+    return text_table("unbiased test acc % (best val, mean over seeds) by number of conflicting "
+                      "training images;\na_x P/R = the LC biased net's precision / recall at "
+                      "flagging them (last epoch)", runs, ("ratio",), cols, order=lambda key: key)
 
 
 def plot_acc_vs_conflicting(runs, out_dir, plt):
-    """count_table as a curve: unbiased accuracy (best val, mean over seeds) per method against the
-    number of conflicting training images (the ceiling row left out)."""
-    series = {m: [(r["n_conflicting"], r["unbiased_acc_best_val"]) for r in runs
-                  if r["method"] == m and r["ratio"] < 50]
-              for m in METHODS if any(r["method"] == m for r in runs)}
+    """count_table as a curve per method (the ceiling row left out)."""
+    series = series_of([r for r in runs if r["ratio"] < 50], "method", "n_conflicting",
+                       "unbiased_acc_best_val", METHODS)
     return curve_png(plt, os.path.join(out_dir, "acc_vs_conflicting.png"), series, xscale="log",
                      xlabel="conflicting training images", ylabel="unbiased test acc %")
 
 
 def protocol_of(cfg, dataset):
     """The data, model, optimisation and method flags, the dataset, and TUNED where it decides lr
-    or epochs -> (protocol, key): runs are keyed by it; runs that differ in other flags are the
-    same."""
+    or epochs -> (protocol, key): runs that differ only in other flags are the same."""
     tuned = {} if cfg.lr and cfg.epochs else {"tuned": TUNED}
     return grid_protocol(cfg, ("data", "model", "optimisation", "method"), dataset=dataset, **tuned)
 
@@ -585,9 +579,7 @@ def run(cfg, methods, ratios, seeds):
     device = pick_device(cfg.device)                       # checked up front, --report included
     if cfg.report:
         return report_results(cfg.report, partial(tables, with_margins=cfg.margins))
-    writable_dirs(out=cfg.out)                             # before the digits go into OUT/cache
-    path, t0 = os.path.join(cfg.out, "results.json"), time.time()
-    res = load_results(path)                               # a bad one: refused before any work
+    path, res, t0 = open_results(cfg.out)                  # before the digits go into OUT/cache
     dataset, n_train, evalsets, train = load_digits(cfg, ratios, device)
     protocol, key = protocol_of(cfg, dataset)
     print(f"data: {dataset}, train {n_train} / val {len(evalsets['val'][1])} / test "
@@ -620,23 +612,19 @@ class Config:
     methods: str = flag("erm,lc", "comma list of " + ", ".join(METHODS))
     ratios: str = flag("1", "comma list of bias-conflicting percentages rho in (0, 100)")
     seeds: str = flag("1", "comma list of integer seeds (one run per method x ratio x seed)")
-    quick: bool = flag(False, "a smoke run in under a minute: 5k / 1k / 2k procedural images, "
-                       "20 epochs, into out/logit_correction_quick (explicit flags win)")
-    sweep: bool = flag(False, "grid %s x rho %s x seeds %s, plus the ERM ceiling at rho 90 "
-                       "(explicit flags win)" % tuple(SWEEP.values()))
+    quick: bool = flag(False, "a smoke run (under a minute): 5k/1k/2k images, 20 epochs, own --out")
+    sweep: bool = flag(False, "%s x rho %s x seeds %s + the ERM ceiling" % tuple(SWEEP.values()))
     data_dir: str = flag("", "MNIST-format IDX folder, or its parent; empty = procedural", "data")
     n_train: int = flag(55000, "procedural training images", "data")
     n_val: int = flag(5000, "validation images (IDX: held out of the 60k training ones)", "data")
     n_test: int = flag(10000, "procedural test images", "data")
     data_seed: int = flag(0, "seed of the grey digits and of the val/test colours", "data")
-    mlp: str = flag("lc", "LC's 2352-100-100-16-10 or LfF's 2352-100-100-100-10", "model",
-                    tuple(MLPS))
+    mlp: str = flag("lc", "hidden: LC's 100-100-16 or LfF's 100-100-100", "model", tuple(MLPS))
     epochs: int = flag(0, "training epochs per run; 0 = each method's own (TUNED)", "optimisation")
     batch_size: int = flag(256, "minibatch size", "optimisation")
     lr: float = flag(0.0, "main network's Adam lr; 0 = each method's own (TUNED)", "optimisation")
     lr_b: float = flag(0.0, "biased net's Adam lr; 0 = lr/10 for LC, lr for LfF", "optimisation")
-    decay_every: int = flag(-1, "halve the lrs every this many epochs; 0 = never, -1 = a fifth of "
-                            "the run's (4 of 20, 8 of 40, none under 5)", "optimisation")
+    decay_every: int = flag(-1, "epochs per lr halving (0 = never, -1 = a fifth)", "optimisation")
     q: float = flag(0.7, "GCE exponent q in (0, 1]", "method")
     prior_momentum: float = flag(0.995, "momentum of Delta's bias-corrected average", "method")
     prior_eps: float = flag(1e-4, "floor of Delta before the log", "method")
@@ -649,12 +637,10 @@ class Config:
                          "size for one aligned and one conflicting image after epoch 1", "output")
     margins: bool = flag(False, "also print the margins by true group (paper Fig. 4)", "output")
     report: str = flag("", "path of a results.json: print its tables, train nothing", "output")
-    device: str = flag("auto", "auto = cuda, then mps, else cpu", "output",
-                       ("auto", "cpu", "cuda", "mps"))
+    device: str = flag("auto", "auto = cuda, mps or cpu", "output", ("auto", "cpu", "cuda", "mps"))
     threads: int = flag(0, "torch CPU threads; 0 = torch's default (one per core)", "output")
     log_every: int = flag(5, "epochs between log lines (0 = none)", "output")
-    out: str = flag("out/logit_correction", "folder for results.json, metrics.jsonl, ckpt/, "
-                    "pictures, the digit cache", "output")
+    out: str = flag("out/logit_correction", "results.json, metrics.jsonl, ckpt/, PNGs", "output")
 
 
 def parse_config(argv):
@@ -662,9 +648,7 @@ def parse_config(argv):
     cfg = parse_flags(Config, argv, "logit_correction.py", __doc__,
                       presets=[("sweep", True, SWEEP), ("quick", True, QUICK)],  # flags given win
                       epilog=__doc__[__doc__.index("Examples:"):])
-    methods = parse_list(cfg.methods, str, "methods")
-    if bad := [m for m in methods if m not in METHODS]:
-        raise BadInput(f"--methods: unknown method {bad[0]!r} (choose from {', '.join(METHODS)})")
+    methods = parse_choices(cfg.methods, METHODS, "methods")
     ratios, seeds = parse_list(cfg.ratios, float, "ratios"), parse_list(cfg.seeds, int, "seeds")
     check_numbers(cfg, ("batch_size", "n_train", "n_val", "n_test", "q", "prior_eps"),
                   ("data_seed", "epochs", "lr", "lr_b", "dro_eta", "mix_ramp", "log_every"))
@@ -675,8 +659,7 @@ def parse_config(argv):
 
 
 def main(argv=None):
-    """parse -> validate -> run the grid (or --report) -> tables and pictures. A bad input: one line
-    on stderr, exit status 2, before any work."""
+    """parse -> validate -> run the grid (or --report) -> tables; bad input: one line, exit 2."""
     return guarded("logit_correction.py", lambda: run(*parse_config(argv)))
 
 

@@ -716,7 +716,7 @@ def exit_process(main_fn, argv=None):
 
 # --------------------------------------------------------------------------------------------------
 # Runs of a grid: runs keyed by the protocol that made them in one results.json, kept across
-# reruns; --report; tables and curves over seeds; flag values checked against intervals
+# reruns; --report; tables and curves over seeds; flag values checked against choices and intervals
 # --------------------------------------------------------------------------------------------------
 
 def grid_protocol(cfg, groups, **extra):
@@ -747,6 +747,14 @@ def run_grid(path, res, protocol, grid, names, run_one, label):
     return res, mine
 
 
+def open_results(out):
+    """--out made writable and its results.json read, a bad one refused before any work -> (the
+    path, the results, the start time)."""
+    writable_dirs(out=out)
+    path = os.path.join(out, "results.json")
+    return path, load_results(path), time.time()
+
+
 def report_results(path, tables):
     """--report PATH: tables(runs) for each protocol a results.json holds, under its settings; no
     training. -> the results."""
@@ -771,6 +779,20 @@ def group_table(runs, keys, cols, order=None):
     return [line(t for t, _, _ in cols)] + [line(cell(rs) for *_, cell in cols) for _, rs in items]
 
 
+def text_table(title, runs, keys, cols, order=None, rule=False):
+    """group_table as one text: the title line(s) above it, a rule of dashes under its header with
+    rule=True."""
+    head, *rows = group_table(runs, keys, cols, order)
+    return "\n".join([title, head] + ["-" * len(head)] * rule + rows)
+
+
+def series_of(runs, curve, x, y, names):
+    """curve_png's series from run records: a curve per value of the field `curve` in `names` that
+    the runs have (in that order), its points (r[x], r[y])."""
+    return {n: [(r[x], r[y]) for r in runs if r[curve] == n] for n in names
+            if any(r[curve] == n for r in runs)}
+
+
 def curve_png(plt, path, series, **axes):
     """A line plot (plt: what pyplot() returned): a curve per series {label: [(x, y), ...]}, y
     averaged over the points that share an x (seeds); ax.set(**axes) -> save_png's path."""
@@ -782,6 +804,15 @@ def curve_png(plt, path, series, **axes):
     ax.legend()
     fig.tight_layout()
     return save_png(plt, fig, path)
+
+
+def parse_choices(text, choices, name):
+    """--name's comma list, each item one of `choices`; the first that is not is a BadInput."""
+    values = parse_list(text, str, name)
+    if bad := [v for v in values if v not in choices]:
+        raise BadInput(f"--{name}: unknown {name.rstrip('s')} {bad[0]!r} (choose from "
+                       f"{', '.join(choices)})")
+    return values
 
 
 def check_ranges(values, **intervals):

@@ -358,6 +358,39 @@ def test_group_table_rows_columns_and_order():
         "a", "a", "b"]
 
 
+def test_text_table_title_rule_and_rows():
+    from data.run import text_table
+    runs = [{"m": "a", "v": 1}, {"m": "b", "v": 2}, {"m": "a", "v": 3}]
+    cols = [("m", "2", lambda rs: rs[0]["m"]), ("n", ">2", lambda rs: str(len(rs)))]
+    assert text_table("t1\nt2", runs, ("m",), cols, rule=True) == (
+        "t1\nt2\nm   n\n-----\na   2\nb   1")
+    assert text_table("t", runs, ("m",), cols, order=lambda k: k[0] != "b") == (
+        "t\nm   n\nb   1\na   2")
+
+
+def test_series_of_a_curve_per_name_in_order_with_its_points():
+    from data.run import series_of
+    runs = [{"m": m, "x": x, "y": y} for m, x, y in (("b", 1, 2.0), ("a", 2, 3.0), ("b", 3, 4.0))]
+    assert series_of(runs, "m", "x", "y", ("a", "b", "c")) == {"a": [(2, 3.0)],
+                                                               "b": [(1, 2.0), (3, 4.0)]}
+
+
+def test_open_results_makes_out_and_refuses_a_bad_results_json(tmp_path):
+    from data.run import open_results
+    path, res, _ = open_results(str(tmp_path / "new"))
+    assert path == str(tmp_path / "new" / "results.json") and res == {"runs": []}
+    (tmp_path / "new" / "results.json").write_text("not json")
+    with pytest.raises(BadInput, match="not readable JSON"):
+        open_results(str(tmp_path / "new"))
+
+
+def test_parse_choices_names_the_first_unknown_item():
+    from data.run import parse_choices
+    assert parse_choices("a,c", ("a", "b", "c"), "methods") == ["a", "c"]
+    with pytest.raises(BadInput, match=r"^--methods: unknown method 'x' \(choose from a, b\)$"):
+        parse_choices("a,x,y", ("a", "b"), "methods")
+
+
 def test_curve_png_means_over_points_that_share_an_x(tmp_path):
     from types import SimpleNamespace
     from data.run import curve_png
