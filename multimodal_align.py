@@ -657,9 +657,7 @@ def validate(cfg):
     if not -1 <= cfg.insert_layer < cfg.n_layer:
         raise BadInput(f"--insert-layer must be in [0, {cfg.n_layer}) (or -1 for the sweep), "
                        f"got {cfg.insert_layer}")
-    if cfg.d_model % (2 * cfg.n_head) or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4:
-        raise BadInput("--d-model must be a multiple of 2*--n-head and --vit-dim of --n-head and 4")
-    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)  # sizes, data, seeds, out
+    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)  # widths, sizes, data ...
     N, l = cfg.n_layer, cfg.insert_layer
     return seeds, [l] if l >= 0 else sorted({0, N // 4, N // 2, 3 * N // 4}) + [None]
 

@@ -54,12 +54,12 @@ from data import t5lm, vision
 from data.captions import bleu4, cider
 from data.layers import FFN, Attention, RMSNorm, batches, encode, pad, train_loop
 from data.multimodal import (BACKBONES, EXPERIMENT, MultimodalConfig, backbone_seed,
-                             backbone_world, exact_match, gate_or_stop, oracle_cell, out_flag,
-                             save_bridge, shapes_baselines, shapes_world, text_ceiling_line,
-                             training_step_costs, validate_image_and_run)
-from data.run import (BadInput, check_numbers, check_ranges, flag, keep_previous, log_metrics,
-                      main as run_main, mean_sd, mean_std, parse_flags, parse_list, pick_device,
-                      print_outputs, pyplot, save_png, write_results)
+                             backbone_world, compile_blocks, exact_match, gate_or_stop, oracle_cell,
+                             out_flag, save_bridge, shapes_baselines, shapes_world,
+                             text_ceiling_line, training_step_costs, validate_image_and_run)
+from data.run import (check_numbers, check_ranges, flag, keep_previous, log_metrics,
+                      main as run_main, mean_sd, mean_std, need, parse_flags, parse_list,
+                      pick_device, print_outputs, pyplot, save_png, write_results)
 from data.shapes import (QUESTION_TYPES, at_or_below_oracle, binding_score, oracle_reference,
                          reference_captions, scene_grid)
 from data.t5lm import CAPTION_PROMPT, qa_prompt
@@ -167,8 +167,7 @@ def hard_negatives(sim_BB, same_BB, gen):
     negative falls back to any other index. -> (B,) column indices."""
     w = sim_BB.detach().float().softmax(-1).masked_fill(same_BB, 0.0)
     empty = w.sum(-1) <= 0
-    if empty.any():
-        w[empty] = (~torch.eye(len(w), dtype=torch.bool, device=w.device))[empty].float()
+    w[empty] = (~torch.eye(len(w), dtype=torch.bool, device=w.device))[empty].float()
     return torch.multinomial(w, 1, generator=gen).squeeze(1)
 
 
@@ -453,9 +452,7 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
     if variant == "B1" and cfg.stage1_steps:
         res.update(run_stage1(qf, feats, world, vocab, cfg, seed, device, metrics))
     model = Bridge(qf, variant, vocab, cfg).to(device)
-    if cfg.compile:                              # in place: checkpoints keep plain parameter names
-        for layer in qf.layers:
-            layer.compile()
+    compile_blocks(cfg, qf.layers)
     curve, eval_s, val_items, name = [], [0.0], vqa_items(world["val"]), f"{variant} seed {seed}"
 
     def evaluate(step):                                   # a point of the learning curve
@@ -484,9 +481,8 @@ def train_variant(variant, seed, lm, feats, world, vocab, stream, cfg, device, m
 def step_costs(models, lm, stream, feats, cfg, device):
     """What one stage-2 step of each trained variant costs, on the same batches of the stream:
     memory, forward + backward, a whole step (data/multimodal.training_step_costs)."""
-    def loss(v, r):
-        return batch_loss(models[v], lm, feats, stream[r % len(stream)], device)
-    return training_step_costs(models, loss, cfg, device, rounds=3 if cfg.quick else 15)
+    return training_step_costs(models, lambda v, r: batch_loss(
+        models[v], lm, feats, stream[r % len(stream)], device), cfg, device, 3 if cfg.quick else 15)
 
 
 def final_eval(model, lm, feats, world, refs, vocab, device):
@@ -530,8 +526,7 @@ def summarise(runs, cfg):
             r["samples_to_target"], r["seconds_to_target"] = to_target(r, target)
         s, b2 = dict(target=target), rs.get("B2")
         end = b2["curve"][-1] if b2 else None                 # B2's final validation point
-        if "P" in rs and b2:
-            p = rs["P"]
+        if (p := rs.get("P")) and b2:
             for k in ("samples", "seconds"):
                 s[f"P_over_B2_{k}_to_target"] = ratio(p[f"{k}_to_target"], b2[f"{k}_to_target"])
             n, sec = to_target(p, score(end))
@@ -539,8 +534,7 @@ def summarise(runs, cfg):
             s["P_to_B2_final_seconds_ratio"] = ratio(sec, end["train_s"])
             s["P_over_B2_step_time"] = ratio(p.get("fwd_bwd_ms"), b2.get("fwd_bwd_ms"))
             s["P_over_B2_memory"] = ratio(p["mem_mib"], b2["mem_mib"])
-        if "B1" in rs and b2:  # does stage 1 pay for itself? (< 1: B1, stage 1 included, is sooner)
-            b1 = rs["B1"]
+        if (b1 := rs.get("B1")) and b2:  # does stage 1 pay? (< 1: B1, stage 1 counted, is sooner)
             s["B1_over_B2_seconds_to_target"] = ratio(b1["seconds_to_target"],
                                                       b2["seconds_to_target"])
             s["B1_to_B2_final_seconds_ratio"] = ratio(to_target(b1, score(end))[1], end["train_s"])
@@ -556,8 +550,8 @@ def load_data(cfg):
     """-> world (split -> dataset dict), vocabulary (+ the Q-Former's specials), reference captions
     per split (data/shapes.reference_captions)."""
     world, vocab = shapes_world(cfg)
-    if not world["val"]["captions"]:
-        raise BadInput("--data-dir: no 'val' split (the learning curves are measured on it)")
+    need(world["val"]["captions"], "--data-dir: no 'val' split (the learning curves are measured "
+         "on it)")
     for w in EXTRA_TOKENS:
         vocab.setdefault(w, len(vocab))
     return world, vocab, {s: reference_captions(ds) for s, ds in world.items()}
@@ -572,18 +566,17 @@ def frozen_backbones(cfg, world, vocab, seed, device, metrics=None):
     world = backbone_world(cfg, world, vocab, seed)
     _, feats, gates = vision.frozen_tokens(cfg, world, device, metrics, seed=seed)  # (N, P, C)
     lm = t5lm.load_or_pretrain(world, vocab, cfg, device, metrics, seed=seed).requires_grad_(False)
-    if cfg.compile:
-        for m in list(lm.enc) + list(lm.dec):
-            m.compile()
+    compile_blocks(cfg, list(lm.enc) + list(lm.dec))
     ceiling = text_ceiling(lm, world["val"], vocab, device)    # val: the gate is a decision
     gate_or_stop(cfg, min(ceiling.values()) >= GATE_TEXT, text_ceiling_line(ceiling, GATE_TEXT)
                  + f" (LM seed {seed}, val)")
     return world, feats, lm, dict(gates, lm_text_ceiling=ceiling)
 
 
-def run(cfg, variants, seeds):
-    """Per seed: the frozen backbones, one data stream, every variant trained on it and tested, then
-    what a step of each costs; results.json rewritten as they come. -> (results, world)."""
+def run(cfg):
+    """validate; then per seed: the frozen backbones, one data stream, every variant trained on it
+    and tested, then what a step of each costs; results.json rewritten as they come; report."""
+    variants, seeds = validate(cfg)                           # every user error, before any work
     device, start = pick_device(cfg.device), time.perf_counter()
     world, vocab, refs = load_data(cfg)
     keep_previous(cfg.out, also=lambda f: f.endswith(".png"))  # and the figures: nothing replaced
@@ -621,19 +614,19 @@ def run(cfg, variants, seeds):
         write_results(cfg.out, res)
     res["wall_s"] = time.perf_counter() - start
     write_results(cfg.out, res)
-    return res, world
+    report(cfg, res, variants, world)
+    return res
 
 
 # ---- Plumbing: command line, validation, results, reports ----------------------------------------
 
 def print_run(r):
-    hold = "-" if r["holdout"] is None else format(r["holdout"], ".3f")
     below = ", ".join(r["at_or_below_oracle"])
     print(f"  {r['variant']} seed {r['seed']}: VQA {r['vqa']:.3f}, binding "
           f"{mean_std([r['binding_score']])} ("
           + ", ".join(f"{t} {a:.2f}" for t, a in r["per_type"].items())
-          + f"), hold-out {hold}, BLEU-4 {r['bleu4']:.3f}, CIDEr {r['cider']:.2f}, stage 2 "
-          f"{r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'"
+          + f"), hold-out {mean_std([r['holdout']])}, BLEU-4 {r['bleu4']:.3f}, CIDEr "
+          f"{r['cider']:.2f}, stage 2 {r['stage2_s']:.0f} s; e.g. '{r['examples'][0]}'"
           + (f"; at or below the bag-of-words oracle: {below}" if below else ""))
 
 
@@ -646,6 +639,7 @@ CLAIMS = {"P_over_B2_samples_to_target": "P / B2: samples to target",
           "B1_over_B2_seconds_to_target": "B1 (stage 1 counted) / B2: seconds to target",
           "B1_to_B2_final_seconds_ratio": "B1's seconds (stage 1 counted) to B2's final / B2's",
           "B1_minus_B2_binding": "B1 - B2: test binding score"}
+QF = "Q-Former and its training"      # the --help group of this file's bridge flags
 
 
 def report(cfg, res, variants, world):
@@ -654,33 +648,30 @@ def report(cfg, res, variants, world):
     print_test_table(res, by)
     print_cost_table(res, by)
     print_curve_table(res["runs"], by)
-    claims = {k: [s[k] for s in res["summary"].values() if k in s] for k in CLAIMS}
-    if any(claims.values()):
+    claims = {k: xs for k in CLAIMS if (xs := [s[k] for s in res["summary"].values() if k in s])}
+    if claims:
         print("\nthe claims (per-seed ratios, mean ± sample std; '-': a run that never got there)")
     for k, xs in claims.items():
-        if xs:
-            print(f"  {CLAIMS[k]:<64s} {mean_std(xs, '.2f')}")
+        print(f"  {CLAIMS[k]:<64s} {mean_std(xs, '.2f')}")
     if r1 := [r["itc_r1"] for r in res["runs"] if "itc_r1" in r]:
         print(f"B1 stage 1 ITC image->text R@1: {mean_std(r1)}")
-    print_outputs(figures(cfg, res, variants, world), cfg.out, res["wall_s"])
+    print_outputs(figures(cfg, res, by, world), cfg.out, res["wall_s"])
 
 
 def print_test_table(res, by):
     types = [t for t in QUESTION_TYPES if any(t in r["per_type"] for r in res["runs"])]
     keys = ["vqa", "binding_score"] + types + ["holdout", "bleu4", "cider"]
     ref = oracle_reference(res["baselines"]["test"]["bag_oracle"])
-    cols = ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"]
-    print("\ntest set, mean ± sample std over seeds\n" + f"{'':>11s}"
-          + "".join(f"{c:>15s}" for c in cols))
+    row = lambda label, cells: print(f"{label:>11s}" + "".join(f"{c:>15s}" for c in cells))
+    print("\ntest set, mean ± sample std over seeds")
+    row("", ["VQA", "binding"] + types + ["hold-out", "BLEU-4", "CIDEr"])
     for v, rs in by.items():
-        cells = [oracle_cell([r["per_type"].get(k) if k in types else r[k] for r in rs], k, ref)
-                 for k in keys]
-        print(f"{v:>11s}" + "".join(f"{c:>15s}" for c in cells))
+        row(v, [oracle_cell([r["per_type"].get(k) if k in types else r[k] for r in rs], k, ref)
+                for k in keys])
     for name in ("blind_prior", "bag_oracle"):
-        b = res["baselines"]["test"][name]
-        if b is not None:
-            print(f"{name:>11s}{b['overall']:15.3f}{mean_std([binding_score(b)]):>15s}"
-                  + "".join(f"{b.get(t, float('nan')):15.3f}" for t in types))
+        if (b := res["baselines"]["test"][name]) is not None:
+            row(name, [f"{b['overall']:.3f}", mean_std([binding_score(b)])]
+                + [f"{b.get(t, float('nan')):.3f}" for t in types])
     if ref:
         print("* at or below the bag-of-words oracle (bag_oracle): the caption's words alone, "
               "without binding, score as much")
@@ -692,12 +683,11 @@ def print_cost_table(res, by):
           f"{mean_std([s['target'] for s in res['summary'].values()])})\n" + f"{'':>11s}"
           + "".join(f"{c:>17s}" for c in cols))
     for v, rs in by.items():
-        reached = f" ({sum(r['samples_to_target'] is not None for r in rs)}/{len(rs)})"
         cells = [mean_std([r.get(k) for r in rs], f) for k, f in (
-            ("seconds_to_target", ".0f"), ("step_ms", ".0f"), ("fwd_bwd_ms", ".0f"),
-            ("mem_mib", ".1f"))]
-        print(f"{v:>11s}" + "".join(f"{x:>17s}" for x in [
-            mean_std([r["samples_to_target"] for r in rs], ".0f") + reached] + cells))
+            ("samples_to_target", ".0f"), ("seconds_to_target", ".0f"), ("step_ms", ".0f"),
+            ("fwd_bwd_ms", ".0f"), ("mem_mib", ".1f"))]
+        cells[0] += f" ({sum(r['samples_to_target'] is not None for r in rs)}/{len(rs)})"  # reached
+        print(f"{v:>11s}" + "".join(f"{x:>17s}" for x in cells))
 
 
 def print_curve_table(runs, by):
@@ -707,14 +697,12 @@ def print_curve_table(runs, by):
     print("\nvalidation binding score against samples seen (mean over seeds)\n"
           + f"{'samples':>11s}" + "".join(f"{s:>7d}" for s in pick))
     for v, rs in by.items():
-        curve = {c["samples"]: [] for c in rs[0]["curve"]}
-        for r in rs:
-            for c in r["curve"]:
-                curve[c["samples"]].append(score(c))
-        print(f"{v:>11s}" + "".join(f"{np.mean(curve[s]):7.3f}" for s in pick))
+        points = [(c["samples"], score(c)) for r in rs for c in r["curve"]]     # every seed's
+        print(f"{v:>11s}" + "".join(f"{np.mean([y for x, y in points if x == s]):7.3f}"
+                                    for s in pick))
 
 
-def figures(cfg, res, variants, world):
+def figures(cfg, res, by, world):
     """PNGs under --out when matplotlib is installed (else none): test scenes, and the validation
     binding score against samples seen and against training seconds (B1's stage 1 counted, as in 'to
     target'), mean ± sample std over seeds. -> their paths."""
@@ -723,8 +711,7 @@ def figures(cfg, res, variants, world):
     paths = [scene_grid(world["test"], os.path.join(cfg.out, "scenes.png"),
                         title="test scenes (shapes world v2)")]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for v in variants:
-        rs = [r for r in res["runs"] if r["variant"] == v]
+    for v, rs in by.items():
         for ax, x, s1 in ((axes[0], "samples", "stage1_samples"), (axes[1], "train_s", "stage1_s")):
             points = range(len(rs[0]["curve"]))
             xs = [np.mean([r["curve"][k][x] + r[s1] for r in rs]) for k in points]
@@ -743,9 +730,6 @@ def figures(cfg, res, variants, world):
                  f"{len(res['summary'])} seed(s))")
     paths.append(save_png(plt, fig, os.path.join(cfg.out, "binding_vs_compute.png")))
     return [p for p in paths if p]
-
-
-QF = "Q-Former and its training"      # the --help group of this file's bridge flags
 
 
 @dataclass
@@ -785,46 +769,31 @@ QUICK = dict(n_train=400, n_eval=100, vit_dim=32, vit_layers=2, vit_steps=60, d_
 
 def validate(cfg):
     """Every user error, before any training -> (variants, seeds)."""
-    check_numbers(cfg, ("n_train", "n_eval", "patch", "vit_dim", "vit_layers", "image_tokens",
-                        "d_model", "enc_layers", "dec_layers", "n_head", "lm_mix", "lm_scenes",
-                        "lm_batch", "lm_lr", "queries", "q_dim", "q_layers", "steps", "batch_size",
-                        "lr", "eval_every"),
+    check_numbers(cfg, tuple("n_train n_eval patch vit_dim vit_layers image_tokens d_model "
+                             "enc_layers dec_layers n_head lm_mix lm_scenes lm_batch lm_lr queries "
+                             "q_dim q_layers steps batch_size lr eval_every".split()),
                   at_least_0=("vit_steps", "lm_steps", "stage1_steps", "lm_mix_init"))  # 0: skip
     check_ranges(vars(cfg), caption_frac="[0, 1]")
-    if cfg.target_em != -1 and not 0 < cfg.target_em <= 1:
-        raise BadInput("--target-em must be in (0, 1] (or -1 for 0.9 x the best variant), got "
-                       f"{cfg.target_em}")
+    need(cfg.target_em == -1 or 0 < cfg.target_em <= 1, "--target-em must be in (0, 1] (or -1 "
+         f"for 0.9 x the best variant), got {cfg.target_em}")
     variants = parse_list(cfg.variants, str.strip, "variants")
-    if bad := [v for v in variants if v not in VARIANTS]:
-        raise BadInput(f"--variants: unknown {', '.join(map(repr, bad))}; choose from "
-                       f"{', '.join(VARIANTS)}")
-    if cfg.d_model % (2 * cfg.n_head) or cfg.q_dim % cfg.n_head or cfg.vit_dim % cfg.n_head \
-            or cfg.vit_dim % 4:
-        raise BadInput("--d-model must be a multiple of 2 x --n-head, --q-dim and --vit-dim of "
-                       "--n-head, --vit-dim of 4")
-    if cfg.batch_size < 2 and "B1" in variants:
-        raise BadInput("--batch-size must be at least 2 for B1 (ITC and ITM need in-batch "
-                       "negatives)")
-    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)  # data, seeds, device, out
+    need(not (bad := [v for v in variants if v not in VARIANTS]), f"--variants: unknown "
+         f"{', '.join(map(repr, bad))}; choose from {', '.join(VARIANTS)}")
+    need(cfg.q_dim % cfg.n_head == 0, "--q-dim must be a multiple of --n-head")
+    need(cfg.batch_size >= 2 or "B1" not in variants,
+         "--batch-size must be at least 2 for B1 (ITC and ITM need in-batch negatives)")
+    seeds = validate_image_and_run(cfg, vision.VisionConfig.batch_size)  # widths, data, seeds ...
     return variants, seeds
 
 
 def parse(argv=None):
     """The command line -> Config: defaults < --quick's QUICK < the flags given."""
-    return parse_flags(Config, argv, "qformer_efficient.py", __doc__,
-                       presets=[("quick", True, QUICK)])
+    return parse_flags(Config, argv, "qformer_efficient.py", __doc__, [("quick", True, QUICK)])
 
 
 def main(argv=None):
-    """parse -> validate -> run -> report; bad input: one line on stderr, exit 2 (data/run.main)."""
-    cfg = parse(argv)
-
-    def validate_run_report():
-        variants, seeds = validate(cfg)
-        res, world = run(cfg, variants, seeds)
-        report(cfg, res, variants, world)
-        return res
-    return run_main("qformer_efficient.py", validate_run_report)
+    """parse -> run: validate -> the experiment -> report; bad input: one line on stderr, exit 2."""
+    return run_main("qformer_efficient.py", run, parse(argv))
 
 
 if __name__ == "__main__":

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from data.layers import LAYER_CODE
-from data.run import (BadInput, Stopped, autocast, flag, interleaved_ms, mean_std, pick_device,
-                      set_threads, writable_dirs)
+from data.run import (BadInput, Stopped, autocast, flag, interleaved_ms, mean_std, need,
+                      pick_device, set_threads, writable_dirs)
 from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, generate, load_world
 
 DATA, BACKBONES, BRIDGE, EXPERIMENT = "data", "frozen backbones", "bridge", "experiment"
@@ -95,10 +95,12 @@ def shapes_baselines(world, cfg):
 
 
 def validate_image_and_run(cfg, encoder_batch):
-    """Checks shared by the multimodal paper files (data size, image, dtype, data, seeds), then
-    --threads,
-    --device and the output folders, all before any work -> the list of seeds. encoder_batch: the
-    shared ViT's pretraining batch, which --n-train must fill too."""
+    """Checks shared by the multimodal paper files (widths, data size, image, dtype, data, seeds),
+    then --threads, --device and the output folders, all before any work -> the list of seeds.
+    encoder_batch: the shared ViT's pretraining batch, which --n-train must fill too."""
+    # heads split the widths; rope rotates pairs in each LM head, the 2-D sin-cos fills C in fours
+    need(not (cfg.d_model % (2 * cfg.n_head) or cfg.vit_dim % cfg.n_head or cfg.vit_dim % 4),
+         "--d-model must be a multiple of 2 x --n-head, --vit-dim of --n-head and of 4")
     if not cfg.data_dir and cfg.n_train < max(cfg.batch_size, encoder_batch):
         raise BadInput(f"--n-train {cfg.n_train} must fill a batch (--batch-size, and the "
                        f"encoder's {encoder_batch})")
@@ -122,6 +124,14 @@ def validate_image_and_run(cfg, encoder_batch):
     pick_device(cfg.device)
     writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
     return seeds
+
+
+def compile_blocks(cfg, blocks):
+    """--compile: torch.compile each block in place, so parameter names (and checkpoints) keep no
+    _orig_mod. prefix."""
+    if cfg.compile:
+        for b in blocks:
+            b.compile()
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """data/multimodal.py: the frozen-LM cache (its config stored, keyed by the building code and the
-thread count) and the gates that stop a run. CPU, milliseconds."""
+thread count), the gates that stop a run, the shared width check and --compile. CPU, milliseconds.
+"""
 import pytest
 import torch
 
@@ -74,3 +75,30 @@ def test_a_failed_gate_stops_unless_quick_or_ignore_gates(capsys):
         gate_or_stop(cfg, False, "vision encoder: minimal pairs 0.5 -> FAIL")
     gate_or_stop(NS(ignore_gates=False, quick=False), True, "ok -> PASS")
     assert capsys.readouterr().out.count("\n") == 4
+
+
+def test_the_shared_width_check_comes_first_and_names_the_flags():
+    """Heads split --d-model (rope: into pairs) and --vit-dim (the 2-D sin-cos: into fours); both
+    files check this in validate_image_and_run, before any other shared check."""
+    from types import SimpleNamespace as NS
+
+    from data.multimodal import validate_image_and_run
+    from data.run import BadInput
+    for widths in (dict(d_model=12, n_head=4, vit_dim=16),      # d_model: not 2 x n_head pairs
+                   dict(d_model=16, n_head=2, vit_dim=18),      # vit_dim: not in fours
+                   dict(d_model=16, n_head=8, vit_dim=20)):     # vit_dim: not n_head heads
+        with pytest.raises(BadInput, match=r"--d-model must be a multiple of 2 x --n-head, "
+                                           r"--vit-dim of --n-head and of 4"):
+            validate_image_and_run(NS(**widths), encoder_batch=8)
+
+
+def test_compile_blocks_only_with_compile():
+    from types import SimpleNamespace as NS
+
+    from data.multimodal import compile_blocks
+    calls = []
+    blocks = [NS(compile=lambda i=i: calls.append(i)) for i in range(3)]
+    compile_blocks(NS(compile=False), blocks)
+    assert calls == []
+    compile_blocks(NS(compile=True), blocks)
+    assert calls == [0, 1, 2]
