@@ -523,11 +523,10 @@ def tables(runs, with_margins):
 def count_table(runs):
     """Unbiased accuracy by the NUMBER of conflicting training images (a re-weighting method tracks
     it), and the biased net's last-epoch precision / recall at flagging them."""
-    mean = lambda xs, spec: format(np.mean(xs), spec) if xs else "-"
+    mean = lambda xs, spec=".2f": format(np.mean(xs), spec) if xs else "-"
     lc = lambda rs: [r["history"][-1] for r in rs if r["method"] in ("lc", "lc_nomix")]
     pr = lambda rs: "/".join(mean([h[k] for h in lc(rs)], "5.1f") for k in ("precision", "recall"))
-    acc = lambda m: lambda rs: mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m],
-                                    ".2f")
+    acc = lambda m: lambda rs: mean([r["unbiased_acc_best_val"] for r in rs if r["method"] == m])
     cols = ([("rho%", ">5", lambda rs: f"{rs[0]['ratio']:g}"),
              ("n_conf", ">6", lambda rs: str(rs[0]["n_conflicting"]))]
             + [(m, ">10", acc(m)) for m in METHODS if any(r["method"] == m for r in runs)]
@@ -579,7 +578,7 @@ def run(cfg, methods, ratios, seeds):
     device = pick_device(cfg.device)                       # checked up front, --report included
     if cfg.report:
         return report_results(cfg.report, partial(tables, with_margins=cfg.margins))
-    path, res, t0 = open_results(cfg.out)                  # before the digits go into OUT/cache
+    path, res, t0 = open_results(cfg.out, "ckpt")          # before the digits go into OUT/cache
     dataset, n_train, evalsets, train = load_digits(cfg, ratios, device)
     protocol, key = protocol_of(cfg, dataset)
     print(f"data: {dataset}, train {n_train} / val {len(evalsets['val'][1])} / test "
@@ -587,7 +586,6 @@ def run(cfg, methods, ratios, seeds):
           f"{torch.get_num_threads()} threads; protocol {key}")
     grid = [(m, rho, s) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else [])
             for m in methods if rho != CEILING or m == "erm"]
-    os.makedirs(os.path.join(cfg.out, "ckpt"), exist_ok=True)
     res, mine = run_grid(path, res, protocol, grid, ("method", "ratio", "seed"),
                          partial(run_and_save, cfg, evalsets, train, device, protocol, key),
                          lambda m, rho, s: f"{m} rho={rho:g} seed={s}")

@@ -747,10 +747,12 @@ def run_grid(path, res, protocol, grid, names, run_one, label):
     return res, mine
 
 
-def open_results(out):
-    """--out made writable and its results.json read, a bad one refused before any work -> (the
-    path, the results, the start time)."""
+def open_results(out, *subdirs):
+    """--out (and its `subdirs`, e.g. "ckpt") made writable and its results.json read, a bad one
+    refused before any work -> (the path, the results, the start time)."""
     writable_dirs(out=out)
+    for d in subdirs:
+        os.makedirs(os.path.join(out, d), exist_ok=True)
     path = os.path.join(out, "results.json")
     return path, load_results(path), time.time()
 

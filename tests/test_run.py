@@ -377,8 +377,9 @@ def test_series_of_a_curve_per_name_in_order_with_its_points():
 
 def test_open_results_makes_out_and_refuses_a_bad_results_json(tmp_path):
     from data.run import open_results
-    path, res, _ = open_results(str(tmp_path / "new"))
+    path, res, _ = open_results(str(tmp_path / "new"), "ckpt")
     assert path == str(tmp_path / "new" / "results.json") and res == {"runs": []}
+    assert (tmp_path / "new" / "ckpt").is_dir()
     (tmp_path / "new" / "results.json").write_text("not json")
     with pytest.raises(BadInput, match="not readable JSON"):
         open_results(str(tmp_path / "new"))
