@@ -15,9 +15,9 @@ data/layers.Block, bidirectional, with RoPE and Primer's *causal* depthwise conv
 attention hop. Without the conv the shape-at-cell and position lookups stay near 0.5; with a centred
 conv, position stalls near 0.8 (a key mixes both neighbours, and the next object's words leak in).
 The conv's taps on the two predecessors start random (std cfg.lm_mix_init), not at the identity:
-from the identity, "the shape word before <cell>" sat on a plateau near 0.5 for most of pretraining and left it late or
-never, depending on the CPU thread count; with random taps every key and value carries its
-neighbours from step 0. The decoder: causal self-attention, cross-attention to the memory, FFN; tied
+from the identity, "the shape word before <cell>" sat on a plateau near 0.5 for most of pretraining
+and left it late or never, depending on the CPU thread count; with random taps every key and value
+carries its neighbours from step 0. The decoder: causal self-attention, cross-attention to the memory, FFN; tied
 output head, scaled as T5's.
 
 Shapes: B = batch, T = target tokens, L = memory (encoder) length, E = width, V = vocabulary.
