@@ -17,8 +17,8 @@ conv, position stalls near 0.8 (a key mixes both neighbours, and the next object
 The conv's taps on the two predecessors start random (std cfg.lm_mix_init), not at the identity:
 from the identity, "the shape word before <cell>" sat on a plateau near 0.5 for most of pretraining
 and left it late or never, depending on the CPU thread count; with random taps every key and value
-carries its neighbours from step 0. The decoder: causal self-attention, cross-attention to the memory, FFN; tied
-output head, scaled as T5's.
+carries its neighbours from step 0. The decoder: causal self-attention, cross-attention to the
+memory, FFN; tied output head, scaled as T5's.
 
 Shapes: B = batch, T = target tokens, L = memory (encoder) length, E = width, V = vocabulary.
 """
