@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from data.run import log_metrics, progress
+from data.run import autocast, log_metrics, progress
 
 def encode(vocab, text, bos=True, eos=False):
     ids = [vocab.get(w, vocab["<unk>"]) for w in text.split()]
@@ -136,10 +136,6 @@ class FFN(nn.Module):
 
     def forward(self, x):
         return x + self.fc2(F.gelu(self.fc1(self.ln(x))))
-
-
-def autocast(cfg, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
 
 
 def train_loop(params, loss_fn, steps, cfg, desc, device, lr=None, metrics=None):
