@@ -20,7 +20,7 @@ import torch
 
 from data.layers import LAYER_CODE
 from data.run import (BadInput, Stopped, autocast, flag, interleaved_ms, mean_std, need,
-                      pick_device, set_threads, writable_dirs)
+                      parse_seeds, pick_device, set_threads, writable_dirs)
 from data.shapes import QUESTION_TYPES, ShapesDataError, baselines, generate, load_world
 
 DATA, BACKBONES, BRIDGE, EXPERIMENT = "data", "frozen backbones", "bridge", "experiment"
@@ -116,10 +116,7 @@ def validate_image_and_run(cfg, encoder_batch):
         raise BadInput(f"--dtype: expected float32 or bfloat16, got {cfg.dtype!r}")
     if cfg.data_dir and not os.path.isdir(cfg.data_dir):
         raise BadInput(f"--data-dir {cfg.data_dir}: no such directory")
-    try:
-        seeds = [int(s) for s in cfg.seeds.split(",")]
-    except ValueError:
-        raise BadInput(f"--seeds must be comma-separated integers, got {cfg.seeds!r}")
+    seeds = parse_seeds(cfg.seeds, 0)
     set_threads(cfg.threads)
     pick_device(cfg.device)
     writable_dirs(out=cfg.out, cache_dir=cfg.cache_dir)
