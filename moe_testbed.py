@@ -20,8 +20,15 @@ the whole step (global: all micro-batches on all ranks, exact by a pre-pass) or 
 micro-batches so far (running: Megatron-core's global_aux_loss). Also: Qwen's global-batch
 balancing (2501.11873), Switch/GShard aux loss (2101.03961, 2006.16668), aux-loss-free bias
 (DeepSeek-V3, 2408.15664), router z-loss (ST-MoE, 2202.08906), expert choice (2202.09368), hash
-layers (2106.04426). Expert dispatch: kernels.moe_ffn; the run habits (flags, torchrun, results):
-data/run.py. The paper reads top to bottom; the command line and reports come after "Plumbing".
+layers (2106.04426). Elsewhere: kernels.moe_ffn (the expert dispatch), kernels/cost.py (FLOPs,
+--bench), data/routing.py (metrics, probes, reports), data/run.py (flags, torchrun, results). The
+paper reads top to bottom; the command line, runs and results come after "Plumbing".
+
+Routing metrics (data/routing.py), per MoE layer on held-out tokens, f_i = expert i's share of the
+slots: utilization U = sum_i min(f_i, 1/E), 1 = balanced; MaxVio = E max_i f_i - 1; purity =
+share of tokens whose top-1 expert's majority domain is their own; NMI(domain; top-1 expert);
+agreement = share whose top-1 expert is in their domain's reference group, after the best
+relabelling; domain probe = accuracy of a ridge probe reading the domain from the router's input.
 
 Shape legend (gpt-fast style suffixes):
     B = sequences in a micro-batch  S = sequence length (bytes)   T = B*S tokens, flattened
@@ -46,13 +53,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.domains import (DataError, check_lengths, synthetic_domains, text_domains, train_batch,
                           val_windows)
 from data.layers import RMSNorm, rope
+from data.routing import (add_record, probe_inputs, report, report_bench, report_run,
+                          routing_summary, step_history)
 from data.run import (BadInput, all_ranks_sum, autocast, check_numbers, config_key, exit_process,
-                      finished_result, flag, heatmap, heatmap_grid, hungarian, interleaved_ms,
-                      keep_previous, linear_probe, log_metrics, main_distributed, mean_sd, need,
-                      parse_flags, parse_seeds, pick_device, progress, pyplot, rank_world, restore,
-                      run_each, save_checkpoint, save_png, say, set_threads, table, writable_dirs,
-                      write_json, write_results)
-from kernels import dispatch_route, moe_ffn
+                      finished_result, flag, keep_previous, log_metrics, main_distributed, need,
+                      parse_flags, parse_seeds, pick_device, progress, rank_world, restore,
+                      run_each, save_checkpoint, say, set_threads, writable_dirs, write_json,
+                      write_results)
+from kernels import moe_ffn
+from kernels.cost import bench, flops_note, run_dispatch
 
 
 # ---------------- Routers, one function each: expert ids idx_TK (slot 0: the top-1) and gates_TK
@@ -376,83 +385,6 @@ def moe_layer_ids(cfg):
     return ids
 
 
-# ---------------- Routing metrics (numpy, on domain x expert count matrices)
-
-def utilization(f_E):
-    """U = sum_i min(f_i, 1/E): 1 = perfectly balanced, 1/E = collapse onto one expert."""
-    return float(np.minimum(f_E, 1.0 / len(f_E)).sum())
-
-
-def max_violation(f_E):
-    """MaxVio (Wang et al. 2408.15664) = (max_i load_i - mean load) / mean load = E * max_i f_i - 1.
-    """
-    return float(len(f_E) * f_E.max() - 1.0)
-
-
-def dead_experts(f_E):
-    return int((f_E < 0.1 / len(f_E)).sum())
-
-
-def purity(top1_LE):
-    """Fraction of tokens whose top-1 expert's majority domain is their own: sum_e max_d M[d,e] / N.
-    """
-    return float(top1_LE.max(0).sum() / top1_LE.sum())
-
-
-def nmi(top1_LE):
-    """NMI(domain; top-1 expert) = I(D;E) / sqrt(H(D) H(E)); 0 when either is constant."""
-    p = top1_LE / top1_LE.sum()
-    pd, pe = p.sum(1), p.sum(0)
-    nz = p > 0
-    mi = float((p[nz] * np.log(p[nz] / np.outer(pd, pe)[nz])).sum())
-    hd, he = [float(-(q[q > 0] * np.log(q[q > 0])).sum()) for q in (pd, pe)]
-    return 0.0 if hd <= 0 or he <= 0 else mi / math.sqrt(hd * he)
-
-
-def agreement(top1_LE, home_LG):
-    """Reference agreement: fraction of tokens whose top-1 expert lies in their domain's home group,
-    after the best one-to-one relabelling of learned experts onto reference experts (a learned
-    router's numbering is arbitrary). Top-1, not every slot: the reference also uses K slots
-    (route_reference), so any top-k router can reach 1.0. gain[e, r] = tokens of expert e in-group
-    if e were reference expert r; the relabelling maximising sum_e gain[e, perm[e]] is found exactly
-    by the Hungarian algorithm. Returns (agreement, perm)."""
-    L, E = top1_LE.shape
-    in_group_LR = np.zeros((L, E))
-    for d in range(L):
-        in_group_LR[d, home_LG[d]] = 1.0
-    gain_ER = top1_LE.T @ in_group_LR
-    perm = hungarian(-gain_ER)
-    return float(gain_ER[np.arange(E), perm].sum() / top1_LE.sum()), perm
-
-
-def routing_metrics(a, home_LG):
-    """Metrics of one layer's record `a` (see add_record)."""
-    f_E = a["assign"].sum(0) / a["assign"].sum()
-    agr, perm = agreement(a["top1"], home_LG)
-    share_LE = a["assign"] / np.maximum(a["assign"].sum(1, keepdims=True), 1e-12)
-    return dict(utilization=utilization(f_E), maxvio=max_violation(f_E),
-                dead_experts=dead_experts(f_E), purity=purity(a["top1"]), agreement=agr,
-                nmi=nmi(a["top1"]), dropped_frac=a["drop"] / max(a["slots"], 1),
-                entropy=None if a["ent"] is None else float(a["ent"] / a["top1"].sum()),
-                routing_matrix=share_LE.round(4).tolist(),
-                expert_order=np.argsort(perm).tolist())
-
-
-def add_record(acc, layer_stats, dom_T, L, E):
-    """Add one forward's routing record into per-layer domain x expert matrices (the host syncs)."""
-    for st in layer_stats:
-        a = acc.setdefault(st["layer"], dict(assign=np.zeros((L, E)), top1=np.zeros((L, E)), drop=0,
-                                             slots=0, ent=None if st["ent_sum"] is None else 0.0))
-        a["assign"] += torch.zeros(L, E).index_add_(0, dom_T, st["assign_TE"].float().cpu()).numpy()
-        a["top1"] += torch.zeros(L, E).index_put_((dom_T, st["top1_T"].cpu()),
-                                                  torch.ones(len(dom_T)), accumulate=True).numpy()
-        a["drop"] += int(st["n_drop"])
-        a["slots"] += st["n_slots"]
-        if a["ent"] is not None:
-            a["ent"] += float(st["ent_sum"])
-    return acc
-
-
 # ---------------- Data: 8 procedural languages (or DIR/<domain>/*.txt), one domain per sequence
 
 def load_domains(cfg):
@@ -606,9 +538,6 @@ def train(model, opt, cfg, doms, name, device, state, end, ckpt_path, quiet=Fals
     return state
 
 
-HISTORY_KEYS = ("purity", "nmi", "utilization", "maxvio", "entropy", "dropped_frac")
-
-
 def log_step(cfg, name, doms, device, step, ce, aux, records, tok_s, quiet):
     """Step `step`'s log line, its metrics.jsonl record and its routing history (the training
     batch's routing, this rank's share, per MoE layer) -> the history records."""
@@ -616,15 +545,11 @@ def log_step(cfg, name, doms, device, step, ce, aux, records, tok_s, quiet):
     for layer_stats, dom in records:
         add_record(acc, layer_stats, dom.repeat_interleave(cfg.seq_len).cpu(), L, cfg.experts)
     home_LG = reference_groups(L, cfg.experts, cfg.top_k)[0].numpy()
-    recs = []
-    for layer, a in acc.items():
-        m = routing_metrics(a, home_LG)
-        recs.append(dict(step=step + 1, layer=layer, train_bpb=round(ce / math.log(2), 4),
-                         **{k: None if m[k] is None else round(m[k], 4) for k in HISTORY_KEYS}))
+    recs = step_history(acc, home_LG, step + 1, ce / math.log(2))
     layers = "".join(f" | L{r['layer']} U {r['utilization']:.3f} MaxVio {r['maxvio']:.2f} purity "
                      f"{r['purity']:.3f}" for r in recs)
     say(f"[{name}] step {step + 1:5d} | train bpb {ce / math.log(2):.3f} | aux {aux:.4f}{layers} | "
-        f"{tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s), quiet)
+        f"{tok_s:,.0f} tok/s" + flops_note(cfg, device, tok_s, prepass_runs(cfg)), quiet)
     if rank_world()[0] == 0:
         log_metrics(os.path.join(cfg.out, "metrics.jsonl"), run=name, seed=cfg.seed, step=step + 1,
                     loss=round(ce, 5), bpb=round(ce / math.log(2), 5), aux=round(aux, 6),
@@ -647,10 +572,8 @@ def evaluate(model, cfg, doms, device):
     mu = cfg.batch_size // (rank_world()[1] * cfg.accum)
     nll_L, n_L, acc = np.zeros(L), np.zeros(L), {}
     nll_S = np.zeros(cfg.seq_len)                          # per position in the window, summed
-    feats, wins = {}, []                       # router inputs (every 4th byte) for the domain probe
-    hooks = [m.register_forward_hook(lambda m, i, o: feats.setdefault(m.layer_id, []).append(
-        i[0][:, ::4].float().reshape(-1, i[0].shape[-1]).cpu()))
-        for m in model.modules() if isinstance(m, MoEFFN)]
+    feats, hooks = probe_inputs(m for m in model.modules() if isinstance(m, MoEFFN))
+    wins = []                                              # the windows, in the order they ran
     for s0 in range(0, len(vx), cfg.batch_size):
         rows = np.arange(s0, min(s0 + cfg.batch_size, len(vx)))
         if cfg.batch_order == "by_domain":
@@ -675,154 +598,8 @@ def evaluate(model, cfg, doms, device):
     out = dict(val_bpb=float(nll_L.sum() / n_L.sum() / math.log(2)),
                bpb_by_position=bpb_S.round(4).tolist(),
                per_domain_bpb={n: round(float(b), 4) for n, b in zip(doms.names, bpb_L)})
-    return dict(out, **routing_summary(acc, feats, wins, vdom, bpb_S, cfg, L))
-
-
-METRIC_KEYS = ("utilization", "maxvio", "dead_experts", "purity", "agreement", "nmi", "entropy",
-               "dropped_frac", "domain_probe")
-
-
-def routing_summary(acc, feats, wins, vdom, bpb_S, cfg, L):
-    """Per MoE layer: routing metrics and the domain probes; their means over layers; the routing
-    matrix of all layers; N (probe_n) and the val bpb after the first N bytes of a window."""
-    if not acc:
-        return dict({k: None for k in METRIC_KEYS}, routing_matrix=None, per_layer=[], probe_n=None,
-                    val_bpb_after_n=None)
-    home_LG = reference_groups(L, cfg.experts, cfg.top_k)[0].numpy()
-    per_layer = [dict(layer=layer, **routing_metrics(a, home_LG),
-                      domain_probe=domain_probe(feats[layer], wins, vdom),
-                      probe_by_position=probe_by_position(feats[layer], wins, vdom, cfg.seq_len))
-                 for layer, a in acc.items()]
-    out = {}
-    for k in METRIC_KEYS:
-        vals = [r[k] for r in per_layer if r[k] is not None]
-        out[k] = float(np.mean(vals)) if vals else None
-    total = sum(a["assign"] for a in acc.values())
-    n = probe_n([lay["probe_by_position"] for lay in per_layer])
-    return dict(out, routing_matrix=(total / total.sum(1, keepdims=True)).round(4).tolist(),
-                per_layer=per_layer, probe_n=n,
-                val_bpb_after_n=None if n is None else float(bpb_S[n:].mean()))
-
-
-def probe_rows(feats, wins, vdom):
-    """The probe's rows: router inputs x, the domain of each row, and whether the row's window is an
-    even one of its domain (the probe is fitted on the even windows and scored on the odd ones)."""
-    x = torch.cat(feats)
-    w = np.repeat(np.concatenate(wins), len(x) // sum(map(len, wins)))      # window of each row
-    k = np.zeros(len(vdom), dtype=int)                                     # window's rank in domain
-    for d in np.unique(vdom):
-        k[vdom == d] = np.arange((vdom == d).sum())
-    return x, torch.from_numpy(vdom[w]).long(), torch.from_numpy(k[w] % 2 == 0)
-
-
-def domain_probe(feats, wins, vdom):
-    """How well the domain can be read linearly from the router's input: a ridge probe fitted on
-    half of each domain's held-out windows, scored on the other half (every 4th byte). Near 1: the
-    information a router would need to route by domain is there, and a purity below it is the
-    routing's own doing. None with one window per domain (--eval-seqs 1): nothing to score on."""
-    x, dom, even = probe_rows(feats, wins, vdom)
-    return None if even.all() else linear_probe(x[even], dom[even], x[~even], dom[~even])
-
-
-def probe_by_position(feats, wins, vdom, S, stride=4):
-    """The domain probe scored at each sampled position of the window: [(position, accuracy)], the
-    probe fitted on every position of the even windows (as domain_probe), scored on the odd windows'
-    rows at that position. How far into a window the router's input tells the domain."""
-    x, dom, even = probe_rows(feats, wins, vdom)
-    if even.all():
-        return None
-    pos = np.tile(np.arange(0, S, stride), len(x) // len(range(0, S, stride)))   # row positions
-    out = []
-    for p in range(0, S, stride):
-        te = ~even & torch.from_numpy(pos == p)
-        out.append((p, round(linear_probe(x[even], dom[even], x[te], dom[te]), 4)))
-    return out
-
-
-def probe_n(curves, level=0.9):
-    """N: the first sampled position from which the probe scores >= level at every later sampled
-    position, in every MoE layer; the bytes before N are where a router cannot yet know the domain.
-    None when a layer never gets there (or has no curve)."""
-    ns = []
-    for curve in curves:
-        if not curve:
-            return None
-        later_ok = [all(a >= level for _, a in curve[i:]) for i in range(len(curve))]
-        if not any(later_ok):
-            return None
-        ns.append(curve[later_ok.index(True)][0])
-    return max(ns) if ns else None
-
-
-# ---------------- Cost: FLOPs, the expert dispatch on this device, MoE vs dense step time
-
-def train_flops_per_token(cfg, prepass=True):
-    """6 x active parameters per token (the dense FFN width K*H = the MoE's active experts) + causal
-    attention (6 * 2 * S * D per layer, halved for causality); embeddings and router not counted.
-    When the step runs the routing pre-pass (prepass_runs), that is one more forward, 2 of the 6:
-    x 4/3 (prepass=False: the count without it)."""
-    D, S = cfg.d_model, cfg.seq_len
-    per_layer = 4 * D * D + 2 * D * cfg.top_k * cfg.expert_hidden
-    fwd_bwd = 6 * (cfg.n_layer * per_layer + 256 * D) + cfg.n_layer * 6 * S * D
-    return fwd_bwd * 4 / 3 if prepass and prepass_runs(cfg) else fwd_bwd
-
-
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}   # bf16 dense, vendor sheets
-
-
-def flops_note(cfg, device, tok_s):
-    """On CUDA: model TFLOP/s (train_flops_per_token x tokens/s, the routing pre-pass included
-    when it runs) and MFU against the GPU's nominal bf16 peak."""
-    if torch.device(device).type != "cuda":
-        return ""
-    tflops = train_flops_per_token(cfg) * tok_s / 1e12
-    name = torch.cuda.get_device_name(torch.device(device))
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
-    return (f" | {tflops:.1f} model TFLOP/s" + (" (pre-pass incl.)" if prepass_runs(cfg) else "")
-            + (f", MFU {tflops / peak:.1%} of {peak:.0f}" if peak else ""))
-
-
-def run_dispatch(cfg, device):
-    """How the MoE layers' experts run on this device: impl, the grouped GEMM's route
-    (kernels.grouped_route: "native" = torch._grouped_mm, no host syncs; "loop" = a per-group loop,
-    6 host syncs per MoE layer per forward + backward) and a note. Printed once, kept in
-    results.json."""
-    if cfg.impl == "loop":
-        return dict(impl="loop", route="loop", note=" (--impl loop: a matmul pair per expert)")
-    route = dispatch_route(device, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32,
-                           cfg.d_model, cfg.expert_hidden)
-    note = ""
-    if route == "loop" and device.type == "cuda":
-        note = (" (a per-group loop: 6 host syncs per MoE layer per step; torch._grouped_mm runs "
-                "on sm90 with --dtype bfloat16 and --d-model, --expert-hidden multiples of 8)")
-    return dict(impl=cfg.impl, route=route, note=note)
-
-
-def bench(cfg, doms, device, n=20, warm=3):
-    """Step time of the MoE model and of the dense one (same active parameters): the median of n
-    interleaved rounds (data.run.interleaved_ms). When the MoE step runs the routing pre-pass
-    (prepass_runs), a third model times the MoE step without it (--balance-scope running: the same
-    step less the no-grad forwards)."""
-    variants = {"moe": {}, "dense": dict(dense=True)}
-    if prepass_runs(cfg):
-        variants["moe_no_prepass"] = dict(balance_scope="running")
-    models = {}
-    for kind, over in variants.items():
-        c = Config(**{**asdict(cfg), **over})
-        torch.manual_seed(cfg.seed)
-        m = Model(c, len(doms.names)).to(device)
-        models[kind] = (c, m, make_optimizer(m, c, device))
-    fns = {kind: (lambda i, c=c, m=m, o=o: train_step(m, o, c, doms, i, device))
-           for kind, (c, m, o) in models.items()}
-    sec = {k: ms / 1e3 for k, ms in interleaved_ms(fns, device, rounds=n, warmup=warm).items()}
-    params = {k: sum(p.numel() for p in m.parameters()) for k, (_, m, _) in models.items()}
-    tokens, no_pre = cfg.batch_size * cfg.seq_len, sec.get("moe_no_prepass")
-    return dict(moe_step_s=sec["moe"], dense_step_s=sec["dense"], ratio=sec["moe"] / sec["dense"],
-                prepass=prepass_runs(cfg), moe_no_prepass_step_s=no_pre,
-                ratio_no_prepass=None if no_pre is None else no_pre / sec["dense"],
-                moe_params=params["moe"], dense_params=params["dense"], steps_timed=n,
-                moe_tokens_per_s=tokens / sec["moe"],
-                moe_model_tflops=train_flops_per_token(cfg) * tokens / sec["moe"] / 1e12)
+    home_LG = reference_groups(L, E, cfg.top_k)[0].numpy()
+    return dict(out, **routing_summary(acc, feats, wins, vdom, bpb_S, home_LG))
 
 
 # ---------------- The experiment: the configurations a sweep compares; one run, trained, evaluated
@@ -890,7 +667,18 @@ def run_one(cfg, doms, name, device, quiet=False):
     return res
 
 
-# ---------------- Plumbing: command line, validation, runs and results, reports
+def bench_model(cfg, doms, device, kind):
+    """What --bench times (kernels.cost.bench), from the seed's weights: the MoE model, the dense
+    one (same active parameters) or the MoE one without the pre-pass -> (Config, model, step(i))."""
+    over = {"moe": {}, "dense": dict(dense=True), "moe_no_prepass": dict(balance_scope="running")}
+    c = Config(**{**asdict(cfg), **over[kind]})
+    torch.manual_seed(cfg.seed)
+    m = Model(c, len(doms.names)).to(device)
+    opt = make_optimizer(m, c, device)
+    return c, m, lambda i: train_step(m, opt, c, doms, i, device)
+
+
+# ---------------- Plumbing: command line, validation, runs and results
 
 MODEL, ROUTING, TRAIN, DATA = "model", "routing and balancing", "training", "data"
 RUNS, MACHINE = "runs and output", "machine"
@@ -1037,7 +825,7 @@ def run(cfg, doms, device):
     say(f"expert dispatch: {dispatch['impl']}, grouped GEMM route {dispatch['route']}"
         + dispatch["note"])
     if cfg.bench:
-        out = bench(cfg, doms, device)
+        out = bench(lambda kind: bench_model(cfg, doms, device, kind), prepass_runs(cfg), device)
         report_bench(out)
         res = dict(config=asdict(cfg), dispatch=dispatch, bench=out)
     else:
@@ -1069,13 +857,7 @@ def run_all(cfg, plan, doms, device):
         if res is None:                                    # --stop-at
             return None
         runs.append(res)
-        for lay in res.get("per_layer", []):               # ranks > 0 return {}
-            order = lay["expert_order"]                    # the reference's: a diagonal if matched
-            say(heatmap(np.asarray(lay["routing_matrix"])[:, order], doms.names,
-                        [str(e) for e in order], f"[{res['name']} seed {res['seed']}] layer "
-                        f"{lay['layer']}: share of routing slots, domain \\ expert"))
-        if res:
-            say(table([res], COLS, header=False) + f"  ({res['train_s']:.0f} s)")
+        report_run(res, doms.names)                        # ranks > 0 return {}: nothing shown
     return runs
 
 
@@ -1107,82 +889,6 @@ def result_record(cfg, name, res, state):
                 **res, history=state["history"], tokens_per_s=tokens / max(state["train_s"], 1e-9),
                 train_s=round(state["train_s"], 1), world_size=world,
                 config_key=config_key(cfg, RESUME_FREE))
-
-
-def report_bench(b):
-    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) "
-        f"{b['dense_step_s'] * 1e3:.1f} ms -> ratio {b['ratio']:.2f} (median of "
-        f"{b['steps_timed']} interleaved steps; params total "
-        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
-        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
-        + (", routing pre-pass included)" if b["prepass"] else ")"))
-    if b["prepass"]:
-        say(f"without the routing pre-pass (--balance-scope running): MoE step "
-            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
-
-
-def report(cfg, runs, device, wall_s):
-    world, r = rank_world()[1], runs[0]
-    say(f"\n{len(runs)} run(s), {cfg.steps} steps of {cfg.batch_size}x{cfg.seq_len} bytes, wall "
-        f"{wall_s:.0f} s on {device}" + (f" x {world} processes" if world > 1 else "")
-        + (f", {cfg.jobs} worker processes" if cfg.jobs > 1 else ""))
-    say(table(runs, COLS))
-    if len(runs) == 1 and r["per_domain_bpb"]:
-        say("val bpb per domain: "
-            + ", ".join(f"{k} {v:.3f}" for k, v in r["per_domain_bpb"].items()))
-        if r["domain_probe"] is not None:
-            say(f"domain read linearly from the router's input (ridge probe, held-out windows): "
-                f"{r['domain_probe']:.3f}, against purity {r['purity']:.3f}")
-        if r["probe_n"] is not None:
-            say(f"the probe scores >= 0.9 from byte N = {r['probe_n']} on: val bpb after the "
-                f"first N bytes {r['val_bpb_after_n']:.3f} (all bytes {r['val_bpb']:.3f})")
-    for path in plots(runs, cfg.out):
-        say(f"wrote {path}")
-
-
-COLS = [("val_bpb", "val bpb", ".3f"), ("val_bpb_after_n", "bpb after N", ".3f"),
-        ("probe_n", "N", ".0f"), ("utilization", "U", ".3f"), ("maxvio", "MaxVio", ".2f"),
-        ("purity", "purity", ".3f"), ("agreement", "agree", ".3f"), ("nmi", "NMI", ".3f"),
-        ("entropy", "entropy", ".3f"), ("dropped_frac", "dropped", ".3f"),
-        ("tokens_per_s", "tok/s", ".0f")]
-
-
-def plots(runs, out_dir):
-    """PNGs with matplotlib: routing over training; (balance sweep) purity vs the tokens a balancing
-    group spans; routing heat maps (first seed of each run, as in the terminal). -> their paths"""
-    if (plt := pyplot()) is None:
-        return []
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
-    for ax, key in zip(axes, ("purity", "utilization", "maxvio")):
-        for r in runs:
-            for layer in sorted({h["layer"] for h in r["history"]}):
-                hs = [h for h in r["history"] if h["layer"] == layer]
-                ax.plot([h["step"] for h in hs], [h[key] for h in hs],
-                        label=f"{r['name']} s{r['seed']} L{layer}")
-        ax.set(xlabel="step", title=f"train-batch {key}")
-    axes[0].legend(fontsize=6)
-    paths = [save_png(plt, fig, os.path.join(out_dir, "history.png"))]
-    sizes = sorted({r["balance_tokens"] for r in runs if r["router"] == "topk"
-                    and r["balance"] != "none"})
-    if len(sizes) > 2:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for key in ("purity", "nmi", "utilization"):
-            stats = [mean_sd([r[key] for r in runs if r["balance_tokens"] == n]) for n in sizes]
-            ax.errorbar(sizes, [m for m, _ in stats], yerr=[s or 0 for _, s in stats], label=key,
-                        capsize=3)
-        ax.set_xscale("log", base=2)
-        ax.set(xlabel="tokens per balancing group")
-        ax.legend()
-        paths.append(save_png(plt, fig, os.path.join(out_dir, "balance.png")))
-    panels = [(np.asarray(lay["routing_matrix"])[:, lay["expert_order"]], list(r["per_domain_bpb"]),
-               lay["expert_order"], dict(xlabel="expert (in the reference's order)",
-               title=f"{r['name']} s{r['seed']} L{lay['layer']}: purity {lay['purity']:.2f}, "
-                     f"U {lay['utilization']:.2f}"))
-              for r in runs if r["seed"] == runs[0]["seed"] for lay in r.get("per_layer") or []]
-    if panels:
-        paths.append(heatmap_grid(plt, panels, os.path.join(out_dir, "routing.png"),
-                                  label="share of the domain's routing slots"))
-    return paths
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Tests for moe_testbed.py: metrics, losses and capacity against slow, obviously correct oracles;
-routers; gradient accumulation against the one-pass step; tiny end-to-end runs (history, sweeps with
---jobs, resume, bad input)."""
+"""Tests for moe_testbed.py, with its metrics (data/routing.py) and FLOPs (kernels/cost.py):
+metrics, losses and capacity against slow, obviously correct oracles; routers; gradient
+accumulation against the one-pass step; tiny end-to-end runs (history, sweeps with --jobs, resume,
+bad input)."""
 
 import concurrent.futures
 import json
@@ -19,8 +20,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 import moe_testbed as mt  # noqa: E402
-from data import run  # noqa: E402
-from kernels import moe_ffn  # noqa: E402
+from data import routing, run  # noqa: E402
+from kernels import cost, moe_ffn  # noqa: E402
 
 CPU = torch.device("cpu")
 
@@ -35,7 +36,7 @@ def test_perfect_specialization_purity_nmi_agreement_one():
     L = E = 8
     top1 = np.diag(np.full(L, 100.0))              # domain d -> expert d, always
     home_LG = mt.reference_groups(L, E, 2)[0].numpy()
-    m = mt.routing_metrics(_record(2 * top1, top1, 0, 1600), home_LG)
+    m = routing.routing_metrics(_record(2 * top1, top1, 0, 1600), home_LG)
     assert m["purity"] == 1.0 and abs(m["nmi"] - 1.0) < 1e-12 and m["maxvio"] == pytest.approx(0.0)
     assert m["agreement"] == 1.0 and m["utilization"] == pytest.approx(1.0)
     assert m["dead_experts"] == 0
@@ -45,23 +46,23 @@ def test_permuted_specialization_is_matched():
     perm = np.array([3, 0, 7, 1, 6, 2, 5, 4])
     top1 = np.zeros((8, 8))
     top1[np.arange(8), perm] = 50.0                  # domain d -> expert perm[d]
-    agr, match = mt.agreement(top1, mt.reference_groups(8, 8, 2)[0].numpy())
+    agr, match = routing.agreement(top1, mt.reference_groups(8, 8, 2)[0].numpy())
     assert agr == 1.0 and (match[perm] == np.arange(8)).all()
-    assert mt.purity(top1) == 1.0
+    assert routing.purity(top1) == 1.0
 
 
 def test_uniform_routing_u_one_nmi_zero_and_collapse():
     uniform = np.ones((8, 8))
     f = uniform.sum(0) / uniform.sum()
-    assert mt.utilization(f) == pytest.approx(1.0) and mt.dead_experts(f) == 0
-    assert mt.nmi(uniform) == pytest.approx(0.0, abs=1e-12)
-    assert mt.purity(uniform) == pytest.approx(1 / 8)
+    assert routing.utilization(f) == pytest.approx(1.0) and routing.dead_experts(f) == 0
+    assert routing.nmi(uniform) == pytest.approx(0.0, abs=1e-12)
+    assert routing.purity(uniform) == pytest.approx(1 / 8)
     collapse = np.zeros((8, 8))
     collapse[:, 2] = 10.0
     f = collapse.sum(0) / collapse.sum()
-    assert mt.utilization(f) == pytest.approx(1 / 8) and mt.dead_experts(f) == 7
-    assert mt.max_violation(f) == pytest.approx(7.0)        # (max load - mean) / mean = (8 - 1) / 1
-    assert mt.nmi(collapse) == 0.0
+    assert routing.utilization(f) == pytest.approx(1 / 8) and routing.dead_experts(f) == 7
+    assert routing.max_violation(f) == pytest.approx(7.0)   # (max load - mean) / mean = (8 - 1) / 1
+    assert routing.nmi(collapse) == 0.0
 
 
 def test_nmi_against_formula():
@@ -71,13 +72,13 @@ def test_nmi_against_formula():
     mi = sum(p[i, j] * math.log(p[i, j] / (p[i].sum() * p[:, j].sum()))
              for i in range(4) for j in range(6) if p[i, j] > 0)
     h = lambda q: -sum(x * math.log(x) for x in q if x > 0)
-    assert mt.nmi(M) == pytest.approx(mi / math.sqrt(h(p.sum(1)) * h(p.sum(0))))
+    assert routing.nmi(M) == pytest.approx(mi / math.sqrt(h(p.sum(1)) * h(p.sum(0))))
 
 
 def test_table_cells_are_mean_and_sample_std():
     runs = [dict(name="a", val_bpb=v, maxvio=None) for v in (1.0, 2.0, 4.0)]
     runs += [dict(name="b", val_bpb=5.0)]
-    (_, n_a, a), (_, n_b, b) = run.table_rows(runs, mt.COLS)
+    (_, n_a, a), (_, n_b, b) = run.table_rows(runs, routing.COLS)
     assert (n_a, a[0], a[2]) == (3, f"{7 / 3:.3f} ± {np.std([1, 2, 4], ddof=1):.3f}", "-")
     assert (n_b, b[0]) == (1, "5.000")
 
@@ -274,8 +275,8 @@ def test_fair_reference_agreement_and_utilization_one_on_a_balanced_mix(E, gate)
     moe = mt.MoEFFN(cfg, L)
     dom = torch.arange(L).repeat(2)                               # balanced: 2 sequences per domain
     _, st = moe(torch.randn(2 * L, S, 16), _ctx(2 * L, S, dom))
-    acc = mt.add_record({}, [st], dom.repeat_interleave(S), L, E)
-    m = mt.routing_metrics(acc[0], mt.reference_groups(L, E, K)[0].numpy())
+    acc = routing.add_record({}, [st], dom.repeat_interleave(S), L, E)
+    m = routing.routing_metrics(acc[0], mt.reference_groups(L, E, K)[0].numpy())
     assert m["agreement"] == 1.0 and m["utilization"] == pytest.approx(1.0)
     # K experts each
     assert m["purity"] == (1.0 if E >= L else 0.5) and st["assign_TE"].sum(1).eq(K).all()
@@ -461,8 +462,9 @@ def test_prepass_runs_only_where_priced(monkeypatch, scope, accum, dense, runs):
     torch.manual_seed(0)
     mt.accumulate_grads(mt.Model(cfg, 4), cfg, _doms(), 0, CPU)
     assert mt.prepass_runs(cfg) == runs == bool(calls)
-    plain = mt.train_flops_per_token(cfg, prepass=False)
-    assert mt.train_flops_per_token(cfg) == pytest.approx(plain * (4 / 3 if runs else 1))
+    plain = cost.train_flops_per_token(cfg, prepass=False)
+    assert cost.train_flops_per_token(cfg, mt.prepass_runs(cfg)) == pytest.approx(
+        plain * (4 / 3 if runs else 1))
 
 
 def test_global_capacity_with_accum_equals_one_pass():
@@ -518,7 +520,7 @@ def test_smoke_main_writes_results_and_history(tmp_path, capsys):
         np.mean(r["bpb_by_position"][r["probe_n"]:]), abs=1e-3)
     assert [(h["step"], h["layer"]) for h in r["history"]] == [(3, 1), (6, 1)]
     for h in r["history"]:
-        assert set(mt.HISTORY_KEYS) <= set(h)
+        assert set(routing.HISTORY_KEYS) <= set(h)
         assert 0 < h["utilization"] <= 1 and 0 < h["entropy"] <= 1
     out = capsys.readouterr().out
     assert "domain \\ expert" in out                         # the heat map (printed via tqdm.write)
@@ -553,10 +555,10 @@ def test_domain_probe_reads_a_domain_that_is_there_and_not_one_that_is_not():
     noise = [torch.randn(len(w) * S // 4, D, generator=g) for w in wins]
     signal = [3 * F.one_hot(torch.from_numpy(vdom[w]).repeat_interleave(S // 4), D).float()
               for w in wins]
-    assert mt.domain_probe([0.3 * a + b for a, b in zip(noise, signal)], wins, vdom) == 1.0
-    assert mt.domain_probe(noise, wins, vdom) < 0.5
+    assert routing.domain_probe([0.3 * a + b for a, b in zip(noise, signal)], wins, vdom) == 1.0
+    assert routing.domain_probe(noise, wins, vdom) < 0.5
     one = np.arange(L)                                  # one window per domain: nothing to score on
-    assert mt.domain_probe([torch.randn(L * S // 4, D)], [one], one) is None
+    assert routing.domain_probe([torch.randn(L * S // 4, D)], [one], one) is None
 
 
 def test_probe_by_position_and_n():
@@ -572,12 +574,12 @@ def test_probe_by_position_and_n():
         # positions 0, 4 blind
         sig = sig * torch.tensor([0.0, 0.0, 1.0, 1.0]).repeat(len(w))[:, None]
         feats.append(sig + 0.3 * torch.randn(len(w) * S // 4, D, generator=g))
-    curve = mt.probe_by_position(feats, wins, vdom, S)
+    curve = routing.probe_by_position(feats, wins, vdom, S)
     assert [p for p, _ in curve] == [0, 4, 8, 12]
     assert curve[0][1] < 0.6 and curve[1][1] < 0.6 and curve[2][1] == curve[3][1] == 1.0
-    assert mt.probe_n([curve]) == 8
-    assert mt.probe_n([curve, [(0, 0.95), (4, 0.8), (8, 0.91), (12, 0.99)]]) == 8     # every layer
-    assert mt.probe_n([[(0, 0.95), (4, 0.5)]]) is None and mt.probe_n([None]) is None
+    assert routing.probe_n([curve]) == 8
+    assert routing.probe_n([curve, [(0, 0.95), (4, 0.8), (8, 0.91), (12, 0.99)]]) == 8  # all layers
+    assert routing.probe_n([[(0, 0.95), (4, 0.5)]]) is None and routing.probe_n([None]) is None
 
 
 def test_reference_steps_route_by_label_before_step_n_then_learn():
@@ -662,7 +664,7 @@ def test_plots_when_matplotlib_is_importable(tmp_path, monkeypatch):
     hist = [dict(step=s, layer=1, purity=0.5, utilization=0.9, maxvio=0.2) for s in (1, 2)]
     runs = [dict(name=f"b{n}", seed=s, router="topk", balance="aux", balance_tokens=n, purity=0.4,
                  nmi=0.3, utilization=0.9, history=hist) for n in (1, 2, 4) for s in (0, 1)]
-    paths = mt.plots(runs, str(tmp_path))
+    paths = routing.plots(runs, str(tmp_path))
     assert [os.path.basename(p) for p in paths] == ["history.png", "balance.png"]
     assert plt.close.call_count == 2
 
