@@ -281,6 +281,10 @@ TUNED = {"erm": {"lr": 1e-2, "epochs": 40}, "groupdro": {"lr": 1e-2, "epochs": 4
          "mixup_only": {"lr": 1e-2, "epochs": 20}}         # not in the grid: LC's setting
 
 
+# --sweep: the paper's grid (Table 1's methods and ratios) over three seeds, plus the ERM ceiling
+SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
+
+
 def method_config(cfg, method):
     """cfg with the method's own lr and epochs where the flags left them at 0, decay resolved."""
     lr, epochs = cfg.lr or TUNED[method]["lr"], cfg.epochs or TUNED[method]["epochs"]
@@ -481,6 +485,27 @@ def train_run(method, ratio, seed, train, evalsets, cfg, device, tag="", log=Non
     return rec, {"last": cpu_state(S.net), "best_val": best["state"]}
 
 
+def run_one(cfg, evalsets, train, device, protocol, key, tag, m, rho, s):
+    """One run of the grid (run_grid calls it for each point it does not hold yet): train, print its
+    line (a divergence also as a warning on stderr), save its weights with their config -> its
+    record."""
+    mcfg, log = method_config(cfg, m), partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"),
+                                               protocol=key)
+    rec, states = train_run(m, rho, s, train(rho, s), evalsets, mcfg, device, tag=tag, log=log)
+    rec["dataset"], at = protocol["dataset"], rec["diverged_epoch"]  # at: None unless diverged
+    print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} "
+          f"(best val, ep {rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), "
+          f"conflicting {rec['conflicting_acc']:.2f}  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, "
+          f"{mcfg.epochs} epochs]" + (f"  DIVERGED (val at chance from epoch {at})" if at else ""))
+    if at:
+        print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased "
+              f"validation accuracy <= 12 % (chance 10 %) at epoch {at}", file=sys.stderr)
+    settings = {k: getattr(mcfg, k) for k in ("lr", "epochs", "decay_every")}
+    torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings}, **states},
+               os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
+    return rec
+
+
 # ---- Plumbing: tables and figures, runs and results, command line, validation ------------------
 
 # A row per (method, rho): the ceiling first, then by rho. A column: (title, format, cell(runs))
@@ -551,26 +576,6 @@ def protocol_of(cfg, dataset):
     return grid_protocol(cfg, ("data", "model", "optimisation", "method"), dataset=dataset, **tuned)
 
 
-def run_and_save(cfg, evalsets, train, device, protocol, key, tag, m, rho, s):
-    """One run of the grid: train, print its line (a divergence also as a warning on stderr), save
-    its weights with their config -> its record."""
-    mcfg, log = method_config(cfg, m), partial(log_metrics, os.path.join(cfg.out, "metrics.jsonl"),
-                                               protocol=key)
-    rec, states = train_run(m, rho, s, train(rho, s), evalsets, mcfg, device, tag=tag, log=log)
-    rec["dataset"], at = protocol["dataset"], rec["diverged_epoch"]  # at: None unless diverged
-    print(f"{tag}{m:10s} rho={rho:<4g} seed={s}: unbiased test {rec['unbiased_acc_best_val']:.2f} "
-          f"(best val, ep {rec['best_val_epoch']}) / {rec['unbiased_acc_last']:.2f} (last), "
-          f"conflicting {rec['conflicting_acc']:.2f}  [{rec['wall_s']:.0f} s, lr {mcfg.lr:g}, "
-          f"{mcfg.epochs} epochs]" + (f"  DIVERGED (val at chance from epoch {at})" if at else ""))
-    if at:
-        print(f"logit_correction.py: warning: {m} rho={rho:g} seed={s} diverged: unbiased "
-              f"validation accuracy <= 12 % (chance 10 %) at epoch {at}", file=sys.stderr)
-    settings = {k: getattr(mcfg, k) for k in ("lr", "epochs", "decay_every")}
-    torch.save({"config": {**protocol, "method": m, "ratio": rho, "seed": s, **settings}, **states},
-               os.path.join(cfg.out, "ckpt", f"{m}_r{rho:g}_s{s}_{key}.pt"))
-    return rec
-
-
 def run(cfg, methods, ratios, seeds):
     """--report, or the grid, seed-major (an interrupted sweep has whole seeds): a run that
     results.json holds under this protocol is kept, not redone -> this grid's runs."""
@@ -587,7 +592,7 @@ def run(cfg, methods, ratios, seeds):
     grid = [(m, rho, s) for s in seeds for rho in ratios + ([CEILING] if cfg.sweep else [])
             for m in methods if rho != CEILING or m == "erm"]
     res, mine = run_grid(path, res, protocol, grid, ("method", "ratio", "seed"),
-                         partial(run_and_save, cfg, evalsets, train, device, protocol, key),
+                         partial(run_one, cfg, evalsets, train, device, protocol, key),
                          lambda m, rho, s: f"{m} rho={rho:g} seed={s}")
     print("\n" + tables(mine, cfg.margins))
     if plt := pyplot():                                    # matplotlib is optional
@@ -600,7 +605,6 @@ def run(cfg, methods, ratios, seeds):
     return {**res, "runs": mine}
 
 
-SWEEP = {"methods": "erm,lff,lc_nomix,lc,groupdro", "ratios": "0.5,1,2,5", "seeds": "1,2,3"}
 QUICK = {"n_train": 5000, "n_val": 1000, "n_test": 2000, "epochs": 20,  # its own protocol key
          "out": "out/logit_correction_quick"}                              # and its own folder
 
