@@ -749,8 +749,8 @@ class Config(MultimodalConfig):
     variants: str = flag("B1,B2,P", f"comma-separated, from {', '.join(VARIANTS)}", QF)
     stage1_steps: int = flag(300, "B1's stage 1 steps (ITC + ITM + ITG)", QF)
     steps: int = flag(2000, "stage 2 steps of every variant", QF)
-    lr: float = flag(2e-3, "AdamW learning rate (stages 1, 2)", QF)
-    caption_frac: float = flag(0.25, "stage 2 items that are captions (the rest: questions)", QF)
+    lr: float = flag(2e-3, "AdamW learning rate (stages 1, 2; chosen on val)", QF)
+    caption_frac: float = flag(0.25, "share of stage-2 items that are captions (chosen on val)", QF)
     text_init: str = flag("lm", "B1/B2's Q-Former word embeddings start from the frozen LM's input "
                           "embeddings (lm, as BLIP-2 starts from BERT) or at random", QF,
                           ("lm", "random"))
