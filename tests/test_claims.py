@@ -151,7 +151,7 @@ def test_qformer_p_keeps_up_with_b2_early_and_c0_sits_at_the_prior(tmp_path):
     """The paper's "converges faster" at an equal early budget: 400 stage-2 steps (25,600 items) of
     B2, P and the no-image control C0 at the file's defaults otherwise, bridge seed 0, default
     threads, the gated backbones from --cache-dir (env CLAIMS_CACHE_DIR, default out/cache, where
-    `python qformer_efficient.py` builds them: ~20 min from empty on a 2-core CPU; then ~3 min).
+    `python qformer_efficient.py` builds them: ~20 min from empty on a 2-core CPU; then 2.3 min).
     Deselected by default (pytest.ini); `pytest -m slow tests/test_claims.py`.
     Measured (torch 2.13.0+cpu, two threads, 2026-12-06; `python qformer_efficient.py --variants
     B2,P,C0 --steps 400 --eval-every 100 --seeds S`, S = 0, 1, 2, one backbone build): final val
