@@ -53,15 +53,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from data.domains import (DataError, check_lengths, synthetic_domains, text_domains, train_batch,
                           val_windows)
 from data.layers import RMSNorm, rope
-from data.routing import (add_record, probe_inputs, report, report_bench, report_run,
-                          routing_summary, step_history)
+from data.routing import (add_record, probe_inputs, report, report_run, routing_summary,
+                          step_history)
 from data.run import (BadInput, all_ranks_sum, autocast, check_numbers, config_key, exit_process,
                       finished_result, flag, keep_previous, log_metrics, main_distributed, need,
                       parse_flags, parse_seeds, pick_device, progress, rank_world, restore,
                       run_each, save_checkpoint, say, set_threads, writable_dirs, write_json,
                       write_results)
 from kernels import moe_ffn
-from kernels.cost import bench, flops_note, run_dispatch
+from kernels.cost import bench, flops_note, report_bench, run_dispatch
 
 
 # ---------------- Routers, one function each: expert ids idx_TK (slot 0: the top-1) and gates_TK

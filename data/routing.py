@@ -277,17 +277,3 @@ def plots(runs, out_dir):
         paths.append(heatmap_grid(plt, panels, os.path.join(out_dir, "routing.png"),
                                   label="share of the domain's routing slots"))
     return paths
-
-
-def report_bench(b):
-    """kernels.cost.bench's result: MoE vs dense step time, and the MoE step without the pre-pass.
-    """
-    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) "
-        f"{b['dense_step_s'] * 1e3:.1f} ms -> ratio {b['ratio']:.2f} (median of "
-        f"{b['steps_timed']} interleaved steps; params total "
-        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
-        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
-        + (", routing pre-pass included)" if b["prepass"] else ")"))
-    if b["prepass"]:
-        say(f"without the routing pre-pass (--balance-scope running): MoE step "
-            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")

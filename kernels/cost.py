@@ -4,6 +4,7 @@ with the same active parameters.
 
     flops = train_flops_per_token(cfg, prepass)      # 6 x active params + attention, per token
     out = bench(make, prepass, device)               # MoE vs dense step time: the ratio
+    report_bench(out)                                # its line(s), as --bench prints them
 
 cfg is a model's Config (moe_testbed.py): its d_model, n_layer, seq_len, top_k, expert_hidden,
 batch_size, impl and dtype are read.
@@ -11,7 +12,7 @@ batch_size, impl and dtype are read.
 
 import torch
 
-from data.run import interleaved_ms
+from data.run import interleaved_ms, say
 from kernels import dispatch_route
 
 
@@ -75,3 +76,16 @@ def bench(make, prepass, device, n=20, warm=3):
                 moe_params=params["moe"], dense_params=params["dense"], steps_timed=n,
                 moe_tokens_per_s=tokens / sec["moe"],
                 moe_model_tflops=train_flops_per_token(cfg, prepass) * tokens / sec["moe"] / 1e12)
+
+
+def report_bench(b):
+    """Print bench's result: MoE vs dense step time, and the MoE step without the pre-pass."""
+    say(f"MoE step {b['moe_step_s'] * 1e3:.1f} ms vs dense (same active params) "
+        f"{b['dense_step_s'] * 1e3:.1f} ms -> ratio {b['ratio']:.2f} (median of "
+        f"{b['steps_timed']} interleaved steps; params total "
+        f"{b['moe_params']:,} vs {b['dense_params']:,}) | MoE {b['moe_tokens_per_s']:,.0f} tok/s, "
+        f"{b['moe_model_tflops']:.3f} model TFLOP/s (6 x active params + attention"
+        + (", routing pre-pass included)" if b["prepass"] else ")"))
+    if b["prepass"]:
+        say(f"without the routing pre-pass (--balance-scope running): MoE step "
+            f"{b['moe_no_prepass_step_s'] * 1e3:.1f} ms -> ratio {b['ratio_no_prepass']:.2f}")
