@@ -611,7 +611,8 @@ class Config(MultimodalConfig):
     lm_steps: int = flag(4500, "LM pretraining steps", BACKBONES)
     stage1_steps: int = flag(200, "stage 1 steps: projector only, captioning", BRIDGE)
     stage2_steps: int = flag(
-        800, "stage 2 steps: projector + LM, QA and captions (at most: see --eval-every)", BRIDGE)
+        1600, "stage 2 steps: projector + LM, QA and captions (chosen on val; the best val step is "
+              "kept: see --eval-every)", BRIDGE)
     eval_every: int = flag(100, "stage-2 steps per val QA check (early stopping; 0: off)", BRIDGE)
     lr: float = flag(3e-3, "AdamW learning rate of the bridge stages (LM: --lm-lr)", BRIDGE)
     insert_layer: int = flag(-1, "layer l where image tokens enter (0 = plain LLaVA); -1: {0, N/4, "
