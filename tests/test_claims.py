@@ -83,15 +83,15 @@ def test_deepinsert_deep_entry_above_the_oracle_and_the_control_at_the_prior(tmp
     """DeepInsert at the file's default scale (the smallest where the frozen LM binds, i.e. passes
     its gate): `python multimodal_align.py`, bridge seed 0, default threads, the frozen backbones
     from --cache-dir (env CLAIMS_CACHE_DIR, default out/cache, where the README's command builds
-    them: about an hour from empty on a shared 2-core CPU; then ~8 min of bridges). Deselected by
+    them: 10-11 min from empty on an idle 2-core CPU; then ~10 min of bridges). Deselected by
     default (pytest.ini); `pytest -m slow tests/test_claims.py`.
-    Measured (torch 2.13.0+cpu, two threads, 2026-12-06), bridge seeds 0 / 1 / 2 on one build:
-    overall at l = 0 0.908 / 0.961 / 0.911, at l = N/4 0.950 / 0.887 / 0.839, no image tokens
-    0.254 / 0.281 / 0.261; bag-of-words oracle 0.665, blind prior 0.260. So l = 0 - oracle +0.243 /
-    +0.296 / +0.246 (sd 0.030): margin 0.15; l = N/4 - l = 0 +0.042 / -0.075 / -0.072 (-0.035,
-    sd 0.067): l = N/4 must stay within 0.25 of l = 0 (mean - 3 sd; a guard against a broken
-    splice, not the paper's "no loss", which this spread cannot show); no image - blind prior
-    -0.006 / +0.021 / +0.001: within 0.05."""
+    Measured (torch 2.13.0+cpu, two threads, 2026-12-06), seeds 0 / 1 / 2 with the backbones
+    re-drawn per seed (`--seeds 0,1,2 --vary-backbones`; seed 0 is this test's run): overall at
+    l = 0 0.975 / 0.975 / 0.982, at l = N/4 0.980 / 0.966 / 0.984, no image tokens 0.285 / 0.270 /
+    0.273; bag-of-words oracle 0.665, blind prior 0.260. So l = 0 - oracle +0.310 / +0.310 /
+    +0.317 (sd 0.004): margin 0.25; l = N/4 - l = 0 +0.005 / -0.009 / +0.002 (mean -0.000, sd
+    0.007): l = N/4 must stay within 0.03 of l = 0 (beyond mean - 3 sd); no image - blind prior
+    +0.025 / +0.010 / +0.013: within 0.05."""
     import os
 
     import multimodal_align as mma
@@ -99,8 +99,8 @@ def test_deepinsert_deep_entry_above_the_oracle_and_the_control_at_the_prior(tmp
     res = mma.main(["--out", str(tmp_path), "--cache-dir", cache])
     overall = {r["insert_layer"]: r["overall"] for r in res["runs"]}
     oracle, blind = (res["baselines"][k]["overall"] for k in ("bag_oracle", "blind_prior"))
-    assert overall[0] - oracle >= 0.15, (overall[0], oracle)
-    assert overall[1] >= overall[0] - 0.25, (overall[0], overall[1])
+    assert overall[0] - oracle >= 0.25, (overall[0], oracle)
+    assert overall[1] >= overall[0] - 0.03, (overall[0], overall[1])
     assert abs(overall[None] - blind) <= 0.05, (overall[None], blind)
 
 
